@@ -1,0 +1,83 @@
+//! Base types shared by every Walden crate: identifiers, hybrid timestamps and the stable error
+//! codes that cross process boundaries.
+
+pub mod code;
+pub mod tick;
+
+pub use code::{ErrorCode, HasErrorCode};
+pub use tick::TimeTick;
+
+use std::fmt;
+
+/// The position of a message in one pchannel's log, assigned by the WAL storage.
+///
+/// Ids are dense and strictly increasing in append order within a pchannel; they are not
+/// comparable across pchannels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct MessageId(pub u64);
+
+impl MessageId {
+    /// The id after this one.
+    #[must_use]
+    pub fn next(self) -> Self {
+        Self(self.0 + 1)
+    }
+}
+
+impl fmt::Display for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// The incarnation number of a pchannel's writer. It only grows; a writer holding an older term is
+/// fenced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Term(pub u64);
+
+impl fmt::Display for Term {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Largest pchannel name accepted anywhere (it is written into segment headers and keys).
+pub const MAX_PCHANNEL_NAME_LEN: usize = 255;
+
+/// Checks a pchannel or vchannel name: non-empty, at most [`MAX_PCHANNEL_NAME_LEN`] bytes, and
+/// only `[A-Za-z0-9_.-]`, so it is safe as a file name and an etcd key segment.
+pub fn validate_channel_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("channel name is empty".into());
+    }
+    if name.len() > MAX_PCHANNEL_NAME_LEN {
+        return Err(format!(
+            "channel name is {} bytes, more than {MAX_PCHANNEL_NAME_LEN}",
+            name.len()
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')))
+    {
+        return Err(format!("channel name {name:?} has the character {c:?}"));
+    }
+    if name.starts_with('.') {
+        return Err(format!("channel name {name:?} starts with '.'"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_names_that_are_unsafe_as_paths_are_refused() {
+        assert!(validate_channel_name("walden-dml-0").is_ok());
+        assert!(validate_channel_name("coll_1v0.x").is_ok());
+        for bad in ["", "..", "a/b", "a b", ".hidden", &"x".repeat(256)] {
+            assert!(validate_channel_name(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+}
