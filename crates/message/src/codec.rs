@@ -99,9 +99,7 @@ pub fn decode(id: MessageId, record: Bytes) -> Result<ImmutableMessage, DecodeEr
 /// Checks the parts of a header that protobuf itself cannot.
 pub fn validate_header(header: &MessageHeader) -> Result<(), DecodeError> {
     match MessageType::try_from(header.message_type) {
-        Ok(MessageType::Unspecified) | Err(_) => {
-            Err(DecodeError::UnknownType(header.message_type))
-        }
+        Ok(MessageType::Unspecified) | Err(_) => Err(DecodeError::UnknownType(header.message_type)),
         Ok(_) => Ok(()),
     }
 }
@@ -187,7 +185,10 @@ mod tests {
         );
         assert!(matches!(
             decode(MessageId(0), Bytes::from_static(b"\x01\x09\x00\x00\x00ab")),
-            Err(DecodeError::HeaderOverrun { header_len: 9, available: 2 })
+            Err(DecodeError::HeaderOverrun {
+                header_len: 9,
+                available: 2
+            })
         ));
         // An empty header has message type 0 (unspecified): refused.
         assert_eq!(
@@ -196,11 +197,17 @@ mod tests {
         );
         // Field 1 (varint) = 77: not a known type.
         assert_eq!(
-            decode(MessageId(0), Bytes::from_static(b"\x01\x02\x00\x00\x00\x08\x4d")),
+            decode(
+                MessageId(0),
+                Bytes::from_static(b"\x01\x02\x00\x00\x00\x08\x4d")
+            ),
             Err(DecodeError::UnknownType(77))
         );
         assert!(matches!(
-            decode(MessageId(0), Bytes::from_static(b"\x01\x02\x00\x00\x00\xff\xff")),
+            decode(
+                MessageId(0),
+                Bytes::from_static(b"\x01\x02\x00\x00\x00\xff\xff")
+            ),
             Err(DecodeError::BadHeader(_))
         ));
     }

@@ -84,7 +84,10 @@ pub async fn reads_start_where_asked<F: Fn() -> Arc<dyn WalStorage>>(make: &F) {
     assert_eq!(got.len(), 6);
 
     let mut r = wal.read(ReadFrom::Latest).expect("read");
-    assert!(r.next().await.expect("read").is_none(), "latest starts at the end");
+    assert!(
+        r.next().await.expect("read").is_none(),
+        "latest starts at the end"
+    );
     let new = wal.append(rec(99)).await.expect("append");
     assert_eq!(
         r.next().await.expect("read").map(|x| x.0),
@@ -101,7 +104,10 @@ pub async fn stale_terms_are_fenced<F: Fn() -> Arc<dyn WalStorage>>(make: &F) {
     let storage = make();
     let old = storage.open("conf-fence", Term(3)).await.expect("open");
     append_n(&old, 3).await;
-    let new = storage.open("conf-fence", Term(4)).await.expect("newer term opens");
+    let new = storage
+        .open("conf-fence", Term(4))
+        .await
+        .expect("newer term opens");
     let err = old
         .append(rec(1))
         .await
@@ -119,7 +125,16 @@ pub async fn stale_terms_are_fenced<F: Fn() -> Arc<dyn WalStorage>>(make: &F) {
         .open("conf-fence", Term(2))
         .await
         .expect_err("stale term");
-    assert!(matches!(err, WalError::Fenced { current: Term(4), .. }), "got {err:?}");
+    assert!(
+        matches!(
+            err,
+            WalError::Fenced {
+                current: Term(4),
+                ..
+            }
+        ),
+        "got {err:?}"
+    );
 }
 
 pub async fn truncation_is_reported_and_ids_never_restart<F: Fn() -> Arc<dyn WalStorage>>(
@@ -131,7 +146,10 @@ pub async fn truncation_is_reported_and_ids_never_restart<F: Fn() -> Arc<dyn Wal
     wal.truncate(ids[10]).await.expect("truncate");
     let first = wal.first_id();
     assert!(first <= ids[10], "truncate must keep the record at `below`");
-    assert!(first > ids[0] || first == ids[0], "first id never goes back");
+    assert!(
+        first > ids[0] || first == ids[0],
+        "first id never goes back"
+    );
     if first > ids[0] {
         let err = wal.read(ReadFrom::At(ids[0])).expect_err("truncated read");
         assert!(matches!(err, WalError::Truncated { .. }), "got {err:?}");
@@ -139,7 +157,11 @@ pub async fn truncation_is_reported_and_ids_never_restart<F: Fn() -> Arc<dyn Wal
     let mut r = wal.read(ReadFrom::At(ids[10])).expect("read");
     assert_eq!(drain(&mut r).await.len(), 10);
     let next = wal.append(rec(1)).await.expect("append");
-    assert_eq!(next, MessageId(ids[19].0 + 1), "ids continue after truncation");
+    assert_eq!(
+        next,
+        MessageId(ids[19].0 + 1),
+        "ids continue after truncation"
+    );
     wal.close().await.expect("close");
 }
 
@@ -165,7 +187,10 @@ pub async fn reopen_keeps_acknowledged_records<F: Fn() -> Arc<dyn WalStorage>>(m
 
 pub async fn concurrent_appends_get_unique_dense_ids<F: Fn() -> Arc<dyn WalStorage>>(make: &F) {
     let storage = make();
-    let wal = storage.open("conf-concurrent", Term(1)).await.expect("open");
+    let wal = storage
+        .open("conf-concurrent", Term(1))
+        .await
+        .expect("open");
     let start = wal.next_id();
     let mut tasks = Vec::new();
     for t in 0..8u64 {
@@ -173,7 +198,10 @@ pub async fn concurrent_appends_get_unique_dense_ids<F: Fn() -> Arc<dyn WalStora
         tasks.push(tokio::spawn(async move {
             let mut ids = Vec::new();
             for i in 0..25u64 {
-                ids.push((wal.append(rec(t * 1000 + i)).await.expect("append"), t * 1000 + i));
+                ids.push((
+                    wal.append(rec(t * 1000 + i)).await.expect("append"),
+                    t * 1000 + i,
+                ));
             }
             ids
         }));
@@ -189,7 +217,11 @@ pub async fn concurrent_appends_get_unique_dense_ids<F: Fn() -> Arc<dyn WalStora
     let mut r = wal.read(ReadFrom::At(start)).expect("read");
     for (id, data) in drain(&mut r).await {
         let want = all.iter().find(|x| x.0 == id).expect("id").1;
-        assert_eq!(data, rec(want), "record at {id} is the one acknowledged there");
+        assert_eq!(
+            data,
+            rec(want),
+            "record at {id} is the one acknowledged there"
+        );
     }
     wal.close().await.expect("close");
 }
@@ -204,7 +236,11 @@ pub async fn reader_sees_new_records_after_reaching_the_end<F: Fn() -> Arc<dyn W
     for round in 0..3u64 {
         let ids = append_n(&wal, 5).await;
         let got = drain(&mut r).await;
-        assert_eq!(got.iter().map(|x| x.0).collect::<Vec<_>>(), ids, "round {round}");
+        assert_eq!(
+            got.iter().map(|x| x.0).collect::<Vec<_>>(),
+            ids,
+            "round {round}"
+        );
     }
     wal.close().await.expect("close");
 }

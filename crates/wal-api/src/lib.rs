@@ -59,8 +59,11 @@ pub trait WalStorage: Send + Sync + Debug {
 
     /// Opens `pchannel` for writing under `term`, recovering it if it exists and creating it
     /// otherwise.
-    fn open<'a>(&'a self, pchannel: &'a str, term: Term)
-    -> BoxFuture<'a, Result<Arc<dyn Wal>, WalError>>;
+    fn open<'a>(
+        &'a self,
+        pchannel: &'a str,
+        term: Term,
+    ) -> BoxFuture<'a, Result<Arc<dyn Wal>, WalError>>;
 }
 
 /// One open pchannel log.

@@ -203,7 +203,6 @@ mod tests {
     #[tokio::test]
     async fn memory_backend_passes_the_conformance_suite() {
         let storage = MemoryWalStorage::new();
-        crate::conformance::run_all(move || Arc::new(storage.clone()) as Arc<dyn WalStorage>)
-            .await;
+        crate::conformance::run_all(move || Arc::new(storage.clone()) as Arc<dyn WalStorage>).await;
     }
 }

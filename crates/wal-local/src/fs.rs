@@ -1,0 +1,411 @@
+//! The file operations the local WAL needs, behind a trait so tests can inject faults.
+//!
+//! [`StdFs`] is the real file system. [`FaultFs`] is an in-memory file system that models what
+//! survives a crash: bytes are *durable* only after `sync_data`; [`FaultFs::crash`] keeps the
+//! durable bytes of every file plus an arbitrary prefix of the rest (a torn write), as power loss
+//! can. It can also fail the n-th write (after writing part of it) or the n-th sync.
+
+use std::{
+    collections::{HashMap, HashSet},
+    fmt::Debug,
+    fs::{self, File, OpenOptions},
+    io::{self, Write},
+    os::unix::fs::FileExt,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, MutexGuard},
+};
+
+/// One open file. Writes always go to the end.
+pub trait WalFile: Send + Sync + Debug {
+    /// Appends all of `buf` at the end of the file.
+    fn append(&mut self, buf: &[u8]) -> io::Result<()>;
+    /// Makes every byte written so far durable (`fdatasync`).
+    fn sync_data(&mut self) -> io::Result<()>;
+    /// Reads at `offset`; returns fewer bytes only at the end of the file.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+    /// The current length.
+    fn len(&self) -> io::Result<u64>;
+    /// Cuts the file to `len` bytes (durably: the caller syncs).
+    fn truncate(&mut self, len: u64) -> io::Result<()>;
+}
+
+/// An exclusive lock on a path, released on drop.
+pub trait LockGuard: Send + Sync + Debug {}
+
+/// The directory operations the WAL needs.
+pub trait FileSystem: Send + Sync + Debug + 'static {
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()>;
+    /// File names (not paths) in `dir`.
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>>;
+    /// Creates a new, empty file for writing; fails if it exists.
+    fn create_new(&self, path: &Path) -> io::Result<Box<dyn WalFile>>;
+    /// Opens an existing file for reading and appending.
+    fn open(&self, path: &Path) -> io::Result<Box<dyn WalFile>>;
+    fn remove(&self, path: &Path) -> io::Result<()>;
+    /// Makes the directory's entries (creations, removals, renames) durable.
+    fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    /// Replaces `path`'s content atomically and durably (write a temp file, sync, rename).
+    fn write_atomic(&self, path: &Path, data: &[u8]) -> io::Result<()>;
+    /// The whole content of `path`, or `None` if it does not exist.
+    fn read_all(&self, path: &Path) -> io::Result<Option<Vec<u8>>>;
+    /// Takes an exclusive lock on `path` (creating it), or fails with `WouldBlock` if another
+    /// holder has it.
+    fn try_lock(&self, path: &Path) -> io::Result<Box<dyn LockGuard>>;
+}
+
+/// The real file system.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StdFs;
+
+#[derive(Debug)]
+struct StdFile(File);
+
+impl WalFile for StdFile {
+    fn append(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.0.write_all(buf)
+    }
+    fn sync_data(&mut self) -> io::Result<()> {
+        self.0.sync_data()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.0.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(done)
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.0.metadata()?.len())
+    }
+    fn truncate(&mut self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+}
+
+#[derive(Debug)]
+struct StdLock(#[allow(dead_code)] File);
+impl LockGuard for StdLock {}
+
+impl FileSystem for StdFs {
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        fs::create_dir_all(dir)
+    }
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(dir)? {
+            if let Some(name) = entry?.file_name().to_str() {
+                out.push(name.to_owned());
+            }
+        }
+        Ok(out)
+    }
+    fn create_new(&self, path: &Path) -> io::Result<Box<dyn WalFile>> {
+        let f = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create_new(true)
+            .open(path)?;
+        Ok(Box::new(StdFile(f)))
+    }
+    fn open(&self, path: &Path) -> io::Result<Box<dyn WalFile>> {
+        let f = OpenOptions::new().read(true).append(true).open(path)?;
+        Ok(Box::new(StdFile(f)))
+    }
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        fs::remove_file(path)
+    }
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        File::open(dir)?.sync_all()
+    }
+    fn write_atomic(&self, path: &Path, data: &[u8]) -> io::Result<()> {
+        let tmp = path.with_extension("tmp");
+        {
+            let mut f = File::create(&tmp)?;
+            f.write_all(data)?;
+            f.sync_all()?;
+        }
+        fs::rename(&tmp, path)?;
+        self.sync_dir(path.parent().unwrap_or(Path::new(".")))
+    }
+    fn read_all(&self, path: &Path) -> io::Result<Option<Vec<u8>>> {
+        match fs::read(path) {
+            Ok(d) => Ok(Some(d)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+    fn try_lock(&self, path: &Path) -> io::Result<Box<dyn LockGuard>> {
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)?;
+        match f.try_lock() {
+            Ok(()) => Ok(Box::new(StdLock(f))),
+            Err(fs::TryLockError::WouldBlock) => Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "held by another process",
+            )),
+            Err(fs::TryLockError::Error(e)) => Err(e),
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+
+#[derive(Debug, Default)]
+struct MemFile {
+    data: Vec<u8>,
+    /// Bytes that have been synced.
+    durable: usize,
+}
+
+/// Which faults to inject; counters are over the whole file system.
+#[derive(Debug, Default, Clone)]
+pub struct FaultPlan {
+    /// The n-th `append` (0-based) writes only `torn_keep` of its bytes and then fails.
+    pub torn_write_at: Option<usize>,
+    /// How many bytes the torn write keeps.
+    pub torn_keep: usize,
+    /// The n-th `sync_data` (0-based) fails without making anything durable.
+    pub fail_sync_at: Option<usize>,
+}
+
+#[derive(Debug, Default)]
+struct FaultState {
+    files: HashMap<PathBuf, Arc<Mutex<MemFile>>>,
+    locks: HashSet<PathBuf>,
+    plan: FaultPlan,
+    appends: usize,
+    syncs: usize,
+    /// Bumped by every crash: files opened before it belong to a dead process.
+    epoch: u64,
+}
+
+/// In-memory file system with fault injection and crash simulation. Clones share state.
+#[derive(Debug, Clone, Default)]
+pub struct FaultFs {
+    state: Arc<Mutex<FaultState>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl FaultFs {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Replaces the fault plan and resets its counters.
+    pub fn set_plan(&self, plan: FaultPlan) {
+        let mut s = lock(&self.state);
+        s.plan = plan;
+        s.appends = 0;
+        s.syncs = 0;
+    }
+
+    /// Simulates power loss: every file keeps its durable bytes plus `keep(path, unsynced_len)`
+    /// of the bytes written after its last sync. Locks are released (the process is gone).
+    pub fn crash(&self, mut keep: impl FnMut(&Path, usize) -> usize) {
+        let mut s = lock(&self.state);
+        s.epoch += 1;
+        s.locks.clear();
+        s.plan = FaultPlan::default();
+        for (path, f) in &s.files {
+            let mut f = lock(f);
+            let unsynced = f.data.len() - f.durable;
+            let kept = keep(path, unsynced).min(unsynced);
+            let len = f.durable + kept;
+            f.data.truncate(len);
+            f.durable = len;
+        }
+    }
+
+    /// Flips one byte of a file (for corruption tests).
+    pub fn corrupt(&self, path: &Path, offset: usize) {
+        let s = lock(&self.state);
+        if let Some(f) = s.files.get(path) {
+            let mut f = lock(f);
+            if let Some(b) = f.data.get_mut(offset) {
+                *b ^= 0xff;
+            }
+        }
+    }
+
+    /// The paths of every file, sorted.
+    pub fn files(&self) -> Vec<PathBuf> {
+        let mut v: Vec<_> = lock(&self.state).files.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// A file's current length.
+    pub fn file_len(&self, path: &Path) -> Option<usize> {
+        lock(&self.state)
+            .files
+            .get(path)
+            .map(|f| lock(f).data.len())
+    }
+}
+
+#[derive(Debug)]
+struct FaultFile {
+    fs: FaultFs,
+    file: Arc<Mutex<MemFile>>,
+    epoch: u64,
+}
+
+impl FaultFile {
+    fn check_alive(&self) -> io::Result<()> {
+        if lock(&self.fs.state).epoch != self.epoch {
+            return Err(io::Error::other("the process crashed"));
+        }
+        Ok(())
+    }
+}
+
+impl WalFile for FaultFile {
+    fn append(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.check_alive()?;
+        let torn = {
+            let mut s = lock(&self.fs.state);
+            let n = s.appends;
+            s.appends += 1;
+            (s.plan.torn_write_at == Some(n)).then_some(s.plan.torn_keep)
+        };
+        let mut f = lock(&self.file);
+        match torn {
+            Some(keep) => {
+                f.data.extend_from_slice(&buf[..keep.min(buf.len())]);
+                Err(io::Error::other("injected torn write"))
+            }
+            None => {
+                f.data.extend_from_slice(buf);
+                Ok(())
+            }
+        }
+    }
+    fn sync_data(&mut self) -> io::Result<()> {
+        self.check_alive()?;
+        let fail = {
+            let mut s = lock(&self.fs.state);
+            let n = s.syncs;
+            s.syncs += 1;
+            s.plan.fail_sync_at == Some(n)
+        };
+        if fail {
+            return Err(io::Error::other("injected fsync failure"));
+        }
+        let mut f = lock(&self.file);
+        f.durable = f.data.len();
+        Ok(())
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let f = lock(&self.file);
+        let start = (offset as usize).min(f.data.len());
+        let n = buf.len().min(f.data.len() - start);
+        buf[..n].copy_from_slice(&f.data[start..start + n]);
+        Ok(n)
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(lock(&self.file).data.len() as u64)
+    }
+    fn truncate(&mut self, len: u64) -> io::Result<()> {
+        let mut f = lock(&self.file);
+        f.data.truncate(len as usize);
+        f.durable = f.durable.min(len as usize);
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct FaultLock {
+    fs: FaultFs,
+    path: PathBuf,
+}
+impl LockGuard for FaultLock {}
+impl Drop for FaultLock {
+    fn drop(&mut self) {
+        lock(&self.fs.state).locks.remove(&self.path);
+    }
+}
+
+impl FileSystem for FaultFs {
+    fn create_dir_all(&self, _dir: &Path) -> io::Result<()> {
+        Ok(())
+    }
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        let s = lock(&self.state);
+        Ok(s.files
+            .keys()
+            .filter(|p| p.parent() == Some(dir))
+            .filter_map(|p| p.file_name()?.to_str().map(str::to_owned))
+            .collect())
+    }
+    fn create_new(&self, path: &Path) -> io::Result<Box<dyn WalFile>> {
+        let mut s = lock(&self.state);
+        if s.files.contains_key(path) {
+            return Err(io::Error::new(io::ErrorKind::AlreadyExists, "exists"));
+        }
+        let file = Arc::new(Mutex::new(MemFile::default()));
+        s.files.insert(path.to_owned(), file.clone());
+        Ok(Box::new(FaultFile {
+            fs: self.clone(),
+            file,
+            epoch: s.epoch,
+        }))
+    }
+    fn open(&self, path: &Path) -> io::Result<Box<dyn WalFile>> {
+        let s = lock(&self.state);
+        let file = s
+            .files
+            .get(path)
+            .cloned()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such file"))?;
+        Ok(Box::new(FaultFile {
+            fs: self.clone(),
+            file,
+            epoch: s.epoch,
+        }))
+    }
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        lock(&self.state)
+            .files
+            .remove(path)
+            .map(|_| ())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such file"))
+    }
+    fn sync_dir(&self, _dir: &Path) -> io::Result<()> {
+        Ok(())
+    }
+    fn write_atomic(&self, path: &Path, data: &[u8]) -> io::Result<()> {
+        let file = Arc::new(Mutex::new(MemFile {
+            data: data.to_vec(),
+            durable: data.len(),
+        }));
+        lock(&self.state).files.insert(path.to_owned(), file);
+        Ok(())
+    }
+    fn read_all(&self, path: &Path) -> io::Result<Option<Vec<u8>>> {
+        Ok(lock(&self.state)
+            .files
+            .get(path)
+            .map(|f| lock(f).data.clone()))
+    }
+    fn try_lock(&self, path: &Path) -> io::Result<Box<dyn LockGuard>> {
+        let mut s = lock(&self.state);
+        if !s.locks.insert(path.to_owned()) {
+            return Err(io::Error::new(io::ErrorKind::WouldBlock, "locked"));
+        }
+        Ok(Box::new(FaultLock {
+            fs: self.clone(),
+            path: path.to_owned(),
+        }))
+    }
+}
