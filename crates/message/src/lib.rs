@@ -72,6 +72,29 @@ impl MutableMessage {
         }
     }
 
+    /// Converts from the wire form, refusing unknown message types.
+    pub fn from_proto(m: walden_proto::v1::MutableMessage) -> Result<Self, String> {
+        let message_type = MessageType::try_from(m.message_type)
+            .map_err(|_| format!("unknown message type {}", m.message_type))?;
+        Ok(Self {
+            message_type,
+            vchannel: m.vchannel,
+            properties: m.properties,
+            txn: None,
+            payload: m.payload,
+        })
+    }
+
+    /// Converts to the wire form.
+    pub fn into_proto(self) -> walden_proto::v1::MutableMessage {
+        walden_proto::v1::MutableMessage {
+            message_type: self.message_type as i32,
+            vchannel: self.vchannel,
+            properties: self.properties,
+            payload: self.payload,
+        }
+    }
+
     /// Bytes this message occupies before encoding (payload, names and properties): what size
     /// limits are checked against.
     pub fn approximate_size(&self) -> usize {

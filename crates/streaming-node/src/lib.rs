@@ -1,1 +1,89 @@
-//! stub
+//! The streaming node: hosts pchannel WALs and serves produce, consume and status.
+//!
+//! * [`manager::WalManager`] opens each pchannel under a new term (persisted in the metastore
+//!   first), recovers it and keeps it served.
+//! * [`channel::Channel`] is one open pchannel: the append path (tick allocation and enqueue
+//!   under one lock, so id order is tick order), the ack bookkeeping that makes messages
+//!   visible strictly in tick order, TimeTick messages, and the write-ahead buffer.
+//! * [`scanner`] delivers a pchannel's messages to a consumer: catching up from storage, then
+//!   tailing the write-ahead buffer, falling back to storage when the buffer has moved on.
+//! * [`service`] is the gRPC face of all this.
+
+pub mod channel;
+pub mod config;
+pub mod manager;
+pub mod metrics;
+pub mod scanner;
+pub mod service;
+pub mod tso;
+pub mod wab;
+
+use thiserror::Error;
+use walden_common::{ErrorCode, HasErrorCode, Term};
+use walden_message::DecodeError;
+use walden_metastore_api::MetaError;
+use walden_wal_api::WalError;
+
+pub use config::NodeConfig;
+
+/// Errors of the streaming node, each with a stable code.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    #[error("pchannel {0:?} is not served by this node")]
+    ChannelNotFound(String),
+    #[error("pchannel {pchannel}: term {requested} does not match the serving term {current}")]
+    TermMismatch {
+        pchannel: String,
+        requested: Term,
+        current: Term,
+    },
+    #[error("invalid request: {0}")]
+    InvalidArgument(String),
+    #[error("message of {size} bytes exceeds the limit of {limit} bytes (node.max_message_bytes)")]
+    MessageTooLarge { size: usize, limit: usize },
+    #[error("pchannel {0} is closing or being reopened")]
+    ChannelClosed(String),
+    #[error("the node is shutting down")]
+    ShuttingDown,
+    #[error("{0}")]
+    InvalidSequence(String),
+    #[error(transparent)]
+    Wal(#[from] WalError),
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    #[error("stored message is malformed: {0}")]
+    Decode(#[from] DecodeError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl HasErrorCode for NodeError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            Self::ChannelNotFound(_) => ErrorCode::ChannelNotFound,
+            Self::TermMismatch { .. } => ErrorCode::ChannelFenced,
+            Self::InvalidArgument(_) => ErrorCode::InvalidArgument,
+            Self::MessageTooLarge { .. } => ErrorCode::MessageTooLarge,
+            Self::ChannelClosed(_) => ErrorCode::StorageUnavailable,
+            Self::ShuttingDown => ErrorCode::OnShutdown,
+            Self::InvalidSequence(_) => ErrorCode::InvalidRequestSequence,
+            Self::Wal(e) => e.code(),
+            Self::Meta(e) => e.code(),
+            Self::Decode(e) => e.code(),
+            Self::Internal(_) => ErrorCode::Internal,
+        }
+    }
+}
+
+impl NodeError {
+    /// The wire form.
+    pub fn to_proto(&self) -> walden_proto::v1::Error {
+        let code = self.code();
+        walden_proto::v1::Error {
+            code: code.as_u32(),
+            message: self.to_string(),
+            retryable: code.is_retryable(),
+        }
+    }
+}

@@ -88,6 +88,12 @@ pub trait Wal: Send + Sync + Debug {
     /// Bytes the log occupies in storage.
     fn size_bytes(&self) -> u64;
 
+    /// Durability barriers (`fdatasync` or the backend's equivalent) issued by this handle, for
+    /// metrics; 0 where the backend cannot count them.
+    fn sync_count(&self) -> u64 {
+        0
+    }
+
     /// A reader positioned at `from`.
     fn read(&self, from: ReadFrom) -> Result<Box<dyn WalReader>, WalError>;
 

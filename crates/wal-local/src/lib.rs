@@ -163,6 +163,7 @@ struct Inner {
     first_id: AtomicU64,
     durable_end: AtomicU64,
     size: AtomicU64,
+    syncs: AtomicU64,
     fenced: AtomicBool,
     queue: Mutex<Queue>,
     writer: Mutex<Option<thread::JoinHandle<()>>>,
@@ -302,6 +303,10 @@ impl Wal for LocalWal {
 
     fn size_bytes(&self) -> u64 {
         self.0.size.load(Ordering::Relaxed)
+    }
+
+    fn sync_count(&self) -> u64 {
+        self.0.syncs.load(Ordering::Relaxed)
     }
 
     fn read(&self, from: ReadFrom) -> Result<Box<dyn WalReader>, WalError> {
@@ -454,6 +459,7 @@ fn open_blocking(
         first_id: AtomicU64::new(first_id),
         durable_end: AtomicU64::new(end),
         size: AtomicU64::new(size),
+        syncs: AtomicU64::new(0),
         fenced: AtomicBool::new(false),
         queue: Mutex::new(Queue {
             next_id: end,
@@ -765,6 +771,7 @@ impl Writer {
         self.active_len += buf.len() as u64;
         if let Some(i) = self.inner.upgrade() {
             i.size.fetch_add(buf.len() as u64, Ordering::Relaxed);
+            i.syncs.fetch_add(1, Ordering::Relaxed);
         }
         buf.clear();
         Ok(())

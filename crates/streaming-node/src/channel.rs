@@ -1,0 +1,397 @@
+//! One open pchannel: the append path, confirmation in tick order, and TimeTicks.
+//!
+//! The append lock covers three steps: allocate a tick, stamp and encode the header, and enqueue
+//! the record into the WAL. The WAL assigns ids in enqueue order, so **id order is tick order**
+//! within a pchannel, and a catching-up reader needs no reorder buffer. Appends complete in that
+//! same order (the WAL acknowledges a group commit at once), and one completer task per channel
+//! takes them in order: a message becomes *visible* (pushed to the write-ahead buffer) only when
+//! it and every message with a lower tick are durable. Because completion does not depend on the
+//! caller, a producer that goes away mid-append cannot stall the watermark.
+//!
+//! Every message is stamped with `last_confirmed_id` = the WAL's next id at allocation time:
+//! every message with a greater tick is allocated later and so gets an id at or above it, so
+//! reading from it sees every later tick (what consumers resume from).
+
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
+use tracing::{debug, warn};
+use walden_common::{HasErrorCode, MessageId, Term, TimeTick};
+use walden_message::{ImmutableMessage, MessageHeader, MessageType, MutableMessage, codec};
+use walden_metastore_api::MetaStore;
+use walden_wal_api::{Wal, WalError};
+
+use crate::{NodeConfig, NodeError, metrics::Metrics, tso::Tso, wab::WriteAheadBuffer};
+
+/// Where an appended message landed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AppendResult {
+    pub id: MessageId,
+    pub tick: TimeTick,
+    pub last_confirmed: MessageId,
+}
+
+#[derive(Debug)]
+struct Slot {
+    header: MessageHeader,
+    payload: Bytes,
+    /// Released when the append completes: bounds bytes in flight.
+    _permit: OwnedSemaphorePermit,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Appends enqueued but not yet completed, in tick (= id) order.
+    slots: VecDeque<Slot>,
+    /// Set by the first storage failure: every later append fails until the channel reopens.
+    failed: Option<String>,
+    /// Real messages were appended since the last TimeTick.
+    dirty: bool,
+    closed: bool,
+}
+
+type Completion = (
+    BoxFuture<'static, Result<MessageId, WalError>>,
+    oneshot::Sender<Result<AppendResult, NodeError>>,
+    AppendResult,
+    Instant,
+);
+
+/// Health of a channel, watched by the manager (to reopen) and by scanners (to stop).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Health {
+    Serving,
+    Failed(String),
+    Closed,
+}
+
+/// One open pchannel.
+#[derive(Debug)]
+pub struct Channel {
+    name: String,
+    term: Term,
+    wal: Arc<dyn Wal>,
+    tso: Arc<Tso>,
+    meta: Arc<dyn MetaStore>,
+    config: NodeConfig,
+    metrics: Metrics,
+    state: Mutex<State>,
+    inflight: Arc<Semaphore>,
+    completions: mpsc::UnboundedSender<Completion>,
+    health: watch::Sender<Health>,
+    pub wab: WriteAheadBuffer,
+    recovery: Mutex<Duration>,
+}
+
+/// An append that was enqueued; await it for the result.
+#[derive(Debug)]
+pub struct PendingAppend(oneshot::Receiver<Result<AppendResult, NodeError>>, String);
+
+impl PendingAppend {
+    pub async fn wait(self) -> Result<AppendResult, NodeError> {
+        self.0
+            .await
+            .unwrap_or_else(|_| Err(NodeError::ChannelClosed(self.1)))
+    }
+}
+
+impl Channel {
+    /// Wraps an open WAL and starts its completer and TimeTick tasks. Call
+    /// [`Channel::write_first_time_tick`] before serving.
+    pub fn start(
+        wal: Arc<dyn Wal>,
+        tso: Arc<Tso>,
+        meta: Arc<dyn MetaStore>,
+        config: NodeConfig,
+        metrics: Metrics,
+    ) -> Arc<Self> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let wab = WriteAheadBuffer::new(
+            wal.durable_end(),
+            tso.last(),
+            config.wab_capacity_bytes,
+            Duration::from_millis(config.wab_keepalive_ms),
+        );
+        let channel = Arc::new(Self {
+            name: wal.pchannel().to_owned(),
+            term: wal.term(),
+            inflight: Arc::new(Semaphore::new(config.max_inflight_bytes)),
+            wal,
+            tso,
+            meta,
+            config,
+            metrics,
+            state: Mutex::new(State::default()),
+            completions: tx,
+            health: watch::channel(Health::Serving).0,
+            wab,
+            recovery: Mutex::new(Duration::ZERO),
+        });
+        tokio::spawn(complete_in_order(Arc::downgrade(&channel), rx));
+        tokio::spawn(time_ticks(Arc::downgrade(&channel)));
+        channel
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn term(&self) -> Term {
+        self.term
+    }
+
+    pub fn wal(&self) -> &Arc<dyn Wal> {
+        &self.wal
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn health(&self) -> watch::Receiver<Health> {
+        self.health.subscribe()
+    }
+
+    pub fn set_recovery_time(&self, d: Duration) {
+        *self.recovery.lock().unwrap_or_else(|e| e.into_inner()) = d;
+    }
+
+    pub fn recovery_time(&self) -> Duration {
+        *self.recovery.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The fence of this incarnation: a TimeTick above every tick any earlier writer could have
+    /// used, and the first message of this term.
+    pub async fn write_first_time_tick(&self) -> Result<AppendResult, NodeError> {
+        self.submit(MutableMessage::time_tick()).await?.wait().await
+    }
+
+    /// Enqueues `msg` and returns a handle to await its result. The enqueue happens before this
+    /// returns, so calls on one task are appended in call order.
+    pub async fn submit(&self, msg: MutableMessage) -> Result<PendingAppend, NodeError> {
+        let size = msg.approximate_size();
+        if size > self.config.max_message_bytes {
+            return Err(NodeError::MessageTooLarge {
+                size,
+                limit: self.config.max_message_bytes,
+            });
+        }
+        let permits = u32::try_from(size.max(1)).unwrap_or(u32::MAX);
+        let mut permit = Some(
+            self.inflight
+                .clone()
+                .acquire_many_owned(permits)
+                .await
+                .map_err(|_| NodeError::ChannelClosed(self.name.clone()))?,
+        );
+        loop {
+            {
+                let mut st = self.lock();
+                if st.closed {
+                    return Err(NodeError::ChannelClosed(self.name.clone()));
+                }
+                if let Some(why) = &st.failed {
+                    return Err(NodeError::ChannelClosed(format!("{}: {why}", self.name)));
+                }
+                if let Ok(tick) = self.tso.allocate() {
+                    let last_confirmed = self.wal.next_id();
+                    let header = msg.header(tick, self.term, last_confirmed);
+                    let mut buf = Vec::with_capacity(
+                        codec::PREFIX_LEN + msg.payload.len() + 32 + msg.vchannel.len(),
+                    );
+                    codec::encode_into(&header, &msg.payload, &mut buf);
+                    let fut = self.wal.append(Bytes::from(buf));
+                    if msg.message_type == MessageType::TimeTick {
+                        st.dirty = false;
+                    } else {
+                        st.dirty = true;
+                    }
+                    st.slots.push_back(Slot {
+                        header,
+                        payload: msg.payload.clone(),
+                        _permit: permit.take().ok_or_else(|| {
+                            NodeError::Internal("append permit used twice".into())
+                        })?,
+                    });
+                    let (tx, rx) = oneshot::channel();
+                    let placed = AppendResult {
+                        id: MessageId(0),
+                        tick,
+                        last_confirmed,
+                    };
+                    // Sent under the lock so completions queue in tick order.
+                    if self
+                        .completions
+                        .send((fut, tx, placed, Instant::now()))
+                        .is_err()
+                    {
+                        st.slots.pop_back();
+                        return Err(NodeError::ChannelClosed(self.name.clone()));
+                    }
+                    return Ok(PendingAppend(rx, self.name.clone()));
+                }
+            }
+            // The oracle's window ran out: persist a new one, then retry.
+            self.tso.extend(&*self.meta).await?;
+        }
+    }
+
+    /// Convenience: submit and wait.
+    pub async fn append(&self, msg: MutableMessage) -> Result<AppendResult, NodeError> {
+        self.submit(msg).await?.wait().await
+    }
+
+    /// Marks the front slot completed and makes it visible if it succeeded.
+    fn complete(
+        &self,
+        result: &Result<MessageId, WalError>,
+        placed: AppendResult,
+        written: Instant,
+    ) {
+        let slot = {
+            let mut st = self.lock();
+            let slot = st.slots.pop_front();
+            if let Err(e) = result
+                && st.failed.is_none()
+            {
+                st.failed = Some(e.to_string());
+                drop(st);
+                warn!(pchannel = %self.name, error = %e, "append failed; the channel must reopen");
+                self.health.send_replace(Health::Failed(e.to_string()));
+            }
+            slot
+        };
+        let Some(slot) = slot else { return };
+        match result {
+            Ok(id) => {
+                let msg = ImmutableMessage {
+                    id: *id,
+                    header: slot.header,
+                    payload: slot.payload,
+                };
+                let t = type_label(msg.message_type());
+                self.metrics
+                    .appended_messages
+                    .with_label_values(&[self.name.as_str(), t])
+                    .inc();
+                self.metrics
+                    .appended_bytes
+                    .with_label_values(&[self.name.as_str()])
+                    .inc_by(msg.payload.len() as u64);
+                self.wab.push([msg]);
+                let visible = Instant::now();
+                self.metrics
+                    .ack_latency
+                    .observe(visible.duration_since(written).as_secs_f64());
+                debug!(pchannel = %self.name, id = %id, tick = %placed.tick, "visible");
+            }
+            Err(e) => {
+                let code = e.code().name();
+                self.metrics
+                    .append_errors
+                    .with_label_values(&[self.name.as_str(), code])
+                    .inc();
+            }
+        }
+    }
+
+    /// Stops accepting appends, waits for what is queued, and closes the WAL.
+    pub async fn close(&self) {
+        self.lock().closed = true;
+        if let Err(e) = self.wal.close().await {
+            warn!(pchannel = %self.name, error = %e, "closing the WAL");
+        }
+        self.inflight.close();
+        self.health.send_replace(Health::Closed);
+    }
+
+    /// Status for the status call.
+    pub fn status(&self) -> walden_proto::v1::PChannelStatus {
+        let (wab_bytes, wab_msgs) = self.wab.usage();
+        self.metrics
+            .wab_bytes
+            .with_label_values(&[self.name.as_str()])
+            .set(wab_bytes as i64);
+        self.metrics
+            .wab_messages
+            .with_label_values(&[self.name.as_str()])
+            .set(wab_msgs as i64);
+        self.metrics
+            .wal_syncs
+            .with_label_values(&[self.name.as_str()])
+            .set(self.wal.sync_count() as i64);
+        walden_proto::v1::PChannelStatus {
+            name: self.name.clone(),
+            term: self.term.0,
+            last_time_tick: self.wab.last_tick().0,
+            last_message_id: self.wab.end().0.saturating_sub(1),
+            wal_bytes: self.wal.size_bytes(),
+            write_ahead_buffer_bytes: wab_bytes as u64,
+            write_ahead_buffer_messages: wab_msgs as u64,
+            recovery_ms: self.recovery_time().as_millis() as u64,
+        }
+    }
+}
+
+fn type_label(t: MessageType) -> &'static str {
+    walden_message::type_name(t)
+}
+
+/// Takes completions in enqueue (= tick) order, so visibility follows tick order.
+async fn complete_in_order(
+    channel: std::sync::Weak<Channel>,
+    mut rx: mpsc::UnboundedReceiver<Completion>,
+) {
+    while let Some((fut, reply, mut placed, started)) = rx.recv().await {
+        let result = fut.await;
+        let written = Instant::now();
+        let Some(ch) = channel.upgrade() else { return };
+        ch.complete(&result, placed, written);
+        ch.metrics
+            .append_latency
+            .with_label_values(&[ch.name.as_str()])
+            .observe(written.duration_since(started).as_secs_f64());
+        let reply_value = match result {
+            Ok(id) => {
+                placed.id = id;
+                Ok(placed)
+            }
+            Err(e) => Err(NodeError::Wal(e)),
+        };
+        let _ = reply.send(reply_value);
+    }
+}
+
+/// Writes a TimeTick every interval in which real messages were appended.
+async fn time_ticks(channel: std::sync::Weak<Channel>) {
+    let interval = match channel.upgrade() {
+        Some(c) => c.config.time_tick_interval(),
+        None => return,
+    };
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(ch) = channel.upgrade() else { return };
+        let (dirty, done) = {
+            let st = ch.lock();
+            (st.dirty, st.closed || st.failed.is_some())
+        };
+        if done {
+            return;
+        }
+        if dirty && let Err(e) = ch.append(MutableMessage::time_tick()).await {
+            debug!(pchannel = %ch.name, error = %e, "time tick not written");
+        }
+    }
+}

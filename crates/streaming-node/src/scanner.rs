@@ -1,0 +1,175 @@
+//! Delivers one pchannel's messages to a consumer, in tick order.
+//!
+//! A scan reads storage until it reaches the write-ahead buffer's floor, then tails the buffer;
+//! if the buffer evicts past the scan's position (a slow consumer), it falls back to storage.
+//! Because ids follow ticks within a pchannel, both sources are already in tick order and the
+//! switch points are plain ids.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::sync::mpsc;
+use tracing::debug;
+use walden_common::{MessageId, TimeTick};
+use walden_message::{ImmutableMessage, MessageType, codec};
+use walden_wal_api::ReadFrom;
+
+use crate::{NodeError, channel::Channel, channel::Health};
+
+/// Where delivery starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeliverPolicy {
+    All,
+    Latest,
+    StartFrom(MessageId),
+    StartAfter(MessageId),
+}
+
+/// Which messages are delivered; all conditions must hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Filters {
+    pub tick_gt: Option<TimeTick>,
+    pub tick_gte: Option<TimeTick>,
+    pub types: Option<Vec<MessageType>>,
+    /// Messages of other vchannels are dropped; pchannel-level messages (empty vchannel) pass.
+    pub vchannel: Option<String>,
+}
+
+impl Filters {
+    pub fn admits(&self, m: &ImmutableMessage) -> bool {
+        let t = m.time_tick();
+        self.tick_gt.is_none_or(|g| t > g)
+            && self.tick_gte.is_none_or(|g| t >= g)
+            && self
+                .types
+                .as_ref()
+                .is_none_or(|ts| ts.contains(&m.message_type()))
+            && self
+                .vchannel
+                .as_ref()
+                .is_none_or(|v| m.vchannel().is_empty() || m.vchannel() == v)
+    }
+
+    /// The highest tick that no delivered message can have, if a tick filter sets one.
+    fn tick_floor(&self) -> Option<TimeTick> {
+        let gt = self.tick_gt;
+        let gte = self.tick_gte.map(|t| TimeTick(t.0.saturating_sub(1)));
+        gt.max(gte)
+    }
+}
+
+/// Messages a tail read takes at once.
+const TAIL_BATCH: usize = 256;
+
+enum Pos {
+    Storage(MessageId),
+    Tail(MessageId),
+}
+
+/// Runs a scan until the consumer goes away or the channel closes; errors are sent to `tx`.
+pub async fn scan(
+    channel: Arc<Channel>,
+    policy: DeliverPolicy,
+    filters: Filters,
+    tx: mpsc::Sender<Result<ImmutableMessage, NodeError>>,
+) {
+    if let Err(e) = run(&channel, policy, &filters, &tx).await {
+        let _ = tx.send(Err(e)).await;
+    }
+}
+
+async fn run(
+    channel: &Arc<Channel>,
+    policy: DeliverPolicy,
+    filters: &Filters,
+    tx: &mpsc::Sender<Result<ImmutableMessage, NodeError>>,
+) -> Result<(), NodeError> {
+    let wab = &channel.wab;
+    let mut pos = match policy {
+        DeliverPolicy::Latest => Pos::Tail(wab.end()),
+        DeliverPolicy::StartFrom(id) => Pos::Storage(id),
+        DeliverPolicy::StartAfter(id) => Pos::Storage(id.next()),
+        DeliverPolicy::All => match filters.tick_floor() {
+            // Everything above the floor's tick is in the buffer: no need to read storage.
+            Some(t) if wab.first_tick().is_some_and(|f| f <= t) => Pos::Tail(wab.floor()),
+            _ => Pos::Storage(channel.wal().first_id()),
+        },
+    };
+    let mut health = channel.health();
+    let mut changes = wab.subscribe();
+    let mut batch = Vec::with_capacity(TAIL_BATCH);
+    loop {
+        pos = match pos {
+            Pos::Storage(from) => {
+                if from >= wab.floor() {
+                    Pos::Tail(from)
+                } else {
+                    debug!(pchannel = channel.name(), from = %from, "catching up from storage");
+                    let mut reader = channel.wal().read(ReadFrom::At(from))?;
+                    let mut next = from;
+                    loop {
+                        if next >= wab.floor() {
+                            break Pos::Tail(next);
+                        }
+                        match reader.next().await? {
+                            Some((id, record)) => {
+                                let msg = codec::decode(id, record)?;
+                                next = id.next();
+                                if filters.admits(&msg) && tx.send(Ok(msg)).await.is_err() {
+                                    return Ok(());
+                                }
+                            }
+                            // Durable end, below the buffer: wait for more to be written.
+                            None => wait(&mut changes, &mut health, channel).await?,
+                        }
+                    }
+                }
+            }
+            Pos::Tail(mut next) => loop {
+                batch.clear();
+                if wab.read_from(next, TAIL_BATCH, &mut batch).is_err() {
+                    debug!(pchannel = channel.name(), at = %next, "evicted; back to storage");
+                    break Pos::Storage(next);
+                }
+                if batch.is_empty() {
+                    wait(&mut changes, &mut health, channel).await?;
+                    continue;
+                }
+                let end = wab.end().0;
+                for msg in batch.drain(..) {
+                    next = msg.id.next();
+                    if filters.admits(&msg) {
+                        channel
+                            .metrics()
+                            .consumer_lag
+                            .observe((end - msg.id.0) as f64);
+                        if tx.send(Ok(msg)).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// Waits for newly confirmed messages, failing if the channel stops serving.
+async fn wait(
+    changes: &mut tokio::sync::watch::Receiver<MessageId>,
+    health: &mut tokio::sync::watch::Receiver<Health>,
+    channel: &Channel,
+) -> Result<(), NodeError> {
+    if *health.borrow() != Health::Serving {
+        return Err(NodeError::ChannelClosed(channel.name().to_owned()));
+    }
+    tokio::select! {
+        r = changes.changed() => {
+            if r.is_err() {
+                return Err(NodeError::ChannelClosed(channel.name().to_owned()));
+            }
+        }
+        _ = health.changed() => {}
+        // Storage can get ahead of the buffer's notifications only briefly; poll as a backstop.
+        () = tokio::time::sleep(Duration::from_millis(50)) => {}
+    }
+    Ok(())
+}
