@@ -1,1 +1,201 @@
-fn main() {}
+//! The `walden` command: server roles, client commands and the benchmark.
+
+mod bench;
+mod cli;
+mod config;
+mod standalone;
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand};
+use walden_common::HasErrorCode;
+
+const DEFAULT_ADDR: &str = "127.0.0.1:19540";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "walden",
+    version,
+    about = "Walden: a log-centric streaming service for vector data"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run every role in one process on embedded defaults (local WAL, embedded metastore).
+    Standalone {
+        /// Where the WAL and metastore live [default: ./walden-data].
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// gRPC listen address [default: 127.0.0.1:19540].
+        #[arg(long)]
+        listen: Option<String>,
+        /// HTTP address for /metrics and /healthz ("" disables) [default: 127.0.0.1:19541].
+        #[arg(long)]
+        metrics_listen: Option<String>,
+        /// A TOML config file (see walden.example.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Append one message per stdin line (the line is the payload).
+    Produce {
+        #[arg(long)]
+        pchannel: String,
+        #[arg(long)]
+        vchannel: String,
+        /// Message type of every message.
+        #[arg(long, default_value = "Insert")]
+        r#type: String,
+        /// Messages in flight at once.
+        #[arg(long, default_value_t = 64)]
+        in_flight: usize,
+        #[arg(long, default_value = DEFAULT_ADDR)]
+        addr: String,
+        /// One JSON object per acknowledged message.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a pchannel's messages in tick order.
+    Consume {
+        #[arg(long)]
+        pchannel: String,
+        /// Only this vchannel.
+        #[arg(long)]
+        vchannel: Option<String>,
+        /// all | latest | after:ID | from:ID | tick-gt:T
+        #[arg(long, default_value = "all")]
+        from: String,
+        /// Exit after printing this many messages.
+        #[arg(long)]
+        limit: Option<u64>,
+        /// Exit 0 once no message other than a TimeTick arrived for this many seconds.
+        #[arg(long)]
+        idle_exit: Option<f64>,
+        /// Also print TimeTick messages.
+        #[arg(long)]
+        show_ticks: bool,
+        #[arg(long, default_value = DEFAULT_ADDR)]
+        addr: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pchannels, terms, last ticks and WAL sizes of a node.
+    Status {
+        #[arg(long, default_value = DEFAULT_ADDR)]
+        addr: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure throughput and latency.
+    Bench(bench::BenchArgs),
+}
+
+fn init_logging(level: &str, json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Standalone {
+            data_dir,
+            listen,
+            metrics_listen,
+            config,
+        } => {
+            let mut cfg = config::Config::load(config.as_deref())?;
+            if let Some(d) = data_dir {
+                cfg.server.data_dir = d;
+            }
+            if let Some(l) = listen {
+                cfg.server.listen = l;
+            }
+            if let Some(m) = metrics_listen {
+                cfg.server.metrics_listen = m;
+            }
+            init_logging(&cfg.log.level, cfg.log.format == "json");
+            standalone::run(cfg).await
+        }
+        Command::Produce {
+            pchannel,
+            vchannel,
+            r#type,
+            in_flight,
+            addr,
+            json,
+        } => {
+            let t = walden_message::parse_type_name(&r#type)
+                .ok_or_else(|| anyhow::anyhow!("unknown message type {type:?}", type = r#type))?;
+            cli::produce(&addr, &pchannel, &vchannel, t, in_flight, json).await
+        }
+        Command::Consume {
+            pchannel,
+            vchannel,
+            from,
+            limit,
+            idle_exit,
+            show_ticks,
+            addr,
+            json,
+        } => {
+            let idle_exit = match idle_exit {
+                Some(s) if s.is_finite() && s >= 0.0 => Some(Duration::from_secs_f64(s)),
+                Some(s) => anyhow::bail!("--idle-exit must be a non-negative number (got {s})"),
+                None => None,
+            };
+            cli::consume(cli::ConsumeArgs {
+                addr: &addr,
+                pchannel: &pchannel,
+                vchannel,
+                from: cli::parse_from(&from)?,
+                limit,
+                idle_exit,
+                show_ticks,
+                json,
+            })
+            .await
+        }
+        Command::Status { addr, json } => cli::status(&addr, json).await,
+        Command::Bench(args) => {
+            init_logging("warn", false);
+            bench::run(args).await
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line, with the stable code when the error carries one.
+            let code = e
+                .downcast_ref::<walden_client::ClientError>()
+                .map(|c| format!(" [{}]", c.code()))
+                .unwrap_or_default();
+            eprintln!("error: {}{code}", format!("{e:#}").replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}

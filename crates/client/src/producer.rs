@@ -1,0 +1,270 @@
+//! A pipelined producer with a bounded in-flight window and retries.
+
+use std::{
+    collections::BTreeMap,
+    future::Future,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tonic::transport::Channel;
+use tracing::debug;
+use walden_common::{HasErrorCode, MessageId, TimeTick};
+use walden_message::MutableMessage;
+use walden_proto::v1::{
+    self as pb, ProduceRequest, produce_request, produce_response, produce_result,
+    streaming_node_client::StreamingNodeClient,
+};
+
+use crate::ClientError;
+
+/// Where an acknowledged message landed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AppendResult {
+    pub id: MessageId,
+    pub tick: TimeTick,
+    pub last_confirmed: MessageId,
+}
+
+/// Producer settings.
+#[derive(Clone, Debug)]
+pub struct ProducerOptions {
+    /// Messages sent but not yet acknowledged, at most. Default 64.
+    pub max_in_flight: usize,
+    /// How long to keep retrying a message through retryable failures. Default 30 s.
+    pub retry_timeout: Duration,
+    /// The term the node must hold (0: any). Default 0.
+    pub term: u64,
+}
+
+impl Default for ProducerOptions {
+    fn default() -> Self {
+        Self {
+            max_in_flight: 64,
+            retry_timeout: Duration::from_secs(30),
+            term: 0,
+        }
+    }
+}
+
+struct Queued {
+    msg: pb::MutableMessage,
+    reply: oneshot::Sender<Result<AppendResult, ClientError>>,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Appends to one pchannel. Messages are sent in the order of [`Producer::send`] calls.
+#[derive(Clone, Debug)]
+pub struct Producer {
+    tx: mpsc::UnboundedSender<Queued>,
+    window: Arc<Semaphore>,
+}
+
+impl Producer {
+    pub(crate) fn start(
+        grpc: StreamingNodeClient<Channel>,
+        pchannel: String,
+        options: ProducerOptions,
+    ) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let window = Arc::new(Semaphore::new(options.max_in_flight.max(1)));
+        tokio::spawn(run(grpc, pchannel, options, rx));
+        Self { tx, window }
+    }
+
+    /// Waits for room in the window and queues `msg`; the returned future resolves once the
+    /// message is durable (or failed for good).
+    pub async fn send(
+        &self,
+        msg: MutableMessage,
+    ) -> Result<impl Future<Output = Result<AppendResult, ClientError>> + use<>, ClientError> {
+        let permit = self
+            .window
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| ClientError::Closed)?;
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Queued {
+                msg: msg.into_proto(),
+                reply,
+                _permit: permit,
+            })
+            .map_err(|_| ClientError::Closed)?;
+        Ok(async move { rx.await.unwrap_or(Err(ClientError::Closed)) })
+    }
+
+    /// Sends and waits for the result.
+    pub async fn append(&self, msg: MutableMessage) -> Result<AppendResult, ClientError> {
+        self.send(msg).await?.await
+    }
+}
+
+fn produce(id: u64, msg: pb::MutableMessage) -> ProduceRequest {
+    ProduceRequest {
+        request: Some(produce_request::Request::Produce(pb::ProduceMessage {
+            request_id: id,
+            message: Some(msg),
+        })),
+    }
+}
+
+/// Runs one producer: keeps a stream open, sends queued messages, matches results by request
+/// id, and on a break resends every unacknowledged message in order on a new stream.
+async fn run(
+    grpc: StreamingNodeClient<Channel>,
+    pchannel: String,
+    options: ProducerOptions,
+    mut rx: mpsc::UnboundedReceiver<Queued>,
+) {
+    let mut unacked: BTreeMap<u64, Queued> = BTreeMap::new();
+    let mut next_id = 0u64;
+    let mut app_done = false;
+    let mut failing_since: Option<Instant> = None;
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        if app_done && unacked.is_empty() {
+            return;
+        }
+        // Wait for work before connecting: producers are lazy.
+        if unacked.is_empty() {
+            match rx.recv().await {
+                Some(q) => {
+                    unacked.insert(next_id, q);
+                    next_id += 1;
+                }
+                None => return,
+            }
+        }
+        let err = match session(
+            &grpc,
+            &pchannel,
+            &options,
+            &mut rx,
+            &mut unacked,
+            &mut next_id,
+            &mut app_done,
+            &mut failing_since,
+            &mut backoff,
+        )
+        .await
+        {
+            Ok(()) => continue,
+            Err(e) => e,
+        };
+        debug!(pchannel = %pchannel, error = %err, "produce stream broke");
+        if !err.is_retryable() {
+            for (_, q) in std::mem::take(&mut unacked) {
+                let _ = q.reply.send(Err(err.clone()));
+            }
+            continue;
+        }
+        let since = *failing_since.get_or_insert_with(Instant::now);
+        if since.elapsed() > options.retry_timeout {
+            let give_up = ClientError::RetriesExhausted {
+                seconds: since.elapsed().as_secs_f64(),
+                last: Box::new(err),
+            };
+            for (_, q) in std::mem::take(&mut unacked) {
+                let _ = q.reply.send(Err(give_up.clone()));
+            }
+            failing_since = None;
+            continue;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// One stream's life; returns `Ok` when the application closed and everything was answered.
+#[allow(clippy::too_many_arguments)]
+async fn session(
+    grpc: &StreamingNodeClient<Channel>,
+    pchannel: &str,
+    options: &ProducerOptions,
+    rx: &mut mpsc::UnboundedReceiver<Queued>,
+    unacked: &mut BTreeMap<u64, Queued>,
+    next_id: &mut u64,
+    app_done: &mut bool,
+    failing_since: &mut Option<Instant>,
+    backoff: &mut Duration,
+) -> Result<(), ClientError> {
+    let (req_tx, req_rx) = mpsc::unbounded_channel();
+    let open = ProduceRequest {
+        request: Some(produce_request::Request::Open(pb::OpenProducer {
+            pchannel: pchannel.to_owned(),
+            term: options.term,
+        })),
+    };
+    let _ = req_tx.send(open);
+    let mut inbound = grpc
+        .clone()
+        .produce(tokio_stream::wrappers::UnboundedReceiverStream::new(req_rx))
+        .await?
+        .into_inner();
+    match inbound.message().await? {
+        Some(pb::ProduceResponse {
+            response: Some(produce_response::Response::Opened(_)),
+        }) => {}
+        Some(pb::ProduceResponse {
+            response: Some(produce_response::Response::Error(e)),
+        }) => return Err(e.into()),
+        _ => return Err(ClientError::Transport("no answer to `open`".into())),
+    }
+    // Resend what the last stream left unanswered, in the original order.
+    for (id, q) in unacked.iter() {
+        let _ = req_tx.send(produce(*id, q.msg.clone()));
+    }
+    loop {
+        if *app_done && unacked.is_empty() {
+            let _ = req_tx.send(ProduceRequest {
+                request: Some(produce_request::Request::Close(pb::CloseProducer {})),
+            });
+            return Ok(());
+        }
+        tokio::select! {
+            q = rx.recv(), if !*app_done => match q {
+                Some(q) => {
+                    let _ = req_tx.send(produce(*next_id, q.msg.clone()));
+                    unacked.insert(*next_id, q);
+                    *next_id += 1;
+                }
+                None => *app_done = true,
+            },
+            r = inbound.message() => match r? {
+                Some(pb::ProduceResponse { response: Some(produce_response::Response::Result(res)) }) => {
+                    match res.outcome {
+                        Some(produce_result::Outcome::Ok(a)) => {
+                            *failing_since = None;
+                            *backoff = Duration::from_millis(50);
+                            if let Some(q) = unacked.remove(&res.request_id) {
+                                let _ = q.reply.send(Ok(AppendResult {
+                                    id: MessageId(a.message_id),
+                                    tick: TimeTick(a.time_tick),
+                                    last_confirmed: MessageId(a.last_confirmed_id),
+                                }));
+                            }
+                        }
+                        Some(produce_result::Outcome::Error(e)) => {
+                            let err = ClientError::from(e);
+                            if err.is_retryable() {
+                                // Later messages on this stream fail too; resend all in order.
+                                return Err(err);
+                            }
+                            if let Some(q) = unacked.remove(&res.request_id) {
+                                let _ = q.reply.send(Err(err));
+                            }
+                        }
+                        None => return Err(ClientError::Transport("result without outcome".into())),
+                    }
+                }
+                Some(pb::ProduceResponse { response: Some(produce_response::Response::Error(e)) }) => {
+                    return Err(e.into());
+                }
+                _ => return Err(ClientError::Transport("produce stream ended".into())),
+            },
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! The client commands: produce, consume, status.
+
+use std::{io::Write as _, time::Duration};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use walden_client::{Client, ConsumerOptions, DeliverFrom, ProducerOptions};
+use walden_common::{MessageId, TimeTick};
+use walden_message::{ImmutableMessage, MessageType, MutableMessage, type_name};
+
+pub async fn connect(addr: &str) -> anyhow::Result<Client> {
+    Ok(Client::connect(addr).await?)
+}
+
+/// One message per stdin line; prints each acknowledgement in the order sent.
+pub async fn produce(
+    addr: &str,
+    pchannel: &str,
+    vchannel: &str,
+    message_type: MessageType,
+    in_flight: usize,
+    json_out: bool,
+) -> anyhow::Result<()> {
+    let client = connect(addr).await?;
+    let producer = client.producer(
+        pchannel,
+        ProducerOptions {
+            max_in_flight: in_flight,
+            ..ProducerOptions::default()
+        },
+    );
+    // Results are awaited in send order by a printer task, so output follows input order.
+    let (tx, mut rx) = tokio::sync::mpsc::channel(in_flight.max(1));
+    let vchannel_owned = vchannel.to_owned();
+    let printer = tokio::spawn(async move {
+        let mut out = tokio::io::stdout();
+        while let Some((line, fut)) = rx.recv().await {
+            let fut: std::pin::Pin<Box<dyn Future<Output = _> + Send>> = fut;
+            let r: walden_client::AppendResult = fut.await?;
+            let text = if json_out {
+                json!({
+                    "message_id": r.id.0,
+                    "time_tick": r.tick.0,
+                    "vchannel": vchannel_owned,
+                    "payload": line,
+                })
+                .to_string()
+            } else {
+                format!(
+                    "id={} tick={} vchannel={} {line}",
+                    r.id, r.tick, vchannel_owned
+                )
+            };
+            out.write_all(text.as_bytes()).await?;
+            out.write_all(b"\n").await?;
+        }
+        out.flush().await?;
+        anyhow::Ok(())
+    });
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    while let Some(line) = lines.next_line().await.context("reading stdin")? {
+        let msg = MutableMessage::new(message_type, vchannel, Bytes::from(line.clone()));
+        msg.validate_from_client().map_err(anyhow::Error::msg)?;
+        let fut = producer.send(msg).await?;
+        if tx.send((line, Box::pin(fut) as _)).await.is_err() {
+            break;
+        }
+    }
+    drop(tx);
+    printer.await.context("printer task")??;
+    Ok(())
+}
+
+/// Parses `--from`: `all`, `latest`, `after:ID`, `from:ID`, `tick-gt:T`.
+pub fn parse_from(s: &str) -> anyhow::Result<DeliverFrom> {
+    let num = |v: &str| -> anyhow::Result<u64> {
+        v.parse()
+            .with_context(|| format!("--from {s:?}: {v:?} is not a number"))
+    };
+    Ok(match s.split_once(':') {
+        None if s == "all" => DeliverFrom::All,
+        None if s == "latest" => DeliverFrom::Latest,
+        Some(("after", v)) => DeliverFrom::StartAfter(MessageId(num(v)?)),
+        Some(("from", v)) => DeliverFrom::StartFrom(MessageId(num(v)?)),
+        Some(("tick-gt", v)) => DeliverFrom::TickGt(TimeTick(num(v)?)),
+        _ => bail!("--from must be all, latest, after:ID, from:ID or tick-gt:T (got {s:?})"),
+    })
+}
+
+pub fn message_json(m: &ImmutableMessage) -> serde_json::Value {
+    json!({
+        "message_id": m.id.0,
+        "time_tick": m.time_tick().0,
+        "last_confirmed_id": m.last_confirmed().0,
+        "vchannel": m.vchannel(),
+        "type": type_name(m.message_type()),
+        "payload": String::from_utf8_lossy(&m.payload),
+    })
+}
+
+pub struct ConsumeArgs<'a> {
+    pub addr: &'a str,
+    pub pchannel: &'a str,
+    pub vchannel: Option<String>,
+    pub from: DeliverFrom,
+    pub limit: Option<u64>,
+    pub idle_exit: Option<Duration>,
+    pub show_ticks: bool,
+    pub json: bool,
+}
+
+pub async fn consume(a: ConsumeArgs<'_>) -> anyhow::Result<()> {
+    let client = connect(a.addr).await?;
+    let mut consumer = client.consumer(
+        a.pchannel,
+        ConsumerOptions {
+            from: a.from,
+            vchannel: a.vchannel,
+            ..ConsumerOptions::default()
+        },
+    );
+    let mut out = tokio::io::stdout();
+    let mut printed = 0u64;
+    let mut idle_deadline = a.idle_exit.map(|d| tokio::time::Instant::now() + d);
+    loop {
+        if a.limit.is_some_and(|l| printed >= l) {
+            break;
+        }
+        let next = match idle_deadline {
+            Some(deadline) => match tokio::time::timeout_at(deadline, consumer.next()).await {
+                Ok(n) => n,
+                Err(_) => break,
+            },
+            None => consumer.next().await,
+        };
+        let Some(m) = next else { break };
+        let m = m?;
+        let is_tick = m.message_type() == MessageType::TimeTick;
+        if !is_tick && let Some(d) = a.idle_exit {
+            idle_deadline = Some(tokio::time::Instant::now() + d);
+        }
+        if is_tick && !a.show_ticks {
+            continue;
+        }
+        let line = if a.json {
+            message_json(&m).to_string()
+        } else {
+            format!(
+                "id={} tick={} type={} vchannel={} {}",
+                m.id,
+                m.time_tick(),
+                type_name(m.message_type()),
+                m.vchannel(),
+                String::from_utf8_lossy(&m.payload)
+            )
+        };
+        out.write_all(line.as_bytes()).await?;
+        out.write_all(b"\n").await?;
+        printed += 1;
+    }
+    out.flush().await?;
+    Ok(())
+}
+
+pub async fn status(addr: &str, json_out: bool) -> anyhow::Result<()> {
+    let client = connect(addr).await?;
+    let s = client.status().await?;
+    let mut out = std::io::stdout().lock();
+    if json_out {
+        let pchannels: Vec<_> = s
+            .pchannels
+            .iter()
+            .map(|p| {
+                json!({
+                    "name": p.name,
+                    "term": p.term,
+                    "last_time_tick": p.last_time_tick,
+                    "last_message_id": p.last_message_id,
+                    "wal_bytes": p.wal_bytes,
+                    "write_ahead_buffer_bytes": p.write_ahead_buffer_bytes,
+                    "write_ahead_buffer_messages": p.write_ahead_buffer_messages,
+                    "recovery_ms": p.recovery_ms,
+                })
+            })
+            .collect();
+        let doc = json!({ "node_id": s.node_id, "version": s.version, "pchannels": pchannels });
+        writeln!(out, "{doc}")?;
+    } else {
+        writeln!(out, "node {} (walden {})", s.node_id, s.version)?;
+        writeln!(
+            out,
+            "{:<16} {:>6} {:>20} {:>12} {:>12} {:>10}",
+            "PCHANNEL", "TERM", "LAST_TICK", "LAST_ID", "WAL_BYTES", "RECOVER_MS"
+        )?;
+        for p in &s.pchannels {
+            writeln!(
+                out,
+                "{:<16} {:>6} {:>20} {:>12} {:>12} {:>10}",
+                p.name, p.term, p.last_time_tick, p.last_message_id, p.wal_bytes, p.recovery_ms
+            )?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,145 @@
+//! `walden standalone`: every role in one process on embedded defaults. This is the one place
+//! that picks concrete backends.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::{Router, http::StatusCode, routing::get};
+use tokio::net::TcpListener;
+use tracing::info;
+use walden_metastore_api::MetaStore;
+use walden_streaming_node::{
+    channel::Health, manager::WalManager, metrics::Metrics, service::NodeService,
+};
+use walden_wal_api::WalStorage;
+use walden_wal_local::LocalWalStorage;
+
+use crate::config::Config;
+
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let data_dir = &config.server.data_dir;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating data dir {}", data_dir.display()))?;
+    let meta: Arc<dyn MetaStore> = Arc::new(
+        walden_metastore_embedded::open(&data_dir.join("meta.redb"))
+            .context("opening the metastore (is another walden using this data dir?)")?,
+    );
+    let storage: Arc<dyn WalStorage> = Arc::new(LocalWalStorage::new(
+        data_dir.join("wal"),
+        (&config.wal_local).into(),
+    ));
+    let metrics = Metrics::new();
+    let manager = WalManager::start(storage, meta, config.node.clone(), metrics.clone())
+        .await
+        .context("opening the pchannels")?;
+
+    let listener = TcpListener::bind(&config.server.listen)
+        .await
+        .with_context(|| format!("binding {}", config.server.listen))?;
+    let addr = listener.local_addr()?;
+    if !config.server.metrics_listen.is_empty() {
+        let http = TcpListener::bind(&config.server.metrics_listen)
+            .await
+            .with_context(|| format!("binding {}", config.server.metrics_listen))?;
+        let http_addr = http.local_addr()?;
+        tokio::spawn(serve_http(http, manager.clone(), metrics.clone()));
+        info!(addr = %http_addr, "metrics and health on http://{http_addr}/metrics, /healthz");
+    }
+
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(walden_proto::v1::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building gRPC reflection")?;
+    let node_id = format!("standalone@{addr}");
+    info!(%addr, data_dir = %data_dir.display(), "walden standalone ready");
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(NodeService::new(manager.clone(), node_id).into_server())
+        .add_service(reflection)
+        .serve_with_incoming_shutdown(tokio_stream_listener(listener), shutdown_signal())
+        .await
+        .context("serving gRPC")?;
+    info!("shutting down: closing pchannels");
+    manager.shutdown().await;
+    Ok(())
+}
+
+fn tokio_stream_listener(
+    l: TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    futures::stream::unfold(l, |l| async move {
+        let r = l.accept().await.map(|(s, _)| {
+            let _ = s.set_nodelay(true);
+            s
+        });
+        Some((r, l))
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+async fn serve_http(listener: TcpListener, manager: Arc<WalManager>, metrics: Metrics) {
+    let m2 = manager.clone();
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let manager = manager.clone();
+                let metrics = metrics.clone();
+                async move {
+                    // Refresh the gauges the status call computes.
+                    for c in manager.channels() {
+                        let _ = c.status();
+                    }
+                    metrics.render()
+                }
+            }),
+        )
+        .route(
+            "/healthz",
+            get(move || {
+                let manager = m2.clone();
+                async move {
+                    let channels = manager.channels();
+                    let bad: Vec<String> = channels
+                        .iter()
+                        .filter(|c| *c.health().borrow() != Health::Serving)
+                        .map(|c| c.name().to_owned())
+                        .collect();
+                    if channels.is_empty() || !bad.is_empty() {
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("not serving: {bad:?}\n"),
+                        )
+                    } else {
+                        (
+                            StatusCode::OK,
+                            format!("ok: {} pchannels\n", channels.len()),
+                        )
+                    }
+                }
+            }),
+        );
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::warn!(error = %e, "metrics server stopped");
+    }
+}

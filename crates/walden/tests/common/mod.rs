@@ -1,0 +1,109 @@
+//! Starts real `walden standalone` processes for integration tests.
+
+#![allow(dead_code)]
+
+use std::{
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use walden_client::Client;
+
+pub const WALDEN: &str = env!("CARGO_BIN_EXE_walden");
+
+/// A free port on 127.0.0.1 (bound and released; the server binds it next).
+pub fn free_addr() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").to_string()
+}
+
+/// A standalone server process on its own data dir and port.
+pub struct Server {
+    pub addr: String,
+    pub data_dir: PathBuf,
+    pub config: Option<PathBuf>,
+    child: Option<Child>,
+}
+
+impl Server {
+    /// Starts a server on `data_dir` and waits until it answers.
+    pub async fn start(data_dir: &Path, config: Option<&str>) -> Self {
+        let config = config.map(|text| {
+            let p = data_dir.with_extension("toml");
+            std::fs::write(&p, text).expect("write config");
+            p
+        });
+        let mut s = Self {
+            addr: free_addr(),
+            data_dir: data_dir.to_owned(),
+            config,
+            child: None,
+        };
+        s.restart().await;
+        s
+    }
+
+    fn spawn(&self) -> Child {
+        let mut cmd = Command::new(WALDEN);
+        cmd.args(["standalone", "--listen", &self.addr, "--metrics-listen", ""])
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        if let Some(c) = &self.config {
+            cmd.arg("--config").arg(c);
+        }
+        cmd.spawn().expect("spawn walden")
+    }
+
+    /// (Re)starts the process and waits until its status call answers.
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        self.child = Some(self.spawn());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(c) = Client::connect(&self.addr).await
+                && c.status().await.is_ok()
+            {
+                return;
+            }
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!("walden exited during startup: {status}");
+            }
+            assert!(Instant::now() < deadline, "walden did not become ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// kill -9.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        c.wait().expect("wait")
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(&self.addr).await.expect("connect")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

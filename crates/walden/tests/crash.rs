@@ -1,0 +1,207 @@
+//! kill -9 under load, many times, with a real `walden standalone` process: every acknowledged
+//! message is read back exactly once, ticks strictly increase per pchannel, and each producer's
+//! messages keep their order.
+
+mod common;
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use common::Server;
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use walden_client::{ConsumerOptions, DeliverFrom, ProducerOptions};
+use walden_common::MessageId;
+use walden_message::{MessageType, MutableMessage};
+
+const PRODUCERS: usize = 8;
+const PCHANNELS: usize = 4;
+const KILLS: usize = 20;
+
+/// What one producer saw acknowledged: seq -> (pchannel, id).
+type Acked = Arc<Mutex<HashMap<(usize, u64), (String, MessageId)>>>;
+
+fn pchannel_of(producer: usize) -> String {
+    format!("walden-dml-{}", producer % PCHANNELS)
+}
+
+async fn produce(addr: String, producer: usize, acked: Acked, stop: Arc<AtomicBool>) -> u64 {
+    let pchannel = pchannel_of(producer);
+    let vchannel = format!("coll{}v{}", producer % 3, producer);
+    let mut seq = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(client) = walden_client::Client::connect(&addr).await else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        // No retries: each message is sent once, so a copy can only come from the WAL itself.
+        let p = client.producer(
+            &pchannel,
+            ProducerOptions {
+                max_in_flight: 16,
+                retry_timeout: Duration::ZERO,
+                term: 0,
+            },
+        );
+        let mut window = std::collections::VecDeque::new();
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let payload = format!("p{producer}-s{seq}");
+            let msg =
+                MutableMessage::new(MessageType::Insert, vchannel.clone(), Bytes::from(payload));
+            let Ok(fut) = p.send(msg).await else { break };
+            window.push_back((seq, fut));
+            seq += 1;
+            if window.len() >= 16 {
+                let (s, f) = window.pop_front().expect("non-empty");
+                match f.await {
+                    Ok(r) => {
+                        acked
+                            .lock()
+                            .unwrap()
+                            .insert((producer, s), (pchannel.clone(), r.id));
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+        for (s, f) in window {
+            if let Ok(r) = f.await {
+                acked
+                    .lock()
+                    .unwrap()
+                    .insert((producer, s), (pchannel.clone(), r.id));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    seq
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_messages_survive_repeated_kill_minus_nine_exactly_once_and_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut server = Server::start(&data, Some("[node]\npchannels = 4\n")).await;
+    let acked: Acked = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let producers: Vec<_> = (0..PRODUCERS)
+        .map(|i| tokio::spawn(produce(server.addr.clone(), i, acked.clone(), stop.clone())))
+        .collect();
+
+    let mut rng = StdRng::seed_from_u64(0x5eed);
+    let mut acked_before_kill = Vec::new();
+    for _ in 0..KILLS {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(150..600))).await;
+        acked_before_kill.push(acked.lock().unwrap().len());
+        server.kill();
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..100))).await;
+        server.restart().await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut sent = 0;
+    for p in producers {
+        sent += p.await.unwrap();
+    }
+    server.kill();
+    server.restart().await;
+
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() > 200,
+        "too little was acknowledged to mean anything: {} of {sent}",
+        acked.len()
+    );
+    let progress = acked_before_kill.windows(2).filter(|w| w[1] > w[0]).count();
+    assert!(
+        progress >= KILLS / 2,
+        "producers made progress between kills: {acked_before_kill:?}"
+    );
+
+    // Read every pchannel back.
+    let client = server.client().await;
+    let status = client.status().await.unwrap();
+    let mut seen: HashMap<(usize, u64), (String, MessageId)> = HashMap::new();
+    for pc in 0..PCHANNELS {
+        let name = format!("walden-dml-{pc}");
+        let last = status
+            .pchannels
+            .iter()
+            .find(|p| p.name == name)
+            .expect("pchannel in status")
+            .last_message_id;
+        let mut consumer = client.consumer(
+            &name,
+            ConsumerOptions {
+                from: DeliverFrom::All,
+                ..ConsumerOptions::default()
+            },
+        );
+        let mut last_tick = 0u64;
+        let mut last_seq: HashMap<usize, u64> = HashMap::new();
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(20), consumer.next())
+                .await
+                .expect("reading back in time")
+                .expect("stream open")
+                .expect("message");
+            let tick = m.time_tick().0;
+            assert!(
+                tick > last_tick,
+                "{name}: tick {tick} after {last_tick} at id {}",
+                m.id
+            );
+            last_tick = tick;
+            if m.message_type() == MessageType::Insert {
+                let text = String::from_utf8(m.payload.to_vec()).unwrap();
+                let (p, s) = text[1..].split_once("-s").unwrap();
+                let (p, s): (usize, u64) = (p.parse().unwrap(), s.parse().unwrap());
+                assert_eq!(pchannel_of(p), name, "message on the wrong pchannel");
+                if let Some(prev) = seen.insert((p, s), (name.clone(), m.id)) {
+                    panic!("p{p}-s{s} delivered twice: at {} and {}", prev.1, m.id);
+                }
+                if let Some(prev) = last_seq.insert(p, s) {
+                    assert!(s > prev, "producer {p}: s{s} delivered after s{prev}");
+                }
+            }
+            if m.id.0 >= last {
+                break;
+            }
+        }
+    }
+    let mut lost = Vec::new();
+    for (key, (pchannel, id)) in &acked {
+        match seen.get(key) {
+            Some((pc, read_id)) => {
+                assert_eq!(
+                    (pc, read_id),
+                    (pchannel, id),
+                    "{key:?} acknowledged at one place, read at another"
+                );
+            }
+            None => lost.push(*key),
+        }
+    }
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged messages lost, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
+    let unacked_present: HashSet<_> = seen.keys().filter(|k| !acked.contains_key(k)).collect();
+    eprintln!(
+        "kills: {KILLS}, sent: {sent}, acknowledged: {}, read back: {} ({} written but never acknowledged)",
+        acked.len(),
+        seen.len(),
+        unacked_present.len()
+    );
+}
