@@ -1,0 +1,296 @@
+//! The node's append and read paths on the in-memory WAL and metastore.
+
+use std::{sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use walden_common::{MessageId, TimeTick};
+use walden_message::{ImmutableMessage, MessageType, MutableMessage};
+use walden_metastore_api::{MemoryMetaStore, MetaStore};
+use walden_streaming_node::{
+    NodeConfig, NodeError,
+    channel::Channel,
+    manager::WalManager,
+    metrics::Metrics,
+    scanner::{self, DeliverPolicy, Filters},
+};
+use walden_wal_api::{WalStorage, memory::MemoryWalStorage};
+
+async fn manager(config: NodeConfig) -> (Arc<WalManager>, MemoryWalStorage, MemoryMetaStore) {
+    let storage = MemoryWalStorage::new();
+    let meta = MemoryMetaStore::new();
+    let m = WalManager::start(
+        Arc::new(storage.clone()) as Arc<dyn WalStorage>,
+        Arc::new(meta.clone()) as Arc<dyn MetaStore>,
+        config,
+        Metrics::new(),
+    )
+    .await
+    .unwrap();
+    (m, storage, meta)
+}
+
+fn small() -> NodeConfig {
+    NodeConfig {
+        pchannels: 2,
+        time_tick_interval_ms: 20,
+        ..NodeConfig::default()
+    }
+}
+
+fn insert(vc: &str, i: usize) -> MutableMessage {
+    MutableMessage::new(MessageType::Insert, vc, Bytes::from(format!("m{i}")))
+}
+
+async fn collect(
+    channel: Arc<Channel>,
+    policy: DeliverPolicy,
+    filters: Filters,
+    n: usize,
+) -> Vec<ImmutableMessage> {
+    let (tx, mut rx) = mpsc::channel(64);
+    let task = tokio::spawn(scanner::scan(channel, policy, filters, tx));
+    let mut out: Vec<ImmutableMessage> = Vec::new();
+    // `n` counts inserts: TimeTicks interleave at their own pace.
+    while out
+        .iter()
+        .filter(|m| m.message_type() == MessageType::Insert)
+        .count()
+        < n
+    {
+        let m = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("messages in time")
+            .expect("scanner open")
+            .expect("no scan error");
+        out.push(m);
+    }
+    task.abort();
+    out
+}
+
+fn inserts(ms: &[ImmutableMessage]) -> Vec<String> {
+    ms.iter()
+        .filter(|m| m.message_type() == MessageType::Insert)
+        .map(|m| String::from_utf8(m.payload.to_vec()).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn concurrent_appends_become_visible_in_tick_order_with_ids_in_tick_order() {
+    let (m, _, _) = manager(small()).await;
+    let ch = m.get("walden-dml-0", 0).unwrap();
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let ch = ch.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut r = Vec::new();
+            for i in 0..50 {
+                r.push(
+                    ch.append(insert(&format!("v{t}"), t * 100 + i))
+                        .await
+                        .unwrap(),
+                );
+            }
+            r
+        }));
+    }
+    let mut results = Vec::new();
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert!(
+            r.windows(2).all(|w| w[0].tick < w[1].tick),
+            "one task's appends keep order"
+        );
+        results.extend(r);
+    }
+    results.sort_by_key(|r| r.id);
+    assert!(
+        results.windows(2).all(|w| w[0].tick < w[1].tick),
+        "id order is tick order"
+    );
+    for r in &results {
+        assert!(
+            r.last_confirmed <= r.id,
+            "last confirmed never points past the message"
+        );
+    }
+    let all = collect(ch, DeliverPolicy::All, Filters::default(), 400).await;
+    assert!(all.windows(2).all(|w| w[0].time_tick() < w[1].time_tick()));
+    assert_eq!(inserts(&all).len(), 400);
+}
+
+#[tokio::test]
+async fn resuming_after_the_last_delivered_tick_delivers_each_message_once() {
+    let (m, _, _) = manager(small()).await;
+    let ch = m.get("walden-dml-0", 0).unwrap();
+    for i in 0..30 {
+        ch.append(insert("v", i)).await.unwrap();
+    }
+    let first = collect(ch.clone(), DeliverPolicy::All, Filters::default(), 12).await;
+    let last = first.last().unwrap();
+    // What the client does on reconnect: start from the last message's last-confirmed id and
+    // keep only greater ticks.
+    for i in 30..40 {
+        ch.append(insert("v", i)).await.unwrap();
+    }
+    let filters = Filters {
+        tick_gt: Some(last.time_tick()),
+        ..Filters::default()
+    };
+    let rest_needed = 40 - inserts(&first).len();
+    let mut rest = Vec::new();
+    let (tx, mut rx) = mpsc::channel(64);
+    let task = tokio::spawn(scanner::scan(
+        ch.clone(),
+        DeliverPolicy::StartFrom(last.last_confirmed()),
+        filters,
+        tx,
+    ));
+    while inserts(&rest).len() < rest_needed {
+        rest.push(rx.recv().await.unwrap().unwrap());
+    }
+    task.abort();
+    let mut all = inserts(&first);
+    all.extend(inserts(&rest));
+    let expected: Vec<_> = (0..40).map(|i| format!("m{i}")).collect();
+    assert_eq!(all, expected, "nothing lost, nothing twice");
+}
+
+#[tokio::test]
+async fn a_consumer_behind_the_write_ahead_buffer_catches_up_from_storage() {
+    let (m, _, _) = manager(NodeConfig {
+        wab_capacity_bytes: 600,
+        ..small()
+    })
+    .await;
+    let ch = m.get("walden-dml-1", 0).unwrap();
+    for i in 0..200 {
+        ch.append(insert("v", i)).await.unwrap();
+    }
+    assert!(
+        ch.wab.floor() > MessageId(100),
+        "the buffer evicted most of the tail"
+    );
+    let got = collect(ch.clone(), DeliverPolicy::All, Filters::default(), 200).await;
+    assert_eq!(
+        inserts(&got),
+        (0..200).map(|i| format!("m{i}")).collect::<Vec<_>>()
+    );
+    assert!(
+        got.windows(2)
+            .all(|w| w[0].id < w[1].id && w[0].time_tick() < w[1].time_tick())
+    );
+}
+
+#[tokio::test]
+async fn filters_select_by_vchannel_type_and_tick_and_latest_skips_the_past() {
+    let (m, _, _) = manager(small()).await;
+    let ch = m.get("walden-dml-0", 0).unwrap();
+    let mut ticks = Vec::new();
+    for i in 0..10 {
+        let vc = if i % 2 == 0 { "even" } else { "odd" };
+        ticks.push(ch.append(insert(vc, i)).await.unwrap().tick);
+    }
+    let only_even = Filters {
+        vchannel: Some("even".into()),
+        types: Some(vec![MessageType::Insert]),
+        ..Filters::default()
+    };
+    let got = collect(ch.clone(), DeliverPolicy::All, only_even, 5).await;
+    assert_eq!(inserts(&got), ["m0", "m2", "m4", "m6", "m8"]);
+
+    let after = Filters {
+        tick_gt: Some(ticks[6]),
+        types: Some(vec![MessageType::Insert]),
+        ..Filters::default()
+    };
+    let got = collect(ch.clone(), DeliverPolicy::All, after, 3).await;
+    assert_eq!(inserts(&got), ["m7", "m8", "m9"]);
+
+    let (tx, mut rx) = mpsc::channel(16);
+    let latest = Filters {
+        types: Some(vec![MessageType::Insert]),
+        ..Filters::default()
+    };
+    let task = tokio::spawn(scanner::scan(ch.clone(), DeliverPolicy::Latest, latest, tx));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    ch.append(insert("v", 99)).await.unwrap();
+    let m = rx.recv().await.unwrap().unwrap();
+    assert_eq!(
+        m.payload,
+        Bytes::from("m99"),
+        "latest sees only what came after it"
+    );
+    task.abort();
+}
+
+#[tokio::test]
+async fn time_ticks_are_written_only_after_real_messages() {
+    let (m, storage, _) = manager(small()).await;
+    let ch = m.get("walden-dml-0", 0).unwrap();
+    let wal = storage.open("walden-dml-0", ch.term()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let idle_end = wal.durable_end();
+    assert_eq!(
+        idle_end,
+        MessageId(1),
+        "only the first (fence) TimeTick while idle"
+    );
+    ch.append(insert("v", 0)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let got = collect(ch.clone(), DeliverPolicy::All, Filters::default(), 1).await;
+    let mut got = got;
+    let (tx, mut rx) = mpsc::channel(4);
+    let task = tokio::spawn(scanner::scan(
+        ch.clone(),
+        DeliverPolicy::StartAfter(got[1].id),
+        Filters::default(),
+        tx,
+    ));
+    got.push(rx.recv().await.unwrap().unwrap());
+    task.abort();
+    let types: Vec<_> = got.iter().map(|m| m.message_type()).collect();
+    assert_eq!(
+        types,
+        [
+            MessageType::TimeTick,
+            MessageType::Insert,
+            MessageType::TimeTick
+        ]
+    );
+    assert_eq!(
+        wal.durable_end(),
+        MessageId(3),
+        "no further ticks while idle again"
+    );
+}
+
+#[tokio::test]
+async fn reopening_takes_a_higher_term_and_ticks_keep_growing() {
+    let storage = MemoryWalStorage::new();
+    let meta = MemoryMetaStore::new();
+    let start = || {
+        WalManager::start(
+            Arc::new(storage.clone()) as Arc<dyn WalStorage>,
+            Arc::new(meta.clone()) as Arc<dyn MetaStore>,
+            small(),
+            Metrics::new(),
+        )
+    };
+    let m1 = start().await.unwrap();
+    let ch1 = m1.get("walden-dml-0", 0).unwrap();
+    let last = ch1.append(insert("v", 0)).await.unwrap().tick;
+    let term1 = ch1.term();
+    m1.shutdown().await;
+    let m2 = start().await.unwrap();
+    let ch2 = m2.get("walden-dml-0", 0).unwrap();
+    assert!(ch2.term() > term1);
+    assert!(matches!(
+        m2.get("walden-dml-0", term1.0),
+        Err(NodeError::TermMismatch { .. })
+    ));
+    let next = ch2.append(insert("v", 1)).await.unwrap().tick;
+    assert!(next > last);
+    assert!(next > TimeTick(0));
+}

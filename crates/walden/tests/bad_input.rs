@@ -1,0 +1,251 @@
+//! Bad input gets a typed error with a stable code, the server keeps serving, and nothing
+//! already written changes.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, Bytes};
+use common::Server;
+use prost::Message as _;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use walden_client::{Client, ClientError, ConsumerOptions, ProducerOptions};
+use walden_common::{ErrorCode, HasErrorCode};
+use walden_message::{ImmutableMessage, MessageType, MutableMessage};
+use walden_proto::v1 as pb;
+
+/// Sends bytes as they are, so a test can put a frame on the wire that is not a valid message.
+#[derive(Debug, Clone, Default)]
+struct RawCodec;
+
+#[derive(Debug)]
+struct Raw;
+
+impl Encoder for Raw {
+    type Item = Bytes;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl Decoder for Raw {
+    type Item = Bytes;
+    type Error = tonic::Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, tonic::Status> {
+        Ok(Some(src.copy_to_bytes(src.remaining())))
+    }
+}
+
+impl Codec for RawCodec {
+    type Encode = Bytes;
+    type Decode = Bytes;
+    type Encoder = Raw;
+    type Decoder = Raw;
+    fn encoder(&mut self) -> Raw {
+        Raw
+    }
+    fn decoder(&mut self) -> Raw {
+        Raw
+    }
+}
+
+const PCH: &str = "walden-dml-0";
+
+async fn all_messages(client: &Client) -> Vec<ImmutableMessage> {
+    let last = client
+        .status()
+        .await
+        .unwrap()
+        .pchannels
+        .into_iter()
+        .find(|p| p.name == PCH)
+        .unwrap()
+        .last_message_id;
+    let mut c = client.consumer(PCH, ConsumerOptions::default());
+    let mut out = Vec::new();
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), c.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let done = m.id.0 >= last;
+        out.push(m);
+        if done {
+            return out;
+        }
+    }
+}
+
+fn no_retry(term: u64) -> ProducerOptions {
+    ProducerOptions {
+        max_in_flight: 4,
+        retry_timeout: Duration::ZERO,
+        term,
+    }
+}
+
+fn insert(vchannel: &str, payload: Vec<u8>) -> MutableMessage {
+    MutableMessage::new(MessageType::Insert, vchannel, Bytes::from(payload))
+}
+
+fn server_code(e: &ClientError) -> (ErrorCode, bool) {
+    let inner = match e {
+        ClientError::RetriesExhausted { last, .. } => last.as_ref(),
+        other => other,
+    };
+    match inner {
+        ClientError::Server { retryable, .. } => (inner.code(), *retryable),
+        other => panic!("expected a typed server error, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_typed_errors_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(
+        &dir.path().join("data"),
+        Some("[node]\npchannels = 2\nmax_message_bytes = 1024\n"),
+    )
+    .await;
+    let client = server.client().await;
+    let good = client.producer(PCH, no_retry(0));
+    for i in 0..5 {
+        good.append(insert("v1", format!("keep-{i}").into_bytes()))
+            .await
+            .unwrap();
+    }
+    // Let the TimeTick for these land, so "nothing changes" below is exact.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = all_messages(&client).await;
+
+    // Oversized: refused, not retryable, stable code 5.
+    let err = good
+        .append(insert("v1", vec![7u8; 2000]))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        server_code(&err),
+        (ErrorCode::MessageTooLarge, false),
+        "{err}"
+    );
+    assert_eq!(ErrorCode::MessageTooLarge.as_u32(), 5);
+
+    // Invalid fields: a vchannel that is not a name, and a type clients may not write.
+    let err = good.append(insert("a/b", b"x".to_vec())).await.unwrap_err();
+    assert_eq!(server_code(&err).0, ErrorCode::InvalidArgument, "{err}");
+    let tick = MutableMessage::new(MessageType::TimeTick, "v1", Bytes::new());
+    let err = good.append(tick).await.unwrap_err();
+    assert_eq!(server_code(&err).0, ErrorCode::InvalidArgument, "{err}");
+
+    // Unknown pchannel, for producers and consumers.
+    let err = client
+        .producer("no-such-pchannel", no_retry(0))
+        .append(insert("v1", b"x".to_vec()))
+        .await
+        .unwrap_err();
+    assert_eq!(server_code(&err).0, ErrorCode::ChannelNotFound, "{err}");
+    let mut c = client.consumer(
+        "no-such-pchannel",
+        ConsumerOptions {
+            retry_timeout: Duration::ZERO,
+            ..ConsumerOptions::default()
+        },
+    );
+    let err = c.next().await.unwrap().unwrap_err();
+    assert_eq!(server_code(&err).0, ErrorCode::ChannelNotFound, "{err}");
+
+    // A malformed frame on the produce stream: typed INVALID_ARGUMENT, stream ends.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let open = pb::ProduceRequest {
+        request: Some(pb::produce_request::Request::Open(pb::OpenProducer {
+            pchannel: PCH.into(),
+            term: 0,
+        })),
+    }
+    .encode_to_vec();
+    let frames = futures::stream::iter([
+        Bytes::from(open),
+        Bytes::from_static(&[0xff, 0xff, 0xff, 0x0f, 0x01]),
+    ]);
+    let path =
+        tonic::codegen::http::uri::PathAndQuery::from_static("/walden.v1.StreamingNode/Produce");
+    let mut responses = grpc
+        .streaming(tonic::Request::new(frames), path, RawCodec)
+        .await
+        .unwrap()
+        .into_inner();
+    let mut codes = Vec::new();
+    while let Ok(Some(frame)) = responses.message().await {
+        let r = pb::ProduceResponse::decode(frame).unwrap();
+        if let Some(pb::produce_response::Response::Error(e)) = r.response {
+            codes.push(e.code);
+        }
+    }
+    assert_eq!(
+        codes,
+        [ErrorCode::InvalidArgument.as_u32()],
+        "one typed error for the bad frame"
+    );
+
+    // Nothing changed, and the server still serves.
+    let after = all_messages(&client).await;
+    assert_eq!(after, before, "bad input changed what was written");
+    let r = good
+        .append(insert("v1", b"still-serving".to_vec()))
+        .await
+        .unwrap();
+    assert!(r.id.0 > before.last().unwrap().id.0);
+
+    // A stale term after a restart (which bumps the term): CHANNEL_FENCED, code 2, retryable.
+    let old_term = client
+        .status()
+        .await
+        .unwrap()
+        .pchannels
+        .into_iter()
+        .find(|p| p.name == PCH)
+        .unwrap()
+        .term;
+    server.kill();
+    server.restart().await;
+    let client = server.client().await;
+    let err = client
+        .producer(PCH, no_retry(old_term))
+        .append(insert("v1", b"stale".to_vec()))
+        .await
+        .unwrap_err();
+    assert_eq!(server_code(&err), (ErrorCode::ChannelFenced, true), "{err}");
+    assert_eq!(ErrorCode::ChannelFenced.as_u32(), 2);
+    let current = client.producer(PCH, no_retry(old_term + 1));
+    current
+        .append(insert("v1", b"current".to_vec()))
+        .await
+        .unwrap();
+    let payloads: Vec<_> = all_messages(&client)
+        .await
+        .into_iter()
+        .filter(|m| m.message_type() == MessageType::Insert)
+        .map(|m| String::from_utf8(m.payload.to_vec()).unwrap())
+        .collect();
+    assert_eq!(
+        payloads,
+        [
+            "keep-0",
+            "keep-1",
+            "keep-2",
+            "keep-3",
+            "keep-4",
+            "still-serving",
+            "current"
+        ]
+    );
+}
