@@ -1,6 +1,9 @@
 //! The conformance suite every metastore backend runs. `make` returns a handle on one store;
 //! each check uses its own key prefix.
 
+// Test support: a failed check panics with its message, like a test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;

@@ -95,9 +95,10 @@ pub struct PendingAppend(oneshot::Receiver<Result<AppendResult, NodeError>>, Str
 
 impl PendingAppend {
     pub async fn wait(self) -> Result<AppendResult, NodeError> {
-        self.0
-            .await
-            .unwrap_or_else(|_| Err(NodeError::ChannelClosed(self.1)))
+        match self.0.await {
+            Ok(r) => r,
+            Err(_) => Err(NodeError::ChannelClosed(self.1)),
+        }
     }
 }
 
@@ -211,11 +212,7 @@ impl Channel {
                     );
                     codec::encode_into(&header, &msg.payload, &mut buf);
                     let fut = self.wal.append(Bytes::from(buf));
-                    if msg.message_type == MessageType::TimeTick {
-                        st.dirty = false;
-                    } else {
-                        st.dirty = true;
-                    }
+                    st.dirty = msg.message_type != MessageType::TimeTick;
                     st.slots.push_back(Slot {
                         header,
                         payload: msg.payload.clone(),

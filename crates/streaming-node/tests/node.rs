@@ -1,5 +1,7 @@
 //! The node's append and read paths on the in-memory WAL and metastore.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;

@@ -25,6 +25,10 @@ pub trait WalFile: Send + Sync + Debug {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
     /// The current length.
     fn len(&self) -> io::Result<u64>;
+    /// Whether the file has no bytes.
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
     /// Cuts the file to `len` bytes (durably: the caller syncs).
     fn truncate(&mut self, len: u64) -> io::Result<()>;
 }

@@ -745,8 +745,7 @@ impl Writer {
         buf: &mut Vec<u8>,
     ) -> io::Result<()> {
         buf.clear();
-        let mut id = self.next_id;
-        for (r, _) in batch {
+        for (id, (r, _)) in (self.next_id..).zip(batch.iter()) {
             let incoming = (format::RECORD_HEADER_LEN + r.len()) as u64;
             let has_records = id > self.active_first;
             if has_records
@@ -756,7 +755,6 @@ impl Writer {
                 self.roll(id)?;
             }
             format::encode_record(r, buf);
-            id += 1;
         }
         self.write_out(buf)
     }

@@ -1,5 +1,7 @@
 //! The local WAL against the conformance suite, the fault-injecting file system and damage.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},

@@ -20,17 +20,12 @@ pub async fn produce(
     pchannel: &str,
     vchannel: &str,
     message_type: MessageType,
-    in_flight: usize,
+    options: ProducerOptions,
     json_out: bool,
 ) -> anyhow::Result<()> {
     let client = connect(addr).await?;
-    let producer = client.producer(
-        pchannel,
-        ProducerOptions {
-            max_in_flight: in_flight,
-            ..ProducerOptions::default()
-        },
-    );
+    let in_flight = options.max_in_flight;
+    let producer = client.producer(pchannel, options);
     // Results are awaited in send order by a printer task, so output follows input order.
     let (tx, mut rx) = tokio::sync::mpsc::channel(in_flight.max(1));
     let vchannel_owned = vchannel.to_owned();

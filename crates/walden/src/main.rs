@@ -52,6 +52,9 @@ enum Command {
         /// Messages in flight at once.
         #[arg(long, default_value_t = 64)]
         in_flight: usize,
+        /// Seconds to keep retrying through retryable errors (node restarting, channel moving).
+        #[arg(long, default_value_t = 5.0)]
+        retry_timeout: f64,
         #[arg(long, default_value = DEFAULT_ADDR)]
         addr: String,
         /// One JSON object per acknowledged message.
@@ -93,6 +96,14 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
+fn seconds(flag: &str, s: f64) -> anyhow::Result<Duration> {
+    anyhow::ensure!(
+        s.is_finite() && s >= 0.0,
+        "{flag} must be a non-negative number of seconds (got {s})"
+    );
+    Ok(Duration::from_secs_f64(s))
+}
+
 fn init_logging(level: &str, json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
@@ -132,12 +143,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             vchannel,
             r#type,
             in_flight,
+            retry_timeout,
             addr,
             json,
         } => {
             let t = walden_message::parse_type_name(&r#type)
                 .ok_or_else(|| anyhow::anyhow!("unknown message type {type:?}", type = r#type))?;
-            cli::produce(&addr, &pchannel, &vchannel, t, in_flight, json).await
+            let options = walden_client::ProducerOptions {
+                max_in_flight: in_flight.max(1),
+                retry_timeout: seconds("--retry-timeout", retry_timeout)?,
+                term: 0,
+            };
+            cli::produce(&addr, &pchannel, &vchannel, t, options, json).await
         }
         Command::Consume {
             pchannel,
@@ -149,11 +166,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             addr,
             json,
         } => {
-            let idle_exit = match idle_exit {
-                Some(s) if s.is_finite() && s >= 0.0 => Some(Duration::from_secs_f64(s)),
-                Some(s) => anyhow::bail!("--idle-exit must be a non-negative number (got {s})"),
-                None => None,
-            };
+            let idle_exit = idle_exit.map(|s| seconds("--idle-exit", s)).transpose()?;
             cli::consume(cli::ConsumeArgs {
                 addr: &addr,
                 pchannel: &pchannel,

@@ -1,6 +1,8 @@
 //! Bad input gets a typed error with a stable code, the server keeps serving, and nothing
 //! already written changes.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::time::Duration;

@@ -2,6 +2,8 @@
 //! message is read back exactly once, ticks strictly increase per pchannel, and each producer's
 //! messages keep their order.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::{

@@ -1,6 +1,6 @@
 //! Starts real `walden standalone` processes for integration tests.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
     net::TcpListener,

@@ -1,0 +1,203 @@
+//! The CLI as a user runs it (the README quick start): produce, consume, status, exit codes.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::{
+    io::Write,
+    process::{Command, Output, Stdio},
+};
+
+use common::{Server, WALDEN};
+use serde_json::Value;
+
+fn walden(args: &[&str], stdin: &str) -> Output {
+    let mut child = Command::new(WALDEN)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn json_lines(out: &Output) -> Vec<Value> {
+    assert!(
+        out.status.success(),
+        "walden failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone())
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_quick_start_commands_produce_consume_and_report_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), None).await;
+    let a = server.addr.as_str();
+
+    let produced = json_lines(&walden(
+        &[
+            "produce",
+            "--pchannel",
+            "walden-dml-3",
+            "--vchannel",
+            "orders",
+            "--json",
+            "--addr",
+            a,
+        ],
+        "first\nsecond\nthird\n",
+    ));
+    assert_eq!(produced.len(), 3);
+    let payloads: Vec<_> = produced
+        .iter()
+        .map(|v| v["payload"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        payloads,
+        ["first", "second", "third"],
+        "acknowledged in the order sent"
+    );
+    let ids: Vec<u64> = produced
+        .iter()
+        .map(|v| v["message_id"].as_u64().unwrap())
+        .collect();
+    let ticks: Vec<u64> = produced
+        .iter()
+        .map(|v| v["time_tick"].as_u64().unwrap())
+        .collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]) && ticks.windows(2).all(|w| w[0] < w[1]));
+    assert!(produced.iter().all(|v| v["vchannel"] == "orders"));
+
+    let consumed = json_lines(&walden(
+        &[
+            "consume",
+            "--pchannel",
+            "walden-dml-3",
+            "--json",
+            "--idle-exit",
+            "1",
+            "--addr",
+            a,
+        ],
+        "",
+    ));
+    let inserts: Vec<_> = consumed.iter().filter(|v| v["type"] == "Insert").collect();
+    assert_eq!(
+        consumed.len(),
+        inserts.len(),
+        "TimeTicks only with --show-ticks"
+    );
+    assert_eq!(
+        inserts
+            .iter()
+            .map(|v| v["message_id"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        ids
+    );
+    assert_eq!(inserts[2]["payload"], "third");
+
+    let after = json_lines(&walden(
+        &[
+            "consume",
+            "--pchannel",
+            "walden-dml-3",
+            "--json",
+            "--idle-exit",
+            "1",
+            "--from",
+            &format!("after:{}", ids[0]),
+            "--addr",
+            a,
+        ],
+        "",
+    ));
+    assert_eq!(
+        after
+            .iter()
+            .map(|v| v["payload"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        ["second", "third"]
+    );
+    let limited = json_lines(&walden(
+        &[
+            "consume",
+            "--pchannel",
+            "walden-dml-3",
+            "--json",
+            "--show-ticks",
+            "--limit",
+            "2",
+            "--addr",
+            a,
+        ],
+        "",
+    ));
+    assert_eq!(limited.len(), 2);
+    assert_eq!(
+        limited[0]["type"], "TimeTick",
+        "the fence tick opens every pchannel"
+    );
+
+    let status = json_lines(&walden(&["status", "--json", "--addr", a], ""));
+    let pchannels = status[0]["pchannels"].as_array().unwrap();
+    assert_eq!(pchannels.len(), 16);
+    let p3 = pchannels
+        .iter()
+        .find(|p| p["name"] == "walden-dml-3")
+        .unwrap();
+    assert!(p3["term"].as_u64().unwrap() >= 1);
+    assert!(p3["last_time_tick"].as_u64().unwrap() >= ticks[2]);
+    assert!(p3["wal_bytes"].as_u64().unwrap() > 0);
+
+    // Failures: non-zero exit and one line on stderr.
+    let bad = walden(
+        &[
+            "produce",
+            "--pchannel",
+            "nope",
+            "--vchannel",
+            "v",
+            "--retry-timeout",
+            "0",
+            "--addr",
+            a,
+        ],
+        "x\n",
+    );
+    assert!(!bad.status.success());
+    let err = String::from_utf8(bad.stderr).unwrap();
+    assert_eq!(err.trim_end().lines().count(), 1, "one-line error: {err}");
+    assert!(err.contains("CHANNEL_NOT_FOUND"), "{err}");
+    let bad = walden(
+        &[
+            "consume",
+            "--pchannel",
+            "p",
+            "--from",
+            "sideways",
+            "--addr",
+            a,
+        ],
+        "",
+    );
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8(bad.stderr)
+            .unwrap()
+            .contains("--from must be")
+    );
+}

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Installs the test dependencies, then runs the whole test suite. The README's test command.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/install-test-deps.sh
+cargo test --workspace --all-features --locked
