@@ -52,17 +52,35 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .context("building gRPC reflection")?;
     let node_id = format!("standalone@{addr}");
     info!(%addr, data_dir = %data_dir.display(), "walden standalone ready");
-    tonic::transport::Server::builder()
+    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(NodeService::new(manager.clone(), node_id).into_server())
         .add_service(reflection)
-        .serve_with_incoming_shutdown(tokio_stream_listener(listener), shutdown_signal())
-        .await
-        .context("serving gRPC")?;
-    info!("shutting down: closing pchannels");
+        .serve_with_incoming_shutdown(tokio_stream_listener(listener), async {
+            let _ = drain_rx.await;
+        });
+    tokio::pin!(server);
+    tokio::select! {
+        r = &mut server => r.context("serving gRPC")?,
+        () = shutdown_signal() => {
+            info!("shutting down: draining connections");
+            let _ = drain_tx.send(());
+            // Open streams (a tailing consumer, an idle producer) would hold a graceful drain
+            // forever; past the grace period the node closes anyway. Nothing acknowledged is
+            // at risk: acknowledged means durable.
+            if tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await.is_err() {
+                info!("grace period over; closing with streams still open");
+            }
+        }
+    }
+    info!("closing pchannels");
     manager.shutdown().await;
     Ok(())
 }
+
+/// How long open streams may take to finish after SIGTERM or Ctrl-C.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 fn tokio_stream_listener(
     l: TcpListener,

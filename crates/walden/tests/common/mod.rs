@@ -22,6 +22,8 @@ pub fn free_addr() -> String {
 /// A standalone server process on its own data dir and port.
 pub struct Server {
     pub addr: String,
+    /// The HTTP address of /metrics and /healthz, when enabled.
+    pub metrics_addr: Option<String>,
     pub data_dir: PathBuf,
     pub config: Option<PathBuf>,
     child: Option<Child>,
@@ -30,6 +32,11 @@ pub struct Server {
 impl Server {
     /// Starts a server on `data_dir` and waits until it answers.
     pub async fn start(data_dir: &Path, config: Option<&str>) -> Self {
+        Self::start_with(data_dir, config, false).await
+    }
+
+    /// Like [`Server::start`], optionally serving /metrics and /healthz on a free port.
+    pub async fn start_with(data_dir: &Path, config: Option<&str>, metrics: bool) -> Self {
         let config = config.map(|text| {
             let p = data_dir.with_extension("toml");
             std::fs::write(&p, text).expect("write config");
@@ -37,6 +44,7 @@ impl Server {
         });
         let mut s = Self {
             addr: free_addr(),
+            metrics_addr: metrics.then(free_addr),
             data_dir: data_dir.to_owned(),
             config,
             child: None,
@@ -47,12 +55,19 @@ impl Server {
 
     fn spawn(&self) -> Child {
         let mut cmd = Command::new(WALDEN);
-        cmd.args(["standalone", "--listen", &self.addr, "--metrics-listen", ""])
-            .arg("--data-dir")
-            .arg(&self.data_dir)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
+        let metrics = self.metrics_addr.clone().unwrap_or_default();
+        cmd.args([
+            "standalone",
+            "--listen",
+            &self.addr,
+            "--metrics-listen",
+            &metrics,
+        ])
+        .arg("--data-dir")
+        .arg(&self.data_dir)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
         if let Some(c) = &self.config {
             cmd.arg("--config").arg(c);
         }
