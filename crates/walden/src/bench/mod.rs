@@ -1,0 +1,1105 @@
+//! `walden bench`: throughput and latency of durable appends, reported beside the machine's own
+//! fsync limit and a real peer measured in the same run.
+//!
+//! * `append`: N producers over M pchannels, a window of messages in flight in all, at max rate or
+//!   a fixed rate. Latency runs from the *intended* send time (at a fixed rate the schedule says
+//!   when each message should have gone, so a stalled system is charged for the wait: no
+//!   coordinated omission) to the durable acknowledgement.
+//! * `e2e`: append-to-consume latency of tailing consumers; each payload carries its intended send
+//!   time.
+//! * `catchup`: read throughput of consumers starting from the earliest message, after a preload.
+//! * `recovery`: time from process start to serving after kill -9, after a preload.
+//! * `disk`: `write` + `fdatasync` of one size in a loop: the limit any durable log lives under.
+//!
+//! `--peer redis` runs the same workload against Redis Streams with `appendfsync always` (a reply
+//! means fsynced), alternating with Walden run by run. Without `--addr`, the bench starts
+//! `walden standalone` itself on a fresh data dir.
+
+mod redis;
+
+use std::{
+    collections::VecDeque,
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use bytes::{BufMut, Bytes, BytesMut};
+use futures::future::BoxFuture;
+use hdrhistogram::Histogram;
+use serde_json::{Value, json};
+use walden_client::{Client, ClientError, ConsumerOptions, DeliverFrom, ProducerOptions};
+use walden_message::{MessageType, MutableMessage};
+
+use self::redis::RedisServer;
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    workload: Workload,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Workload {
+    /// Durable append throughput and ack latency.
+    Append(Args),
+    /// Append-to-consume latency of tailing consumers.
+    E2e(Args),
+    /// Read throughput from the earliest message, after a preload.
+    Catchup(Args),
+    /// Time from process start to serving after kill -9, after a preload.
+    Recovery(Args),
+    /// Raw write + fdatasync rate of this machine's disk.
+    Disk(DiskArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Append,
+    E2e,
+    Catchup,
+    Recovery,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Append => "append",
+            Self::E2e => "e2e",
+            Self::Catchup => "catchup",
+            Self::Recovery => "recovery",
+        }
+    }
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Peer {
+    Redis,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct Args {
+    /// Target a running server instead of starting one (not for `recovery`).
+    #[arg(long)]
+    addr: Option<String>,
+    /// Pchannels used (and served, when the bench starts the server).
+    #[arg(long, default_value_t = 16)]
+    pchannels: u32,
+    /// Producers (default: one per pchannel).
+    #[arg(long)]
+    producers: Option<usize>,
+    /// Messages in flight, in all.
+    #[arg(long, default_value_t = 64)]
+    inflight: usize,
+    /// Payload bytes per message.
+    #[arg(long, default_value_t = 1024)]
+    size: usize,
+    /// How long each append/e2e run lasts, e.g. 10s, 500ms.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Messages per second in all (0: as fast as possible). e2e defaults to 1000.
+    #[arg(long)]
+    rate: Option<u64>,
+    /// MiB written before a catchup or recovery run.
+    #[arg(long, default_value_t = 256)]
+    preload_mib: u64,
+    /// Runs per system; the report gives each and the median.
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
+    /// Also run the same workload against this peer, alternating.
+    #[arg(long, value_enum)]
+    peer: Option<Peer>,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Where the servers the bench starts keep their data (default: a temp dir under `.`).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct DiskArgs {
+    /// Bytes per write.
+    #[arg(long, default_value_t = 4096)]
+    size: usize,
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Directory to write in (default: `.`).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .map_or((s, "s"), |i| (&s[..i], &s[i..]));
+    let n: f64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
+    let secs = match unit {
+        "s" => n,
+        "ms" => n / 1000.0,
+        "m" => n * 60.0,
+        _ => return Err(format!("bad duration unit in {s:?} (use ms, s or m)")),
+    };
+    if !(secs.is_finite() && secs > 0.0) {
+        return Err(format!("duration {s:?} must be positive"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    match args.workload {
+        Workload::Append(a) => compare(a, Kind::Append).await,
+        Workload::E2e(a) => compare(a, Kind::E2e).await,
+        Workload::Catchup(a) => compare(a, Kind::Catchup).await,
+        Workload::Recovery(a) => compare(a, Kind::Recovery).await,
+        Workload::Disk(d) => {
+            let dir = d.dir.clone().unwrap_or_else(|| PathBuf::from("."));
+            let r = disk_probe(&dir, d.size, d.duration)?;
+            println!("{TABLE_HEADER}");
+            println!("{}", r.table_row("disk"));
+            write_json(
+                d.json.as_deref(),
+                &json!({ "workload": "disk", "disk": r.to_json() }),
+            )
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Results.
+
+#[derive(Debug, Clone)]
+struct RunResult {
+    msgs: u64,
+    bytes: u64,
+    elapsed: Duration,
+    /// Microseconds: per-message latency, or the recovery time for `recovery`.
+    hist: Histogram<u64>,
+    errors: u64,
+    cpu_server_s: Option<f64>,
+    cpu_client_s: f64,
+    syncs: Option<u64>,
+}
+
+impl RunResult {
+    fn new() -> Self {
+        Self {
+            msgs: 0,
+            bytes: 0,
+            elapsed: Duration::ZERO,
+            hist: new_hist(),
+            errors: 0,
+            cpu_server_s: None,
+            cpu_client_s: 0.0,
+            syncs: None,
+        }
+    }
+    fn msgs_per_s(&self) -> f64 {
+        self.msgs as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+    fn mib_per_s(&self) -> f64 {
+        self.bytes as f64 / self.elapsed.as_secs_f64().max(1e-9) / (1 << 20) as f64
+    }
+    fn ms(&self, q: f64) -> f64 {
+        self.hist.value_at_quantile(q) as f64 / 1000.0
+    }
+    /// The number runs are ranked by to pick the median.
+    fn score(&self, kind: Kind) -> f64 {
+        match kind {
+            Kind::Append | Kind::Catchup => self.msgs_per_s(),
+            Kind::E2e => -self.ms(0.99),
+            Kind::Recovery => -self.ms(0.5),
+        }
+    }
+    fn to_json(&self) -> Value {
+        json!({
+            "msgs": self.msgs,
+            "msgs_per_s": round(self.msgs_per_s()),
+            "mib_per_s": round(self.mib_per_s()),
+            "errors": self.errors,
+            "latency_ms": {
+                "p50": round(self.ms(0.5)), "p90": round(self.ms(0.9)),
+                "p99": round(self.ms(0.99)), "p999": round(self.ms(0.999)),
+                "max": round(self.hist.max() as f64 / 1000.0),
+            },
+            "cpu_server_s": self.cpu_server_s.map(round),
+            "cpu_client_s": round(self.cpu_client_s),
+            "fsyncs": self.syncs,
+            "fsyncs_per_msg": self.syncs.map(|s| round(s as f64 / self.msgs.max(1) as f64)),
+        })
+    }
+    fn table_row(&self, name: &str) -> String {
+        format!(
+            "{name:<10} {:>11.0} {:>9.1} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>7}",
+            self.msgs_per_s(),
+            self.mib_per_s(),
+            self.ms(0.5),
+            self.ms(0.9),
+            self.ms(0.99),
+            self.ms(0.999),
+            self.hist.max() as f64 / 1000.0,
+            self.errors
+        )
+    }
+}
+
+fn round(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+const TABLE_HEADER: &str =
+    "system        msgs/s     MiB/s   p50 ms   p90 ms   p99 ms  p999 ms   max ms  errors";
+
+fn new_hist() -> Histogram<u64> {
+    // 1 us .. 1 h at 3 significant digits; these bounds are valid, so creation cannot fail.
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).unwrap_or_else(|_| unreachable!())
+}
+
+fn median(runs: &[RunResult], kind: Kind) -> RunResult {
+    let mut sorted = runs.to_vec();
+    sorted.sort_by(|x, y| x.score(kind).total_cmp(&y.score(kind)));
+    sorted[sorted.len() / 2].clone()
+}
+
+fn write_json(path: Option<&Path>, v: &Value) -> anyhow::Result<()> {
+    if let Some(p) = path {
+        let mut f =
+            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?;
+        writeln!(f, "{}", serde_json::to_string_pretty(v)?)?;
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------------
+// The Walden server the bench starts.
+
+struct WaldenServer {
+    child: Option<Child>,
+    addr: String,
+    metrics: String,
+    data: PathBuf,
+    config: PathBuf,
+}
+
+impl Drop for WaldenServer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn free_addr() -> anyhow::Result<String> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .to_string())
+}
+
+impl WaldenServer {
+    async fn start(pchannels: u32, data: &Path) -> anyhow::Result<Self> {
+        let config = data.with_extension("bench.toml");
+        std::fs::write(&config, format!("[node]\npchannels = {pchannels}\n"))?;
+        let mut s = Self {
+            child: None,
+            addr: free_addr()?,
+            metrics: free_addr()?,
+            data: data.to_owned(),
+            config,
+        };
+        s.spawn_and_wait().await?;
+        Ok(s)
+    }
+
+    async fn spawn_and_wait(&mut self) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        let child = Command::new(std::env::current_exe()?)
+            .args([
+                "standalone",
+                "--listen",
+                &self.addr,
+                "--metrics-listen",
+                &self.metrics,
+            ])
+            .arg("--data-dir")
+            .arg(&self.data)
+            .arg("--config")
+            .arg(&self.config)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting walden standalone")?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            if let Ok(c) = Client::connect(&self.addr).await
+                && c.status().await.is_ok()
+            {
+                return Ok(started.elapsed());
+            }
+            anyhow::ensure!(Instant::now() < deadline, "walden did not become ready");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn kill_and_restart(&mut self) -> anyhow::Result<Duration> {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.spawn_and_wait().await
+    }
+
+    fn pid(&self) -> Option<String> {
+        self.child.as_ref().map(|c| c.id().to_string())
+    }
+}
+
+/// CPU seconds (user + system) of a process, from /proc.
+fn cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+/// Sum of `walden_wal_syncs` from the server's metrics endpoint.
+async fn scrape_syncs(metrics_addr: &str) -> Option<u64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(metrics_addr).await.ok()?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .ok()?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.ok()?;
+    Some(
+        body.lines()
+            .filter(|l| l.starts_with("walden_wal_syncs{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64,
+    )
+}
+
+// ------------------------------------------------------------------------------------------------
+// Systems under test.
+
+enum System<'a> {
+    Walden {
+        addr: &'a str,
+        server: Option<&'a mut WaldenServer>,
+    },
+    Redis(&'a mut RedisServer),
+}
+
+impl System<'_> {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Walden { .. } => "walden",
+            Self::Redis(_) => "redis",
+        }
+    }
+}
+
+fn channel_name(i: usize) -> String {
+    format!("walden-dml-{i}")
+}
+
+/// One producer's connection: queue a message, or wait for the oldest acknowledgement.
+trait Lane: Send {
+    fn send(&mut self, payload: Bytes) -> impl Future<Output = anyhow::Result<()>> + Send;
+    fn ack(&mut self) -> impl Future<Output = anyhow::Result<()>> + Send;
+}
+
+type AckFuture = BoxFuture<'static, Result<walden_client::AppendResult, ClientError>>;
+
+struct WaldenLane {
+    producer: walden_client::Producer,
+    vchannel: String,
+    pending: VecDeque<AckFuture>,
+}
+
+impl Lane for WaldenLane {
+    async fn send(&mut self, payload: Bytes) -> anyhow::Result<()> {
+        let msg = MutableMessage::new(MessageType::Insert, self.vchannel.clone(), payload);
+        let fut = self.producer.send(msg).await?;
+        self.pending.push_back(Box::pin(fut));
+        Ok(())
+    }
+    async fn ack(&mut self) -> anyhow::Result<()> {
+        let fut = self.pending.pop_front().context("no message in flight")?;
+        fut.await?;
+        Ok(())
+    }
+}
+
+struct RedisLane {
+    conn: redis::Conn,
+    key: Vec<u8>,
+}
+
+impl Lane for RedisLane {
+    async fn send(&mut self, payload: Bytes) -> anyhow::Result<()> {
+        self.conn.send_xadd(&self.key, &payload).await
+    }
+    async fn ack(&mut self) -> anyhow::Result<()> {
+        self.conn.reply().await.map(|_| ())
+    }
+}
+
+/// When each producer sends, and when it stops.
+#[derive(Clone, Copy)]
+struct Pace {
+    origin: Instant,
+    deadline: Option<Instant>,
+    /// Stop after this many messages (preloads).
+    budget: Option<u64>,
+    interval: Option<Duration>,
+    window: usize,
+    size: usize,
+    record: bool,
+}
+
+fn payload(size: usize, sent_us: u64) -> Bytes {
+    let mut b = BytesMut::with_capacity(size);
+    b.put_u64_le(sent_us);
+    b.resize(size, b'x');
+    b.freeze()
+}
+
+/// Runs one producer; returns its latency histogram, acknowledged and failed counts.
+async fn produce<L: Lane>(mut lane: L, pace: Pace) -> (Histogram<u64>, u64, u64) {
+    let mut hist = new_hist();
+    let (mut acked, mut errors) = (0u64, 0u64);
+    let mut outstanding: VecDeque<Instant> = VecDeque::with_capacity(pace.window);
+    let start = Instant::now();
+    let mut n = 0u64;
+    let settle = |r: anyhow::Result<()>, intended: Instant, hist: &mut Histogram<u64>| {
+        let ok = r.is_ok();
+        if ok && pace.record {
+            let _ = hist.record((intended.elapsed().as_micros() as u64).max(1));
+        }
+        ok
+    };
+    loop {
+        if pace.budget.is_some_and(|b| n >= b) {
+            break;
+        }
+        let intended = match pace.interval {
+            Some(iv) => {
+                let t = start + iv.mul_f64(n as f64);
+                if pace.deadline.is_some_and(|d| t >= d) {
+                    break;
+                }
+                tokio::time::sleep_until(t.into()).await;
+                t
+            }
+            None => {
+                let now = Instant::now();
+                if pace.deadline.is_some_and(|d| now >= d) {
+                    break;
+                }
+                now
+            }
+        };
+        n += 1;
+        let sent_us = intended.duration_since(pace.origin).as_micros() as u64;
+        if lane.send(payload(pace.size, sent_us)).await.is_err() {
+            errors += 1;
+            break;
+        }
+        outstanding.push_back(intended);
+        while outstanding.len() >= pace.window {
+            let Some(t) = outstanding.pop_front() else {
+                break;
+            };
+            let r = lane.ack().await;
+            if settle(r, t, &mut hist) {
+                acked += 1;
+            } else {
+                errors += 1;
+            }
+        }
+    }
+    while let Some(t) = outstanding.pop_front() {
+        let r = lane.ack().await;
+        if settle(r, t, &mut hist) {
+            acked += 1;
+        } else {
+            errors += 1;
+        }
+    }
+    (hist, acked, errors)
+}
+
+/// Runs every producer of a workload against one system, with `pace`.
+async fn produce_all(sys: &System<'_>, a: &Args, pace: Pace) -> anyhow::Result<RunResult> {
+    let producers = a.producers.unwrap_or(a.pchannels as usize).max(1);
+    let window = (a.inflight / producers).max(1);
+    let pace = Pace { window, ..pace };
+    let mut tasks = Vec::new();
+    let client = match sys {
+        System::Walden { addr, .. } => Some(Client::connect(addr).await?),
+        System::Redis(_) => None,
+    };
+    for i in 0..producers {
+        let ch = channel_name(i % a.pchannels as usize);
+        match (sys, &client) {
+            (System::Walden { .. }, Some(c)) => {
+                let lane = WaldenLane {
+                    producer: c.producer(
+                        &ch,
+                        ProducerOptions {
+                            max_in_flight: window,
+                            ..ProducerOptions::default()
+                        },
+                    ),
+                    vchannel: format!("bench-{i}"),
+                    pending: VecDeque::new(),
+                };
+                tasks.push(tokio::spawn(produce(lane, pace)));
+            }
+            (System::Redis(r), _) => {
+                let lane = RedisLane {
+                    conn: redis::Conn::connect(&r.addr).await?,
+                    key: ch.into_bytes(),
+                };
+                tasks.push(tokio::spawn(produce(lane, pace)));
+            }
+            _ => anyhow::bail!("no client"),
+        }
+    }
+    let mut r = RunResult::new();
+    for t in tasks {
+        let (h, acked, errors) = t.await?;
+        r.hist.add(&h).ok();
+        r.msgs += acked;
+        r.errors += errors;
+    }
+    r.bytes = r.msgs * a.size as u64;
+    r.elapsed = pace.origin.elapsed();
+    Ok(r)
+}
+
+/// Tailing consumers on every channel record receive time minus intended send time.
+async fn spawn_tail_readers(
+    sys: &System<'_>,
+    a: &Args,
+    origin: Instant,
+    hist: Arc<Mutex<Histogram<u64>>>,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let mut tasks = Vec::new();
+    let record = move |hist: &Mutex<Histogram<u64>>, p: &[u8]| {
+        if let Some(ts) = p.get(..8) {
+            let sent = u64::from_le_bytes(ts.try_into().unwrap_or([0; 8]));
+            let now = origin.elapsed().as_micros() as u64;
+            if let Ok(mut h) = hist.lock() {
+                let _ = h.record(now.saturating_sub(sent).max(1));
+            }
+        }
+    };
+    for p in 0..a.pchannels as usize {
+        let (hist, stop) = (hist.clone(), stop.clone());
+        match sys {
+            System::Walden { addr, .. } => {
+                let client = Client::connect(addr).await?;
+                let mut c = client.consumer(
+                    &channel_name(p),
+                    ConsumerOptions {
+                        from: DeliverFrom::Latest,
+                        types: Some(vec![MessageType::Insert]),
+                        ..ConsumerOptions::default()
+                    },
+                );
+                tasks.push(tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        let next = tokio::time::timeout(Duration::from_millis(100), c.next());
+                        if let Ok(Some(Ok(m))) = next.await {
+                            record(&hist, &m.payload);
+                        }
+                    }
+                }));
+            }
+            System::Redis(r) => {
+                let mut conn = redis::Conn::connect(&r.addr).await?;
+                let key = channel_name(p).into_bytes();
+                tasks.push(tokio::spawn(async move {
+                    let mut last = b"$".to_vec();
+                    let mut entries = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        let reply = conn
+                            .command(&[
+                                b"XREAD", b"COUNT", b"1000", b"BLOCK", b"100", b"STREAMS", &key,
+                                &last,
+                            ])
+                            .await;
+                        let Ok(v) = reply else { break };
+                        entries.clear();
+                        redis::xread_entries(v, &mut entries);
+                        for (id, value) in entries.drain(..) {
+                            record(&hist, &value);
+                            last = id;
+                        }
+                    }
+                }));
+            }
+        }
+    }
+    Ok(tasks)
+}
+
+/// Reads every channel from the start until `per_channel` inserts each were seen.
+async fn read_from_start(sys: &System<'_>, a: &Args, per_channel: u64) -> anyhow::Result<u64> {
+    let mut tasks: Vec<tokio::task::JoinHandle<anyhow::Result<u64>>> = Vec::new();
+    for p in 0..a.pchannels as usize {
+        match sys {
+            System::Walden { addr, .. } => {
+                let client = Client::connect(addr).await?;
+                let mut c = client.consumer(
+                    &channel_name(p),
+                    ConsumerOptions {
+                        from: DeliverFrom::All,
+                        types: Some(vec![MessageType::Insert]),
+                        buffer: 8192,
+                        ..ConsumerOptions::default()
+                    },
+                );
+                tasks.push(tokio::spawn(async move {
+                    let mut bytes = 0u64;
+                    for _ in 0..per_channel {
+                        let m = c.next().await.context("consumer ended")??;
+                        bytes += m.payload.len() as u64;
+                    }
+                    Ok(bytes)
+                }));
+            }
+            System::Redis(r) => {
+                let mut conn = redis::Conn::connect(&r.addr).await?;
+                let key = channel_name(p).into_bytes();
+                tasks.push(tokio::spawn(async move {
+                    let (mut seen, mut bytes) = (0u64, 0u64);
+                    let mut from = b"-".to_vec();
+                    let mut entries = Vec::new();
+                    while seen < per_channel {
+                        let v = conn
+                            .command(&[b"XRANGE", &key, &from, b"+", b"COUNT", b"10000"])
+                            .await?;
+                        entries.clear();
+                        redis::xrange_entries(v, &mut entries);
+                        anyhow::ensure!(!entries.is_empty(), "redis stream ended early");
+                        for (id, value) in entries.drain(..) {
+                            bytes += value.len() as u64;
+                            seen += 1;
+                            from = [b"(".as_slice(), &id].concat();
+                        }
+                    }
+                    Ok(bytes)
+                }));
+            }
+        }
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await??;
+    }
+    Ok(total)
+}
+
+async fn one_run(
+    sys: &mut System<'_>,
+    a: &Args,
+    kind: Kind,
+    rate: u64,
+) -> anyhow::Result<RunResult> {
+    let producers = a.producers.unwrap_or(a.pchannels as usize).max(1);
+    let interval = (rate > 0).then(|| Duration::from_secs_f64(producers as f64 / rate as f64));
+    let origin = Instant::now();
+    match kind {
+        Kind::Append => {
+            let pace = Pace {
+                origin,
+                deadline: Some(origin + a.duration),
+                budget: None,
+                interval,
+                window: 1,
+                size: a.size,
+                record: true,
+            };
+            produce_all(sys, a, pace).await
+        }
+        Kind::E2e => {
+            let hist = Arc::new(Mutex::new(new_hist()));
+            let stop = Arc::new(AtomicBool::new(false));
+            let readers = spawn_tail_readers(sys, a, origin, hist.clone(), stop.clone()).await?;
+            // Let the readers attach before anything is sent.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let start = Instant::now();
+            let pace = Pace {
+                origin,
+                deadline: Some(start + a.duration),
+                budget: None,
+                interval,
+                window: 1,
+                size: a.size,
+                record: false,
+            };
+            let mut r = produce_all(sys, a, pace).await?;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            stop.store(true, Ordering::Relaxed);
+            for t in readers {
+                let _ = t.await;
+            }
+            r.elapsed = start.elapsed().saturating_sub(Duration::from_millis(300));
+            r.hist = hist
+                .lock()
+                .map(|h| h.clone())
+                .unwrap_or_else(|_| new_hist());
+            Ok(r)
+        }
+        Kind::Catchup => {
+            let per_channel = preload_per_channel(a);
+            let start = Instant::now();
+            let bytes = read_from_start(sys, a, per_channel).await?;
+            let mut r = RunResult::new();
+            r.elapsed = start.elapsed();
+            r.msgs = per_channel * a.pchannels as u64;
+            r.bytes = bytes;
+            let _ = r.hist.record(r.elapsed.as_micros() as u64);
+            Ok(r)
+        }
+        Kind::Recovery => {
+            let took = match sys {
+                System::Walden {
+                    server: Some(s), ..
+                } => s.kill_and_restart().await?,
+                System::Walden { server: None, .. } => {
+                    anyhow::bail!("recovery needs a server the bench starts (no --addr)")
+                }
+                System::Redis(r) => r.kill_and_restart().await?,
+            };
+            let mut r = RunResult::new();
+            r.elapsed = took;
+            let _ = r.hist.record(took.as_micros() as u64);
+            Ok(r)
+        }
+    }
+}
+
+fn preload_per_channel(a: &Args) -> u64 {
+    ((a.preload_mib << 20) / a.size as u64 / a.pchannels as u64).max(1)
+}
+
+async fn preload(sys: &System<'_>, a: &Args) -> anyhow::Result<()> {
+    let per_channel = preload_per_channel(a);
+    // One producer per channel so each gets exactly its share.
+    let args = Args {
+        producers: Some(a.pchannels as usize),
+        inflight: a.inflight.max(a.pchannels as usize * 16),
+        ..a.clone()
+    };
+    let t = Instant::now();
+    let pace = Pace {
+        origin: Instant::now(),
+        deadline: None,
+        budget: Some(per_channel),
+        interval: None,
+        window: 1,
+        size: a.size,
+        record: false,
+    };
+    let r = produce_all(sys, &args, pace).await?;
+    anyhow::ensure!(r.errors == 0, "preload had {} errors", r.errors);
+    eprintln!(
+        "  preloaded {} into {}: {} messages, {:.1} s",
+        human_mib(r.bytes),
+        sys.name(),
+        r.msgs,
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn human_mib(b: u64) -> String {
+    format!("{:.0} MiB", b as f64 / (1 << 20) as f64)
+}
+
+async fn compare(a: Args, kind: Kind) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        a.pchannels > 0 && a.inflight > 0 && a.runs > 0,
+        "counts must be positive"
+    );
+    anyhow::ensure!(
+        a.size >= 16,
+        "--size must be at least 16 (the payload carries a timestamp)"
+    );
+    let rate = a.rate.unwrap_or(if kind == Kind::E2e { 1000 } else { 0 });
+    let base = a.data_dir.clone().unwrap_or_else(|| PathBuf::from("."));
+    std::fs::create_dir_all(&base)?;
+    let scratch = tempfile::Builder::new()
+        .prefix("walden-bench-")
+        .tempdir_in(&base)?;
+    let mut walden = match &a.addr {
+        Some(_) => None,
+        None => Some(WaldenServer::start(a.pchannels, &scratch.path().join("walden")).await?),
+    };
+    let walden_addr = a
+        .addr
+        .clone()
+        .or_else(|| walden.as_ref().map(|s| s.addr.clone()))
+        .context("no server address")?;
+    let mut redis = match a.peer {
+        Some(Peer::Redis) => Some(RedisServer::start(scratch.path()).await?),
+        None => None,
+    };
+    eprintln!(
+        "walden bench {}: {} pchannels, {} producers, {} in flight, {} B messages, {}{}, {} run(s){}",
+        kind.name(),
+        a.pchannels,
+        a.producers.unwrap_or(a.pchannels as usize),
+        a.inflight,
+        a.size,
+        if rate == 0 {
+            "max rate".to_owned()
+        } else {
+            format!("{rate} msg/s")
+        },
+        if matches!(kind, Kind::Append | Kind::E2e) {
+            format!(", {:?} each", a.duration)
+        } else {
+            format!(", {} MiB preload", a.preload_mib)
+        },
+        a.runs,
+        if redis.is_some() {
+            ", alternating with redis"
+        } else {
+            ""
+        },
+    );
+    if matches!(kind, Kind::Catchup | Kind::Recovery) {
+        preload(
+            &System::Walden {
+                addr: &walden_addr,
+                server: None,
+            },
+            &a,
+        )
+        .await?;
+        if let Some(r) = redis.as_mut() {
+            preload(&System::Redis(r), &a).await?;
+        }
+    }
+
+    let mut walden_runs = Vec::new();
+    let mut peer_runs = Vec::new();
+    for i in 0..a.runs {
+        let addr = walden_addr.clone();
+        let (pid, metrics) = match &walden {
+            Some(s) => (s.pid(), Some(s.metrics.clone())),
+            None => (None, None),
+        };
+        let syncs_before = match &metrics {
+            Some(m) => scrape_syncs(m).await,
+            None => None,
+        };
+        let cpu_before = pid.as_deref().and_then(cpu_seconds);
+        let client_before = cpu_seconds("self").unwrap_or(0.0);
+        let mut sys = System::Walden {
+            addr: &addr,
+            server: walden.as_mut(),
+        };
+        let mut r = one_run(&mut sys, &a, kind, rate).await?;
+        r.cpu_client_s = cpu_seconds("self").unwrap_or(0.0) - client_before;
+        if kind != Kind::Recovery {
+            r.cpu_server_s = match (pid.as_deref(), cpu_before) {
+                (Some(p), Some(b)) => cpu_seconds(p).map(|x| x - b),
+                _ => None,
+            };
+            if let (Some(m), Some(b)) = (&metrics, syncs_before) {
+                r.syncs = scrape_syncs(m).await.map(|x| x.saturating_sub(b));
+            }
+        }
+        eprintln!("  run {} walden: {}", i + 1, r.table_row("").trim());
+        walden_runs.push(r);
+        if let Some(rs) = redis.as_mut() {
+            let pid = rs.pid();
+            let cpu_before = cpu_seconds(&pid);
+            let client_before = cpu_seconds("self").unwrap_or(0.0);
+            let mut r = one_run(&mut System::Redis(rs), &a, kind, rate).await?;
+            r.cpu_client_s = cpu_seconds("self").unwrap_or(0.0) - client_before;
+            if kind != Kind::Recovery {
+                r.cpu_server_s = cpu_before.and_then(|b| cpu_seconds(&rs.pid()).map(|x| x - b));
+            }
+            eprintln!("  run {} redis:  {}", i + 1, r.table_row("").trim());
+            peer_runs.push(r);
+        }
+    }
+    let w = median(&walden_runs, kind);
+    let p = (!peer_runs.is_empty()).then(|| median(&peer_runs, kind));
+
+    // The machine's own limit at the commit size Walden used.
+    let disk = if kind == Kind::Append {
+        let commit = match w.syncs {
+            Some(s) if s > 0 => ((w.bytes / s) as usize).max(512),
+            _ => a.size,
+        };
+        Some(disk_probe(scratch.path(), commit, Duration::from_secs(3))?)
+    } else {
+        None
+    };
+
+    println!("\n{} (median of {} run(s))", kind.name(), a.runs);
+    println!("{TABLE_HEADER}");
+    println!("{}", w.table_row("walden"));
+    if let Some(p) = &p {
+        println!("{}", p.table_row("redis"));
+    }
+    if let Some(d) = &disk {
+        println!("{}", d.table_row("disk"));
+    }
+    let ratio_to_peer = p.as_ref().map(|p| match kind {
+        Kind::Append | Kind::Catchup => w.msgs_per_s() / p.msgs_per_s().max(1e-9),
+        Kind::E2e => p.ms(0.99) / w.ms(0.99).max(1e-9),
+        Kind::Recovery => p.ms(0.5) / w.ms(0.5).max(1e-9),
+    });
+    let ratio_to_disk = disk
+        .as_ref()
+        .map(|d| w.mib_per_s() / d.mib_per_s().max(1e-9));
+    if let Some(r) = ratio_to_peer {
+        let what = match kind {
+            Kind::Append | Kind::Catchup => "throughput",
+            Kind::E2e => "p99 latency, peer/walden",
+            Kind::Recovery => "time to ready, peer/walden",
+        };
+        println!("walden/redis ({what}): {r:.2}x");
+    }
+    if let (Some(r), Some(d)) = (ratio_to_disk, &disk) {
+        println!(
+            "walden/disk bandwidth: {r:.2}x (disk: {} B write + fdatasync per commit)",
+            d.size
+        );
+    }
+    if let Some(s) = w.syncs.filter(|_| w.msgs > 0) {
+        println!(
+            "walden fsyncs per message: {:.4}; CPU s: server {}, client {:.2}",
+            s as f64 / w.msgs as f64,
+            w.cpu_server_s.map_or("n/a".into(), |c| format!("{c:.2}")),
+            w.cpu_client_s
+        );
+    }
+    let mut systems = serde_json::Map::new();
+    systems.insert("walden".into(), w.to_json());
+    if let Some(p) = &p {
+        systems.insert("redis".into(), p.to_json());
+    }
+    let report = json!({
+        "workload": kind.name(),
+        "params": {
+            "pchannels": a.pchannels, "producers": a.producers.unwrap_or(a.pchannels as usize),
+            "inflight": a.inflight, "size": a.size, "rate": rate,
+            "duration_s": a.duration.as_secs_f64(), "preload_mib": a.preload_mib, "runs": a.runs,
+        },
+        "walden": systems.get("walden"),
+        "redis": systems.get("redis"),
+        "runs": {
+            "walden": walden_runs.iter().map(RunResult::to_json).collect::<Vec<_>>(),
+            "redis": peer_runs.iter().map(RunResult::to_json).collect::<Vec<_>>(),
+        },
+        "disk": disk.as_ref().map(DiskResult::to_json),
+        "ratio_to_peer": ratio_to_peer.map(round),
+        "ratio_to_disk": ratio_to_disk.map(round),
+    });
+    write_json(a.json.as_deref(), &report)
+}
+
+// ------------------------------------------------------------------------------------------------
+// disk.
+
+#[derive(Debug, Clone)]
+struct DiskResult {
+    size: usize,
+    ops: u64,
+    elapsed: Duration,
+    hist: Histogram<u64>,
+}
+
+impl DiskResult {
+    fn mib_per_s(&self) -> f64 {
+        (self.ops * self.size as u64) as f64 / self.elapsed.as_secs_f64() / (1 << 20) as f64
+    }
+    fn ms(&self, q: f64) -> f64 {
+        self.hist.value_at_quantile(q) as f64 / 1000.0
+    }
+    fn to_json(&self) -> Value {
+        json!({
+            "write_bytes": self.size,
+            "syncs_per_s": round(self.ops as f64 / self.elapsed.as_secs_f64()),
+            "mib_per_s": round(self.mib_per_s()),
+            "latency_ms": {
+                "p50": round(self.ms(0.5)), "p99": round(self.ms(0.99)),
+                "p999": round(self.ms(0.999)), "max": round(self.hist.max() as f64 / 1000.0),
+            },
+        })
+    }
+    fn table_row(&self, name: &str) -> String {
+        format!(
+            "{name:<10} {:>11.0} {:>9.1} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>7}",
+            self.ops as f64 / self.elapsed.as_secs_f64(),
+            self.mib_per_s(),
+            self.ms(0.5),
+            self.ms(0.9),
+            self.ms(0.99),
+            self.ms(0.999),
+            self.hist.max() as f64 / 1000.0,
+            0
+        )
+    }
+}
+
+/// Appends `size` bytes and `fdatasync`s, in a loop, for `duration`: what a log that syncs every
+/// commit of that size can do at best on this file system (one file, one writer).
+fn disk_probe(dir: &Path, size: usize, duration: Duration) -> anyhow::Result<DiskResult> {
+    let path = dir.join(format!(".walden-disk-probe-{}", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    let buf = vec![0xa5u8; size];
+    let mut hist = new_hist();
+    let start = Instant::now();
+    let mut ops = 0u64;
+    let mut written = 0u64;
+    while start.elapsed() < duration {
+        let t = Instant::now();
+        f.write_all(&buf)?;
+        f.sync_data()?;
+        let _ = hist.record((t.elapsed().as_micros() as u64).max(1));
+        ops += 1;
+        written += size as u64;
+        // Keep the file bounded, like a log that rolls segments.
+        if written > 256 << 20 {
+            f.set_len(0)?;
+            written = 0;
+        }
+    }
+    let elapsed = start.elapsed();
+    drop(f);
+    let _ = std::fs::remove_file(&path);
+    Ok(DiskResult {
+        size,
+        ops,
+        elapsed,
+        hist,
+    })
+}
