@@ -102,12 +102,62 @@ impl Producer {
     }
 }
 
-fn produce(id: u64, msg: pb::MutableMessage) -> ProduceRequest {
+/// Most messages one frame carries.
+const MAX_BATCH: usize = 256;
+/// Most payload bytes one frame carries (the server's frame limit is far above).
+const MAX_BATCH_BYTES: usize = 4 << 20;
+
+/// One message as a `produce` request, several as a `batch`.
+fn batch_request(mut msgs: Vec<(u64, pb::MutableMessage)>) -> ProduceRequest {
+    let one = |(id, msg): (u64, pb::MutableMessage)| pb::ProduceMessage {
+        request_id: id,
+        message: Some(msg),
+    };
+    let request = if msgs.len() == 1 {
+        produce_request::Request::Produce(one(msgs.remove(0)))
+    } else {
+        produce_request::Request::Batch(pb::ProduceBatch {
+            messages: msgs.into_iter().map(one).collect(),
+        })
+    };
     ProduceRequest {
-        request: Some(produce_request::Request::Produce(pb::ProduceMessage {
-            request_id: id,
-            message: Some(msg),
-        })),
+        request: Some(request),
+    }
+}
+
+/// Answers the caller of one result; a retryable error breaks the stream so that everything
+/// unacknowledged is resent in order.
+fn settle(
+    res: pb::ProduceResult,
+    unacked: &mut BTreeMap<u64, Queued>,
+    failing_since: &mut Option<Instant>,
+    backoff: &mut Duration,
+) -> Result<(), ClientError> {
+    match res.outcome {
+        Some(produce_result::Outcome::Ok(a)) => {
+            *failing_since = None;
+            *backoff = Duration::from_millis(50);
+            if let Some(q) = unacked.remove(&res.request_id) {
+                let _ = q.reply.send(Ok(AppendResult {
+                    id: MessageId(a.message_id),
+                    tick: TimeTick(a.time_tick),
+                    last_confirmed: MessageId(a.last_confirmed_id),
+                }));
+            }
+            Ok(())
+        }
+        Some(produce_result::Outcome::Error(e)) => {
+            let err = ClientError::from(e);
+            if err.is_retryable() {
+                // Later messages on this stream fail too; resend all in order.
+                return Err(err);
+            }
+            if let Some(q) = unacked.remove(&res.request_id) {
+                let _ = q.reply.send(Err(err));
+            }
+            Ok(())
+        }
+        None => Err(ClientError::Transport("result without outcome".into())),
     }
 }
 
@@ -214,8 +264,9 @@ async fn session(
         _ => return Err(ClientError::Transport("no answer to `open`".into())),
     }
     // Resend what the last stream left unanswered, in the original order.
-    for (id, q) in unacked.iter() {
-        let _ = req_tx.send(produce(*id, q.msg.clone()));
+    let resend: Vec<_> = unacked.iter().map(|(id, q)| (*id, q.msg.clone())).collect();
+    for chunk in resend.chunks(MAX_BATCH) {
+        let _ = req_tx.send(batch_request(chunk.to_vec()));
     }
     loop {
         if *app_done && unacked.is_empty() {
@@ -227,37 +278,30 @@ async fn session(
         tokio::select! {
             q = rx.recv(), if !*app_done => match q {
                 Some(q) => {
-                    let _ = req_tx.send(produce(*next_id, q.msg.clone()));
-                    unacked.insert(*next_id, q);
-                    *next_id += 1;
+                    // Whatever else is already queued goes in the same frame.
+                    let mut batch = Vec::new();
+                    let mut bytes = 0;
+                    let mut next = Some(q);
+                    while let Some(q) = next.take() {
+                        bytes += q.msg.payload.len();
+                        batch.push((*next_id, q.msg.clone()));
+                        unacked.insert(*next_id, q);
+                        *next_id += 1;
+                        if batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+                            next = rx.try_recv().ok();
+                        }
+                    }
+                    let _ = req_tx.send(batch_request(batch));
                 }
                 None => *app_done = true,
             },
             r = inbound.message() => match r? {
                 Some(pb::ProduceResponse { response: Some(produce_response::Response::Result(res)) }) => {
-                    match res.outcome {
-                        Some(produce_result::Outcome::Ok(a)) => {
-                            *failing_since = None;
-                            *backoff = Duration::from_millis(50);
-                            if let Some(q) = unacked.remove(&res.request_id) {
-                                let _ = q.reply.send(Ok(AppendResult {
-                                    id: MessageId(a.message_id),
-                                    tick: TimeTick(a.time_tick),
-                                    last_confirmed: MessageId(a.last_confirmed_id),
-                                }));
-                            }
-                        }
-                        Some(produce_result::Outcome::Error(e)) => {
-                            let err = ClientError::from(e);
-                            if err.is_retryable() {
-                                // Later messages on this stream fail too; resend all in order.
-                                return Err(err);
-                            }
-                            if let Some(q) = unacked.remove(&res.request_id) {
-                                let _ = q.reply.send(Err(err));
-                            }
-                        }
-                        None => return Err(ClientError::Transport("result without outcome".into())),
+                    settle(res, unacked, failing_since, backoff)?;
+                }
+                Some(pb::ProduceResponse { response: Some(produce_response::Response::Results(rs)) }) => {
+                    for res in rs.results {
+                        settle(res, unacked, failing_since, backoff)?;
                     }
                 }
                 Some(pb::ProduceResponse { response: Some(produce_response::Response::Error(e)) }) => {

@@ -3,7 +3,7 @@
 
 use std::{pin::Pin, sync::Arc};
 
-use futures::{Stream, StreamExt, stream::FuturesUnordered};
+use futures::{FutureExt, Stream, StreamExt, stream::FuturesUnordered};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -52,10 +52,10 @@ fn error_response(e: &NodeError) -> ProduceResponse {
     }
 }
 
-fn result_response(
+fn to_result(
     request_id: u64,
     r: Result<crate::channel::AppendResult, NodeError>,
-) -> ProduceResponse {
+) -> pb::ProduceResult {
     let outcome = match r {
         Ok(a) => produce_result::Outcome::Ok(pb::AppendResult {
             message_id: a.id.0,
@@ -64,11 +64,44 @@ fn result_response(
         }),
         Err(e) => produce_result::Outcome::Error(e.to_proto()),
     };
+    pb::ProduceResult {
+        request_id,
+        outcome: Some(outcome),
+    }
+}
+
+fn results_response(mut results: Vec<pb::ProduceResult>) -> ProduceResponse {
+    let response = if results.len() == 1 {
+        produce_response::Response::Result(results.remove(0))
+    } else {
+        produce_response::Response::Results(pb::ProduceResults { results })
+    };
     ProduceResponse {
-        response: Some(produce_response::Response::Result(pb::ProduceResult {
-            request_id,
-            outcome: Some(outcome),
-        })),
+        response: Some(response),
+    }
+}
+
+type Pending = FuturesUnordered<
+    Pin<Box<dyn Future<Output = (u64, Result<crate::channel::AppendResult, NodeError>)> + Send>>,
+>;
+
+/// Validates and enqueues one message; a refusal is returned as its result.
+async fn submit_one(
+    channel: &crate::channel::Channel,
+    p: pb::ProduceMessage,
+    pending: &mut Pending,
+) -> Option<pb::ProduceResult> {
+    let id = p.request_id;
+    let submitted = match client_message(p.message) {
+        Ok(m) => channel.submit(m).await,
+        Err(e) => Err(e),
+    };
+    match submitted {
+        Ok(pa) => {
+            pending.push(Box::pin(async move { (id, pa.wait().await) }));
+            None
+        }
+        Err(e) => Some(to_result(id, Err(e))),
     }
 }
 
@@ -121,25 +154,26 @@ async fn produce_loop(
     if !send(opened).await {
         return;
     }
-    let mut pending = FuturesUnordered::new();
+    let mut pending: Pending = FuturesUnordered::new();
     let mut input_open = true;
     let mut graceful = false;
     while input_open || !pending.is_empty() {
         tokio::select! {
             msg = inbound.message(), if input_open => match msg {
                 Ok(Some(ProduceRequest { request: Some(produce_request::Request::Produce(p)) })) => {
-                    let id = p.request_id;
-                    let submitted = match client_message(p.message) {
-                        Ok(m) => channel.submit(m).await,
-                        Err(e) => Err(e),
-                    };
-                    match submitted {
-                        Ok(pa) => pending.push(async move { (id, pa.wait().await) }),
-                        Err(e) => {
-                            if !send(result_response(id, Err(e))).await {
-                                return;
-                            }
-                        }
+                    if let Some(refused) = submit_one(&channel, p, &mut pending).await
+                        && !send(results_response(vec![refused])).await
+                    {
+                        return;
+                    }
+                }
+                Ok(Some(ProduceRequest { request: Some(produce_request::Request::Batch(b)) })) => {
+                    let mut refused = Vec::new();
+                    for p in b.messages {
+                        refused.extend(submit_one(&channel, p, &mut pending).await);
+                    }
+                    if !refused.is_empty() && !send(results_response(refused)).await {
+                        return;
                     }
                 }
                 Ok(Some(ProduceRequest { request: Some(produce_request::Request::Close(_)) })) => {
@@ -165,7 +199,12 @@ async fn produce_loop(
                 }
             },
             Some((id, r)) = pending.next(), if !pending.is_empty() => {
-                if !send(result_response(id, r)).await {
+                // Everything that completed together goes back in one frame.
+                let mut done = vec![to_result(id, r)];
+                while let Some(Some((id, r))) = pending.next().now_or_never() {
+                    done.push(to_result(id, r));
+                }
+                if !send(results_response(done)).await {
                     return;
                 }
             }

@@ -251,3 +251,75 @@ async fn bad_requests_get_typed_errors_and_change_nothing() {
         ]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_message_in_a_batch_leaves_the_others_appended_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        &dir.path().join("data"),
+        Some("[node]\npchannels = 1\nmax_message_bytes = 1024\n"),
+    )
+    .await;
+    let mut grpc =
+        pb::streaming_node_client::StreamingNodeClient::connect(format!("http://{}", server.addr))
+            .await
+            .unwrap();
+    let msg = |id: u64, len: usize| pb::ProduceMessage {
+        request_id: id,
+        message: Some(insert("v", vec![b'a' + id as u8; len]).into_proto()),
+    };
+    let requests = vec![
+        pb::ProduceRequest {
+            request: Some(pb::produce_request::Request::Open(pb::OpenProducer {
+                pchannel: PCH.into(),
+                term: 0,
+            })),
+        },
+        pb::ProduceRequest {
+            request: Some(pb::produce_request::Request::Batch(pb::ProduceBatch {
+                messages: vec![msg(0, 10), msg(1, 5000), msg(2, 10)],
+            })),
+        },
+        pb::ProduceRequest {
+            request: Some(pb::produce_request::Request::Close(pb::CloseProducer {})),
+        },
+    ];
+    let mut responses = grpc
+        .produce(futures::stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut results = Vec::new();
+    while let Some(r) = responses.message().await.unwrap() {
+        match r.response {
+            Some(pb::produce_response::Response::Result(x)) => results.push(x),
+            Some(pb::produce_response::Response::Results(xs)) => results.extend(xs.results),
+            _ => {}
+        }
+    }
+    results.sort_by_key(|r| r.request_id);
+    let outcome = |r: &pb::ProduceResult| match &r.outcome {
+        Some(pb::produce_result::Outcome::Ok(a)) => Ok(a.message_id),
+        Some(pb::produce_result::Outcome::Error(e)) => Err(e.code),
+        None => panic!("no outcome"),
+    };
+    assert_eq!(results.len(), 3);
+    let (a, b, c) = (
+        outcome(&results[0]),
+        outcome(&results[1]),
+        outcome(&results[2]),
+    );
+    assert_eq!(b, Err(ErrorCode::MessageTooLarge.as_u32()));
+    assert!(a.unwrap() < c.unwrap(), "order within the batch is kept");
+    let payloads: Vec<_> = all_messages(&server.client().await)
+        .await
+        .into_iter()
+        .filter(|m| m.message_type() == MessageType::Insert)
+        .map(|m| m.payload[0])
+        .collect();
+    assert_eq!(
+        payloads,
+        [b'a', b'c'],
+        "only the refused message is missing"
+    );
+}
