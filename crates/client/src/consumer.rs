@@ -194,12 +194,17 @@ async fn stream(
             Some(pb::ConsumeResponse {
                 response: Some(consume_response::Response::Message(m)),
             }) => {
-                let m = ImmutableMessage::from_proto(m)
-                    .map_err(|e| ClientError::Transport(format!("bad message from node: {e}")))?;
-                *failing_since = None;
-                *resume = Some((m.last_confirmed(), m.time_tick()));
-                if tx.send(Ok(m)).await.is_err() {
+                if !deliver(m, resume, tx, failing_since).await? {
                     return Ok(());
+                }
+            }
+            Some(pb::ConsumeResponse {
+                response: Some(consume_response::Response::Batch(b)),
+            }) => {
+                for m in b.messages {
+                    if !deliver(m, resume, tx, failing_since).await? {
+                        return Ok(());
+                    }
                 }
             }
             Some(pb::ConsumeResponse {
@@ -208,4 +213,19 @@ async fn stream(
             _ => return Err(ClientError::Transport("consume stream ended".into())),
         }
     }
+}
+
+/// Hands one message to the application and remembers it as the resume point; `false` once the
+/// application has gone away.
+async fn deliver(
+    m: pb::ImmutableMessage,
+    resume: &mut Option<(MessageId, TimeTick)>,
+    tx: &mpsc::Sender<Result<ImmutableMessage, ClientError>>,
+    failing_since: &mut Option<Instant>,
+) -> Result<bool, ClientError> {
+    let m = ImmutableMessage::from_proto(m)
+        .map_err(|e| ClientError::Transport(format!("bad message from node: {e}")))?;
+    *failing_since = None;
+    *resume = Some((m.last_confirmed(), m.time_tick()));
+    Ok(tx.send(Ok(m)).await.is_ok())
 }

@@ -257,6 +257,59 @@ fn parse_filters(fs: Vec<pb::DeliverFilter>) -> Result<Filters, NodeError> {
     Ok(out)
 }
 
+/// Most messages (and about the most payload bytes) one consume frame carries.
+const CONSUME_BATCH: usize = 512;
+const CONSUME_BATCH_BYTES: usize = 1 << 20;
+
+/// Sends every message the scanner has ready in one frame (a lone message as itself): framing
+/// per message costs more than the message when a consumer is catching up.
+async fn batch_messages(
+    mut rx: mpsc::Receiver<Result<walden_message::ImmutableMessage, NodeError>>,
+    tx: mpsc::Sender<Result<ConsumeResponse, Status>>,
+) {
+    let mut ready = Vec::with_capacity(CONSUME_BATCH);
+    while rx.recv_many(&mut ready, CONSUME_BATCH).await > 0 {
+        let mut batch = Vec::with_capacity(ready.len());
+        let mut bytes = 0;
+        let mut error = None;
+        for r in ready.drain(..) {
+            match r {
+                Ok(m) if error.is_none() => {
+                    bytes += m.payload.len();
+                    batch.push(m.into_proto());
+                }
+                Ok(_) => {}
+                Err(e) => error = error.or(Some(e)),
+            }
+            if bytes >= CONSUME_BATCH_BYTES {
+                let full = std::mem::take(&mut batch);
+                bytes = 0;
+                if tx.send(Ok(frame(full))).await.is_err() {
+                    return;
+                }
+            }
+        }
+        if !batch.is_empty() && tx.send(Ok(frame(batch))).await.is_err() {
+            return;
+        }
+        if let Some(e) = error {
+            let _ = tx.send(Ok(consume_error(&e))).await;
+            return;
+        }
+    }
+}
+
+fn frame(mut msgs: Vec<pb::ImmutableMessage>) -> ConsumeResponse {
+    let response = if msgs.len() == 1 {
+        consume_response::Response::Message(msgs.remove(0))
+    } else {
+        consume_response::Response::Batch(pb::MessageBatch { messages: msgs })
+    };
+    ConsumeResponse {
+        response: Some(response),
+    }
+}
+
 fn consume_error(e: &NodeError) -> ConsumeResponse {
     ConsumeResponse {
         response: Some(consume_response::Response::Error(e.to_proto())),
@@ -293,17 +346,11 @@ impl StreamingNode for NodeService {
                 return Ok(Response::new(Box::pin(once)));
             }
         };
-        let (tx, rx) = mpsc::channel(1024);
+        let (tx, rx) = mpsc::channel(CONSUME_BATCH * 4);
         tokio::spawn(scanner::scan(channel, policy, filters, tx));
-        let stream = ReceiverStream::new(rx).map(|r| {
-            Ok(match r {
-                Ok(m) => ConsumeResponse {
-                    response: Some(consume_response::Response::Message(m.into_proto())),
-                },
-                Err(e) => consume_error(&e),
-            })
-        });
-        Ok(Response::new(Box::pin(stream)))
+        let (out_tx, out_rx) = mpsc::channel(16);
+        tokio::spawn(batch_messages(rx, out_tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
     }
 
     async fn status(
