@@ -55,8 +55,8 @@ impl Codec for RawCodec {
 
 const PCH: &str = "walden-dml-0";
 
-async fn all_messages(client: &Client) -> Vec<ImmutableMessage> {
-    let last = client
+async fn status_of_pch(client: &Client) -> pb::PChannelStatus {
+    client
         .status()
         .await
         .unwrap()
@@ -64,7 +64,10 @@ async fn all_messages(client: &Client) -> Vec<ImmutableMessage> {
         .into_iter()
         .find(|p| p.name == PCH)
         .unwrap()
-        .last_message_id;
+}
+
+async fn all_messages(client: &Client) -> Vec<ImmutableMessage> {
+    let last = status_of_pch(client).await.last_message_id;
     let mut c = client.consumer(PCH, ConsumerOptions::default());
     let mut out = Vec::new();
     loop {
@@ -208,15 +211,7 @@ async fn bad_requests_get_typed_errors_and_change_nothing() {
     assert!(r.id.0 > before.last().unwrap().id.0);
 
     // A stale term after a restart (which bumps the term): CHANNEL_FENCED, code 2, retryable.
-    let old_term = client
-        .status()
-        .await
-        .unwrap()
-        .pchannels
-        .into_iter()
-        .find(|p| p.name == PCH)
-        .unwrap()
-        .term;
+    let old_term = status_of_pch(&client).await.term;
     server.kill();
     server.restart().await;
     let client = server.client().await;
