@@ -296,3 +296,78 @@ async fn reopening_takes_a_higher_term_and_ticks_keep_growing() {
     assert!(next > last);
     assert!(next > TimeTick(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storage_failure_reopens_the_pchannel_under_a_new_term_and_keeps_acknowledged_data() {
+    use walden_common::{ErrorCode, HasErrorCode};
+    use walden_wal_local::{
+        LocalWalConfig, LocalWalStorage,
+        fs::{FaultFs, FaultPlan},
+    };
+
+    let fs = FaultFs::new();
+    let storage = LocalWalStorage::with_fs("/wal", Arc::new(fs.clone()), LocalWalConfig::default());
+    let m = WalManager::start(
+        Arc::new(storage) as Arc<dyn WalStorage>,
+        Arc::new(MemoryMetaStore::new()) as Arc<dyn MetaStore>,
+        NodeConfig {
+            pchannels: 1,
+            ..small()
+        },
+        Metrics::new(),
+    )
+    .await
+    .unwrap();
+    let ch = m.get("walden-dml-0", 0).unwrap();
+    let term = ch.term();
+    let before = ch.append(insert("v", 0)).await.unwrap();
+
+    // The next fsync fails: the append gets a retryable storage error.
+    fs.set_plan(FaultPlan {
+        fail_sync_at: Some(0),
+        ..FaultPlan::default()
+    });
+    let err = ch.append(insert("v", 1)).await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::StorageUnavailable, "{err}");
+    assert!(err.is_retryable());
+
+    // The manager reopens it under a higher term; appends work again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let reopened = loop {
+        if let Ok(c) = m.get("walden-dml-0", 0)
+            && c.term() > term
+        {
+            break c;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the pchannel was not reopened"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let after = reopened.append(insert("v", 2)).await.unwrap();
+    assert!(after.tick > before.tick && after.id > before.id);
+    // m1 failed: its bytes may or may not have reached the file, so it is there whole or not
+    // at all (recovery syncs what it keeps). m0 and m2 were acknowledged.
+    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+    let task = tokio::spawn(scanner::scan(
+        reopened,
+        DeliverPolicy::All,
+        Filters::default(),
+        tx,
+    ));
+    let mut payloads = Vec::new();
+    while payloads.last().map(String::as_str) != Some("m2") {
+        let m = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        payloads.extend(inserts(&[m]));
+    }
+    task.abort();
+    assert!(
+        payloads == ["m0", "m2"] || payloads == ["m0", "m1", "m2"],
+        "got {payloads:?}"
+    );
+}

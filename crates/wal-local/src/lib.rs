@@ -578,6 +578,10 @@ fn recover_active_segment(
     };
     let mut off = header_len;
     let mut records = 0u64;
+    // Whatever recovery keeps will be served, so it must be durable: a write whose fsync
+    // failed may still sit in the page cache, whole, and is synced here (or the open fails).
+    f.sync_data()
+        .map_err(io_err(p, "syncing the recovered active segment"))?;
     loop {
         match format::record_at(&b[off..]) {
             RecordAt::Valid { start, len } => {
