@@ -162,10 +162,14 @@ pub async fn watch_sees_later_changes_under_its_prefix_in_order(store: &dyn Meta
 }
 
 pub async fn leased_keys_vanish_when_the_lease_expires_or_is_revoked(store: &dyn MetaStore) {
-    let short = store.grant_lease(Duration::from_millis(300)).await.unwrap();
+    // Keep-alives at a fifth of the TTL: a loaded machine cannot make the lease lapse early.
+    let short = store
+        .grant_lease(Duration::from_millis(1000))
+        .await
+        .unwrap();
     store.put("lease/a", b("1"), Some(short)).await.unwrap();
-    for _ in 0..3 {
-        tokio::time::sleep(Duration::from_millis(150)).await;
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
         store.keep_alive(short).await.unwrap();
     }
     assert!(store.get("lease/a").await.unwrap().is_some(), "kept alive");
