@@ -36,6 +36,10 @@ pub struct ProducerOptions {
     pub retry_timeout: Duration,
     /// The term the node must hold (0: any). Default 0.
     pub term: u64,
+    /// Number messages so that the node answers a resend with the original result instead of
+    /// writing it again (a random producer id per `Producer`). Default true. A message that
+    /// already carries a producer id and sequence keeps them.
+    pub idempotent: bool,
 }
 
 impl Default for ProducerOptions {
@@ -44,6 +48,7 @@ impl Default for ProducerOptions {
             max_in_flight: 64,
             retry_timeout: Duration::from_secs(30),
             term: 0,
+            idempotent: true,
         }
     }
 }
@@ -59,6 +64,16 @@ struct Queued {
 pub struct Producer {
     tx: mpsc::UnboundedSender<Queued>,
     window: Arc<Semaphore>,
+    /// (producer id, next sequence) of an idempotent producer. The lock also orders the queue,
+    /// so sequences follow send order.
+    ident: Option<Arc<std::sync::Mutex<(u64, u64)>>>,
+}
+
+/// A random, non-zero producer id.
+fn random_producer_id() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    let seed = (std::time::SystemTime::now(), std::process::id());
+    RandomState::new().hash_one(seed) | 1
 }
 
 impl Producer {
@@ -69,8 +84,11 @@ impl Producer {
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let window = Arc::new(Semaphore::new(options.max_in_flight.max(1)));
+        let ident = options
+            .idempotent
+            .then(|| Arc::new(std::sync::Mutex::new((random_producer_id(), 1))));
         tokio::spawn(run(grpc, pchannel, options, rx));
-        Self { tx, window }
+        Self { tx, window, ident }
     }
 
     /// Waits for room in the window and queues `msg`; the returned future resolves once the
@@ -86,13 +104,26 @@ impl Producer {
             .await
             .map_err(|_| ClientError::Closed)?;
         let (reply, rx) = oneshot::channel();
+        let mut msg = msg.into_proto();
+        let mut ident = self
+            .ident
+            .as_ref()
+            .map(|i| i.lock().unwrap_or_else(|e| e.into_inner()));
+        if let Some((id, next_seq)) = ident.as_deref_mut()
+            && msg.producer_id == 0
+        {
+            msg.producer_id = *id;
+            msg.producer_seq = *next_seq;
+            *next_seq += 1;
+        }
         self.tx
             .send(Queued {
-                msg: msg.into_proto(),
+                msg,
                 reply,
                 _permit: permit,
             })
             .map_err(|_| ClientError::Closed)?;
+        drop(ident);
         Ok(async move { rx.await.unwrap_or(Err(ClientError::Closed)) })
     }
 

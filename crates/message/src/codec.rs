@@ -128,6 +128,7 @@ mod tests {
                     txn_id,
                     keepalive_ms,
                 }),
+                producer: None,
                 payload: Bytes::from(payload),
             })
     }

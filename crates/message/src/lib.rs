@@ -26,6 +26,9 @@ pub struct MutableMessage {
     pub vchannel: String,
     pub properties: Properties,
     pub txn: Option<TxnContext>,
+    /// `(producer id, sequence)` of an idempotent producer; a retry with the same pair is
+    /// answered with the original result.
+    pub producer: Option<(u64, u64)>,
     pub payload: Bytes,
 }
 
@@ -37,6 +40,7 @@ impl MutableMessage {
             vchannel: vchannel.into(),
             properties: Properties::new(),
             txn: None,
+            producer: None,
             payload,
         }
     }
@@ -69,6 +73,8 @@ impl MutableMessage {
             term: term.0,
             txn: self.txn,
             properties: self.properties.clone(),
+            producer_id: self.producer.map_or(0, |p| p.0),
+            producer_seq: self.producer.map_or(0, |p| p.1),
         }
     }
 
@@ -81,6 +87,7 @@ impl MutableMessage {
             vchannel: m.vchannel,
             properties: m.properties,
             txn: None,
+            producer: (m.producer_id != 0).then_some((m.producer_id, m.producer_seq)),
             payload: m.payload,
         })
     }
@@ -92,6 +99,8 @@ impl MutableMessage {
             vchannel: self.vchannel,
             properties: self.properties,
             payload: self.payload,
+            producer_id: self.producer.map_or(0, |p| p.0),
+            producer_seq: self.producer.map_or(0, |p| p.1),
         }
     }
 
@@ -136,6 +145,12 @@ impl ImmutableMessage {
 
     pub fn term(&self) -> Term {
         Term(self.header.term)
+    }
+
+    /// `(producer id, sequence)` if an idempotent producer sent it.
+    pub fn producer(&self) -> Option<(u64, u64)> {
+        (self.header.producer_id != 0)
+            .then_some((self.header.producer_id, self.header.producer_seq))
     }
 
     /// Converts to the wire form.

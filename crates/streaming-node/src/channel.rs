@@ -25,9 +25,15 @@ use tracing::{debug, warn};
 use walden_common::{HasErrorCode, MessageId, Term, TimeTick};
 use walden_message::{ImmutableMessage, MessageHeader, MessageType, MutableMessage, codec};
 use walden_metastore_api::MetaStore;
-use walden_wal_api::{Wal, WalError};
+use walden_wal_api::{ReadFrom, Wal, WalError};
 
-use crate::{NodeConfig, NodeError, metrics::Metrics, tso::Tso, wab::WriteAheadBuffer};
+use crate::{
+    NodeConfig, NodeError,
+    dedup::{Dedup, Lookup, Seen},
+    metrics::Metrics,
+    tso::Tso,
+    wab::WriteAheadBuffer,
+};
 
 /// Where an appended message landed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,10 +49,14 @@ struct Slot {
     payload: Bytes,
     /// Released when the append completes: bounds bytes in flight.
     _permit: OwnedSemaphorePermit,
+    /// An idempotent producer's (id, sequence), and where retries wait for the outcome.
+    producer: Option<(u64, u64, watch::Sender<Option<AppendResult>>)>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct State {
+    /// Recent sequences of idempotent producers.
+    dedup: Dedup,
     /// Appends enqueued but not yet completed, in tick (= id) order.
     slots: VecDeque<Slot>,
     /// Set by the first storage failure: every later append fails until the channel reopens.
@@ -89,15 +99,34 @@ pub struct Channel {
     recovery: Mutex<Duration>,
 }
 
-/// An append that was enqueued; await it for the result.
+/// An append that was enqueued (or recognised as a retry); await it for the result.
 #[derive(Debug)]
-pub struct PendingAppend(oneshot::Receiver<Result<AppendResult, NodeError>>, String);
+pub struct PendingAppend {
+    kind: Pending,
+    pchannel: String,
+}
+
+#[derive(Debug)]
+enum Pending {
+    Fresh(oneshot::Receiver<Result<AppendResult, NodeError>>),
+    /// A retry of a message still in flight: its original's outcome.
+    Retry(watch::Receiver<Option<AppendResult>>),
+    /// A retry of a message already durable.
+    Done(AppendResult),
+}
 
 impl PendingAppend {
     pub async fn wait(self) -> Result<AppendResult, NodeError> {
-        match self.0.await {
-            Ok(r) => r,
-            Err(_) => Err(NodeError::ChannelClosed(self.1)),
+        let closed = || NodeError::ChannelClosed(self.pchannel.clone());
+        match self.kind {
+            Pending::Fresh(rx) => rx.await.unwrap_or_else(|_| Err(closed())),
+            Pending::Done(r) => Ok(r),
+            // If the original fails, its sender is dropped: the retry fails as retryable, and
+            // the next retry writes the message.
+            Pending::Retry(mut rx) => match rx.wait_for(Option::is_some).await {
+                Ok(r) => (*r).ok_or_else(closed),
+                Err(_) => Err(closed()),
+            },
         }
     }
 }
@@ -126,9 +155,15 @@ impl Channel {
             wal,
             tso,
             meta,
+            state: Mutex::new(State {
+                dedup: Dedup::new(config.dedup_window, config.dedup_max_producers),
+                slots: VecDeque::new(),
+                failed: None,
+                dirty: false,
+                closed: false,
+            }),
             config,
             metrics,
-            state: Mutex::new(State::default()),
             completions: tx,
             health: watch::channel(Health::Serving).0,
             wab,
@@ -171,6 +206,31 @@ impl Channel {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Rebuilds the idempotent producers' windows from the WAL's last
+    /// `node.dedup_rebuild_messages` messages, so retries of what was in flight when the node
+    /// stopped are still recognised. Call before serving. Returns the messages recognised.
+    pub async fn rebuild_dedup(&self) -> Result<usize, NodeError> {
+        let end = self.wal.durable_end().0;
+        let from = end
+            .saturating_sub(self.config.dedup_rebuild_messages)
+            .max(self.wal.first_id().0);
+        let mut reader = self.wal.read(ReadFrom::At(MessageId(from)))?;
+        let mut found = 0;
+        while let Some((id, record)) = reader.next().await? {
+            let m = codec::decode(id, record)?;
+            if let Some((producer, seq)) = m.producer() {
+                let done = AppendResult {
+                    id,
+                    tick: m.time_tick(),
+                    last_confirmed: m.last_confirmed(),
+                };
+                self.lock().dedup.record(producer, seq, Seen::Done(done));
+                found += 1;
+            }
+        }
+        Ok(found)
+    }
+
     /// The fence of this incarnation: a TimeTick above every tick any earlier writer could have
     /// used, and the first message of this term.
     pub async fn write_first_time_tick(&self) -> Result<AppendResult, NodeError> {
@@ -204,6 +264,26 @@ impl Channel {
                 if let Some(why) = &st.failed {
                     return Err(NodeError::ChannelClosed(format!("{}: {why}", self.name)));
                 }
+                if let Some((producer, seq)) = msg.producer {
+                    let pchannel = self.name.clone();
+                    match st.dedup.lookup(producer, seq) {
+                        Lookup::New => {}
+                        Lookup::Duplicate(seen) => {
+                            self.metrics.duplicates.inc();
+                            let kind = match seen {
+                                Seen::Done(r) => Pending::Done(r),
+                                Seen::InFlight(rx) => Pending::Retry(rx),
+                            };
+                            return Ok(PendingAppend { kind, pchannel });
+                        }
+                        Lookup::TooOld { floor } => {
+                            return Err(NodeError::InvalidArgument(format!(
+                                "producer {producer:#x}: sequence {seq} is older than the \
+                                 remembered window (from {floor}); it may have been written"
+                            )));
+                        }
+                    }
+                }
                 if let Ok(tick) = self.tso.allocate() {
                     let last_confirmed = self.wal.next_id();
                     let header = msg.header(tick, self.term, last_confirmed);
@@ -213,12 +293,18 @@ impl Channel {
                     codec::encode_into(&header, &msg.payload, &mut buf);
                     let fut = self.wal.append(Bytes::from(buf));
                     st.dirty = msg.message_type != MessageType::TimeTick;
+                    let producer = msg.producer.map(|(p, seq)| {
+                        let (tx, rx) = watch::channel(None);
+                        st.dedup.record(p, seq, Seen::InFlight(rx));
+                        (p, seq, tx)
+                    });
                     st.slots.push_back(Slot {
                         header,
                         payload: msg.payload.clone(),
                         _permit: permit.take().ok_or_else(|| {
                             NodeError::Internal("append permit used twice".into())
                         })?,
+                        producer,
                     });
                     let (tx, rx) = oneshot::channel();
                     let placed = AppendResult {
@@ -235,7 +321,10 @@ impl Channel {
                         st.slots.pop_back();
                         return Err(NodeError::ChannelClosed(self.name.clone()));
                     }
-                    return Ok(PendingAppend(rx, self.name.clone()));
+                    return Ok(PendingAppend {
+                        kind: Pending::Fresh(rx),
+                        pchannel: self.name.clone(),
+                    });
                 }
             }
             // The oracle's window ran out: persist a new one, then retry.
@@ -257,7 +346,18 @@ impl Channel {
     ) {
         let slot = {
             let mut st = self.lock();
-            let slot = st.slots.pop_front();
+            let mut slot = st.slots.pop_front();
+            if let Some((producer, seq, tx)) = slot.as_mut().and_then(|s| s.producer.take()) {
+                match result {
+                    Ok(id) => {
+                        let done = AppendResult { id: *id, ..placed };
+                        st.dedup.record(producer, seq, Seen::Done(done));
+                        tx.send_replace(Some(done));
+                    }
+                    // Dropping `tx` fails the waiting retries; forgetting lets the next write.
+                    Err(_) => st.dedup.forget(producer, seq),
+                }
+            }
             if let Err(e) = result
                 && st.failed.is_none()
             {

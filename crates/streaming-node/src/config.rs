@@ -25,6 +25,14 @@ pub struct NodeConfig {
     pub wab_keepalive_ms: u64,
     /// How far ahead the timestamp oracle persists its bound. Default 3000 ms.
     pub tso_window_ms: u64,
+    /// Idempotent producers: sequences remembered per producer and pchannel. Default 1024.
+    pub dedup_window: usize,
+    /// Idempotent producers: producers remembered per pchannel (the idlest is forgotten
+    /// first). Default 10000.
+    pub dedup_max_producers: usize,
+    /// Idempotent producers: messages of the WAL's tail read at open to rebuild the windows,
+    /// per pchannel. Default 4096.
+    pub dedup_rebuild_messages: u64,
 }
 
 impl Default for NodeConfig {
@@ -38,6 +46,9 @@ impl Default for NodeConfig {
             wab_capacity_bytes: 64 << 20,
             wab_keepalive_ms: 30_000,
             tso_window_ms: 3_000,
+            dedup_window: 1024,
+            dedup_max_producers: 10_000,
+            dedup_rebuild_messages: 4096,
         }
     }
 }

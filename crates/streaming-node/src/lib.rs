@@ -11,6 +11,7 @@
 
 pub mod channel;
 pub mod config;
+pub mod dedup;
 pub mod manager;
 pub mod metrics;
 pub mod scanner;

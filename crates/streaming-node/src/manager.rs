@@ -118,10 +118,17 @@ impl WalManager {
             self.config.clone(),
             self.metrics.clone(),
         );
+        let producers = channel.rebuild_dedup().await?;
         channel.write_first_time_tick().await?;
         let took = started.elapsed();
         channel.set_recovery_time(took);
-        info!(pchannel = name, %term, recovery_ms = took.as_millis() as u64, "pchannel ready");
+        info!(
+            pchannel = name,
+            %term,
+            recovery_ms = took.as_millis() as u64,
+            idempotent_messages_recognised = producers,
+            "pchannel ready"
+        );
         self.channels
             .write()
             .unwrap_or_else(|e| e.into_inner())

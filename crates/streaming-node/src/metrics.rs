@@ -15,6 +15,8 @@ pub struct Metrics {
     pub appended_bytes: IntCounterVec,
     pub appended_messages: IntCounterVec,
     pub append_errors: IntCounterVec,
+    /// Retries of idempotent producers answered with the original result.
+    pub duplicates: prometheus::IntCounter,
     pub wal_syncs: IntGaugeVec,
     pub wab_bytes: IntGaugeVec,
     pub wab_messages: IntGaugeVec,
@@ -56,6 +58,11 @@ impl Metrics {
                 &["pchannel", "code"],
             )
             .expect("valid metric"),
+            duplicates: prometheus::IntCounter::new(
+                "duplicates_total",
+                "Retried appends answered with the original result instead of written again",
+            )
+            .expect("valid metric"),
             wal_syncs: IntGaugeVec::new(
                 Opts::new(
                     "wal_syncs",
@@ -93,6 +100,7 @@ impl Metrics {
             Box::new(m.appended_bytes.clone()),
             Box::new(m.appended_messages.clone()),
             Box::new(m.append_errors.clone()),
+            Box::new(m.duplicates.clone()),
             Box::new(m.wal_syncs.clone()),
             Box::new(m.wab_bytes.clone()),
             Box::new(m.wab_messages.clone()),

@@ -152,7 +152,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let options = walden_client::ProducerOptions {
                 max_in_flight: in_flight.max(1),
                 retry_timeout: seconds("--retry-timeout", retry_timeout)?,
-                term: 0,
+                ..walden_client::ProducerOptions::default()
             };
             cli::produce(&addr, &pchannel, &vchannel, t, options, json).await
         }

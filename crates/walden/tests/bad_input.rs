@@ -98,6 +98,7 @@ fn no_retry(term: u64) -> ProducerOptions {
         max_in_flight: 4,
         retry_timeout: Duration::ZERO,
         term,
+        ..ProducerOptions::default()
     }
 }
 

@@ -48,7 +48,7 @@ async fn produce(addr: String, producer: usize, acked: Acked, stop: Arc<AtomicBo
             ProducerOptions {
                 max_in_flight: 16,
                 retry_timeout: Duration::ZERO,
-                term: 0,
+                ..ProducerOptions::default()
             },
         );
         let mut window = std::collections::VecDeque::new();
