@@ -118,9 +118,10 @@ mod tests {
             "[a-z0-9_]{0,20}",
             proptest::collection::hash_map("[a-z]{1,8}", ".{0,16}", 0..4),
             proptest::option::of((any::<u64>(), any::<u64>())),
+            proptest::option::of((1..u64::MAX, any::<u64>())),
             proptest::collection::vec(any::<u8>(), 0..512),
         )
-            .prop_map(|(t, vc, props, txn, payload)| MutableMessage {
+            .prop_map(|(t, vc, props, txn, producer, payload)| MutableMessage {
                 message_type: t,
                 vchannel: vc,
                 properties: props,
@@ -128,7 +129,7 @@ mod tests {
                     txn_id,
                     keepalive_ms,
                 }),
-                producer: None,
+                producer,
                 payload: Bytes::from(payload),
             })
     }
@@ -149,6 +150,7 @@ mod tests {
             prop_assert_eq!(decoded.term(), Term(term));
             prop_assert_eq!(decoded.vchannel(), msg.vchannel.as_str());
             prop_assert_eq!(decoded.header.txn, msg.txn);
+            prop_assert_eq!(decoded.producer(), msg.producer);
             prop_assert_eq!(&decoded.header.properties, &msg.properties);
             prop_assert_eq!(decoded.payload, msg.payload);
         }
