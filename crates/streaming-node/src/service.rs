@@ -39,10 +39,17 @@ impl NodeService {
 
     /// The tonic server for this service.
     pub fn into_server(self) -> pb::streaming_node_server::StreamingNodeServer<Self> {
+        // One frame is at most one batch: clients cap batches at 4 MiB of payload (a single
+        // message may be up to `node.max_message_bytes`). A larger frame is refused as
+        // malformed rather than buffered.
         pb::streaming_node_server::StreamingNodeServer::new(self)
-            .max_decoding_message_size(256 << 20)
+            .max_decoding_message_size(MAX_FRAME_BYTES)
+            .max_encoding_message_size(MAX_FRAME_BYTES)
     }
 }
+
+/// Largest gRPC frame the node reads or writes.
+pub const MAX_FRAME_BYTES: usize = 64 << 20;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 

@@ -326,3 +326,54 @@ async fn a_refused_message_in_a_batch_leaves_the_others_appended_in_order() {
         "only the refused message is missing"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_larger_than_the_node_reads_is_refused_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), Some("[node]\npchannels = 1\n")).await;
+    let before = client_messages(&server.client().await).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let open = pb::ProduceRequest {
+        request: Some(pb::produce_request::Request::Open(pb::OpenProducer {
+            pchannel: PCH.into(),
+            term: 0,
+        })),
+    }
+    .encode_to_vec();
+    // A well-formed produce request, just larger than any frame the node reads.
+    let huge = pb::ProduceRequest {
+        request: Some(pb::produce_request::Request::Produce(pb::ProduceMessage {
+            request_id: 1,
+            message: Some(insert("v", vec![0u8; 65 << 20]).into_proto()),
+        })),
+    }
+    .encode_to_vec();
+    let frames = futures::stream::iter([Bytes::from(open), Bytes::from(huge)]);
+    let path =
+        tonic::codegen::http::uri::PathAndQuery::from_static("/walden.v1.StreamingNode/Produce");
+    let mut responses = grpc
+        .streaming(tonic::Request::new(frames), path, RawCodec)
+        .await
+        .unwrap()
+        .into_inner();
+    let mut codes = Vec::new();
+    while let Ok(Some(frame)) = responses.message().await {
+        if let Some(pb::produce_response::Response::Error(e)) =
+            pb::ProduceResponse::decode(frame).unwrap().response
+        {
+            codes.push(e.code);
+        }
+    }
+    assert_eq!(codes, [ErrorCode::InvalidArgument.as_u32()]);
+    assert_eq!(
+        client_messages(&server.client().await).await,
+        before,
+        "nothing written"
+    );
+}
