@@ -187,6 +187,10 @@ struct RunResult {
     cpu_server_s: Option<f64>,
     cpu_client_s: f64,
     syncs: Option<u64>,
+    /// At a fixed rate: how late the bench itself sent each message (its timer has ~1 ms
+    /// resolution), in microseconds. Part of every latency above; reported so it can be told
+    /// apart from the system's.
+    lateness: Histogram<u64>,
 }
 
 impl RunResult {
@@ -195,6 +199,7 @@ impl RunResult {
             msgs: 0,
             bytes: 0,
             elapsed: Duration::ZERO,
+            lateness: new_hist(),
             hist: new_hist(),
             errors: 0,
             cpu_server_s: None,
@@ -233,6 +238,10 @@ impl RunResult {
             "cpu_server_s": self.cpu_server_s.map(round),
             "cpu_client_s": round(self.cpu_client_s),
             "fsyncs": self.syncs,
+            "sender_lateness_ms": (!self.lateness.is_empty()).then(|| json!({
+                "p50": round(self.lateness.value_at_quantile(0.5) as f64 / 1000.0),
+                "p99": round(self.lateness.value_at_quantile(0.99) as f64 / 1000.0),
+            })),
             "fsyncs_per_msg": self.syncs.map(|s| round(s as f64 / self.msgs.max(1) as f64)),
         })
     }
@@ -477,8 +486,9 @@ fn payload(size: usize, sent_us: u64) -> Bytes {
 }
 
 /// Runs one producer; returns its latency histogram, acknowledged and failed counts.
-async fn produce<L: Lane>(mut lane: L, pace: Pace) -> (Histogram<u64>, u64, u64) {
+async fn produce<L: Lane>(mut lane: L, pace: Pace) -> (Histogram<u64>, Histogram<u64>, u64, u64) {
     let mut hist = new_hist();
+    let mut lateness = new_hist();
     let (mut acked, mut errors) = (0u64, 0u64);
     let mut outstanding: VecDeque<Instant> = VecDeque::with_capacity(pace.window);
     let start = Instant::now();
@@ -501,6 +511,7 @@ async fn produce<L: Lane>(mut lane: L, pace: Pace) -> (Histogram<u64>, u64, u64)
                     break;
                 }
                 tokio::time::sleep_until(t.into()).await;
+                let _ = lateness.record((t.elapsed().as_micros() as u64).max(1));
                 t
             }
             None => {
@@ -538,7 +549,7 @@ async fn produce<L: Lane>(mut lane: L, pace: Pace) -> (Histogram<u64>, u64, u64)
             errors += 1;
         }
     }
-    (hist, acked, errors)
+    (hist, lateness, acked, errors)
 }
 
 /// Runs every producer of a workload against one system, with `pace`.
@@ -580,8 +591,9 @@ async fn produce_all(sys: &System<'_>, a: &Args, pace: Pace) -> anyhow::Result<R
     }
     let mut r = RunResult::new();
     for t in tasks {
-        let (h, acked, errors) = t.await?;
+        let (h, late, acked, errors) = t.await?;
         r.hist.add(&h).ok();
+        r.lateness.add(&late).ok();
         r.msgs += acked;
         r.errors += errors;
     }
@@ -990,6 +1002,15 @@ async fn compare(a: Args, kind: Kind) -> anyhow::Result<()> {
             "walden/disk bandwidth: {r:.2}x (disk: {} B write + fdatasync per commit)",
             d.size
         );
+    }
+    for (name, r) in std::iter::once(("walden", &w)).chain(p.as_ref().map(|p| ("redis", p))) {
+        if !r.lateness.is_empty() {
+            println!(
+                "{name}: the bench sent {:.3} ms late at p50, {:.3} ms at p99 (included above)",
+                r.lateness.value_at_quantile(0.5) as f64 / 1000.0,
+                r.lateness.value_at_quantile(0.99) as f64 / 1000.0
+            );
+        }
     }
     if let Some(s) = w.syncs.filter(|_| w.msgs > 0) {
         println!(
