@@ -55,6 +55,42 @@ impl Codec for RawCodec {
 
 const PCH: &str = "walden-dml-0";
 
+/// Opens a produce stream on `PCH`, sends `extra` raw frames after the open, and returns the
+/// codes of the stream-level errors the node answered with.
+async fn raw_produce_errors(addr: &str, extra: Bytes) -> Vec<u32> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let open = pb::ProduceRequest {
+        request: Some(pb::produce_request::Request::Open(pb::OpenProducer {
+            pchannel: PCH.into(),
+            term: 0,
+        })),
+    }
+    .encode_to_vec();
+    let frames = futures::stream::iter([Bytes::from(open), extra]);
+    let path =
+        tonic::codegen::http::uri::PathAndQuery::from_static("/walden.v1.StreamingNode/Produce");
+    let mut responses = grpc
+        .streaming(tonic::Request::new(frames), path, RawCodec)
+        .await
+        .unwrap()
+        .into_inner();
+    let mut codes = Vec::new();
+    while let Ok(Some(frame)) = responses.message().await {
+        if let Some(pb::produce_response::Response::Error(e)) =
+            pb::ProduceResponse::decode(frame).unwrap().response
+        {
+            codes.push(e.code);
+        }
+    }
+    codes
+}
+
 async fn status_of_pch(client: &Client) -> pb::PChannelStatus {
     client
         .status()
@@ -171,38 +207,11 @@ async fn bad_requests_get_typed_errors_and_change_nothing() {
     assert_eq!(server_code(&err).0, ErrorCode::ChannelNotFound, "{err}");
 
     // A malformed frame on the produce stream: typed INVALID_ARGUMENT, stream ends.
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready().await.unwrap();
-    let open = pb::ProduceRequest {
-        request: Some(pb::produce_request::Request::Open(pb::OpenProducer {
-            pchannel: PCH.into(),
-            term: 0,
-        })),
-    }
-    .encode_to_vec();
-    let frames = futures::stream::iter([
-        Bytes::from(open),
+    let codes = raw_produce_errors(
+        &server.addr,
         Bytes::from_static(&[0xff, 0xff, 0xff, 0x0f, 0x01]),
-    ]);
-    let path =
-        tonic::codegen::http::uri::PathAndQuery::from_static("/walden.v1.StreamingNode/Produce");
-    let mut responses = grpc
-        .streaming(tonic::Request::new(frames), path, RawCodec)
-        .await
-        .unwrap()
-        .into_inner();
-    let mut codes = Vec::new();
-    while let Ok(Some(frame)) = responses.message().await {
-        let r = pb::ProduceResponse::decode(frame).unwrap();
-        if let Some(pb::produce_response::Response::Error(e)) = r.response {
-            codes.push(e.code);
-        }
-    }
+    )
+    .await;
     assert_eq!(
         codes,
         [ErrorCode::InvalidArgument.as_u32()],
@@ -332,20 +341,6 @@ async fn a_frame_larger_than_the_node_reads_is_refused_and_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir.path().join("data"), Some("[node]\npchannels = 1\n")).await;
     let before = client_messages(&server.client().await).await;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready().await.unwrap();
-    let open = pb::ProduceRequest {
-        request: Some(pb::produce_request::Request::Open(pb::OpenProducer {
-            pchannel: PCH.into(),
-            term: 0,
-        })),
-    }
-    .encode_to_vec();
     // A well-formed produce request, just larger than any frame the node reads.
     let huge = pb::ProduceRequest {
         request: Some(pb::produce_request::Request::Produce(pb::ProduceMessage {
@@ -354,22 +349,7 @@ async fn a_frame_larger_than_the_node_reads_is_refused_and_writes_nothing() {
         })),
     }
     .encode_to_vec();
-    let frames = futures::stream::iter([Bytes::from(open), Bytes::from(huge)]);
-    let path =
-        tonic::codegen::http::uri::PathAndQuery::from_static("/walden.v1.StreamingNode/Produce");
-    let mut responses = grpc
-        .streaming(tonic::Request::new(frames), path, RawCodec)
-        .await
-        .unwrap()
-        .into_inner();
-    let mut codes = Vec::new();
-    while let Ok(Some(frame)) = responses.message().await {
-        if let Some(pb::produce_response::Response::Error(e)) =
-            pb::ProduceResponse::decode(frame).unwrap().response
-        {
-            codes.push(e.code);
-        }
-    }
+    let codes = raw_produce_errors(&server.addr, Bytes::from(huge)).await;
     assert_eq!(codes, [ErrorCode::InvalidArgument.as_u32()]);
     assert_eq!(
         client_messages(&server.client().await).await,

@@ -8,7 +8,7 @@ mod common;
 use std::{collections::HashMap, time::Duration};
 
 use bytes::Bytes;
-use common::Server;
+use common::{Server, http_get, metric};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -59,17 +59,6 @@ async fn lossy_proxy(listener: TcpListener, upstream: String) {
             }
         });
     }
-}
-
-async fn metric(addr: &str, name: &str) -> f64 {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).await.unwrap();
-    body.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -124,7 +113,10 @@ async fn retried_appends_after_lost_responses_are_written_exactly_once() {
     }
 
     let metrics = server.metrics_addr.clone().unwrap();
-    let duplicates = metric(&metrics, "walden_duplicates_total").await;
+    let duplicates = metric(
+        &http_get(&metrics, "/metrics").await.1,
+        "walden_duplicates_total",
+    );
     assert!(
         duplicates > 0.0,
         "no retry of a written message happened: the test did not exercise deduplication"
