@@ -24,7 +24,7 @@ use std::{
     process::{Child, Command, Stdio},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -478,6 +478,51 @@ struct Pace {
     record: bool,
 }
 
+/// Acknowledged messages so far, for the progress line.
+static PROGRESS: AtomicU64 = AtomicU64::new(0);
+
+/// Prints acknowledged messages and the rate once a second on stderr (in place on a terminal)
+/// until dropped.
+struct ProgressLine(tokio::task::JoinHandle<()>);
+
+impl ProgressLine {
+    fn start(label: &'static str) -> Self {
+        use std::io::IsTerminal;
+        let tty = std::io::stderr().is_terminal();
+        let start = PROGRESS.load(Ordering::Relaxed);
+        Self(tokio::spawn(async move {
+            let mut last = start;
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let now = PROGRESS.load(Ordering::Relaxed);
+                let line = format!(
+                    "  {label}: {:>10} acked, {:>8} msg/s",
+                    now - start,
+                    now - last
+                );
+                if tty {
+                    eprint!("\r{line}   ");
+                } else {
+                    eprintln!("{line}");
+                }
+                last = now;
+            }
+        }))
+    }
+}
+
+impl Drop for ProgressLine {
+    fn drop(&mut self) {
+        self.0.abort();
+        use std::io::IsTerminal;
+        if std::io::stderr().is_terminal() {
+            eprint!("\r{:60}\r", "");
+        }
+    }
+}
+
 fn payload(size: usize, sent_us: u64) -> Bytes {
     let mut b = BytesMut::with_capacity(size);
     b.put_u64_le(sent_us);
@@ -536,6 +581,7 @@ async fn produce<L: Lane>(mut lane: L, pace: Pace) -> (Histogram<u64>, Histogram
             let r = lane.ack().await;
             if settle(r, t, &mut hist) {
                 acked += 1;
+                PROGRESS.fetch_add(1, Ordering::Relaxed);
             } else {
                 errors += 1;
             }
@@ -545,6 +591,7 @@ async fn produce<L: Lane>(mut lane: L, pace: Pace) -> (Histogram<u64>, Histogram
         let r = lane.ack().await;
         if settle(r, t, &mut hist) {
             acked += 1;
+            PROGRESS.fetch_add(1, Ordering::Relaxed);
         } else {
             errors += 1;
         }
@@ -558,6 +605,7 @@ async fn produce_all(sys: &System<'_>, a: &Args, pace: Pace) -> anyhow::Result<R
     let window = (a.inflight / producers).max(1);
     let pace = Pace { window, ..pace };
     let mut tasks = Vec::new();
+    let _progress = ProgressLine::start(sys.name());
     let client = match sys {
         System::Walden { addr, .. } => Some(Client::connect(addr).await?),
         System::Redis(_) => None,
