@@ -152,7 +152,10 @@ mod tests {
             prop_assert_eq!(decoded.header.txn, msg.txn);
             prop_assert_eq!(decoded.producer(), msg.producer);
             prop_assert_eq!(&decoded.header.properties, &msg.properties);
-            prop_assert_eq!(decoded.payload, msg.payload);
+            prop_assert_eq!(&decoded.payload, &msg.payload);
+            let (moved, payload) = msg.clone().into_header(TimeTick(tick), Term(term), MessageId(lc));
+            prop_assert_eq!(moved, header.clone());
+            prop_assert_eq!(payload, msg.payload);
         }
 
         /// The decoder's only outcomes on arbitrary bytes are a message or a typed error.

@@ -104,6 +104,28 @@ impl MutableMessage {
         }
     }
 
+    /// Like [`MutableMessage::header`], consuming the message so that its names and properties
+    /// move instead of being copied; returns the payload beside the header.
+    pub fn into_header(
+        self,
+        tick: TimeTick,
+        term: Term,
+        last_confirmed: MessageId,
+    ) -> (MessageHeader, Bytes) {
+        let header = MessageHeader {
+            message_type: self.message_type as i32,
+            vchannel: self.vchannel,
+            time_tick: tick.0,
+            last_confirmed_id: last_confirmed.0,
+            term: term.0,
+            txn: self.txn,
+            properties: self.properties,
+            producer_id: self.producer.map_or(0, |p| p.0),
+            producer_seq: self.producer.map_or(0, |p| p.1),
+        };
+        (header, self.payload)
+    }
+
     /// Bytes this message occupies before encoding (payload, names and properties): what size
     /// limits are checked against.
     pub fn approximate_size(&self) -> usize {

@@ -73,6 +73,42 @@ type Completion = (
     Instant,
 );
 
+/// This pchannel's metric children.
+#[derive(Debug)]
+struct ChannelMetrics {
+    appended_bytes: prometheus::IntCounter,
+    /// Indexed like [`walden_message::ALL_TYPES`].
+    appended_messages: Vec<prometheus::IntCounter>,
+    append_latency: prometheus::Histogram,
+}
+
+impl ChannelMetrics {
+    fn new(m: &Metrics, pchannel: &str) -> Self {
+        Self {
+            appended_bytes: m.appended_bytes.with_label_values(&[pchannel]),
+            appended_messages: walden_message::ALL_TYPES
+                .iter()
+                .map(|t| {
+                    m.appended_messages
+                        .with_label_values(&[pchannel, walden_message::type_name(*t)])
+                })
+                .collect(),
+            append_latency: m.append_latency.with_label_values(&[pchannel]),
+        }
+    }
+
+    fn appended(&self, t: MessageType, bytes: usize) {
+        if let Some(c) = walden_message::ALL_TYPES
+            .iter()
+            .position(|x| *x == t)
+            .and_then(|i| self.appended_messages.get(i))
+        {
+            c.inc();
+        }
+        self.appended_bytes.inc_by(bytes as u64);
+    }
+}
+
 /// Health of a channel, watched by the manager (to reopen) and by scanners (to stop).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Health {
@@ -91,6 +127,8 @@ pub struct Channel {
     meta: Arc<dyn MetaStore>,
     config: NodeConfig,
     metrics: Metrics,
+    /// Metric children bound to this pchannel once, off the per-message path.
+    counters: ChannelMetrics,
     state: Mutex<State>,
     inflight: Arc<Semaphore>,
     completions: mpsc::UnboundedSender<Completion>,
@@ -149,6 +187,7 @@ impl Channel {
             Duration::from_millis(config.wab_keepalive_ms),
         );
         let channel = Arc::new(Self {
+            counters: ChannelMetrics::new(&metrics, wal.pchannel()),
             name: wal.pchannel().to_owned(),
             term: wal.term(),
             inflight: Arc::new(Semaphore::new(config.max_inflight_bytes)),
@@ -286,21 +325,22 @@ impl Channel {
                 }
                 if let Ok(tick) = self.tso.allocate() {
                     let last_confirmed = self.wal.next_id();
-                    let header = msg.header(tick, self.term, last_confirmed);
-                    let mut buf = Vec::with_capacity(
-                        codec::PREFIX_LEN + msg.payload.len() + 32 + msg.vchannel.len(),
-                    );
-                    codec::encode_into(&header, &msg.payload, &mut buf);
-                    let fut = self.wal.append(Bytes::from(buf));
                     st.dirty = msg.message_type != MessageType::TimeTick;
-                    let producer = msg.producer.map(|(p, seq)| {
+                    let producer = msg.producer;
+                    let (header, payload) = msg.into_header(tick, self.term, last_confirmed);
+                    let mut buf = Vec::with_capacity(
+                        codec::PREFIX_LEN + payload.len() + 32 + header.vchannel.len(),
+                    );
+                    codec::encode_into(&header, &payload, &mut buf);
+                    let fut = self.wal.append(Bytes::from(buf));
+                    let producer = producer.map(|(p, seq)| {
                         let (tx, rx) = watch::channel(None);
                         st.dedup.record(p, seq, Seen::InFlight(rx));
                         (p, seq, tx)
                     });
                     st.slots.push_back(Slot {
                         header,
-                        payload: msg.payload.clone(),
+                        payload,
                         _permit: permit.take().ok_or_else(|| {
                             NodeError::Internal("append permit used twice".into())
                         })?,
@@ -376,15 +416,8 @@ impl Channel {
                     header: slot.header,
                     payload: slot.payload,
                 };
-                let t = type_label(msg.message_type());
-                self.metrics
-                    .appended_messages
-                    .with_label_values(&[self.name.as_str(), t])
-                    .inc();
-                self.metrics
-                    .appended_bytes
-                    .with_label_values(&[self.name.as_str()])
-                    .inc_by(msg.payload.len() as u64);
+                self.counters
+                    .appended(msg.message_type(), msg.payload.len());
                 self.wab.push([msg]);
                 let visible = Instant::now();
                 self.metrics
@@ -440,10 +473,6 @@ impl Channel {
     }
 }
 
-fn type_label(t: MessageType) -> &'static str {
-    walden_message::type_name(t)
-}
-
 /// Takes completions in enqueue (= tick) order, so visibility follows tick order.
 async fn complete_in_order(
     channel: std::sync::Weak<Channel>,
@@ -454,9 +483,8 @@ async fn complete_in_order(
         let written = Instant::now();
         let Some(ch) = channel.upgrade() else { return };
         ch.complete(&result, placed, written);
-        ch.metrics
+        ch.counters
             .append_latency
-            .with_label_values(&[ch.name.as_str()])
             .observe(written.duration_since(started).as_secs_f64());
         let reply_value = match result {
             Ok(id) => {

@@ -5,7 +5,7 @@
 //! Because ids follow ticks within a pchannel, both sources are already in tick order and the
 //! switch points are plain ids.
 
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use tokio::sync::mpsc;
 use tracing::debug;
@@ -153,6 +153,10 @@ async fn run(
 }
 
 /// Waits for newly confirmed messages, failing if the channel stops serving.
+///
+/// No timer is needed: every durable record is pushed to the write-ahead buffer, and `changed()`
+/// returns at once if a push happened since this receiver last looked, so a wake-up cannot be
+/// lost between a read that came back empty and this wait.
 async fn wait(
     changes: &mut tokio::sync::watch::Receiver<MessageId>,
     health: &mut tokio::sync::watch::Receiver<Health>,
@@ -168,8 +172,6 @@ async fn wait(
             }
         }
         _ = health.changed() => {}
-        // Storage can get ahead of the buffer's notifications only briefly; poll as a backstop.
-        () = tokio::time::sleep(Duration::from_millis(50)) => {}
     }
     Ok(())
 }
