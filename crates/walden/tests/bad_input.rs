@@ -103,21 +103,7 @@ async fn status_of_pch(client: &Client) -> pb::PChannelStatus {
 }
 
 async fn all_messages(client: &Client) -> Vec<ImmutableMessage> {
-    let last = status_of_pch(client).await.last_message_id;
-    let mut c = client.consumer(PCH, ConsumerOptions::default());
-    let mut out = Vec::new();
-    loop {
-        let m = tokio::time::timeout(Duration::from_secs(10), c.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        let done = m.id.0 >= last;
-        out.push(m);
-        if done {
-            return out;
-        }
-    }
+    common::read_to_end(client, PCH).await
 }
 
 /// Everything but the WAL's own TimeTicks.

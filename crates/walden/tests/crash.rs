@@ -158,32 +158,13 @@ async fn acknowledged_messages_survive_repeated_kill_minus_nine_exactly_once_and
 
     // Read every pchannel back.
     let client = server.client().await;
-    let status = client.status().await.unwrap();
     let mut seen: HashMap<(usize, u64), (String, MessageId)> = HashMap::new();
     for (pc, delivered) in tailed.iter().enumerate() {
         let name = format!("walden-dml-{pc}");
-        let last = status
-            .pchannels
-            .iter()
-            .find(|p| p.name == name)
-            .expect("pchannel in status")
-            .last_message_id;
-        let mut consumer = client.consumer(
-            &name,
-            ConsumerOptions {
-                from: DeliverFrom::All,
-                ..ConsumerOptions::default()
-            },
-        );
         let mut last_tick = 0u64;
         let mut last_seq: HashMap<usize, u64> = HashMap::new();
         let mut log_ids = Vec::new();
-        loop {
-            let m = tokio::time::timeout(Duration::from_secs(20), consumer.next())
-                .await
-                .expect("reading back in time")
-                .expect("stream open")
-                .expect("message");
+        for m in common::read_to_end(&client, &name).await {
             let tick = m.time_tick().0;
             log_ids.push(m.id);
             assert!(
@@ -203,9 +184,6 @@ async fn acknowledged_messages_survive_repeated_kill_minus_nine_exactly_once_and
                 if let Some(prev) = last_seq.insert(p, s) {
                     assert!(s > prev, "producer {p}: s{s} delivered after s{prev}");
                 }
-            }
-            if m.id.0 >= last {
-                break;
             }
         }
         // What the tailing consumer delivered across all the kills is exactly the log's

@@ -148,3 +148,31 @@ pub fn metric(body: &str, prefix: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// Every message of `pchannel` from the first through the last one the node reports in its
+/// status now, in delivery order.
+pub async fn read_to_end(client: &Client, pchannel: &str) -> Vec<walden_message::ImmutableMessage> {
+    let last = client
+        .status()
+        .await
+        .unwrap()
+        .pchannels
+        .into_iter()
+        .find(|p| p.name == pchannel)
+        .unwrap_or_else(|| panic!("{pchannel} is not in the status"))
+        .last_message_id;
+    let mut consumer = client.consumer(pchannel, walden_client::ConsumerOptions::default());
+    let mut out = Vec::new();
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(20), consumer.next())
+            .await
+            .unwrap_or_else(|_| panic!("{pchannel}: no message within 20 s"))
+            .expect("consumer open")
+            .expect("message");
+        let done = m.id.0 >= last;
+        out.push(m);
+        if done {
+            return out;
+        }
+    }
+}
