@@ -650,6 +650,25 @@ async fn produce_all(sys: &System<'_>, a: &Args, pace: Pace) -> anyhow::Result<R
     Ok(r)
 }
 
+/// A consumer of channel `p`'s Insert messages (what the bench writes), from `from`.
+async fn insert_reader(
+    addr: &str,
+    p: usize,
+    from: DeliverFrom,
+) -> anyhow::Result<walden_client::Consumer> {
+    let client = Client::connect(addr).await?;
+    Ok(client.consumer(
+        &channel_name(p),
+        ConsumerOptions {
+            from,
+            types: Some(vec![MessageType::Insert]),
+            // Deep enough that a catching-up reader never waits on the application.
+            buffer: 8192,
+            ..ConsumerOptions::default()
+        },
+    ))
+}
+
 /// Tailing consumers on every channel record receive time minus intended send time.
 async fn spawn_tail_readers(
     sys: &System<'_>,
@@ -672,15 +691,7 @@ async fn spawn_tail_readers(
         let (hist, stop) = (hist.clone(), stop.clone());
         match sys {
             System::Walden { addr, .. } => {
-                let client = Client::connect(addr).await?;
-                let mut c = client.consumer(
-                    &channel_name(p),
-                    ConsumerOptions {
-                        from: DeliverFrom::Latest,
-                        types: Some(vec![MessageType::Insert]),
-                        ..ConsumerOptions::default()
-                    },
-                );
+                let mut c = insert_reader(addr, p, DeliverFrom::Latest).await?;
                 tasks.push(tokio::spawn(async move {
                     while !stop.load(Ordering::Relaxed) {
                         let next = tokio::time::timeout(Duration::from_millis(100), c.next());
@@ -724,16 +735,7 @@ async fn read_from_start(sys: &System<'_>, a: &Args, per_channel: u64) -> anyhow
     for p in 0..a.pchannels as usize {
         match sys {
             System::Walden { addr, .. } => {
-                let client = Client::connect(addr).await?;
-                let mut c = client.consumer(
-                    &channel_name(p),
-                    ConsumerOptions {
-                        from: DeliverFrom::All,
-                        types: Some(vec![MessageType::Insert]),
-                        buffer: 8192,
-                        ..ConsumerOptions::default()
-                    },
-                );
+                let mut c = insert_reader(addr, p, DeliverFrom::All).await?;
                 tasks.push(tokio::spawn(async move {
                     let mut bytes = 0u64;
                     for _ in 0..per_channel {
