@@ -163,7 +163,12 @@ mod tests {
         fn arbitrary_bytes_decode_to_a_message_or_a_typed_error(
             data in proptest::collection::vec(any::<u8>(), 0..256),
         ) {
-            let _ = decode(MessageId(0), Bytes::from(data));
+            // No panic; and whatever decodes is a message that encodes back to itself.
+            if let Ok(m) = decode(MessageId(0), Bytes::from(data)) {
+                let mut buf = Vec::new();
+                encode_into(&m.header, &m.payload, &mut buf);
+                prop_assert_eq!(decode(MessageId(0), Bytes::from(buf)).unwrap(), m);
+            }
         }
 
         /// Every strict prefix of a valid record with a header is refused or decodes to a

@@ -116,8 +116,14 @@ pub async fn stale_terms_are_fenced<F: Fn() -> Arc<dyn WalStorage>>(make: &F) {
         .await
         .expect_err("a fenced handle must not append");
     assert!(
-        matches!(err, WalError::Fenced { .. } | WalError::Closed { .. }),
-        "got {err:?}"
+        matches!(
+            err,
+            WalError::Fenced {
+                current: Term(4),
+                ..
+            } | WalError::Closed { .. }
+        ),
+        "a fenced handle names the term that fenced it; got {err:?}"
     );
     let end_before = new.durable_end();
     let id = new.append(rec(7)).await.expect("new owner appends");

@@ -22,7 +22,7 @@ use std::{
     path::PathBuf,
     sync::{
         Arc, Mutex, MutexGuard, Weak,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
         mpsc,
     },
     thread,
@@ -127,7 +127,7 @@ impl WalStorage for LocalWalStorage {
                     });
                 }
                 // A newer term takes over: the old handle stops writing and frees the lock.
-                prev.fenced.store(true, Ordering::SeqCst);
+                prev.fenced_by.store(term.0, Ordering::SeqCst);
                 let prev2 = prev.clone();
                 tokio::task::spawn_blocking(move || prev2.stop_writer())
                     .await
@@ -167,7 +167,8 @@ struct Inner {
     durable_end: AtomicU64,
     size: AtomicU64,
     syncs: AtomicU64,
-    fenced: AtomicBool,
+    /// The term that fenced this handle (0: not fenced).
+    fenced_by: AtomicU64,
     queue: Mutex<Queue>,
     writer: Mutex<Option<thread::JoinHandle<()>>>,
 }
@@ -189,11 +190,15 @@ enum Cmd {
 }
 
 impl Inner {
+    fn is_fenced(&self) -> bool {
+        self.fenced_by.load(Ordering::SeqCst) != 0
+    }
+
     fn fenced_error(&self) -> WalError {
         WalError::Fenced {
             pchannel: self.pchannel.clone(),
             term: self.term,
-            current: Term(self.term.0 + 1),
+            current: Term(self.fenced_by.load(Ordering::SeqCst)),
         }
     }
 
@@ -237,7 +242,7 @@ impl LocalWal {
         make: impl FnOnce(Ack<T>) -> Cmd,
     ) -> BoxFuture<'static, Result<T, WalError>> {
         let inner = &self.0;
-        if inner.fenced.load(Ordering::SeqCst) {
+        if inner.is_fenced() {
             return futures::future::ready(Err(inner.fenced_error())).boxed();
         }
         let (tx, rx) = oneshot::channel();
@@ -271,7 +276,7 @@ impl Wal for LocalWal {
             return futures::future::ready(Err(err)).boxed();
         }
         let inner = &self.0;
-        if inner.fenced.load(Ordering::SeqCst) {
+        if inner.is_fenced() {
             return futures::future::ready(Err(inner.fenced_error())).boxed();
         }
         let (tx, rx) = oneshot::channel();

@@ -3,11 +3,7 @@
 use std::{
     io,
     path::{Path, PathBuf},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64},
-        mpsc,
-    },
+    sync::{Arc, Mutex, atomic::AtomicU64, mpsc},
     thread,
 };
 
@@ -131,7 +127,7 @@ pub(crate) fn open_blocking(
         durable_end: AtomicU64::new(end),
         size: AtomicU64::new(size),
         syncs: AtomicU64::new(0),
-        fenced: AtomicBool::new(false),
+        fenced_by: AtomicU64::new(0),
         queue: Mutex::new(Queue {
             next_id: end,
             sender: Some(tx),

@@ -109,9 +109,7 @@ impl Writer {
 
     fn write_batch(&mut self, batch: &mut Vec<(Bytes, Ack<MessageId>)>, buf: &mut Vec<u8>) {
         let inner = self.inner.upgrade();
-        let fenced = inner
-            .as_ref()
-            .is_none_or(|i| i.fenced.load(Ordering::SeqCst));
+        let fenced = inner.as_ref().is_none_or(|i| i.is_fenced());
         if fenced || self.failed.is_some() {
             for (_, ack) in batch.drain(..) {
                 let err = match (&inner, fenced) {
