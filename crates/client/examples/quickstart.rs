@@ -22,7 +22,7 @@ async fn main() -> anyhow::Result<()> {
     let producer = client.producer(pchannel, ProducerOptions::default());
     let mut pending = Vec::new();
     for text in ["alpha", "beta", "gamma"] {
-        let msg = MutableMessage::new(MessageType::Insert, "example", Bytes::from(text));
+        let msg = MutableMessage::new(MessageType::Data, "example", Bytes::from(text));
         pending.push(producer.send(msg).await?);
     }
     let mut first = None;
@@ -38,7 +38,7 @@ async fn main() -> anyhow::Result<()> {
         ConsumerOptions {
             from: DeliverFrom::StartFrom(first.unwrap_or_default()),
             vchannel: Some("example".into()),
-            types: Some(vec![MessageType::Insert]),
+            types: Some(vec![MessageType::Data]),
             ..ConsumerOptions::default()
         },
     );

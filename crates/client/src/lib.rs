@@ -8,7 +8,7 @@
 //! # async fn demo() -> Result<(), walden_client::ClientError> {
 //! let client = Client::connect("http://127.0.0.1:19540").await?;
 //! let producer = client.producer("walden-dml-0", ProducerOptions::default());
-//! let msg = MutableMessage::new(MessageType::Insert, "orders", Bytes::from("hello"));
+//! let msg = MutableMessage::new(MessageType::Data, "orders", Bytes::from("hello"));
 //! let placed = producer.send(msg).await?.await?;
 //! println!("appended at id {} tick {}", placed.id, placed.tick);
 //!

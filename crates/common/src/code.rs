@@ -29,6 +29,20 @@ pub enum ErrorCode {
     Internal = 10,
     /// The request protocol was not followed (e.g. produce before open).
     InvalidRequestSequence = 11,
+    /// The vchannel or collection does not exist (not yet created, or unknown).
+    CollectionNotFound = 12,
+    /// A collection with that name (or that vchannel's collection) already exists.
+    CollectionExists = 13,
+    /// The collection was dropped: nothing more can be written to it.
+    CollectionDropped = 14,
+    /// The partition does not exist in the collection (never created, or dropped).
+    PartitionNotFound = 15,
+    /// The partition already exists.
+    PartitionExists = 16,
+    /// The named segment is sealed (flushed): no more rows go into it.
+    SegmentSealed = 17,
+    /// Rows do not match the collection's schema (type, dimension, missing primary key).
+    SchemaMismatch = 18,
 }
 
 impl ErrorCode {
@@ -51,6 +65,13 @@ impl ErrorCode {
             9 => Self::Corrupted,
             10 => Self::Internal,
             11 => Self::InvalidRequestSequence,
+            12 => Self::CollectionNotFound,
+            13 => Self::CollectionExists,
+            14 => Self::CollectionDropped,
+            15 => Self::PartitionNotFound,
+            16 => Self::PartitionExists,
+            17 => Self::SegmentSealed,
+            18 => Self::SchemaMismatch,
             _ => return None,
         })
     }
@@ -69,6 +90,13 @@ impl ErrorCode {
             Self::Corrupted => "CORRUPTED",
             Self::Internal => "INTERNAL",
             Self::InvalidRequestSequence => "INVALID_REQUEST_SEQUENCE",
+            Self::CollectionNotFound => "COLLECTION_NOT_FOUND",
+            Self::CollectionExists => "COLLECTION_EXISTS",
+            Self::CollectionDropped => "COLLECTION_DROPPED",
+            Self::PartitionNotFound => "PARTITION_NOT_FOUND",
+            Self::PartitionExists => "PARTITION_EXISTS",
+            Self::SegmentSealed => "SEGMENT_SEALED",
+            Self::SchemaMismatch => "SCHEMA_MISMATCH",
         }
     }
 
@@ -86,7 +114,7 @@ impl ErrorCode {
     }
 
     /// Every code, for docs and tests.
-    pub const ALL: [ErrorCode; 11] = [
+    pub const ALL: [ErrorCode; 18] = [
         Self::ChannelNotFound,
         Self::ChannelFenced,
         Self::OnShutdown,
@@ -98,6 +126,13 @@ impl ErrorCode {
         Self::Corrupted,
         Self::Internal,
         Self::InvalidRequestSequence,
+        Self::CollectionNotFound,
+        Self::CollectionExists,
+        Self::CollectionDropped,
+        Self::PartitionNotFound,
+        Self::PartitionExists,
+        Self::SegmentSealed,
+        Self::SchemaMismatch,
     ];
 }
 

@@ -29,8 +29,25 @@ pub struct MutableMessage {
     /// `(producer id, sequence)` of an idempotent producer; a retry with the same pair is
     /// answered with the original result.
     pub producer: Option<(u64, u64)>,
+    /// Collection fields: see [`CollectionFields`].
+    pub coll: CollectionFields,
     pub payload: Bytes,
 }
+
+/// The header fields of collection messages. Clients set `partition`, `segment_id` (rarely) and
+/// `broadcast_id` (the coordinator); the node sets `collection_id` and `rows` from the vchannel's
+/// state and the payload, whatever the client sent.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CollectionFields {
+    pub collection_id: u64,
+    pub partition: String,
+    pub segment_id: u64,
+    pub rows: u64,
+    pub broadcast_id: u64,
+}
+
+/// The partition every collection has, and that DML without a partition goes to.
+pub const DEFAULT_PARTITION: &str = "_default";
 
 impl MutableMessage {
     /// A message of `message_type` on `vchannel` with `payload` and no properties.
@@ -41,8 +58,16 @@ impl MutableMessage {
             properties: Properties::new(),
             txn: None,
             producer: None,
+            coll: CollectionFields::default(),
             payload,
         }
+    }
+
+    /// Sets the partition (builder style).
+    #[must_use]
+    pub fn with_partition(mut self, partition: impl Into<String>) -> Self {
+        self.coll.partition = partition.into();
+        self
     }
 
     /// The WAL's own TimeTick message, visible to every vchannel.
@@ -75,6 +100,11 @@ impl MutableMessage {
             properties: self.properties.clone(),
             producer_id: self.producer.map_or(0, |p| p.0),
             producer_seq: self.producer.map_or(0, |p| p.1),
+            collection_id: self.coll.collection_id,
+            partition: self.coll.partition.clone(),
+            segment_id: self.coll.segment_id,
+            rows: self.coll.rows,
+            broadcast_id: self.coll.broadcast_id,
         }
     }
 
@@ -88,6 +118,12 @@ impl MutableMessage {
             properties: m.properties,
             txn: None,
             producer: (m.producer_id != 0).then_some((m.producer_id, m.producer_seq)),
+            coll: CollectionFields {
+                partition: m.partition,
+                segment_id: m.segment_id,
+                broadcast_id: m.broadcast_id,
+                ..CollectionFields::default()
+            },
             payload: m.payload,
         })
     }
@@ -101,6 +137,9 @@ impl MutableMessage {
             payload: self.payload,
             producer_id: self.producer.map_or(0, |p| p.0),
             producer_seq: self.producer.map_or(0, |p| p.1),
+            partition: self.coll.partition,
+            segment_id: self.coll.segment_id,
+            broadcast_id: self.coll.broadcast_id,
         }
     }
 
@@ -122,6 +161,11 @@ impl MutableMessage {
             properties: self.properties,
             producer_id: self.producer.map_or(0, |p| p.0),
             producer_seq: self.producer.map_or(0, |p| p.1),
+            collection_id: self.coll.collection_id,
+            partition: self.coll.partition,
+            segment_id: self.coll.segment_id,
+            rows: self.coll.rows,
+            broadcast_id: self.coll.broadcast_id,
         };
         (header, self.payload)
     }
@@ -131,6 +175,7 @@ impl MutableMessage {
     pub fn approximate_size(&self) -> usize {
         self.payload.len()
             + self.vchannel.len()
+            + self.coll.partition.len()
             + self
                 .properties
                 .iter()
@@ -212,6 +257,8 @@ pub fn type_name(t: MessageType) -> &'static str {
         MessageType::BeginTxn => "BeginTxn",
         MessageType::CommitTxn => "CommitTxn",
         MessageType::RollbackTxn => "RollbackTxn",
+        MessageType::Upsert => "Upsert",
+        MessageType::Data => "Data",
     }
 }
 
@@ -224,7 +271,7 @@ pub fn parse_type_name(s: &str) -> Option<MessageType> {
 }
 
 /// Every message type a message can have.
-pub const ALL_TYPES: [MessageType; 12] = [
+pub const ALL_TYPES: [MessageType; 14] = [
     MessageType::TimeTick,
     MessageType::Insert,
     MessageType::Delete,
@@ -237,6 +284,8 @@ pub const ALL_TYPES: [MessageType; 12] = [
     MessageType::BeginTxn,
     MessageType::CommitTxn,
     MessageType::RollbackTxn,
+    MessageType::Upsert,
+    MessageType::Data,
 ];
 
 #[cfg(test)]

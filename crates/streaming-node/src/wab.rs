@@ -166,7 +166,7 @@ mod tests {
     use super::*;
 
     fn msg(id: u64) -> ImmutableMessage {
-        let m = MutableMessage::new(MessageType::Insert, "v", Bytes::from(vec![0u8; 100]));
+        let m = MutableMessage::new(MessageType::Data, "v", Bytes::from(vec![0u8; 100]));
         ImmutableMessage {
             id: MessageId(id),
             header: m.header(TimeTick(id * 10), walden_common::Term(1), MessageId(id)),

@@ -41,7 +41,7 @@ fn small() -> NodeConfig {
 }
 
 fn insert(vc: &str, i: usize) -> MutableMessage {
-    MutableMessage::new(MessageType::Insert, vc, Bytes::from(format!("m{i}")))
+    MutableMessage::new(MessageType::Data, vc, Bytes::from(format!("m{i}")))
 }
 
 async fn collect(
@@ -56,7 +56,7 @@ async fn collect(
     // `n` counts inserts: TimeTicks interleave at their own pace.
     while out
         .iter()
-        .filter(|m| m.message_type() == MessageType::Insert)
+        .filter(|m| m.message_type() == MessageType::Data)
         .count()
         < n
     {
@@ -73,7 +73,7 @@ async fn collect(
 
 fn inserts(ms: &[ImmutableMessage]) -> Vec<String> {
     ms.iter()
-        .filter(|m| m.message_type() == MessageType::Insert)
+        .filter(|m| m.message_type() == MessageType::Data)
         .map(|m| String::from_utf8(m.payload.to_vec()).unwrap())
         .collect()
 }
@@ -196,7 +196,7 @@ async fn filters_select_by_vchannel_type_and_tick_and_latest_skips_the_past() {
     }
     let only_even = Filters {
         vchannel: Some("even".into()),
-        types: Some(vec![MessageType::Insert]),
+        types: Some(vec![MessageType::Data]),
         ..Filters::default()
     };
     let got = collect(ch.clone(), DeliverPolicy::All, only_even, 5).await;
@@ -204,7 +204,7 @@ async fn filters_select_by_vchannel_type_and_tick_and_latest_skips_the_past() {
 
     let after = Filters {
         tick_gt: Some(ticks[6]),
-        types: Some(vec![MessageType::Insert]),
+        types: Some(vec![MessageType::Data]),
         ..Filters::default()
     };
     let got = collect(ch.clone(), DeliverPolicy::All, after, 3).await;
@@ -212,7 +212,7 @@ async fn filters_select_by_vchannel_type_and_tick_and_latest_skips_the_past() {
 
     let (tx, mut rx) = mpsc::channel(16);
     let latest = Filters {
-        types: Some(vec![MessageType::Insert]),
+        types: Some(vec![MessageType::Data]),
         ..Filters::default()
     };
     let task = tokio::spawn(scanner::scan(ch.clone(), DeliverPolicy::Latest, latest, tx));
@@ -257,7 +257,7 @@ async fn time_ticks_are_written_only_after_real_messages() {
         types,
         [
             MessageType::TimeTick,
-            MessageType::Insert,
+            MessageType::Data,
             MessageType::TimeTick
         ]
     );

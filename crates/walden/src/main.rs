@@ -47,7 +47,7 @@ enum Command {
         #[arg(long)]
         vchannel: String,
         /// Message type of every message.
-        #[arg(long, default_value = "Insert")]
+        #[arg(long, default_value = "Data")]
         r#type: String,
         /// Messages in flight at once.
         #[arg(long, default_value_t = 64)]

@@ -125,7 +125,7 @@ fn no_retry(term: u64) -> ProducerOptions {
 }
 
 fn insert(vchannel: &str, payload: Vec<u8>) -> MutableMessage {
-    MutableMessage::new(MessageType::Insert, vchannel, Bytes::from(payload))
+    MutableMessage::new(MessageType::Data, vchannel, Bytes::from(payload))
 }
 
 fn server_code(e: &ClientError) -> (ErrorCode, bool) {
@@ -233,7 +233,7 @@ async fn bad_requests_get_typed_errors_and_change_nothing() {
     let payloads: Vec<_> = all_messages(&client)
         .await
         .into_iter()
-        .filter(|m| m.message_type() == MessageType::Insert)
+        .filter(|m| m.message_type() == MessageType::Data)
         .map(|m| String::from_utf8(m.payload.to_vec()).unwrap())
         .collect();
     assert_eq!(
@@ -312,7 +312,7 @@ async fn a_refused_message_in_a_batch_leaves_the_others_appended_in_order() {
     let payloads: Vec<_> = all_messages(&server.client().await)
         .await
         .into_iter()
-        .filter(|m| m.message_type() == MessageType::Insert)
+        .filter(|m| m.message_type() == MessageType::Data)
         .map(|m| m.payload[0])
         .collect();
     assert_eq!(

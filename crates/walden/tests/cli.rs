@@ -95,20 +95,19 @@ async fn the_quick_start_commands_produce_consume_and_report_status() {
         ],
         "",
     ));
-    let inserts: Vec<_> = consumed.iter().filter(|v| v["type"] == "Insert").collect();
+    let data: Vec<_> = consumed.iter().filter(|v| v["type"] == "Data").collect();
     assert_eq!(
         consumed.len(),
-        inserts.len(),
+        data.len(),
         "TimeTicks only with --show-ticks"
     );
     assert_eq!(
-        inserts
-            .iter()
+        data.iter()
             .map(|v| v["message_id"].as_u64().unwrap())
             .collect::<Vec<_>>(),
         ids
     );
-    assert_eq!(inserts[2]["payload"], "third");
+    assert_eq!(data[2]["payload"], "third");
 
     let after = json_lines(&walden(
         &[

@@ -59,7 +59,7 @@ async fn produce(addr: String, producer: usize, acked: Acked, stop: Arc<AtomicBo
     let mut seq = 0u64;
     while !stop.load(Ordering::Relaxed) {
         let payload = format!("p{producer}-s{seq}");
-        let msg = MutableMessage::new(MessageType::Insert, vchannel.clone(), Bytes::from(payload));
+        let msg = MutableMessage::new(MessageType::Data, vchannel.clone(), Bytes::from(payload));
         window.push_back((seq, p.send(msg).await.unwrap()));
         seq += 1;
         if window.len() >= 16 {
@@ -173,7 +173,7 @@ async fn acknowledged_messages_survive_repeated_kill_minus_nine_exactly_once_and
                 m.id
             );
             last_tick = tick;
-            if m.message_type() == MessageType::Insert {
+            if m.message_type() == MessageType::Data {
                 let text = String::from_utf8(m.payload.to_vec()).unwrap();
                 let (p, s) = text[1..].split_once("-s").unwrap();
                 let (p, s): (usize, u64) = (p.parse().unwrap(), s.parse().unwrap());

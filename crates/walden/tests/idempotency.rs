@@ -90,7 +90,7 @@ async fn retried_appends_after_lost_responses_are_written_exactly_once() {
             let mut pending = Vec::new();
             for i in 0..MESSAGES {
                 let msg = MutableMessage::new(
-                    MessageType::Insert,
+                    MessageType::Data,
                     format!("v{p}"),
                     Bytes::from(format!("p{p}-m{i}")),
                 );
@@ -127,7 +127,7 @@ async fn retried_appends_after_lost_responses_are_written_exactly_once() {
     let mut count: HashMap<String, usize> = HashMap::new();
     for pc in 0..2 {
         for m in common::read_to_end(&client, &format!("walden-dml-{pc}")).await {
-            if m.message_type() == MessageType::Insert {
+            if m.message_type() == MessageType::Data {
                 *count
                     .entry(String::from_utf8(m.payload.to_vec()).unwrap())
                     .or_default() += 1;

@@ -32,7 +32,7 @@ async fn metrics_health_and_reflection_describe_a_serving_node() {
     let client = server.client().await;
     let p = client.producer("walden-dml-1", ProducerOptions::default());
     for i in 0..10 {
-        let m = MutableMessage::new(MessageType::Insert, "v", Bytes::from(vec![b'x'; 100 + i]));
+        let m = MutableMessage::new(MessageType::Data, "v", Bytes::from(vec![b'x'; 100 + i]));
         p.append(m).await.unwrap();
     }
     let (code, body) = http_get(&http, "/metrics").await;
@@ -40,7 +40,7 @@ async fn metrics_health_and_reflection_describe_a_serving_node() {
     assert_eq!(
         metric(
             &body,
-            "walden_appended_messages_total{pchannel=\"walden-dml-1\",type=\"Insert\"}"
+            "walden_appended_messages_total{pchannel=\"walden-dml-1\",type=\"Data\"}"
         ),
         10.0
     );

@@ -439,7 +439,7 @@ struct WaldenLane {
 
 impl Lane for WaldenLane {
     async fn send(&mut self, payload: Bytes) -> anyhow::Result<()> {
-        let msg = MutableMessage::new(MessageType::Insert, self.vchannel.clone(), payload);
+        let msg = MutableMessage::new(MessageType::Data, self.vchannel.clone(), payload);
         let fut = self.producer.send(msg).await?;
         self.pending.push_back(Box::pin(fut));
         Ok(())
@@ -661,7 +661,7 @@ async fn insert_reader(
         &channel_name(p),
         ConsumerOptions {
             from,
-            types: Some(vec![MessageType::Insert]),
+            types: Some(vec![MessageType::Data]),
             // Deep enough that a catching-up reader never waits on the application.
             buffer: 8192,
             ..ConsumerOptions::default()
