@@ -120,8 +120,9 @@ mod tests {
             proptest::option::of((any::<u64>(), any::<u64>())),
             proptest::option::of((1..u64::MAX, any::<u64>())),
             proptest::collection::vec(any::<u8>(), 0..512),
+            (any::<u64>(), "[a-z_]{0,12}", any::<u64>(), any::<u64>(), any::<u64>()),
         )
-            .prop_map(|(t, vc, props, txn, producer, payload)| MutableMessage {
+            .prop_map(|(t, vc, props, txn, producer, payload, c)| MutableMessage {
                 message_type: t,
                 vchannel: vc,
                 properties: props,
@@ -130,6 +131,13 @@ mod tests {
                     keepalive_ms,
                 }),
                 producer,
+                coll: crate::CollectionFields {
+                    collection_id: c.0,
+                    partition: c.1,
+                    segment_id: c.2,
+                    rows: c.3,
+                    broadcast_id: c.4,
+                },
                 payload: Bytes::from(payload),
             })
     }

@@ -20,17 +20,20 @@ use std::{
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
+use prost::Message as _;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tracing::{debug, warn};
 use walden_common::{HasErrorCode, MessageId, Term, TimeTick};
 use walden_message::{ImmutableMessage, MessageHeader, MessageType, MutableMessage, codec};
-use walden_metastore_api::MetaStore;
+use walden_metastore_api::{Compare, CompareOp, CompareTarget, MetaStore, Op, Txn};
+use walden_proto::v1::PChannelCheckpoint;
 use walden_wal_api::{ReadFrom, Wal, WalError};
 
 use crate::{
     NodeConfig, NodeError,
     dedup::{Dedup, Lookup, Seen},
     metrics::Metrics,
+    shard::{self, Shards},
     tso::Tso,
     wab::WriteAheadBuffer,
 };
@@ -47,8 +50,9 @@ pub struct AppendResult {
 struct Slot {
     header: MessageHeader,
     payload: Bytes,
-    /// Released when the append completes: bounds bytes in flight.
-    _permit: OwnedSemaphorePermit,
+    /// Released when the append completes: bounds bytes in flight (none for the node's own
+    /// messages).
+    _permit: Option<OwnedSemaphorePermit>,
     /// An idempotent producer's (id, sequence), and where retries wait for the outcome.
     producer: Option<(u64, u64, watch::Sender<Option<AppendResult>>)>,
 }
@@ -64,6 +68,10 @@ struct State {
     /// Real messages were appended since the last TimeTick.
     dirty: bool,
     closed: bool,
+    /// The collection state (vchannels, partitions, segments) as of the last enqueued message.
+    shards: Shards,
+    /// Messages enqueued since the last checkpoint was taken.
+    since_checkpoint: u64,
 }
 
 type Completion = (
@@ -134,7 +142,25 @@ pub struct Channel {
     completions: mpsc::UnboundedSender<Completion>,
     health: watch::Sender<Health>,
     pub wab: WriteAheadBuffer,
-    recovery: Mutex<Duration>,
+    recovery: Mutex<Recovery>,
+    /// Woken when enough messages were appended to call for a checkpoint.
+    checkpoint_due: Arc<tokio::sync::Notify>,
+}
+
+/// What opening the channel took.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Recovery {
+    /// From open to ready.
+    pub took: Duration,
+    /// Messages replayed into the collection state (those after the checkpoint).
+    pub replayed: u64,
+    /// Where the replay started (the checkpoint's `next_id`, or the log's start).
+    pub from: MessageId,
+}
+
+/// Metastore key of a pchannel's collection-state checkpoint.
+pub fn checkpoint_key(pchannel: &str) -> String {
+    format!("walden/pchannel/{pchannel}/checkpoint")
 }
 
 /// An append that was enqueued (or recognised as a retry); await it for the result.
@@ -200,13 +226,16 @@ impl Channel {
                 failed: None,
                 dirty: false,
                 closed: false,
+                shards: Shards::new(shard::SealPolicy::from_config(&config)),
+                since_checkpoint: 0,
             }),
             config,
             metrics,
             completions: tx,
             health: watch::channel(Health::Serving).0,
             wab,
-            recovery: Mutex::new(Duration::ZERO),
+            recovery: Mutex::new(Recovery::default()),
+            checkpoint_due: Arc::new(tokio::sync::Notify::new()),
         });
         tokio::spawn(complete_in_order(Arc::downgrade(&channel), rx));
         tokio::spawn(time_ticks(Arc::downgrade(&channel)));
@@ -234,11 +263,128 @@ impl Channel {
     }
 
     pub fn set_recovery_time(&self, d: Duration) {
-        *self.recovery.lock().unwrap_or_else(|e| e.into_inner()) = d;
+        self.recovery.lock().unwrap_or_else(|e| e.into_inner()).took = d;
     }
 
-    pub fn recovery_time(&self) -> Duration {
+    pub fn recovery(&self) -> Recovery {
         *self.recovery.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Rebuilds the collection state: the checkpoint from the metastore, then every message
+    /// after it. Call before serving; it starts the checkpoint task.
+    pub async fn recover_state(self: &Arc<Self>) -> Result<Recovery, NodeError> {
+        let policy = shard::SealPolicy::from_config(&self.config);
+        let (mut shards, from) = match self.meta.get(&checkpoint_key(&self.name)).await? {
+            Some(kv) => {
+                let cp = PChannelCheckpoint::decode(kv.value.as_ref()).map_err(|e| {
+                    NodeError::Internal(format!("checkpoint of {}: {e}", self.name))
+                })?;
+                (Shards::from_checkpoint(&cp, policy)?, MessageId(cp.next_id))
+            }
+            None => (Shards::new(policy), self.wal.first_id()),
+        };
+        if from < self.wal.first_id() {
+            return Err(NodeError::Internal(format!(
+                "{}: the checkpoint starts at {from}, below the log's start {}",
+                self.name,
+                self.wal.first_id()
+            )));
+        }
+        let mut replayed = 0;
+        if from < self.wal.durable_end() {
+            let mut reader = self.wal.read(ReadFrom::At(from))?;
+            while let Some((id, record)) = reader.next().await? {
+                let m = codec::decode(id, record)?;
+                shards.apply(&m.header, &m.payload);
+                replayed += 1;
+            }
+        }
+        self.metrics
+            .growing_bytes
+            .add(shards.growing_bytes() as i64);
+        {
+            let mut st = self.lock();
+            st.shards = shards;
+            st.since_checkpoint = replayed;
+        }
+        let r = Recovery {
+            took: Duration::ZERO,
+            replayed,
+            from,
+        };
+        {
+            let mut rec = self.recovery.lock().unwrap_or_else(|e| e.into_inner());
+            rec.replayed = replayed;
+            rec.from = from;
+        }
+        tokio::spawn(checkpoints(Arc::downgrade(self)));
+        Ok(r)
+    }
+
+    /// Saves the collection state as of the last enqueued message, once that message is
+    /// durable, with a compare-and-swap on this channel's term: a node that lost the pchannel
+    /// cannot overwrite its successor's checkpoint. Returns the checkpoint's `next_id`.
+    pub async fn checkpoint(&self) -> Result<MessageId, NodeError> {
+        let (mut cp, next_id, taken) = {
+            let mut st = self.lock();
+            let cp = st.shards.to_checkpoint();
+            let taken = std::mem::take(&mut st.since_checkpoint);
+            (cp, self.wal.next_id(), taken)
+        };
+        let result = self.save_checkpoint(&mut cp, next_id).await;
+        if result.is_err() {
+            self.lock().since_checkpoint += taken;
+        }
+        result.map(|()| next_id)
+    }
+
+    async fn save_checkpoint(
+        &self,
+        cp: &mut PChannelCheckpoint,
+        next_id: MessageId,
+    ) -> Result<(), NodeError> {
+        // Only durable state may be saved: wait until everything it reflects is visible.
+        let mut changes = self.wab.subscribe();
+        let mut health = self.health();
+        while self.wab.end() < next_id {
+            if *health.borrow() != Health::Serving {
+                return Err(NodeError::ChannelClosed(self.name.clone()));
+            }
+            tokio::select! {
+                r = changes.changed() => if r.is_err() {
+                    return Err(NodeError::ChannelClosed(self.name.clone()));
+                },
+                _ = health.changed() => {}
+            }
+        }
+        cp.next_id = next_id.0;
+        cp.time_tick = self.wab.last_tick().0;
+        cp.term = self.term.0;
+        let term_key = crate::manager::term_key(&self.name);
+        let resp = self
+            .meta
+            .txn(Txn {
+                compare: vec![Compare {
+                    key: term_key,
+                    op: CompareOp::Equal,
+                    target: CompareTarget::Value(Bytes::from(self.term.0.to_string())),
+                }],
+                success: vec![Op::Put {
+                    key: checkpoint_key(&self.name),
+                    value: Bytes::from(cp.encode_to_vec()),
+                    lease: None,
+                }],
+                failure: vec![],
+            })
+            .await?;
+        if !resp.succeeded {
+            return Err(NodeError::InvalidSequence(format!(
+                "{}: term {} was superseded; checkpoint not saved",
+                self.name, self.term
+            )));
+        }
+        debug!(pchannel = %self.name, next_id = %next_id, "checkpoint saved");
+        Ok(())
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -277,8 +423,10 @@ impl Channel {
     }
 
     /// Enqueues `msg` and returns a handle to await its result. The enqueue happens before this
-    /// returns, so calls on one task are appended in call order.
-    pub async fn submit(&self, msg: MutableMessage) -> Result<PendingAppend, NodeError> {
+    /// returns, so calls on one task are appended in call order. Collection messages are
+    /// checked against the pchannel's collection state first (see [`crate::shard`]); the node
+    /// may write its own messages (CreateSegment, Flush) around them.
+    pub async fn submit(&self, mut msg: MutableMessage) -> Result<PendingAppend, NodeError> {
         let size = msg.approximate_size();
         if size > self.config.max_message_bytes {
             return Err(NodeError::MessageTooLarge {
@@ -286,6 +434,14 @@ impl Channel {
                 limit: self.config.max_message_bytes,
             });
         }
+        // Decoding an Arrow payload is too slow for the append lock: check it against the
+        // schema first; admission re-checks that the collection is still the same.
+        let checked = if shard::needs_payload_check(msg.message_type) {
+            let (collection_id, schema) = self.lock().shards.schema(&msg.vchannel)?;
+            Some(shard::check_payload(&msg, collection_id, &schema)?)
+        } else {
+            None
+        };
         let permits = u32::try_from(size.max(1)).unwrap_or(u32::MAX);
         let mut permit = Some(
             self.inflight
@@ -295,81 +451,154 @@ impl Channel {
                 .map_err(|_| NodeError::ChannelClosed(self.name.clone()))?,
         );
         loop {
-            {
-                let mut st = self.lock();
-                if st.closed {
-                    return Err(NodeError::ChannelClosed(self.name.clone()));
-                }
-                if let Some(why) = &st.failed {
-                    return Err(NodeError::ChannelClosed(format!("{}: {why}", self.name)));
-                }
-                if let Some((producer, seq)) = msg.producer {
-                    let pchannel = self.name.clone();
-                    match st.dedup.lookup(producer, seq) {
-                        Lookup::New => {}
-                        Lookup::Duplicate(seen) => {
-                            self.metrics.duplicates.inc();
-                            let kind = match seen {
-                                Seen::Done(r) => Pending::Done(r),
-                                Seen::InFlight(rx) => Pending::Retry(rx),
-                            };
-                            return Ok(PendingAppend { kind, pchannel });
-                        }
-                        Lookup::TooOld { floor } => {
-                            return Err(NodeError::InvalidArgument(format!(
-                                "producer {producer:#x}: sequence {seq} is older than the \
-                                 remembered window (from {floor}); it may have been written"
-                            )));
-                        }
-                    }
-                }
-                if let Ok(tick) = self.tso.allocate() {
-                    let last_confirmed = self.wal.next_id();
-                    st.dirty = msg.message_type != MessageType::TimeTick;
-                    let producer = msg.producer;
-                    let (header, payload) = msg.into_header(tick, self.term, last_confirmed);
-                    let mut buf = Vec::with_capacity(
-                        codec::PREFIX_LEN + payload.len() + 32 + header.vchannel.len(),
-                    );
-                    codec::encode_into(&header, &payload, &mut buf);
-                    let fut = self.wal.append(Bytes::from(buf));
-                    let producer = producer.map(|(p, seq)| {
-                        let (tx, rx) = watch::channel(None);
-                        st.dedup.record(p, seq, Seen::InFlight(rx));
-                        (p, seq, tx)
-                    });
-                    st.slots.push_back(Slot {
-                        header,
-                        payload,
-                        _permit: permit.take().ok_or_else(|| {
-                            NodeError::Internal("append permit used twice".into())
-                        })?,
-                        producer,
-                    });
-                    let (tx, rx) = oneshot::channel();
-                    let placed = AppendResult {
-                        id: MessageId(0),
-                        tick,
-                        last_confirmed,
-                    };
-                    // Sent under the lock so completions queue in tick order.
-                    if self
-                        .completions
-                        .send((fut, tx, placed, Instant::now()))
-                        .is_err()
-                    {
-                        st.slots.pop_back();
-                        return Err(NodeError::ChannelClosed(self.name.clone()));
-                    }
-                    return Ok(PendingAppend {
-                        kind: Pending::Fresh(rx),
-                        pchannel: self.name.clone(),
-                    });
-                }
+            if let Some(done) = self.try_submit(&mut msg, checked.as_ref(), &mut permit)? {
+                return Ok(done);
             }
             // The oracle's window ran out: persist a new one, then retry.
             self.tso.extend(&*self.meta).await?;
         }
+    }
+
+    /// One attempt at [`Channel::submit`] under the lock; `None` if the oracle ran out of ticks.
+    fn try_submit(
+        &self,
+        msg: &mut MutableMessage,
+        checked: Option<&shard::Checked>,
+        permit: &mut Option<OwnedSemaphorePermit>,
+    ) -> Result<Option<PendingAppend>, NodeError> {
+        let mut st = self.lock();
+        if st.closed {
+            return Err(NodeError::ChannelClosed(self.name.clone()));
+        }
+        if let Some(why) = &st.failed {
+            return Err(NodeError::ChannelClosed(format!("{}: {why}", self.name)));
+        }
+        // A retry is answered before admission: its original was admitted, whatever
+        // happened to the collection since.
+        if let Some((producer, seq)) = msg.producer {
+            let pchannel = self.name.clone();
+            match st.dedup.lookup(producer, seq) {
+                Lookup::New => {}
+                Lookup::Duplicate(seen) => {
+                    self.metrics.duplicates.inc();
+                    let kind = match seen {
+                        Seen::Done(r) => Pending::Done(r),
+                        Seen::InFlight(rx) => Pending::Retry(rx),
+                    };
+                    return Ok(Some(PendingAppend { kind, pchannel }));
+                }
+                Lookup::TooOld { floor } => {
+                    return Err(NodeError::InvalidArgument(format!(
+                        "producer {producer:#x}: sequence {seq} is older than the \
+                         remembered window (from {floor}); it may have been written"
+                    )));
+                }
+            }
+        }
+        for pre in st.shards.admit(msg, checked)? {
+            let Ok(tick) = self.tso.allocate() else {
+                return Ok(None);
+            };
+            self.enqueue(&mut st, tick, pre, None)?;
+        }
+        st.shards.assign(msg);
+        let Ok(tick) = self.tso.allocate() else {
+            return Ok(None);
+        };
+        let vchannel = msg.vchannel.clone();
+        let msg = std::mem::replace(msg, MutableMessage::time_tick());
+        let pending = self.enqueue(&mut st, tick, msg, permit.take())?;
+        // A segment this insert filled is sealed at once; if the oracle ran out here, the
+        // TimeTick task's seal check writes the Flush instead.
+        for flush in st.shards.full_seals(&vchannel) {
+            let Ok(tick) = self.tso.allocate() else { break };
+            self.enqueue(&mut st, tick, flush, None)?;
+        }
+        Ok(Some(pending))
+    }
+
+    /// Gives `msg` a tick, stamps and encodes it, enqueues it into the WAL and folds it into
+    /// the collection state. Called under the append lock.
+    fn enqueue(
+        &self,
+        st: &mut State,
+        tick: TimeTick,
+        mut msg: MutableMessage,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> Result<PendingAppend, NodeError> {
+        if msg.message_type == MessageType::CreateSegment && msg.coll.segment_id == 0 {
+            // A segment is named by the tick that created it: unique, with no allocator.
+            msg.coll.segment_id = tick.0;
+        }
+        let last_confirmed = self.wal.next_id();
+        st.dirty = msg.message_type != MessageType::TimeTick;
+        let producer = msg.producer;
+        let (header, payload) = msg.into_header(tick, self.term, last_confirmed);
+        let mut buf =
+            Vec::with_capacity(codec::PREFIX_LEN + payload.len() + 64 + header.vchannel.len());
+        codec::encode_into(&header, &payload, &mut buf);
+        let fut = self.wal.append(Bytes::from(buf));
+        let producer = producer.map(|(p, seq)| {
+            let (tx, rx) = watch::channel(None);
+            st.dedup.record(p, seq, Seen::InFlight(rx));
+            (p, seq, tx)
+        });
+        let before = st.shards.growing_bytes();
+        st.shards.apply(&header, &payload);
+        self.metrics
+            .growing_bytes
+            .add(st.shards.growing_bytes() as i64 - before as i64);
+        st.since_checkpoint += 1;
+        if st.since_checkpoint == self.config.checkpoint_max_dirty_messages {
+            self.checkpoint_due.notify_one();
+        }
+        st.slots.push_back(Slot {
+            header,
+            payload,
+            _permit: permit,
+            producer,
+        });
+        let (tx, rx) = oneshot::channel();
+        let placed = AppendResult {
+            id: MessageId(0),
+            tick,
+            last_confirmed,
+        };
+        // Sent under the lock so completions queue in tick order.
+        if self
+            .completions
+            .send((fut, tx, placed, Instant::now()))
+            .is_err()
+        {
+            st.slots.pop_back();
+            return Err(NodeError::ChannelClosed(self.name.clone()));
+        }
+        Ok(PendingAppend {
+            kind: Pending::Fresh(rx),
+            pchannel: self.name.clone(),
+        })
+    }
+
+    /// Writes the Flush messages the seal policies call for now (idle, lifetime, node memory).
+    pub fn seal_due(&self) -> Result<usize, NodeError> {
+        let now = TimeTick::compose(crate::tso::now_ms(), 0);
+        let node_bytes = u64::try_from(self.metrics.growing_bytes.get()).unwrap_or(0);
+        let memory = (
+            self.config.growing_memory_high_bytes,
+            self.config.growing_memory_low_bytes,
+        );
+        let mut st = self.lock();
+        if st.closed || st.failed.is_some() {
+            return Ok(0);
+        }
+        let due = st.shards.due_seals(now, node_bytes, memory);
+        let mut written = 0;
+        for flush in due {
+            let Ok(tick) = self.tso.allocate() else { break };
+            self.enqueue(&mut st, tick, flush, None)?;
+            written += 1;
+        }
+        Ok(written)
     }
 
     /// Convenience: submit and wait.
@@ -438,6 +667,14 @@ impl Channel {
     /// Stops accepting appends, waits for what is queued, and closes the WAL.
     pub async fn close(&self) {
         self.lock().closed = true;
+        // A last checkpoint makes the next open quick; losing it only costs replay.
+        if self.lock().since_checkpoint > 0 {
+            match tokio::time::timeout(Duration::from_secs(2), self.checkpoint()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => debug!(pchannel = %self.name, error = %e, "no checkpoint at close"),
+                Err(_) => debug!(pchannel = %self.name, "checkpoint at close timed out"),
+            }
+        }
         if let Err(e) = self.wal.close().await {
             warn!(pchannel = %self.name, error = %e, "closing the WAL");
         }
@@ -468,7 +705,9 @@ impl Channel {
             wal_bytes: self.wal.size_bytes(),
             write_ahead_buffer_bytes: wab_bytes as u64,
             write_ahead_buffer_messages: wab_msgs as u64,
-            recovery_ms: self.recovery_time().as_millis() as u64,
+            recovery_ms: self.recovery().took.as_millis() as u64,
+            replayed_messages: self.recovery().replayed,
+            checkpoint_next_id: self.recovery().from.0,
         }
     }
 }
@@ -515,8 +754,42 @@ async fn time_ticks(channel: std::sync::Weak<Channel>) {
         if done {
             return;
         }
+        if let Err(e) = ch.seal_due() {
+            debug!(pchannel = %ch.name, error = %e, "seal check failed");
+        }
         if dirty && let Err(e) = ch.append(MutableMessage::time_tick()).await {
             debug!(pchannel = %ch.name, error = %e, "time tick not written");
+        }
+    }
+}
+
+/// Saves a checkpoint every `checkpoint_interval_ms` when messages were appended, and as soon
+/// as `checkpoint_max_dirty_messages` were.
+async fn checkpoints(channel: std::sync::Weak<Channel>) {
+    let interval = match channel.upgrade() {
+        Some(c) => Duration::from_millis(c.config.checkpoint_interval_ms),
+        None => return,
+    };
+    loop {
+        {
+            let Some(ch) = channel.upgrade() else { return };
+            // Dropping `ch` while waiting lets the channel go away.
+            let due = ch.checkpoint_due.clone();
+            drop(ch);
+            let _ = tokio::time::timeout(interval, due.notified()).await;
+        }
+        let Some(ch) = channel.upgrade() else { return };
+        let (pending, done) = {
+            let st = ch.lock();
+            (st.since_checkpoint, st.closed || st.failed.is_some())
+        };
+        if done {
+            return;
+        }
+        if pending > 0
+            && let Err(e) = ch.checkpoint().await
+        {
+            warn!(pchannel = %ch.name, error = %e, "checkpoint not saved");
         }
     }
 }

@@ -33,6 +33,26 @@ pub struct NodeConfig {
     /// Idempotent producers: messages of the WAL's tail read at open to rebuild the windows,
     /// per pchannel. Default 4096.
     pub dedup_rebuild_messages: u64,
+    /// Seal policy: a growing segment is sealed once it holds this many rows. Default 1000000.
+    pub segment_max_rows: u64,
+    /// Seal policy: ... or this many payload bytes. Default 128 MiB.
+    pub segment_max_bytes: u64,
+    /// Seal policy: ... or when no row was added for this long. Default 600000 ms (10 min).
+    pub segment_idle_ms: u64,
+    /// Seal policy: ... or when it is this old. Default 86400000 ms (24 h).
+    pub segment_max_lifetime_ms: u64,
+    /// Seal policy: when the growing segments of the whole node hold more than this many
+    /// bytes, the largest are sealed until the total is below `growing_memory_low_bytes`.
+    /// Default 1 GiB.
+    pub growing_memory_high_bytes: u64,
+    /// See `growing_memory_high_bytes`. Default 512 MiB.
+    pub growing_memory_low_bytes: u64,
+    /// Recovery storage: the collection state is checkpointed this often (when it changed).
+    /// Default 10000 ms.
+    pub checkpoint_interval_ms: u64,
+    /// Recovery storage: ... or as soon as this many messages were appended since the last
+    /// checkpoint, which bounds the replay at open. Default 20000.
+    pub checkpoint_max_dirty_messages: u64,
 }
 
 impl Default for NodeConfig {
@@ -49,6 +69,14 @@ impl Default for NodeConfig {
             dedup_window: 1024,
             dedup_max_producers: 10_000,
             dedup_rebuild_messages: 4096,
+            segment_max_rows: 1_000_000,
+            segment_max_bytes: 128 << 20,
+            segment_idle_ms: 600_000,
+            segment_max_lifetime_ms: 86_400_000,
+            growing_memory_high_bytes: 1 << 30,
+            growing_memory_low_bytes: 512 << 20,
+            checkpoint_interval_ms: 10_000,
+            checkpoint_max_dirty_messages: 20_000,
         }
     }
 }
@@ -76,6 +104,20 @@ impl NodeConfig {
         }
         if self.max_inflight_bytes < self.max_message_bytes {
             return Err("node.max_inflight_bytes must be at least node.max_message_bytes".into());
+        }
+        if self.segment_max_rows == 0 || self.segment_max_bytes == 0 {
+            return Err(
+                "node.segment_max_rows and node.segment_max_bytes must be at least 1".into(),
+            );
+        }
+        if self.growing_memory_low_bytes > self.growing_memory_high_bytes {
+            return Err(
+                "node.growing_memory_low_bytes must not exceed node.growing_memory_high_bytes"
+                    .into(),
+            );
+        }
+        if self.checkpoint_max_dirty_messages == 0 || self.checkpoint_interval_ms == 0 {
+            return Err("node.checkpoint_* settings must be at least 1".into());
         }
         if self.tso_window_ms < 10 {
             return Err("node.tso_window_ms must be at least 10".into());

@@ -16,6 +16,7 @@ pub mod manager;
 pub mod metrics;
 pub mod scanner;
 pub mod service;
+pub mod shard;
 pub mod tso;
 pub mod wab;
 
@@ -57,6 +58,20 @@ pub enum NodeError {
     Decode(#[from] DecodeError),
     #[error("internal error: {0}")]
     Internal(String),
+    #[error("collection not found: {0}")]
+    CollectionNotFound(String),
+    #[error("collection exists: {0}")]
+    CollectionExists(String),
+    #[error("{0}")]
+    CollectionDropped(String),
+    #[error("partition not found: {0}")]
+    PartitionNotFound(String),
+    #[error("partition exists: {0}")]
+    PartitionExists(String),
+    #[error("{0}")]
+    SegmentSealed(String),
+    #[error(transparent)]
+    Schema(#[from] walden_schema::SchemaError),
 }
 
 impl HasErrorCode for NodeError {
@@ -73,6 +88,13 @@ impl HasErrorCode for NodeError {
             Self::Meta(e) => e.code(),
             Self::Decode(e) => e.code(),
             Self::Internal(_) => ErrorCode::Internal,
+            Self::CollectionNotFound(_) => ErrorCode::CollectionNotFound,
+            Self::CollectionExists(_) => ErrorCode::CollectionExists,
+            Self::CollectionDropped(_) => ErrorCode::CollectionDropped,
+            Self::PartitionNotFound(_) => ErrorCode::PartitionNotFound,
+            Self::PartitionExists(_) => ErrorCode::PartitionExists,
+            Self::SegmentSealed(_) => ErrorCode::SegmentSealed,
+            Self::Schema(e) => e.code(),
         }
     }
 }

@@ -118,6 +118,7 @@ impl WalManager {
             self.config.clone(),
             self.metrics.clone(),
         );
+        let recovered = channel.recover_state().await?;
         let producers = channel.rebuild_dedup().await?;
         channel.write_first_time_tick().await?;
         let took = started.elapsed();
@@ -126,6 +127,8 @@ impl WalManager {
             pchannel = name,
             %term,
             recovery_ms = took.as_millis() as u64,
+            replayed_messages = recovered.replayed,
+            replay_from = %recovered.from,
             idempotent_messages_recognised = producers,
             "pchannel ready"
         );

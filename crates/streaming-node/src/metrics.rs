@@ -22,6 +22,8 @@ pub struct Metrics {
     pub wab_messages: IntGaugeVec,
     /// Messages between what a consumer was last sent and the newest confirmed message.
     pub consumer_lag: Histogram,
+    /// Payload bytes in growing segments, node-wide (what the memory seal policy reads).
+    pub growing_bytes: prometheus::IntGauge,
 }
 
 fn buckets() -> Vec<f64> {
@@ -92,6 +94,11 @@ impl Metrics {
                     .buckets(prometheus::exponential_buckets(1.0, 4.0, 12).unwrap_or_default()),
             )
             .expect("valid metric"),
+            growing_bytes: prometheus::IntGauge::new(
+                "growing_segment_bytes",
+                "Payload bytes in growing segments (node total)",
+            )
+            .expect("valid metric"),
             registry,
         };
         for c in [
@@ -105,6 +112,7 @@ impl Metrics {
             Box::new(m.wab_bytes.clone()),
             Box::new(m.wab_messages.clone()),
             Box::new(m.consumer_lag.clone()),
+            Box::new(m.growing_bytes.clone()),
         ] {
             // Names are distinct constants; registration cannot collide.
             let _ = m.registry.register(c);
