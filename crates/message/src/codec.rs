@@ -120,7 +120,13 @@ mod tests {
             proptest::option::of((any::<u64>(), any::<u64>())),
             proptest::option::of((1..u64::MAX, any::<u64>())),
             proptest::collection::vec(any::<u8>(), 0..512),
-            (any::<u64>(), "[a-z_]{0,12}", any::<u64>(), any::<u64>(), any::<u64>()),
+            (
+                any::<u64>(),
+                "[a-z_]{0,12}",
+                any::<u64>(),
+                any::<u64>(),
+                any::<u64>(),
+            ),
         )
             .prop_map(|(t, vc, props, txn, producer, payload, c)| MutableMessage {
                 message_type: t,

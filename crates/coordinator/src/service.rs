@@ -1,0 +1,127 @@
+//! The `Collections` gRPC service. A failed call is a gRPC status whose details hold the typed
+//! [`walden_proto::v1::Error`] (stable code, retry hint); clients read the code from there.
+
+use std::sync::Arc;
+
+use prost::Message as _;
+use tonic::{Request, Response, Status};
+use walden_common::{ErrorCode, HasErrorCode};
+use walden_proto::v1::{
+    self as pb, CollectionInfo, CollectionName, CreateCollectionRequest, DdlResponse,
+    ListCollectionsRequest, ListCollectionsResponse, PartitionRequest,
+    collections_server::Collections,
+};
+
+use crate::{CoordError, Coordinator, DdlResult};
+
+/// The coordinator's gRPC face.
+#[derive(Debug, Clone)]
+pub struct CollectionService {
+    coord: Arc<Coordinator>,
+}
+
+impl CollectionService {
+    pub fn new(coord: Arc<Coordinator>) -> Self {
+        Self { coord }
+    }
+
+    pub fn into_server(self) -> pb::collections_server::CollectionsServer<Self> {
+        pb::collections_server::CollectionsServer::new(self)
+    }
+}
+
+/// The gRPC status for an error: a coarse gRPC code, and the typed error in the details.
+pub fn to_status(e: &CoordError) -> Status {
+    let code = e.code();
+    let grpc = match code {
+        ErrorCode::CollectionNotFound | ErrorCode::PartitionNotFound => tonic::Code::NotFound,
+        ErrorCode::CollectionExists | ErrorCode::PartitionExists => tonic::Code::AlreadyExists,
+        ErrorCode::InvalidArgument | ErrorCode::SchemaMismatch => tonic::Code::InvalidArgument,
+        ErrorCode::ResourceExhausted => tonic::Code::Unavailable,
+        c if c.is_retryable() => tonic::Code::Unavailable,
+        _ => tonic::Code::Internal,
+    };
+    let detail = pb::Error {
+        code: code.as_u32(),
+        message: e.to_string(),
+        retryable: code.is_retryable(),
+    };
+    Status::with_details(grpc, e.to_string(), detail.encode_to_vec().into())
+}
+
+fn ddl(r: Result<DdlResult, CoordError>) -> Result<Response<DdlResponse>, Status> {
+    let r = r.map_err(|e| to_status(&e))?;
+    Ok(Response::new(DdlResponse {
+        broadcast_id: r.broadcast_id,
+        time_ticks: r.time_ticks,
+    }))
+}
+
+#[tonic::async_trait]
+impl Collections for CollectionService {
+    async fn create_collection(
+        &self,
+        req: Request<CreateCollectionRequest>,
+    ) -> Result<Response<CollectionInfo>, Status> {
+        let r = req.into_inner();
+        let info = self
+            .coord
+            .create_collection(&r.name, r.schema.unwrap_or_default(), r.shards)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(info))
+    }
+
+    async fn describe_collection(
+        &self,
+        req: Request<CollectionName>,
+    ) -> Result<Response<CollectionInfo>, Status> {
+        let info = self
+            .coord
+            .describe(&req.into_inner().name)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(info))
+    }
+
+    async fn list_collections(
+        &self,
+        _req: Request<ListCollectionsRequest>,
+    ) -> Result<Response<ListCollectionsResponse>, Status> {
+        let collections = self.coord.list().await.map_err(|e| to_status(&e))?;
+        Ok(Response::new(ListCollectionsResponse { collections }))
+    }
+
+    async fn drop_collection(
+        &self,
+        req: Request<CollectionName>,
+    ) -> Result<Response<DdlResponse>, Status> {
+        ddl(self.coord.drop_collection(&req.into_inner().name).await)
+    }
+
+    async fn create_partition(
+        &self,
+        req: Request<PartitionRequest>,
+    ) -> Result<Response<DdlResponse>, Status> {
+        let r = req.into_inner();
+        ddl(self
+            .coord
+            .alter_partition(&r.collection, &r.partition, true)
+            .await)
+    }
+
+    async fn drop_partition(
+        &self,
+        req: Request<PartitionRequest>,
+    ) -> Result<Response<DdlResponse>, Status> {
+        let r = req.into_inner();
+        ddl(self
+            .coord
+            .alter_partition(&r.collection, &r.partition, false)
+            .await)
+    }
+
+    async fn flush(&self, req: Request<CollectionName>) -> Result<Response<DdlResponse>, Status> {
+        ddl(self.coord.flush(&req.into_inner().name).await)
+    }
+}
