@@ -50,11 +50,17 @@ impl Appender for FakeNode {
             (_, None) => return err(ErrorCode::CollectionNotFound),
             (_, Some((true, _))) => return err(ErrorCode::CollectionDropped),
             (MessageType::DropCollection, Some(e)) => e.0 = true,
-            (MessageType::CreatePartition, Some(e)) if !e.1.insert(msg.coll.partition.clone()) => {
-                return err(ErrorCode::PartitionExists);
+            (MessageType::CreatePartition, Some(e)) => {
+                let fresh = e.1.insert(msg.coll.partition.clone());
+                if !fresh {
+                    return err(ErrorCode::PartitionExists);
+                }
             }
-            (MessageType::DropPartition, Some(e)) if !e.1.remove(&msg.coll.partition) => {
-                return err(ErrorCode::PartitionNotFound);
+            (MessageType::DropPartition, Some(e)) => {
+                let existed = e.1.remove(&msg.coll.partition);
+                if !existed {
+                    return err(ErrorCode::PartitionNotFound);
+                }
             }
             _ => {}
         }
