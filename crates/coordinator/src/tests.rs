@@ -185,13 +185,14 @@ async fn a_create_interrupted_half_way_is_completed_on_every_shard_at_restart() 
     let c = coord(node.clone(), &meta).await;
     let info = c.describe("a").await.unwrap();
     assert_eq!(info.state(), CollectionState::Created);
-    let vcs = node.vchannels.lock().unwrap();
-    for v in &info.vchannels {
-        assert!(vcs.contains_key(&v.name), "shard {} never created", v.name);
+    {
+        let vcs = node.vchannels.lock().unwrap();
+        for v in &info.vchannels {
+            assert!(vcs.contains_key(&v.name), "shard {} never created", v.name);
+        }
     }
     // Only the two missing shards were appended by the restart.
     assert_eq!(node.log.lock().unwrap().len(), 2);
-    drop(vcs);
 
     // Drop, partitions and flush reach every shard.
     c.alter_partition("a", "p1", true).await.unwrap();
