@@ -43,8 +43,14 @@ pub(crate) fn chain(e: &dyn std::error::Error) -> String {
 }
 
 impl From<tonic::Status> for ClientError {
+    /// A status whose details hold a typed error (what unary Walden calls return) becomes
+    /// that error; any other status is a transport problem.
     fn from(s: tonic::Status) -> Self {
-        Self::Transport(format!("{}: {}", s.code(), s.message()))
+        use prost::Message as _;
+        match walden_proto::v1::Error::decode(s.details()) {
+            Ok(e) if e.code != 0 => e.into(),
+            _ => Self::Transport(format!("{}: {}", s.code(), s.message())),
+        }
     }
 }
 

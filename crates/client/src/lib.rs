@@ -27,6 +27,7 @@
 //! (from that message's last-confirmed id, keeping only greater ticks), so each message is
 //! delivered once.
 
+mod collections;
 mod consumer;
 mod error;
 mod producer;
@@ -36,6 +37,7 @@ use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 use walden_proto::v1::{StatusRequest, StatusResponse, streaming_node_client::StreamingNodeClient};
 
+pub use collections::{Collections, WriteResult};
 pub use consumer::{Consumer, ConsumerOptions, DeliverFrom};
 pub use error::ClientError;
 pub use producer::{AppendResult, Producer, ProducerOptions};
@@ -44,6 +46,7 @@ pub use producer::{AppendResult, Producer, ProducerOptions};
 #[derive(Clone, Debug)]
 pub struct Client {
     grpc: StreamingNodeClient<Channel>,
+    channel: Channel,
     addr: String,
 }
 
@@ -65,6 +68,7 @@ impl Client {
             detail: error::chain(&e),
         })?;
         Ok(Self {
+            channel: channel.clone(),
             grpc: StreamingNodeClient::new(channel)
                 .max_decoding_message_size(256 << 20)
                 .max_encoding_message_size(256 << 20),
@@ -89,6 +93,11 @@ impl Client {
     /// A producer on `pchannel`. It connects lazily, on the first send.
     pub fn producer(&self, pchannel: &str, options: ProducerOptions) -> Producer {
         Producer::start(self.grpc.clone(), pchannel.to_owned(), options)
+    }
+
+    /// The collections API (create, describe, insert, delete, flush, ...).
+    pub fn collections(&self) -> Collections {
+        Collections::new(self.clone(), self.channel.clone())
     }
 
     /// A consumer of `pchannel`. It connects lazily, on the first `next`.

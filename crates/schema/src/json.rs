@@ -136,3 +136,99 @@ fn need<'a>(
     }
     Ok(v)
 }
+
+/// Converts columns that hold the right values in a neighbouring Arrow type to the schema's
+/// type: vectors written as (large) lists of float32/float64 with `dim` values per row (what
+/// Parquet readers without Arrow metadata produce), float64 for `float`, float32 for `double`,
+/// int32 for `int64`. Columns come out in schema order.
+pub(crate) fn conform(schema: &Schema, batch: &RecordBatch) -> Result<RecordBatch, SchemaError> {
+    use arrow_array::{Array, Int32Array, LargeListArray, ListArray};
+    use arrow_schema::DataType as A;
+    let mut columns = Vec::with_capacity(schema.proto().fields.len());
+    for f in &schema.proto().fields {
+        let col = batch
+            .column_by_name(&f.name)
+            .ok_or_else(|| {
+                let what = if f.primary_key { "primary key" } else { "field" };
+                mismatch(format!("missing {what} {:?}", f.name))
+            })?
+            .clone();
+        let col: ArrayRef = match (f.data_type(), col.data_type()) {
+            (DataType::FloatVector, A::List(_) | A::LargeList(_)) => {
+                let dim = f.dim as usize;
+                let (values, offsets): (ArrayRef, Vec<usize>) =
+                    if let Some(l) = col.as_any().downcast_ref::<ListArray>() {
+                        let o = l.value_offsets().iter().map(|x| *x as usize).collect();
+                        (l.values().clone(), o)
+                    } else if let Some(l) = col.as_any().downcast_ref::<LargeListArray>() {
+                        let o = l.value_offsets().iter().map(|x| *x as usize).collect();
+                        (l.values().clone(), o)
+                    } else {
+                        return Err(mismatch(format!("field {:?}: unreadable list", f.name)));
+                    };
+                if col.null_count() > 0 || offsets.windows(2).any(|w| w[1] - w[0] != dim) {
+                    return Err(mismatch(format!(
+                        "field {:?}: every row needs exactly {dim} values",
+                        f.name
+                    )));
+                }
+                let (start, end) = (offsets[0], offsets[offsets.len() - 1]);
+                let flat: Vec<f32> = if let Some(v) = values.as_any().downcast_ref::<Float32Array>()
+                {
+                    v.values()[start..end].to_vec()
+                } else if let Some(v) = values.as_any().downcast_ref::<Float64Array>() {
+                    v.values()[start..end].iter().map(|x| *x as f32).collect()
+                } else {
+                    return Err(mismatch(format!(
+                        "field {:?}: vector values must be float32 or float64",
+                        f.name
+                    )));
+                };
+                let item = Arc::new(Field::new("item", A::Float32, false));
+                Arc::new(
+                    FixedSizeListArray::try_new(item, dim as i32, Arc::new(Float32Array::from(flat)), None)
+                        .map_err(|e| mismatch(e.to_string()))?,
+                )
+            }
+            (DataType::Float, A::Float64) => Arc::new(
+                downcast::<Float64Array>(&col, f)?
+                    .iter()
+                    .map(|x| x.map(|x| x as f32))
+                    .collect::<Float32Array>(),
+            ),
+            (DataType::Double, A::Float32) => Arc::new(
+                downcast::<Float32Array>(&col, f)?
+                    .iter()
+                    .map(|x| x.map(f64::from))
+                    .collect::<Float64Array>(),
+            ),
+            (DataType::Int64, A::Int32) => Arc::new(
+                downcast::<Int32Array>(&col, f)?
+                    .iter()
+                    .map(|x| x.map(i64::from))
+                    .collect::<Int64Array>(),
+            ),
+            _ => col,
+        };
+        columns.push(col);
+    }
+    if batch.num_columns() != columns.len() {
+        let extra = batch
+            .schema()
+            .fields()
+            .iter()
+            .find(|c| !schema.proto().fields.iter().any(|f| &f.name == c.name()))
+            .map_or_else(String::new, |c| c.name().clone());
+        return Err(mismatch(format!("column {extra:?} is not in the schema")));
+    }
+    let out = RecordBatch::try_new(schema.arrow().clone(), columns)
+        .map_err(|e| mismatch(e.to_string()))?;
+    schema.check_batch(&out)?;
+    Ok(out)
+}
+
+fn downcast<'a, T: 'static>(col: &'a ArrayRef, f: &FieldSchema) -> Result<&'a T, SchemaError> {
+    col.as_any()
+        .downcast_ref::<T>()
+        .ok_or_else(|| mismatch(format!("field {:?}: unreadable column", f.name)))
+}

@@ -282,6 +282,12 @@ impl Schema {
         &self.proto.fields[self.pk]
     }
 
+    /// Converts a batch whose columns hold the right values in a neighbouring Arrow type
+    /// (lists for vectors, other float or int widths) to this schema's types, then checks it.
+    pub fn conform(&self, batch: &RecordBatch) -> Result<RecordBatch, SchemaError> {
+        json::conform(self, batch)
+    }
+
     /// Checks an insert payload and returns its row count. Nothing here trusts the payload:
     /// a malformed stream is `Malformed`, a well-formed one with other columns is `Mismatch`.
     pub fn validate_ipc(&self, payload: &[u8]) -> Result<u64, SchemaError> {

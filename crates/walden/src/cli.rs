@@ -85,14 +85,58 @@ pub fn parse_from(s: &str) -> anyhow::Result<DeliverFrom> {
 }
 
 pub fn message_json(m: &ImmutableMessage) -> serde_json::Value {
-    json!({
+    let mut doc = json!({
         "message_id": m.id.0,
         "time_tick": m.time_tick().0,
         "last_confirmed_id": m.last_confirmed().0,
         "vchannel": m.vchannel(),
         "type": type_name(m.message_type()),
-        "payload": String::from_utf8_lossy(&m.payload),
-    })
+    });
+    if m.header.collection_id == 0 {
+        doc["payload"] = String::from_utf8_lossy(&m.payload).into();
+        return doc;
+    }
+    // Collection messages: their typed fields and a readable summary of the payload.
+    let h = &m.header;
+    doc["collection_id"] = h.collection_id.into();
+    if !h.partition.is_empty() {
+        doc["partition"] = h.partition.clone().into();
+    }
+    if h.segment_id != 0 {
+        doc["segment_id"] = h.segment_id.into();
+    }
+    if h.broadcast_id != 0 {
+        doc["broadcast_id"] = h.broadcast_id.into();
+    }
+    use prost::Message as _;
+    match m.message_type() {
+        MessageType::Insert | MessageType::Upsert => {
+            doc["rows"] = h.rows.into();
+            doc["payload_bytes"] = m.payload.len().into();
+        }
+        MessageType::Delete => {
+            if let Ok(ids) = walden_proto::v1::DeleteIds::decode(m.payload.as_ref()) {
+                doc["ids"] = if ids.str_ids.is_empty() {
+                    json!(ids.int_ids)
+                } else {
+                    json!(ids.str_ids)
+                };
+            }
+        }
+        MessageType::Flush => {
+            if let Ok(f) = walden_proto::v1::FlushInfo::decode(m.payload.as_ref()) {
+                doc["segment_ids"] = json!(f.segment_ids);
+                doc["reason"] = f.reason.into();
+            }
+        }
+        MessageType::CreateCollection => {
+            if let Ok(c) = walden_proto::v1::CollectionInfo::decode(m.payload.as_ref()) {
+                doc["collection"] = c.name.into();
+            }
+        }
+        _ => {}
+    }
+    doc
 }
 
 pub struct ConsumeArgs<'a> {
@@ -177,6 +221,8 @@ pub async fn status(addr: &str, json_out: bool) -> anyhow::Result<()> {
                     "write_ahead_buffer_bytes": p.write_ahead_buffer_bytes,
                     "write_ahead_buffer_messages": p.write_ahead_buffer_messages,
                     "recovery_ms": p.recovery_ms,
+                    "replayed_messages": p.replayed_messages,
+                    "checkpoint_next_id": p.checkpoint_next_id,
                 })
             })
             .collect();

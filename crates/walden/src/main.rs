@@ -2,6 +2,7 @@
 
 mod bench;
 mod cli;
+mod collections_cli;
 mod config;
 mod standalone;
 
@@ -94,6 +95,35 @@ enum Command {
     },
     /// Measure throughput and latency.
     Bench(bench::BenchArgs),
+    /// Create, describe, list and drop collections.
+    #[command(subcommand)]
+    Collection(collections_cli::CollectionCmd),
+    /// Create and drop partitions.
+    #[command(subcommand)]
+    Partition(collections_cli::PartitionCmd),
+    /// Insert rows into a collection.
+    Insert(collections_cli::WriteArgs),
+    /// Insert rows, replacing rows with the same primary key.
+    Upsert(collections_cli::WriteArgs),
+    /// Delete rows by primary key.
+    Delete {
+        #[arg(long)]
+        collection: String,
+        /// Comma-separated primary keys.
+        #[arg(long)]
+        ids: String,
+        #[arg(long)]
+        partition: Option<String>,
+        #[command(flatten)]
+        common: collections_cli::Common,
+    },
+    /// Seal every growing segment of a collection.
+    Flush {
+        #[arg(long)]
+        collection: String,
+        #[command(flatten)]
+        common: collections_cli::Common,
+    },
 }
 
 fn seconds(flag: &str, s: f64) -> anyhow::Result<Duration> {
@@ -184,6 +214,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             init_logging("warn", false);
             bench::run(args).await
         }
+        Command::Collection(cmd) => collections_cli::collection(cmd).await,
+        Command::Partition(cmd) => collections_cli::partition(cmd).await,
+        Command::Insert(args) => collections_cli::write(args, false).await,
+        Command::Upsert(args) => collections_cli::write(args, true).await,
+        Command::Delete {
+            collection,
+            ids,
+            partition,
+            common,
+        } => collections_cli::delete(&collection, &ids, partition.as_deref(), &common).await,
+        Command::Flush { collection, common } => collections_cli::flush(&collection, &common).await,
     }
 }
 
@@ -203,11 +244,16 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line, with the stable code when the error carries one.
+            let text = format!("{e:#}").replace('\n', " ");
             let code = e
                 .downcast_ref::<walden_client::ClientError>()
-                .map(|c| format!(" [{}]", c.code()))
+                .map(HasErrorCode::code)
+                .or_else(|| e.downcast_ref::<walden_schema::SchemaError>().map(HasErrorCode::code))
+                .map(|c| c.to_string())
+                .filter(|c| !text.contains(c.as_str()))
+                .map(|c| format!(" [{c}]"))
                 .unwrap_or_default();
-            eprintln!("error: {}{code}", format!("{e:#}").replace('\n', " "));
+            eprintln!("error: {text}{code}");
             ExitCode::FAILURE
         }
     }

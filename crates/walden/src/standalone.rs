@@ -7,14 +7,42 @@ use anyhow::Context;
 use axum::{Router, http::StatusCode, routing::get};
 use tokio::net::TcpListener;
 use tracing::info;
+use walden_common::HasErrorCode;
+use walden_coordinator::{Appender, AppendError, Coordinator, service::CollectionService};
+use walden_message::MutableMessage;
 use walden_metastore_api::MetaStore;
 use walden_streaming_node::{
+    NodeError,
     channel::Health, manager::WalManager, metrics::Metrics, service::NodeService,
 };
 use walden_wal_api::WalStorage;
 use walden_wal_local::LocalWalStorage;
 
 use crate::config::Config;
+
+/// The coordinator's view of the node in the same process.
+#[derive(Debug)]
+struct LocalNode {
+    manager: Arc<WalManager>,
+    pchannels: Vec<String>,
+}
+
+#[async_trait::async_trait]
+impl Appender for LocalNode {
+    fn pchannels(&self) -> Vec<String> {
+        self.pchannels.clone()
+    }
+
+    async fn append(&self, pchannel: &str, msg: MutableMessage) -> Result<u64, AppendError> {
+        let err = |e: NodeError| AppendError {
+            code: e.code(),
+            message: e.to_string(),
+        };
+        let channel = self.manager.get(pchannel, 0).map_err(err)?;
+        let placed = channel.append(msg).await.map_err(err)?;
+        Ok(placed.tick.0)
+    }
+}
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let data_dir = &config.server.data_dir;
@@ -29,9 +57,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         (&config.wal_local).into(),
     ));
     let metrics = Metrics::new();
-    let manager = WalManager::start(storage, meta, config.node.clone(), metrics.clone())
+    let manager = WalManager::start(storage, meta.clone(), config.node.clone(), metrics.clone())
         .await
         .context("opening the pchannels")?;
+    let coordinator = Coordinator::start(
+        meta,
+        Arc::new(LocalNode {
+            manager: manager.clone(),
+            pchannels: config.node.pchannel_names(),
+        }),
+    )
+    .await
+    .context("starting the coordinator")?;
 
     let listener = TcpListener::bind(&config.server.listen)
         .await
@@ -56,6 +93,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(NodeService::new(manager.clone(), node_id).into_server())
+        .add_service(CollectionService::new(coordinator).into_server())
         .add_service(reflection)
         .serve_with_incoming_shutdown(tokio_stream_listener(listener), async {
             let _ = drain_rx.await;

@@ -1,0 +1,261 @@
+//! Collections: DDL through the coordinator's `Collections` service, and DML (insert, upsert,
+//! delete) straight to the shards' pchannels through idempotent producers.
+//!
+//! Rows are routed to shards by primary key ([`walden_schema::shard_of_pk`]), so a delete goes
+//! to the shard that holds the row. Large batches are cut so that each message stays well
+//! under the node's message limit.
+
+use std::{collections::HashMap, sync::Mutex};
+
+use arrow_array::RecordBatch;
+use bytes::Bytes;
+use prost::Message as _;
+use tonic::transport::Channel;
+use walden_message::{MessageType, MutableMessage};
+use walden_proto::v1::{
+    CollectionInfo, CollectionName, CreateCollectionRequest, DdlResponse, DeleteIds,
+    ListCollectionsRequest, PartitionRequest, collections_client::CollectionsClient,
+};
+use walden_schema::Schema;
+
+use crate::{Client, ClientError, Producer, ProducerOptions};
+
+/// Payload bytes aimed at per insert message (the node refuses messages over its
+/// `node.max_message_bytes`, 8 MiB by default).
+const TARGET_MESSAGE_BYTES: usize = 2 << 20;
+
+/// What a write did: rows (or keys) written and the highest tick they got.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriteResult {
+    pub rows: u64,
+    pub time_tick: u64,
+}
+
+/// The collections API of one node. Cheap to create; producers are opened per pchannel on
+/// first use and reused.
+#[derive(Debug)]
+pub struct Collections {
+    grpc: CollectionsClient<Channel>,
+    client: Client,
+    producers: Mutex<HashMap<String, Producer>>,
+}
+
+impl Collections {
+    pub(crate) fn new(client: Client, channel: Channel) -> Self {
+        Self {
+            grpc: CollectionsClient::new(channel)
+                .max_decoding_message_size(64 << 20)
+                .max_encoding_message_size(64 << 20),
+            client,
+            producers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Creates a collection with `shards` shards (0: one).
+    pub async fn create(
+        &self,
+        name: &str,
+        schema: &Schema,
+        shards: u32,
+    ) -> Result<CollectionInfo, ClientError> {
+        let req = CreateCollectionRequest {
+            name: name.into(),
+            schema: Some(schema.proto().clone()),
+            shards,
+        };
+        Ok(self.grpc.clone().create_collection(req).await?.into_inner())
+    }
+
+    pub async fn describe(&self, name: &str) -> Result<CollectionInfo, ClientError> {
+        let req = CollectionName { name: name.into() };
+        Ok(self.grpc.clone().describe_collection(req).await?.into_inner())
+    }
+
+    pub async fn list(&self) -> Result<Vec<CollectionInfo>, ClientError> {
+        let req = ListCollectionsRequest {};
+        Ok(self
+            .grpc
+            .clone()
+            .list_collections(req)
+            .await?
+            .into_inner()
+            .collections)
+    }
+
+    pub async fn drop_collection(&self, name: &str) -> Result<DdlResponse, ClientError> {
+        let req = CollectionName { name: name.into() };
+        Ok(self.grpc.clone().drop_collection(req).await?.into_inner())
+    }
+
+    pub async fn create_partition(
+        &self,
+        collection: &str,
+        partition: &str,
+    ) -> Result<DdlResponse, ClientError> {
+        let req = PartitionRequest {
+            collection: collection.into(),
+            partition: partition.into(),
+        };
+        Ok(self.grpc.clone().create_partition(req).await?.into_inner())
+    }
+
+    pub async fn drop_partition(
+        &self,
+        collection: &str,
+        partition: &str,
+    ) -> Result<DdlResponse, ClientError> {
+        let req = PartitionRequest {
+            collection: collection.into(),
+            partition: partition.into(),
+        };
+        Ok(self.grpc.clone().drop_partition(req).await?.into_inner())
+    }
+
+    /// Seals every growing segment of the collection.
+    pub async fn flush(&self, name: &str) -> Result<DdlResponse, ClientError> {
+        let req = CollectionName { name: name.into() };
+        Ok(self.grpc.clone().flush(req).await?.into_inner())
+    }
+
+    /// The collection's checked schema.
+    pub async fn schema(&self, name: &str) -> Result<(CollectionInfo, Schema), ClientError> {
+        let info = self.describe(name).await?;
+        let schema = Schema::new(info.schema.clone().unwrap_or_default())
+            .map_err(|e| ClientError::InvalidArgument(e.to_string()))?;
+        Ok((info, schema))
+    }
+
+    /// Inserts rows (`partition` None: `_default`).
+    pub async fn insert(
+        &self,
+        collection: &str,
+        partition: Option<&str>,
+        batches: &[RecordBatch],
+    ) -> Result<WriteResult, ClientError> {
+        self.write_rows(MessageType::Insert, collection, partition, batches)
+            .await
+    }
+
+    /// Inserts rows, replacing any row with the same primary key.
+    pub async fn upsert(
+        &self,
+        collection: &str,
+        partition: Option<&str>,
+        batches: &[RecordBatch],
+    ) -> Result<WriteResult, ClientError> {
+        self.write_rows(MessageType::Upsert, collection, partition, batches)
+            .await
+    }
+
+    /// Deletes rows by primary key.
+    pub async fn delete(
+        &self,
+        collection: &str,
+        partition: Option<&str>,
+        ids: &DeleteIds,
+    ) -> Result<WriteResult, ClientError> {
+        let (info, schema) = self.schema(collection).await?;
+        let rows = schema
+            .check_delete(ids)
+            .map_err(|e| ClientError::InvalidArgument(e.to_string()))?;
+        let mut messages = Vec::new();
+        for (shard, part) in walden_schema::split_ids(ids, info.vchannels.len())
+            .into_iter()
+            .enumerate()
+        {
+            if part.int_ids.is_empty() && part.str_ids.is_empty() {
+                continue;
+            }
+            messages.push((shard, Bytes::from(part.encode_to_vec())));
+        }
+        let tick = self
+            .send_all(&info, MessageType::Delete, partition, messages)
+            .await?;
+        Ok(WriteResult {
+            rows,
+            time_tick: tick,
+        })
+    }
+
+    async fn write_rows(
+        &self,
+        t: MessageType,
+        collection: &str,
+        partition: Option<&str>,
+        batches: &[RecordBatch],
+    ) -> Result<WriteResult, ClientError> {
+        let (info, schema) = self.schema(collection).await?;
+        let invalid = |e: walden_schema::SchemaError| ClientError::InvalidArgument(e.to_string());
+        let mut messages = Vec::new();
+        let mut rows = 0;
+        for batch in batches {
+            schema.check_batch(batch).map_err(invalid)?;
+            rows += batch.num_rows() as u64;
+            for (shard, part) in schema
+                .split_by_shard(batch, info.vchannels.len())
+                .map_err(invalid)?
+                .into_iter()
+                .enumerate()
+            {
+                let Some(part) = part else { continue };
+                for chunk in chunks(&part) {
+                    messages.push((shard, schema.encode_ipc(&chunk).map_err(invalid)?));
+                }
+            }
+        }
+        if rows == 0 {
+            return Err(ClientError::InvalidArgument("no rows to write".into()));
+        }
+        let tick = self.send_all(&info, t, partition, messages).await?;
+        Ok(WriteResult {
+            rows,
+            time_tick: tick,
+        })
+    }
+
+    /// Sends every (shard, payload) pipelined and waits for all; returns the highest tick.
+    async fn send_all(
+        &self,
+        info: &CollectionInfo,
+        t: MessageType,
+        partition: Option<&str>,
+        messages: Vec<(usize, Bytes)>,
+    ) -> Result<u64, ClientError> {
+        let mut pending = Vec::with_capacity(messages.len());
+        for (shard, payload) in messages {
+            let v = &info.vchannels[shard];
+            let mut msg = MutableMessage::new(t, v.name.clone(), payload);
+            if let Some(p) = partition {
+                msg.coll.partition = p.to_owned();
+            }
+            let producer = self.producer(&v.pchannel);
+            pending.push(producer.send(msg).await?);
+        }
+        let mut tick = 0;
+        for p in pending {
+            tick = tick.max(p.await?.tick.0);
+        }
+        Ok(tick)
+    }
+
+    fn producer(&self, pchannel: &str) -> Producer {
+        self.producers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(pchannel.to_owned())
+            .or_insert_with(|| self.client.producer(pchannel, ProducerOptions::default()))
+            .clone()
+    }
+}
+
+/// Cuts a batch into slices of about [`TARGET_MESSAGE_BYTES`].
+fn chunks(batch: &RecordBatch) -> Vec<RecordBatch> {
+    let rows = batch.num_rows();
+    let bytes = batch.get_array_memory_size().max(1);
+    let per_row = bytes.div_ceil(rows.max(1)).max(1);
+    let step = (TARGET_MESSAGE_BYTES / per_row).clamp(1, rows.max(1));
+    (0..rows)
+        .step_by(step)
+        .map(|start| batch.slice(start, step.min(rows - start)))
+        .collect()
+}

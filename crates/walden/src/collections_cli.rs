@@ -1,0 +1,336 @@
+//! The collection commands: `collection`, `partition`, `insert`, `upsert`, `delete`, `flush`.
+
+use std::{fs::File, io::Read as _, path::Path};
+
+use anyhow::{Context, bail};
+use arrow_array::RecordBatch;
+use clap::{Args, Subcommand};
+use serde_json::{Value, json};
+use walden_client::Collections;
+use walden_proto::v1::{CollectionInfo, CollectionState};
+use walden_schema::Schema;
+
+use crate::{DEFAULT_ADDR, cli::connect};
+
+/// Where to connect and how to print, for every collection command.
+#[derive(Args, Debug, Clone)]
+pub struct Common {
+    #[arg(long, default_value = DEFAULT_ADDR)]
+    pub addr: String,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CollectionCmd {
+    /// Create a collection from a JSON schema file.
+    Create {
+        name: String,
+        /// `{"fields":[{"name":"id","type":"int64","primary_key":true},{"name":"emb","type":"float_vector","dim":4}]}`
+        #[arg(long)]
+        schema: std::path::PathBuf,
+        /// Shards (vchannels), placed on the least loaded pchannels.
+        #[arg(long, default_value_t = 1)]
+        shards: u32,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Schema, state, partitions and vchannels of a collection.
+    Describe {
+        name: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Every collection.
+    List {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Drop a collection from every shard.
+    Drop {
+        name: String,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PartitionCmd {
+    Create {
+        name: String,
+        #[arg(long)]
+        collection: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    Drop {
+        name: String,
+        #[arg(long)]
+        collection: String,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+/// `insert` and `upsert`.
+#[derive(Args, Debug)]
+pub struct WriteArgs {
+    #[arg(long)]
+    pub collection: String,
+    /// Rows: a JSON array or JSON lines of objects, Parquet (`.parquet`) or Arrow IPC
+    /// (`.arrow`, `.arrows`, `.ipc`, `.feather`); `-` reads JSON from stdin.
+    #[arg(long)]
+    pub file: std::path::PathBuf,
+    /// Partition [default: _default].
+    #[arg(long)]
+    pub partition: Option<String>,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+fn state_name(s: CollectionState) -> &'static str {
+    match s {
+        CollectionState::Unspecified => "unspecified",
+        CollectionState::Creating => "creating",
+        CollectionState::Created => "created",
+        CollectionState::Dropping => "dropping",
+    }
+}
+
+/// The JSON form of a collection, as `describe --json` prints it.
+pub fn collection_json(info: &CollectionInfo) -> Value {
+    let schema = info
+        .schema
+        .clone()
+        .and_then(|s| Schema::new(s).ok())
+        .map_or(Value::Null, |s| s.to_json());
+    json!({
+        "name": info.name,
+        "collection_id": info.collection_id,
+        "state": state_name(info.state()),
+        "shards": info.vchannels.len(),
+        "schema": schema,
+        "partitions": info.partitions,
+        "vchannels": info.vchannels.iter()
+            .map(|v| json!({"name": v.name, "pchannel": v.pchannel}))
+            .collect::<Vec<_>>(),
+    })
+}
+
+async fn api(addr: &str) -> anyhow::Result<Collections> {
+    Ok(connect(addr).await?.collections())
+}
+
+fn print(common: &Common, doc: Value, text: impl FnOnce() -> String) {
+    if common.json {
+        println!("{doc}");
+    } else {
+        println!("{}", text());
+    }
+}
+
+pub async fn collection(cmd: CollectionCmd) -> anyhow::Result<()> {
+    match cmd {
+        CollectionCmd::Create {
+            name,
+            schema,
+            shards,
+            common,
+        } => {
+            let text = std::fs::read_to_string(&schema)
+                .with_context(|| format!("reading {}", schema.display()))?;
+            let schema = Schema::from_json(&text).context("--schema")?;
+            let info = api(&common.addr)
+                .await?
+                .create(&name, &schema, shards)
+                .await?;
+            print(&common, collection_json(&info), || {
+                format!(
+                    "created collection {} (id {}, {} shards)",
+                    info.name,
+                    info.collection_id,
+                    info.vchannels.len()
+                )
+            });
+        }
+        CollectionCmd::Describe { name, common } => {
+            let info = api(&common.addr).await?.describe(&name).await?;
+            let doc = collection_json(&info);
+            print(&common, doc.clone(), || {
+                let mut s = format!(
+                    "collection {} (id {}, {})\nschema: {}\npartitions: {}\n",
+                    info.name,
+                    info.collection_id,
+                    state_name(info.state()),
+                    doc["schema"],
+                    info.partitions.join(", ")
+                );
+                for v in &info.vchannels {
+                    s.push_str(&format!("vchannel {} on {}\n", v.name, v.pchannel));
+                }
+                s.trim_end().to_owned()
+            });
+        }
+        CollectionCmd::List { common } => {
+            let all = api(&common.addr).await?.list().await?;
+            let doc = json!({ "collections": all.iter().map(collection_json).collect::<Vec<_>>() });
+            print(&common, doc, || {
+                all.iter()
+                    .map(|i| {
+                        format!(
+                            "{}\tid={}\tshards={}\t{}",
+                            i.name,
+                            i.collection_id,
+                            i.vchannels.len(),
+                            state_name(i.state())
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        CollectionCmd::Drop { name, common } => {
+            let r = api(&common.addr).await?.drop_collection(&name).await?;
+            print(
+                &common,
+                json!({"dropped": name, "time_ticks": r.time_ticks}),
+                || format!("dropped collection {name}"),
+            );
+        }
+    }
+    Ok(())
+}
+
+pub async fn partition(cmd: PartitionCmd) -> anyhow::Result<()> {
+    let (create, name, collection, common) = match cmd {
+        PartitionCmd::Create {
+            name,
+            collection,
+            common,
+        } => (true, name, collection, common),
+        PartitionCmd::Drop {
+            name,
+            collection,
+            common,
+        } => (false, name, collection, common),
+    };
+    let api = api(&common.addr).await?;
+    let r = if create {
+        api.create_partition(&collection, &name).await?
+    } else {
+        api.drop_partition(&collection, &name).await?
+    };
+    let verb = if create { "created" } else { "dropped" };
+    print(
+        &common,
+        json!({"collection": collection, "partition": name, verb: true, "time_ticks": r.time_ticks}),
+        || format!("{verb} partition {name} of {collection}"),
+    );
+    Ok(())
+}
+
+pub async fn write(args: WriteArgs, upsert: bool) -> anyhow::Result<()> {
+    let api = api(&args.common.addr).await?;
+    let (_, schema) = api.schema(&args.collection).await?;
+    let batches = read_rows(&args.file, &schema)?;
+    let r = if upsert {
+        api.upsert(&args.collection, args.partition.as_deref(), &batches)
+            .await?
+    } else {
+        api.insert(&args.collection, args.partition.as_deref(), &batches)
+            .await?
+    };
+    let key = if upsert { "upserted" } else { "inserted" };
+    print(
+        &args.common,
+        json!({ key: r.rows, "time_tick": r.time_tick }),
+        || format!("{key} {} rows into {} (tick {})", r.rows, args.collection, r.time_tick),
+    );
+    Ok(())
+}
+
+pub async fn delete(
+    collection: &str,
+    ids: &str,
+    partition: Option<&str>,
+    common: &Common,
+) -> anyhow::Result<()> {
+    let api = api(&common.addr).await?;
+    let (_, schema) = api.schema(collection).await?;
+    let ids = schema.parse_ids(ids).context("--ids")?;
+    let r = api.delete(collection, partition, &ids).await?;
+    print(
+        common,
+        json!({"deleted": r.rows, "time_tick": r.time_tick}),
+        || format!("deleted {} keys from {collection} (tick {})", r.rows, r.time_tick),
+    );
+    Ok(())
+}
+
+pub async fn flush(collection: &str, common: &Common) -> anyhow::Result<()> {
+    let r = api(&common.addr).await?.flush(collection).await?;
+    print(
+        common,
+        json!({"flushed": collection, "time_ticks": r.time_ticks}),
+        || format!("flushed {collection}"),
+    );
+    Ok(())
+}
+
+/// Reads rows for `schema` from a JSON, Parquet or Arrow IPC file.
+fn read_rows(path: &Path, schema: &Schema) -> anyhow::Result<Vec<RecordBatch>> {
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    let batches = match ext.as_str() {
+        "parquet" => {
+            let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+            parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
+                .with_context(|| format!("reading Parquet {}", path.display()))?
+                .build()?
+                .collect::<Result<Vec<_>, _>>()
+                .with_context(|| format!("reading Parquet {}", path.display()))?
+        }
+        "arrow" | "arrows" | "ipc" | "feather" => {
+            let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            match arrow_ipc::reader::FileReader::try_new(std::io::Cursor::new(&bytes), None) {
+                Ok(r) => r.collect::<Result<Vec<_>, _>>()?,
+                Err(_) => walden_schema::decode_ipc(&bytes)
+                    .with_context(|| format!("reading Arrow IPC {}", path.display()))?,
+            }
+        }
+        _ => {
+            let mut text = String::new();
+            if path == Path::new("-") {
+                std::io::stdin().read_to_string(&mut text)?;
+            } else {
+                text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+            }
+            let rows = parse_json_rows(&text)?;
+            vec![schema.rows_from_json(&rows)?]
+        }
+    };
+    batches
+        .iter()
+        .map(|b| schema.conform(b).map_err(anyhow::Error::from))
+        .collect()
+}
+
+/// A JSON array of objects, or one object per line.
+fn parse_json_rows(text: &str) -> anyhow::Result<Vec<Value>> {
+    if text.trim_start().starts_with('[') {
+        return match serde_json::from_str(text).context("rows JSON")? {
+            Value::Array(rows) => Ok(rows),
+            _ => bail!("rows JSON must be an array of objects"),
+        };
+    }
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("JSON line {}", i + 1)))
+        .collect()
+}
