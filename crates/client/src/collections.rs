@@ -68,7 +68,12 @@ impl Collections {
 
     pub async fn describe(&self, name: &str) -> Result<CollectionInfo, ClientError> {
         let req = CollectionName { name: name.into() };
-        Ok(self.grpc.clone().describe_collection(req).await?.into_inner())
+        Ok(self
+            .grpc
+            .clone()
+            .describe_collection(req)
+            .await?
+            .into_inner())
     }
 
     pub async fn list(&self) -> Result<Vec<CollectionInfo>, ClientError> {

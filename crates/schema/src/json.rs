@@ -149,7 +149,11 @@ pub(crate) fn conform(schema: &Schema, batch: &RecordBatch) -> Result<RecordBatc
         let col = batch
             .column_by_name(&f.name)
             .ok_or_else(|| {
-                let what = if f.primary_key { "primary key" } else { "field" };
+                let what = if f.primary_key {
+                    "primary key"
+                } else {
+                    "field"
+                };
                 mismatch(format!("missing {what} {:?}", f.name))
             })?
             .clone();
@@ -186,8 +190,13 @@ pub(crate) fn conform(schema: &Schema, batch: &RecordBatch) -> Result<RecordBatc
                 };
                 let item = Arc::new(Field::new("item", A::Float32, false));
                 Arc::new(
-                    FixedSizeListArray::try_new(item, dim as i32, Arc::new(Float32Array::from(flat)), None)
-                        .map_err(|e| mismatch(e.to_string()))?,
+                    FixedSizeListArray::try_new(
+                        item,
+                        dim as i32,
+                        Arc::new(Float32Array::from(flat)),
+                        None,
+                    )
+                    .map_err(|e| mismatch(e.to_string()))?,
                 )
             }
             (DataType::Float, A::Float64) => Arc::new(

@@ -245,7 +245,12 @@ pub async fn write(args: WriteArgs, upsert: bool) -> anyhow::Result<()> {
     print(
         &args.common,
         json!({ key: r.rows, "time_tick": r.time_tick }),
-        || format!("{key} {} rows into {} (tick {})", r.rows, args.collection, r.time_tick),
+        || {
+            format!(
+                "{key} {} rows into {} (tick {})",
+                r.rows, args.collection, r.time_tick
+            )
+        },
     );
     Ok(())
 }
@@ -263,7 +268,12 @@ pub async fn delete(
     print(
         common,
         json!({"deleted": r.rows, "time_tick": r.time_tick}),
-        || format!("deleted {} keys from {collection} (tick {})", r.rows, r.time_tick),
+        || {
+            format!(
+                "deleted {} keys from {collection} (tick {})",
+                r.rows, r.time_tick
+            )
+        },
     );
     Ok(())
 }
@@ -295,7 +305,8 @@ fn read_rows(path: &Path, schema: &Schema) -> anyhow::Result<Vec<RecordBatch>> {
                 .with_context(|| format!("reading Parquet {}", path.display()))?
         }
         "arrow" | "arrows" | "ipc" | "feather" => {
-            let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            let bytes =
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
             match arrow_ipc::reader::FileReader::try_new(std::io::Cursor::new(&bytes), None) {
                 Ok(r) => r.collect::<Result<Vec<_>, _>>()?,
                 Err(_) => walden_schema::decode_ipc(&bytes)

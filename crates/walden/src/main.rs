@@ -248,7 +248,10 @@ fn main() -> ExitCode {
             let code = e
                 .downcast_ref::<walden_client::ClientError>()
                 .map(HasErrorCode::code)
-                .or_else(|| e.downcast_ref::<walden_schema::SchemaError>().map(HasErrorCode::code))
+                .or_else(|| {
+                    e.downcast_ref::<walden_schema::SchemaError>()
+                        .map(HasErrorCode::code)
+                })
                 .map(|c| c.to_string())
                 .filter(|c| !text.contains(c.as_str()))
                 .map(|c| format!(" [{c}]"))

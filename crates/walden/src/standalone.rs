@@ -8,12 +8,11 @@ use axum::{Router, http::StatusCode, routing::get};
 use tokio::net::TcpListener;
 use tracing::info;
 use walden_common::HasErrorCode;
-use walden_coordinator::{Appender, AppendError, Coordinator, service::CollectionService};
+use walden_coordinator::{AppendError, Appender, Coordinator, service::CollectionService};
 use walden_message::MutableMessage;
 use walden_metastore_api::MetaStore;
 use walden_streaming_node::{
-    NodeError,
-    channel::Health, manager::WalManager, metrics::Metrics, service::NodeService,
+    NodeError, channel::Health, manager::WalManager, metrics::Metrics, service::NodeService,
 };
 use walden_wal_api::WalStorage;
 use walden_wal_local::LocalWalStorage;
