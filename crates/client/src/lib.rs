@@ -31,6 +31,7 @@ mod collections;
 mod consumer;
 mod error;
 mod producer;
+mod txn;
 
 use std::time::Duration;
 
@@ -41,6 +42,7 @@ pub use collections::{Collections, WriteResult};
 pub use consumer::{Consumer, ConsumerOptions, DeliverFrom};
 pub use error::ClientError;
 pub use producer::{AppendResult, Producer, ProducerOptions};
+pub use txn::Txn;
 
 /// A connection to a Walden node. Cheap to clone.
 #[derive(Clone, Debug)]

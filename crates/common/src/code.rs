@@ -43,6 +43,9 @@ pub enum ErrorCode {
     SegmentSealed = 17,
     /// Rows do not match the collection's schema (type, dimension, missing primary key).
     SchemaMismatch = 18,
+    /// The transaction expired, was rolled back (by a DDL, a restart or the client) or is
+    /// unknown: start a new one.
+    TxnExpired = 19,
 }
 
 impl ErrorCode {
@@ -72,6 +75,7 @@ impl ErrorCode {
             16 => Self::PartitionExists,
             17 => Self::SegmentSealed,
             18 => Self::SchemaMismatch,
+            19 => Self::TxnExpired,
             _ => return None,
         })
     }
@@ -97,6 +101,7 @@ impl ErrorCode {
             Self::PartitionExists => "PARTITION_EXISTS",
             Self::SegmentSealed => "SEGMENT_SEALED",
             Self::SchemaMismatch => "SCHEMA_MISMATCH",
+            Self::TxnExpired => "TXN_EXPIRED",
         }
     }
 
@@ -114,7 +119,7 @@ impl ErrorCode {
     }
 
     /// Every code, for docs and tests.
-    pub const ALL: [ErrorCode; 18] = [
+    pub const ALL: [ErrorCode; 19] = [
         Self::ChannelNotFound,
         Self::ChannelFenced,
         Self::OnShutdown,
@@ -133,6 +138,7 @@ impl ErrorCode {
         Self::PartitionExists,
         Self::SegmentSealed,
         Self::SchemaMismatch,
+        Self::TxnExpired,
     ];
 }
 

@@ -83,6 +83,9 @@ impl MutableMessage {
             MessageType::TimeTick => {
                 return Err("TimeTick messages are written by the WAL only".into());
             }
+            MessageType::Txn => {
+                return Err("Txn messages are assembled for consumers, never written".into());
+            }
             _ => {}
         }
         validate_channel_name(&self.vchannel).map_err(|e| format!("vchannel: {e}"))
@@ -116,8 +119,8 @@ impl MutableMessage {
             message_type,
             vchannel: m.vchannel,
             properties: m.properties,
-            txn: None,
             producer: (m.producer_id != 0).then_some((m.producer_id, m.producer_seq)),
+            txn: m.txn,
             coll: CollectionFields {
                 partition: m.partition,
                 segment_id: m.segment_id,
@@ -140,6 +143,7 @@ impl MutableMessage {
             partition: self.coll.partition,
             segment_id: self.coll.segment_id,
             broadcast_id: self.coll.broadcast_id,
+            txn: self.txn,
         }
     }
 
@@ -220,6 +224,14 @@ impl ImmutableMessage {
             .then_some((self.header.producer_id, self.header.producer_seq))
     }
 
+    /// The messages of a delivered `Txn` (BeginTxn, the body, CommitTxn), in tick order.
+    pub fn txn_messages(&self) -> Result<Vec<ImmutableMessage>, DecodeError> {
+        use prost::Message as _;
+        let body = walden_proto::v1::TxnBody::decode(self.payload.as_ref())
+            .map_err(|e| DecodeError::BadHeader(format!("transaction body: {e}")))?;
+        body.messages.into_iter().map(Self::from_proto).collect()
+    }
+
     /// Converts to the wire form.
     pub fn into_proto(self) -> walden_proto::v1::ImmutableMessage {
         walden_proto::v1::ImmutableMessage {
@@ -259,6 +271,7 @@ pub fn type_name(t: MessageType) -> &'static str {
         MessageType::RollbackTxn => "RollbackTxn",
         MessageType::Upsert => "Upsert",
         MessageType::Data => "Data",
+        MessageType::Txn => "Txn",
     }
 }
 
@@ -271,7 +284,7 @@ pub fn parse_type_name(s: &str) -> Option<MessageType> {
 }
 
 /// Every message type a message can have.
-pub const ALL_TYPES: [MessageType; 14] = [
+pub const ALL_TYPES: [MessageType; 15] = [
     MessageType::TimeTick,
     MessageType::Insert,
     MessageType::Delete,
@@ -286,6 +299,7 @@ pub const ALL_TYPES: [MessageType; 14] = [
     MessageType::RollbackTxn,
     MessageType::Upsert,
     MessageType::Data,
+    MessageType::Txn,
 ];
 
 #[cfg(test)]

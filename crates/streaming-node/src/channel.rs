@@ -35,6 +35,7 @@ use crate::{
     metrics::Metrics,
     shard::{self, Shards},
     tso::Tso,
+    txn::{self, Role, Txns},
     wab::WriteAheadBuffer,
 };
 
@@ -72,6 +73,8 @@ struct State {
     shards: Shards,
     /// Messages enqueued since the last checkpoint was taken.
     since_checkpoint: u64,
+    /// Open transactions.
+    txns: Txns,
 }
 
 type Completion = (
@@ -228,6 +231,7 @@ impl Channel {
                 closed: false,
                 shards: Shards::new(shard::SealPolicy::from_config(&config)),
                 since_checkpoint: 0,
+                txns: Txns::new(config.txn_keepalive_ms),
             }),
             config,
             metrics,
@@ -274,14 +278,23 @@ impl Channel {
     /// after it. Call before serving; it starts the checkpoint task.
     pub async fn recover_state(self: &Arc<Self>) -> Result<Recovery, NodeError> {
         let policy = shard::SealPolicy::from_config(&self.config);
-        let (mut shards, from) = match self.meta.get(&checkpoint_key(&self.name)).await? {
+        let keepalive = self.config.txn_keepalive_ms;
+        let (mut shards, mut txns, from) = match self.meta.get(&checkpoint_key(&self.name)).await? {
             Some(kv) => {
                 let cp = PChannelCheckpoint::decode(kv.value.as_ref()).map_err(|e| {
                     NodeError::Internal(format!("checkpoint of {}: {e}", self.name))
                 })?;
-                (Shards::from_checkpoint(&cp, policy)?, MessageId(cp.next_id))
+                (
+                    Shards::from_checkpoint(&cp, policy)?,
+                    Txns::from_proto(&cp.open_txns, keepalive),
+                    MessageId(cp.next_id),
+                )
             }
-            None => (Shards::new(policy), self.wal.first_id()),
+            None => (
+                Shards::new(policy),
+                Txns::new(keepalive),
+                self.wal.first_id(),
+            ),
         };
         if from < self.wal.first_id() {
             return Err(NodeError::Internal(format!(
@@ -296,6 +309,7 @@ impl Channel {
             while let Some((id, record)) = reader.next().await? {
                 let m = codec::decode(id, record)?;
                 shards.apply(&m.header, &m.payload);
+                txns.apply(&m.header, id);
                 replayed += 1;
             }
         }
@@ -305,6 +319,7 @@ impl Channel {
         {
             let mut st = self.lock();
             st.shards = shards;
+            st.txns = txns;
             st.since_checkpoint = replayed;
         }
         let r = Recovery {
@@ -321,13 +336,40 @@ impl Channel {
         Ok(r)
     }
 
+    /// Rolls back the transactions that were open when the pchannel last stopped: their
+    /// producers are gone with the old incarnation. Call once, after recovery.
+    pub async fn rollback_open_txns(&self) -> Result<usize, NodeError> {
+        // Written directly, not submitted: admission would refuse them as expired.
+        let mut rollbacks = self.lock().txns.all(txn::reason::RECOVERY).into_iter();
+        let n = rollbacks.len();
+        let mut pending = Vec::with_capacity(n);
+        while rollbacks.len() > 0 {
+            {
+                let mut st = self.lock();
+                while let Some(m) = rollbacks.as_slice().first().cloned() {
+                    let Ok(tick) = self.tso.allocate() else { break };
+                    rollbacks.next();
+                    pending.push(self.enqueue(&mut st, tick, m, None)?);
+                }
+            }
+            if rollbacks.len() > 0 {
+                self.tso.extend(&*self.meta).await?;
+            }
+        }
+        for p in pending {
+            p.wait().await?;
+        }
+        Ok(n)
+    }
+
     /// Saves the collection state as of the last enqueued message, once that message is
     /// durable, with a compare-and-swap on this channel's term: a node that lost the pchannel
     /// cannot overwrite its successor's checkpoint. Returns the checkpoint's `next_id`.
     pub async fn checkpoint(&self) -> Result<MessageId, NodeError> {
         let (mut cp, next_id, taken) = {
             let mut st = self.lock();
-            let cp = st.shards.to_checkpoint();
+            let mut cp = st.shards.to_checkpoint();
+            cp.open_txns = st.txns.to_proto();
             let taken = std::mem::take(&mut st.since_checkpoint);
             (cp, self.wal.next_id(), taken)
         };
@@ -495,7 +537,16 @@ impl Channel {
                 }
             }
         }
-        for pre in st.shards.admit(msg, checked)? {
+        let now = TimeTick::compose(crate::tso::now_ms(), 0);
+        let role = st.txns.admit(msg, now)?;
+        let mut pre = st.shards.admit(msg, checked)?;
+        if role == Role::None && txn::is_exclusive(msg.message_type) {
+            // Bodies of open transactions would land after the exclusive message: end them.
+            let mut rollbacks = st.txns.on_vchannel(&msg.vchannel);
+            rollbacks.append(&mut pre);
+            pre = rollbacks;
+        }
+        for pre in pre {
             let Ok(tick) = self.tso.allocate() else {
                 return Ok(None);
             };
@@ -510,7 +561,8 @@ impl Channel {
         let pending = self.enqueue(&mut st, tick, msg, permit.take())?;
         // A segment this insert filled is sealed at once; if the oracle ran out here, the
         // TimeTick task's seal check writes the Flush instead.
-        for flush in st.shards.full_seals(&vchannel) {
+        let busy = st.txns.segments_in_use();
+        for flush in st.shards.full_seals(&vchannel, &busy) {
             let Ok(tick) = self.tso.allocate() else { break };
             self.enqueue(&mut st, tick, flush, None)?;
         }
@@ -530,7 +582,15 @@ impl Channel {
             // A segment is named by the tick that created it: unique, with no allocator.
             msg.coll.segment_id = tick.0;
         }
-        let last_confirmed = self.wal.next_id();
+        if msg.message_type == MessageType::BeginTxn
+            && let Some(ctx) = msg.txn.as_mut()
+        {
+            // So is a transaction.
+            ctx.txn_id = tick.0;
+        }
+        // The WAL gives ids in enqueue order, and we hold the append lock.
+        let id = self.wal.next_id();
+        let last_confirmed = st.txns.min_begin().map_or(id, |b| b.min(id));
         st.dirty = msg.message_type != MessageType::TimeTick;
         let producer = msg.producer;
         let (header, payload) = msg.into_header(tick, self.term, last_confirmed);
@@ -545,6 +605,7 @@ impl Channel {
         });
         let before = st.shards.growing_bytes();
         st.shards.apply(&header, &payload);
+        st.txns.apply(&header, id);
         self.metrics
             .growing_bytes
             .add(st.shards.growing_bytes() as i64 - before as i64);
@@ -579,7 +640,8 @@ impl Channel {
         })
     }
 
-    /// Writes the Flush messages the seal policies call for now (idle, lifetime, node memory).
+    /// Writes what time calls for: RollbackTxn for expired transactions, and the Flush messages
+    /// the seal policies ask for (full, idle, lifetime, node memory).
     pub fn seal_due(&self) -> Result<usize, NodeError> {
         let now = TimeTick::compose(crate::tso::now_ms(), 0);
         let node_bytes = u64::try_from(self.metrics.growing_bytes.get()).unwrap_or(0);
@@ -591,7 +653,9 @@ impl Channel {
         if st.closed || st.failed.is_some() {
             return Ok(0);
         }
-        let due = st.shards.due_seals(now, node_bytes, memory);
+        let busy = st.txns.segments_in_use();
+        let mut due = st.txns.expired(now);
+        due.extend(st.shards.due_seals(now, node_bytes, memory, &busy));
         let mut written = 0;
         for flush in due {
             let Ok(tick) = self.tso.allocate() else { break };

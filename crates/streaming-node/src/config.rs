@@ -53,6 +53,9 @@ pub struct NodeConfig {
     /// Recovery storage: ... or as soon as this many messages were appended since the last
     /// checkpoint, which bounds the replay at open. Default 20000.
     pub checkpoint_max_dirty_messages: u64,
+    /// Transactions: how long one may stay idle (no body message) before the node rolls it
+    /// back, when BeginTxn does not say. Default 10000 ms.
+    pub txn_keepalive_ms: u64,
 }
 
 impl Default for NodeConfig {
@@ -77,6 +80,7 @@ impl Default for NodeConfig {
             growing_memory_low_bytes: 512 << 20,
             checkpoint_interval_ms: 10_000,
             checkpoint_max_dirty_messages: 20_000,
+            txn_keepalive_ms: 10_000,
         }
     }
 }

@@ -18,6 +18,7 @@ pub mod scanner;
 pub mod service;
 pub mod shard;
 pub mod tso;
+pub mod txn;
 pub mod wab;
 
 use thiserror::Error;
@@ -72,6 +73,8 @@ pub enum NodeError {
     SegmentSealed(String),
     #[error(transparent)]
     Schema(#[from] walden_schema::SchemaError),
+    #[error("{0}")]
+    TxnExpired(String),
 }
 
 impl HasErrorCode for NodeError {
@@ -95,6 +98,7 @@ impl HasErrorCode for NodeError {
             Self::PartitionExists(_) => ErrorCode::PartitionExists,
             Self::SegmentSealed(_) => ErrorCode::SegmentSealed,
             Self::Schema(e) => e.code(),
+            Self::TxnExpired(_) => ErrorCode::TxnExpired,
         }
     }
 }

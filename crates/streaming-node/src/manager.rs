@@ -121,6 +121,7 @@ impl WalManager {
         let recovered = channel.recover_state().await?;
         let producers = channel.rebuild_dedup().await?;
         channel.write_first_time_tick().await?;
+        let rolled_back = channel.rollback_open_txns().await?;
         let took = started.elapsed();
         channel.set_recovery_time(took);
         info!(
@@ -128,6 +129,7 @@ impl WalManager {
             %term,
             recovery_ms = took.as_millis() as u64,
             replayed_messages = recovered.replayed,
+            transactions_rolled_back = rolled_back,
             replay_from = %recovered.from,
             idempotent_messages_recognised = producers,
             "pchannel ready"

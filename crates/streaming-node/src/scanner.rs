@@ -5,7 +5,10 @@
 //! Because ids follow ticks within a pchannel, both sources are already in tick order and the
 //! switch points are plain ids.
 
-use std::sync::Arc;
+use std::{collections::HashMap, sync::Arc};
+
+use prost::Message as _;
+use walden_proto::v1::TxnBody;
 
 use tokio::sync::mpsc;
 use tracing::debug;
@@ -57,6 +60,58 @@ impl Filters {
     }
 }
 
+/// Holds transaction bodies until their commit, then yields the whole transaction as one
+/// `Txn` message at the commit's tick and id. Rolled back transactions are dropped, and so are
+/// bodies whose `BeginTxn` the scan did not see (it started in the middle of them).
+///
+/// What it holds is bounded by what producers put in open transactions; the write side expires
+/// idle ones (`node.txn_keepalive_ms`).
+#[derive(Debug, Default)]
+pub struct TxnAssembler {
+    open: HashMap<u64, Vec<ImmutableMessage>>,
+}
+
+impl TxnAssembler {
+    /// Feeds one stored message; returns what to deliver, if anything.
+    pub fn push(&mut self, m: ImmutableMessage) -> Option<ImmutableMessage> {
+        let Some(ctx) = m.header.txn else {
+            return Some(m);
+        };
+        match m.message_type() {
+            MessageType::BeginTxn => {
+                self.open.insert(ctx.txn_id, vec![m]);
+                None
+            }
+            MessageType::RollbackTxn => {
+                self.open.remove(&ctx.txn_id);
+                None
+            }
+            MessageType::CommitTxn => {
+                let mut body = self.open.remove(&ctx.txn_id)?;
+                let mut header = m.header.clone();
+                header.message_type = MessageType::Txn as i32;
+                let id = m.id;
+                body.push(m);
+                let payload = TxnBody {
+                    messages: body.into_iter().map(ImmutableMessage::into_proto).collect(),
+                }
+                .encode_to_vec();
+                Some(ImmutableMessage {
+                    id,
+                    header,
+                    payload: payload.into(),
+                })
+            }
+            _ => {
+                if let Some(body) = self.open.get_mut(&ctx.txn_id) {
+                    body.push(m);
+                }
+                None
+            }
+        }
+    }
+}
+
 /// Messages a tail read takes at once.
 const TAIL_BATCH: usize = 256;
 
@@ -89,14 +144,18 @@ async fn run(
         DeliverPolicy::StartFrom(id) => Pos::Storage(id),
         DeliverPolicy::StartAfter(id) => Pos::Storage(id.next()),
         DeliverPolicy::All => match filters.tick_floor() {
-            // Everything above the floor's tick is in the buffer: no need to read storage.
-            Some(t) if wab.first_tick().is_some_and(|f| f <= t) => Pos::Tail(wab.floor()),
+            // Everything above the floor's tick is in the buffer, and so is every transaction
+            // body committed after it from the oldest buffered message's last-confirmed id on.
+            Some(t) if wab.first_tick().is_some_and(|f| f <= t) => {
+                Pos::Storage(wab.first_last_confirmed().unwrap_or_else(|| wab.floor()))
+            }
             _ => Pos::Storage(channel.wal().first_id()),
         },
     };
     let mut health = channel.health();
     let mut changes = wab.subscribe();
     let mut batch = Vec::with_capacity(TAIL_BATCH);
+    let mut txns = TxnAssembler::default();
     loop {
         pos = match pos {
             Pos::Storage(from) => {
@@ -114,6 +173,7 @@ async fn run(
                             Some((id, record)) => {
                                 let msg = codec::decode(id, record)?;
                                 next = id.next();
+                                let Some(msg) = txns.push(msg) else { continue };
                                 if filters.admits(&msg) && tx.send(Ok(msg)).await.is_err() {
                                     return Ok(());
                                 }
@@ -137,6 +197,7 @@ async fn run(
                 let end = wab.end().0;
                 for msg in batch.drain(..) {
                     next = msg.id.next();
+                    let Some(msg) = txns.push(msg) else { continue };
                     if filters.admits(&msg) {
                         channel
                             .metrics()

@@ -293,11 +293,17 @@ impl Shards {
             MessageType::CreateSegment => Err(NodeError::InvalidArgument(
                 "CreateSegment messages are written by the node only".into(),
             )),
+            // The transaction manager checked the transaction; the vchannel must still be live
+            // if it is a collection's.
             MessageType::BeginTxn | MessageType::CommitTxn | MessageType::RollbackTxn => {
-                Err(NodeError::InvalidArgument(
-                    "transaction control messages are written through the transaction API".into(),
-                ))
+                if self.vchannels.contains_key(vchannel) {
+                    msg.coll.collection_id = self.live(vchannel)?.info.collection_id;
+                }
+                Ok(vec![])
             }
+            MessageType::Txn => Err(NodeError::InvalidArgument(
+                "Txn messages are assembled for consumers and never written".into(),
+            )),
             MessageType::Unspecified => Err(NodeError::InvalidArgument(
                 "message type is unspecified".into(),
             )),
@@ -420,15 +426,17 @@ impl Shards {
     /// Flush messages for segments that a seal policy says to seal now: full (rows, size),
     /// idle, too old, or (largest first) while `node_growing_bytes` is above `memory_high`
     /// until it would be below `memory_low`.
+    /// Segments in `busy` (written by open transactions) are left growing.
     pub fn due_seals(
         &self,
         now: TimeTick,
         node_growing_bytes: u64,
         memory: (u64, u64),
+        busy: &BTreeSet<u64>,
     ) -> Vec<MutableMessage> {
         let now_ms = now.physical_ms();
         let mut due: Vec<(u64, &'static str)> = Vec::new();
-        for (id, s) in &self.segments {
+        for (id, s) in self.segments.iter().filter(|(id, _)| !busy.contains(id)) {
             let why = self.is_full(s).or_else(|| {
                 if now_ms.saturating_sub(s.created.physical_ms()) >= self.policy.max_lifetime_ms {
                     Some(reason::LIFETIME)
@@ -449,7 +457,7 @@ impl Shards {
             let mut by_size: Vec<(u64, u64)> = self
                 .segments
                 .iter()
-                .filter(|(id, _)| !due.iter().any(|(d, _)| d == *id))
+                .filter(|(id, _)| !busy.contains(id) && !due.iter().any(|(d, _)| d == *id))
                 .map(|(id, s)| (s.bytes, *id))
                 .collect();
             by_size.sort_unstable_by(|a, b| b.cmp(a));
@@ -481,11 +489,12 @@ impl Shards {
             .collect()
     }
 
-    /// Flushes for segments that the last insert filled (sealed right after it).
-    pub fn full_seals(&self, vchannel: &str) -> Vec<MutableMessage> {
+    /// Flushes for segments that the last insert filled (sealed right after it), but not those
+    /// in `busy`.
+    pub fn full_seals(&self, vchannel: &str, busy: &BTreeSet<u64>) -> Vec<MutableMessage> {
         let mut out = Vec::new();
         for (id, s) in &self.segments {
-            if s.vchannel != vchannel {
+            if s.vchannel != vchannel || busy.contains(id) {
                 continue;
             }
             if let Some(why) = self.is_full(s) {

@@ -136,6 +136,12 @@ impl WriteAheadBuffer {
         self.lock().entries.front().map(|e| e.msg.time_tick())
     }
 
+    /// The last-confirmed id of the oldest message held: reading from it sees whole every
+    /// transaction that commits after that message.
+    pub fn first_last_confirmed(&self) -> Option<MessageId> {
+        self.lock().entries.front().map(|e| e.msg.last_confirmed())
+    }
+
     /// The tick of the newest confirmed message.
     pub fn last_tick(&self) -> TimeTick {
         self.lock().last_tick

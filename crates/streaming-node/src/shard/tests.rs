@@ -4,6 +4,10 @@ use walden_proto::v1::{CollectionInfo, FlushInfo};
 
 use super::*;
 
+fn none() -> BTreeSet<u64> {
+    BTreeSet::new()
+}
+
 fn policy() -> SealPolicy {
     SealPolicy {
         max_rows: u64::MAX,
@@ -73,12 +77,16 @@ fn over_the_memory_high_mark_the_largest_segments_are_sealed_down_to_the_low_mar
     assert_eq!(s.growing_bytes(), 600);
     let now = TimeTick::compose(4, 0);
     assert!(
-        s.due_seals(now, 600, (600, 100)).is_empty(),
+        s.due_seals(now, 600, (600, 100), &none()).is_empty(),
         "at the mark is not over it"
     );
     // 600 > 500: seal 300 (-> 300, still above 250), then 200 (-> 100).
-    let due = sealed(&s.due_seals(now, 600, (500, 250)));
+    let due = sealed(&s.due_seals(now, 600, (500, 250), &none()));
     assert_eq!(due, [(11, "memory".to_owned()), (12, "memory".to_owned())]);
+    // A segment an open transaction wrote into is skipped; the next largest goes instead.
+    let busy = BTreeSet::from([11]);
+    let due = sealed(&s.due_seals(now, 600, (500, 250), &busy));
+    assert_eq!(due, [(12, "memory".to_owned()), (10, "memory".to_owned())]);
 }
 
 #[test]
@@ -114,12 +122,12 @@ fn lifetime_and_idle_policies_use_the_ticks_of_the_log() {
     };
     // Created at 2 ms, last written at 3 ms.
     assert!(
-        s.due_seals(TimeTick::compose(1_002, 0), 0, (u64::MAX, 0))
+        s.due_seals(TimeTick::compose(1_002, 0), 0, (u64::MAX, 0), &none())
             .is_empty()
     );
-    let idle = sealed(&s.due_seals(TimeTick::compose(1_003, 0), 0, (u64::MAX, 0)));
+    let idle = sealed(&s.due_seals(TimeTick::compose(1_003, 0), 0, (u64::MAX, 0), &none()));
     assert_eq!(idle.len(), 3);
     assert!(idle.iter().all(|(_, r)| r == "idle"));
-    let old = sealed(&s.due_seals(TimeTick::compose(5_002, 0), 0, (u64::MAX, 0)));
+    let old = sealed(&s.due_seals(TimeTick::compose(5_002, 0), 0, (u64::MAX, 0), &none()));
     assert!(old.iter().all(|(_, r)| r == "lifetime"));
 }
