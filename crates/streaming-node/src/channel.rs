@@ -159,6 +159,8 @@ pub struct Recovery {
     pub replayed: u64,
     /// Where the replay started (the checkpoint's `next_id`, or the log's start).
     pub from: MessageId,
+    /// Messages of idempotent producers put back into their windows.
+    pub producer_messages: u64,
 }
 
 /// Metastore key of a pchannel's collection-state checkpoint.
@@ -274,8 +276,11 @@ impl Channel {
         *self.recovery.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Rebuilds the collection state: the checkpoint from the metastore, then every message
-    /// after it. Call before serving; it starts the checkpoint task.
+    /// Rebuilds the collection state (the checkpoint from the metastore, then every message
+    /// after it) and the idempotent producers' windows (from the same read, which goes back
+    /// at least `node.dedup_rebuild_messages`: retries of anything written since the last
+    /// checkpoint, or among the last messages, are recognised). Call before serving; it starts
+    /// the checkpoint task.
     pub async fn recover_state(self: &Arc<Self>) -> Result<Recovery, NodeError> {
         let policy = shard::SealPolicy::from_config(&self.config);
         let keepalive = self.config.txn_keepalive_ms;
@@ -303,14 +308,33 @@ impl Channel {
                 self.wal.first_id()
             )));
         }
-        let mut replayed = 0;
-        if from < self.wal.durable_end() {
-            let mut reader = self.wal.read(ReadFrom::At(from))?;
+        let end = self.wal.durable_end();
+        let tail = MessageId(
+            end.0
+                .saturating_sub(self.config.dedup_rebuild_messages)
+                .max(self.wal.first_id().0),
+        );
+        let mut dedup = Dedup::new(self.config.dedup_window, self.config.dedup_max_producers);
+        let (mut replayed, mut producer_messages) = (0, 0);
+        let start = from.min(tail);
+        if start < end {
+            let mut reader = self.wal.read(ReadFrom::At(start))?;
             while let Some((id, record)) = reader.next().await? {
                 let m = codec::decode(id, record)?;
-                shards.apply(&m.header, &m.payload);
-                txns.apply(&m.header, id);
-                replayed += 1;
+                if let Some((producer, seq)) = m.producer() {
+                    let done = AppendResult {
+                        id,
+                        tick: m.time_tick(),
+                        last_confirmed: m.last_confirmed(),
+                    };
+                    dedup.record(producer, seq, Seen::Done(done));
+                    producer_messages += 1;
+                }
+                if id >= from {
+                    shards.apply(&m.header, &m.payload);
+                    txns.apply(&m.header, id);
+                    replayed += 1;
+                }
             }
         }
         self.metrics
@@ -320,18 +344,16 @@ impl Channel {
             let mut st = self.lock();
             st.shards = shards;
             st.txns = txns;
+            st.dedup = dedup;
             st.since_checkpoint = replayed;
         }
         let r = Recovery {
             took: Duration::ZERO,
             replayed,
             from,
+            producer_messages,
         };
-        {
-            let mut rec = self.recovery.lock().unwrap_or_else(|e| e.into_inner());
-            rec.replayed = replayed;
-            rec.from = from;
-        }
+        *self.recovery.lock().unwrap_or_else(|e| e.into_inner()) = r;
         tokio::spawn(checkpoints(Arc::downgrade(self)));
         Ok(r)
     }
@@ -431,31 +453,6 @@ impl Channel {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Rebuilds the idempotent producers' windows from the WAL's last
-    /// `node.dedup_rebuild_messages` messages, so retries of what was in flight when the node
-    /// stopped are still recognised. Call before serving. Returns the messages recognised.
-    pub async fn rebuild_dedup(&self) -> Result<usize, NodeError> {
-        let end = self.wal.durable_end().0;
-        let from = end
-            .saturating_sub(self.config.dedup_rebuild_messages)
-            .max(self.wal.first_id().0);
-        let mut reader = self.wal.read(ReadFrom::At(MessageId(from)))?;
-        let mut found = 0;
-        while let Some((id, record)) = reader.next().await? {
-            let m = codec::decode(id, record)?;
-            if let Some((producer, seq)) = m.producer() {
-                let done = AppendResult {
-                    id,
-                    tick: m.time_tick(),
-                    last_confirmed: m.last_confirmed(),
-                };
-                self.lock().dedup.record(producer, seq, Seen::Done(done));
-                found += 1;
-            }
-        }
-        Ok(found)
     }
 
     /// The fence of this incarnation: a TimeTick above every tick any earlier writer could have

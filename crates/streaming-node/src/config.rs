@@ -30,8 +30,9 @@ pub struct NodeConfig {
     /// Idempotent producers: producers remembered per pchannel (the idlest is forgotten
     /// first). Default 10000.
     pub dedup_max_producers: usize,
-    /// Idempotent producers: messages of the WAL's tail read at open to rebuild the windows,
-    /// per pchannel. Default 4096.
+    /// Idempotent producers: the windows are rebuilt at open from everything since the last
+    /// checkpoint, and at least this many messages of the WAL's tail, per pchannel.
+    /// Default 4096.
     pub dedup_rebuild_messages: u64,
     /// Seal policy: a growing segment is sealed once it holds this many rows. Default 1000000.
     pub segment_max_rows: u64,

@@ -119,7 +119,6 @@ impl WalManager {
             self.metrics.clone(),
         );
         let recovered = channel.recover_state().await?;
-        let producers = channel.rebuild_dedup().await?;
         channel.write_first_time_tick().await?;
         let rolled_back = channel.rollback_open_txns().await?;
         let took = started.elapsed();
@@ -131,7 +130,7 @@ impl WalManager {
             replayed_messages = recovered.replayed,
             transactions_rolled_back = rolled_back,
             replay_from = %recovered.from,
-            idempotent_messages_recognised = producers,
+            idempotent_messages_recognised = recovered.producer_messages,
             "pchannel ready"
         );
         self.channels
