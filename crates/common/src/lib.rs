@@ -68,6 +68,22 @@ pub fn validate_channel_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks a collection or partition name (`what` says which): 1 to 255 of `[A-Za-z0-9_-]`.
+pub fn validate_object_name(what: &str, name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 255
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} name {name:?} must be 1 to 255 of [A-Za-z0-9_-]"
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -119,18 +119,7 @@ pub struct Coordinator {
 
 /// Names of collections and partitions: 1 to 255 of `[A-Za-z0-9_-]`.
 fn validate_name(what: &str, name: &str) -> Result<(), CoordError> {
-    let ok = !name.is_empty()
-        && name.len() <= 255
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(CoordError::InvalidArgument(format!(
-            "{what} name {name:?} must be 1 to 255 of [A-Za-z0-9_-]"
-        )))
-    }
+    walden_common::validate_object_name(what, name).map_err(CoordError::InvalidArgument)
 }
 
 /// The message types whose refusal means "already applied on this vchannel".

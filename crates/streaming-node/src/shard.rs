@@ -202,7 +202,8 @@ impl Shards {
             MessageType::CreatePartition | MessageType::DropPartition => {
                 let vc = self.live(vchannel)?;
                 let p = &msg.coll.partition;
-                validate_partition_name(p)?;
+                walden_common::validate_object_name("partition", p)
+                    .map_err(NodeError::InvalidArgument)?;
                 let exists = vc.partitions.contains(p);
                 if msg.message_type == MessageType::CreatePartition && exists {
                     return Err(NodeError::PartitionExists(format!(
@@ -471,48 +472,34 @@ impl Shards {
             }
         }
         due.into_iter()
-            .filter_map(|(id, why)| {
-                let s = self.segments.get(&id)?;
-                let vc = self.vchannels.get(&s.vchannel)?;
-                let mut m =
-                    MutableMessage::new(MessageType::Flush, s.vchannel.clone(), Bytes::new());
-                m.coll.collection_id = vc.info.collection_id;
-                m.coll.partition = s.partition.clone();
-                m.payload = FlushInfo {
-                    segment_ids: vec![id],
-                    reason: why.into(),
-                }
-                .encode_to_vec()
-                .into();
-                Some(m)
-            })
+            .filter_map(|(id, why)| self.seal(id, why))
             .collect()
     }
 
     /// Flushes for segments that the last insert filled (sealed right after it), but not those
     /// in `busy`.
     pub fn full_seals(&self, vchannel: &str, busy: &BTreeSet<u64>) -> Vec<MutableMessage> {
-        let mut out = Vec::new();
-        for (id, s) in &self.segments {
-            if s.vchannel != vchannel || busy.contains(id) {
-                continue;
-            }
-            if let Some(why) = self.is_full(s) {
-                let mut m = MutableMessage::new(MessageType::Flush, vchannel, Bytes::new());
-                m.coll.partition = s.partition.clone();
-                if let Some(vc) = self.vchannels.get(vchannel) {
-                    m.coll.collection_id = vc.info.collection_id;
-                }
-                m.payload = FlushInfo {
-                    segment_ids: vec![*id],
-                    reason: why.into(),
-                }
-                .encode_to_vec()
-                .into();
-                out.push(m);
-            }
+        self.segments
+            .iter()
+            .filter(|(id, s)| s.vchannel == vchannel && !busy.contains(id))
+            .filter_map(|(id, s)| self.is_full(s).and_then(|why| self.seal(*id, why)))
+            .collect()
+    }
+
+    /// The Flush that seals growing segment `id` for reason `why`.
+    fn seal(&self, id: u64, why: &str) -> Option<MutableMessage> {
+        let s = self.segments.get(&id)?;
+        let vc = self.vchannels.get(&s.vchannel)?;
+        let mut m = MutableMessage::new(MessageType::Flush, s.vchannel.clone(), Bytes::new());
+        m.coll.collection_id = vc.info.collection_id;
+        m.coll.partition = s.partition.clone();
+        m.payload = FlushInfo {
+            segment_ids: vec![id],
+            reason: why.into(),
         }
-        out
+        .encode_to_vec()
+        .into();
+        Some(m)
     }
 
     /// The state as a checkpoint (without its position, which the caller sets).
@@ -619,21 +606,6 @@ fn partition_not_found(p: &str, vc: &VChannel) -> NodeError {
         "collection {:?} has no partition {p:?}",
         vc.info.name
     ))
-}
-
-/// Partition names: 1 to 255 of `[A-Za-z0-9_-]`.
-pub fn validate_partition_name(p: &str) -> Result<(), NodeError> {
-    let ok = !p.is_empty()
-        && p.len() <= 255
-        && p.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(NodeError::InvalidArgument(format!(
-            "partition name {p:?} must be 1 to 255 of [A-Za-z0-9_-]"
-        )))
-    }
 }
 
 #[cfg(test)]

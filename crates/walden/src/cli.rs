@@ -232,14 +232,20 @@ pub async fn status(addr: &str, json_out: bool) -> anyhow::Result<()> {
         writeln!(out, "node {} (walden {})", s.node_id, s.version)?;
         writeln!(
             out,
-            "{:<16} {:>6} {:>20} {:>12} {:>12} {:>10}",
-            "PCHANNEL", "TERM", "LAST_TICK", "LAST_ID", "WAL_BYTES", "RECOVER_MS"
+            "{:<16} {:>6} {:>20} {:>12} {:>12} {:>10} {:>10}",
+            "PCHANNEL", "TERM", "LAST_TICK", "LAST_ID", "WAL_BYTES", "RECOVER_MS", "REPLAYED"
         )?;
         for p in &s.pchannels {
             writeln!(
                 out,
-                "{:<16} {:>6} {:>20} {:>12} {:>12} {:>10}",
-                p.name, p.term, p.last_time_tick, p.last_message_id, p.wal_bytes, p.recovery_ms
+                "{:<16} {:>6} {:>20} {:>12} {:>12} {:>10} {:>10}",
+                p.name,
+                p.term,
+                p.last_time_tick,
+                p.last_message_id,
+                p.wal_bytes,
+                p.recovery_ms,
+                p.replayed_messages
             )?;
         }
     }
