@@ -6,6 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 secs=${1:-60}
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
-for target in decode_record wal_segment; do
+for target in decode_record wal_segment insert_payload; do
   RUSTC_BOOTSTRAP=1 cargo fuzz run "$target" -- -max_total_time="$secs"
 done

@@ -553,14 +553,16 @@ impl Channel {
         let Ok(tick) = self.tso.allocate() else {
             return Ok(None);
         };
-        let vchannel = msg.vchannel.clone();
+        let segment = msg.coll.segment_id;
         let msg = std::mem::replace(msg, MutableMessage::time_tick());
         let pending = self.enqueue(&mut st, tick, msg, permit.take())?;
-        // A segment this insert filled is sealed at once; if the oracle ran out here, the
-        // TimeTick task's seal check writes the Flush instead.
-        let busy = st.txns.segments_in_use();
-        for flush in st.shards.full_seals(&vchannel, &busy) {
-            let Ok(tick) = self.tso.allocate() else { break };
+        // A segment this insert filled is sealed at once (unless an open transaction uses it);
+        // if the oracle ran out here, the TimeTick task's seal check writes the Flush instead.
+        if segment != 0
+            && let Some(flush) = st.shards.full_seal(segment)
+            && !st.txns.segments_in_use().contains(&segment)
+            && let Ok(tick) = self.tso.allocate()
+        {
             self.enqueue(&mut st, tick, flush, None)?;
         }
         Ok(Some(pending))
@@ -603,9 +605,10 @@ impl Channel {
         let before = st.shards.growing_bytes();
         st.shards.apply(&header, &payload);
         st.txns.apply(&header, id);
-        self.metrics
-            .growing_bytes
-            .add(st.shards.growing_bytes() as i64 - before as i64);
+        let after = st.shards.growing_bytes();
+        if after != before {
+            self.metrics.growing_bytes.add(after as i64 - before as i64);
+        }
         st.since_checkpoint += 1;
         if st.since_checkpoint == self.config.checkpoint_max_dirty_messages {
             self.checkpoint_due.notify_one();

@@ -476,14 +476,10 @@ impl Shards {
             .collect()
     }
 
-    /// Flushes for segments that the last insert filled (sealed right after it), but not those
-    /// in `busy`.
-    pub fn full_seals(&self, vchannel: &str, busy: &BTreeSet<u64>) -> Vec<MutableMessage> {
-        self.segments
-            .iter()
-            .filter(|(id, s)| s.vchannel == vchannel && !busy.contains(id))
-            .filter_map(|(id, s)| self.is_full(s).and_then(|why| self.seal(*id, why)))
-            .collect()
+    /// The Flush for segment `id` if the last insert filled it (it is sealed right after).
+    pub fn full_seal(&self, id: u64) -> Option<MutableMessage> {
+        let s = self.segments.get(&id)?;
+        self.is_full(s).and_then(|why| self.seal(id, why))
     }
 
     /// The Flush that seals growing segment `id` for reason `why`.
