@@ -26,7 +26,7 @@ use tracing::{debug, warn};
 use walden_common::{HasErrorCode, MessageId, Term, TimeTick};
 use walden_message::{ImmutableMessage, MessageHeader, MessageType, MutableMessage, codec};
 use walden_metastore_api::{Compare, CompareOp, CompareTarget, MetaStore, Op, Txn};
-use walden_proto::v1::PChannelCheckpoint;
+use walden_proto::v1::{PChannelCheckpoint, ProducerMark};
 use walden_wal_api::{ReadFrom, Wal, WalError};
 
 use crate::{
@@ -284,11 +284,15 @@ impl Channel {
     pub async fn recover_state(self: &Arc<Self>) -> Result<Recovery, NodeError> {
         let policy = shard::SealPolicy::from_config(&self.config);
         let keepalive = self.config.txn_keepalive_ms;
+        let mut dedup = Dedup::new(self.config.dedup_window, self.config.dedup_max_producers);
         let (mut shards, mut txns, from) = match self.meta.get(&checkpoint_key(&self.name)).await? {
             Some(kv) => {
                 let cp = PChannelCheckpoint::decode(kv.value.as_ref()).map_err(|e| {
                     NodeError::Internal(format!("checkpoint of {}: {e}", self.name))
                 })?;
+                for m in &cp.producers {
+                    dedup.restore_mark(m.producer_id, m.last_seq);
+                }
                 (
                     Shards::from_checkpoint(&cp, policy)?,
                     Txns::from_proto(&cp.open_txns, keepalive),
@@ -314,7 +318,6 @@ impl Channel {
                 .saturating_sub(self.config.dedup_rebuild_messages)
                 .max(self.wal.first_id().0),
         );
-        let mut dedup = Dedup::new(self.config.dedup_window, self.config.dedup_max_producers);
         let (mut replayed, mut producer_messages) = (0, 0);
         let start = from.min(tail);
         if start < end {
@@ -392,6 +395,15 @@ impl Channel {
             let mut st = self.lock();
             let mut cp = st.shards.to_checkpoint();
             cp.open_txns = st.txns.to_proto();
+            cp.producers = st
+                .dedup
+                .high_water()
+                .into_iter()
+                .map(|(producer_id, last_seq)| ProducerMark {
+                    producer_id,
+                    last_seq,
+                })
+                .collect();
             let taken = std::mem::take(&mut st.since_checkpoint);
             (cp, self.wal.next_id(), taken)
         };

@@ -6,9 +6,11 @@
 //! flight) instead of being written twice. A sequence below what the window can vouch for is
 //! refused: it might have been written, and guessing could duplicate it.
 //!
-//! The window lives in memory and is rebuilt from the WAL's tail when the pchannel opens (the
-//! messages carry their producer and sequence), so it holds across restarts for the retries that
-//! matter: those of messages in flight when the node stopped.
+//! The window lives in memory and is rebuilt when the pchannel opens from the WAL since the last
+//! checkpoint (the messages carry their producer and sequence), so it holds across restarts for
+//! the retries that matter: those of messages in flight when the node stopped. The checkpoint
+//! keeps each producer's highest sequence, so an older resend that the rebuilt window cannot
+//! answer is refused rather than written twice.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -115,6 +117,30 @@ impl Dedup {
     /// Producers remembered.
     pub fn producers(&self) -> usize {
         self.windows.len()
+    }
+
+    /// Each remembered producer's highest recorded sequence (what a checkpoint keeps).
+    pub fn high_water(&self) -> Vec<(u64, u64)> {
+        let mut marks: Vec<_> = self
+            .windows
+            .iter()
+            .filter_map(|(p, w)| w.entries.last_key_value().map(|(s, _)| (*p, *s)))
+            .collect();
+        marks.sort_unstable();
+        marks
+    }
+
+    /// Restores a producer's high-water mark from a checkpoint, before the WAL's messages are
+    /// recorded: sequences up to it that no rebuilt entry answers are refused as too old.
+    pub fn restore_mark(&mut self, producer: u64, last_seq: u64) {
+        if self.windows.len() >= self.max_producers {
+            return;
+        }
+        self.windows.entry(producer).or_insert_with(|| Window {
+            floor: last_seq.saturating_add(1),
+            entries: BTreeMap::new(),
+            last_used: 0,
+        });
     }
 }
 

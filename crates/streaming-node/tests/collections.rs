@@ -370,3 +370,46 @@ async fn state_survives_a_restart_and_replay_starts_at_the_checkpoint() {
     let last = log(&ch).await.pop().unwrap();
     assert_eq!(last.message_type(), MessageType::Flush);
 }
+
+#[tokio::test]
+async fn after_a_restart_a_resend_older_than_the_rebuilt_window_is_refused_not_written_twice() {
+    let cfg = NodeConfig {
+        dedup_rebuild_messages: 10,
+        ..config()
+    };
+    let node = Node::start(cfg.clone()).await;
+    let ch = node.channel();
+    let numbered = |seq: u64| {
+        let mut m = MutableMessage::new(MessageType::Data, "raw", Bytes::from(format!("s{seq}")));
+        m.producer = Some((42, seq));
+        m
+    };
+    for seq in 1..=5 {
+        ch.append(numbered(seq)).await.unwrap();
+    }
+    ch.checkpoint().await.unwrap();
+    // Other traffic pushes producer 42 out of the WAL tail that the restart reads.
+    for i in 0..50 {
+        ch.append(MutableMessage::new(
+            MessageType::Data,
+            "other",
+            Bytes::from(vec![i]),
+        ))
+        .await
+        .unwrap();
+    }
+    let (storage, meta) = (node.storage.clone(), node.meta.clone());
+    drop(ch);
+    drop(node);
+
+    let node = Node::restart(storage, meta, cfg).await;
+    let ch = node.channel();
+    let before = ch.wal().next_id();
+    let e = ch
+        .append(numbered(3))
+        .await
+        .expect_err("a resend of a written message");
+    assert_eq!(e.code(), ErrorCode::InvalidArgument, "{e}");
+    assert_eq!(ch.wal().next_id(), before, "written twice");
+    ch.append(numbered(6)).await.unwrap();
+}
