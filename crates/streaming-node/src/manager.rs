@@ -159,6 +159,16 @@ impl WalManager {
         Ok(ch)
     }
 
+    /// Refreshes the gauges that are read, not pushed (buffer sizes, fsync counts).
+    pub fn refresh_metrics(&self) {
+        for c in self.channels() {
+            let _ = c.status();
+        }
+        if let Some(n) = self.storage.sync_count() {
+            self.metrics.wal_storage_syncs.set(n as i64);
+        }
+    }
+
     /// Every channel, by name.
     pub fn channels(&self) -> Vec<Arc<Channel>> {
         let mut v: Vec<_> = self

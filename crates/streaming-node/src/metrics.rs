@@ -18,6 +18,8 @@ pub struct Metrics {
     /// Retries of idempotent producers answered with the original result.
     pub duplicates: prometheus::IntCounter,
     pub wal_syncs: IntGaugeVec,
+    /// fdatasync calls of the whole WAL storage, where pchannels share them.
+    pub wal_storage_syncs: prometheus::IntGauge,
     pub wab_bytes: IntGaugeVec,
     pub wab_messages: IntGaugeVec,
     /// Messages between what a consumer was last sent and the newest confirmed message.
@@ -94,6 +96,11 @@ impl Metrics {
                     .buckets(prometheus::exponential_buckets(1.0, 4.0, 12).unwrap_or_default()),
             )
             .expect("valid metric"),
+            wal_storage_syncs: prometheus::IntGauge::new(
+                "wal_storage_syncs",
+                "fdatasync calls of the whole WAL storage (shared layout: one per group commit)",
+            )
+            .expect("valid metric"),
             growing_bytes: prometheus::IntGauge::new(
                 "growing_segment_bytes",
                 "Payload bytes in growing segments (node total)",
@@ -113,6 +120,7 @@ impl Metrics {
             Box::new(m.wab_messages.clone()),
             Box::new(m.consumer_lag.clone()),
             Box::new(m.growing_bytes.clone()),
+            Box::new(m.wal_storage_syncs.clone()),
         ] {
             // Names are distinct constants; registration cannot collide.
             let _ = m.registry.register(c);

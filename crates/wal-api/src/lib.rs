@@ -64,6 +64,13 @@ pub trait WalStorage: Send + Sync + Debug {
         pchannel: &'a str,
         term: Term,
     ) -> BoxFuture<'a, Result<Arc<dyn Wal>, WalError>>;
+
+    /// Durability barriers issued for every pchannel together, where the backend shares them
+    /// between pchannels (then each [`Wal::sync_count`] counts the barriers that carried its
+    /// records, and their sum overcounts). `None` where barriers are per pchannel.
+    fn sync_count(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// One open pchannel log.

@@ -15,6 +15,7 @@ pub mod format;
 pub mod fs;
 mod open;
 mod reader;
+pub mod shared;
 mod writer;
 
 use std::{
@@ -40,6 +41,7 @@ use crate::{
     open::open_blocking,
     reader::LocalReader,
 };
+pub use shared::SharedLogStorage;
 
 /// Settings of the local WAL.
 #[derive(Clone, Debug)]

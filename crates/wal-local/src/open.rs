@@ -154,14 +154,18 @@ pub(crate) fn open_blocking(
     Ok(inner)
 }
 
-fn encode_term(term: Term) -> Vec<u8> {
+pub(crate) fn encode_term(term: Term) -> Vec<u8> {
     let mut b = term.0.to_le_bytes().to_vec();
     let crc = crc32c::crc32c(&b);
     b.extend_from_slice(&crc.to_le_bytes());
     b
 }
 
-fn read_term(fs: &dyn FileSystem, path: &Path, p: &str) -> Result<Option<Term>, WalError> {
+pub(crate) fn read_term(
+    fs: &dyn FileSystem,
+    path: &Path,
+    p: &str,
+) -> Result<Option<Term>, WalError> {
     let Some(b) = fs
         .read_all(path)
         .map_err(io_err(p, "reading the TERM file"))?

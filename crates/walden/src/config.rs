@@ -45,6 +45,9 @@ pub struct WalLocalConfig {
     pub segment_bytes: u64,
     /// Most bytes one group commit writes. Default 4 MiB.
     pub max_batch_bytes: usize,
+    /// `shared`: every pchannel in one log, one group commit (and one fdatasync) for all of
+    /// them; `per_pchannel`: one log and one writer per pchannel. Default `shared`.
+    pub layout: String,
 }
 
 impl Default for WalLocalConfig {
@@ -53,6 +56,7 @@ impl Default for WalLocalConfig {
         Self {
             segment_bytes: d.segment_bytes,
             max_batch_bytes: d.max_batch_bytes,
+            layout: "shared".into(),
         }
     }
 }
@@ -106,6 +110,10 @@ impl Config {
         anyhow::ensure!(
             self.wal_local.segment_bytes >= 4096,
             "wal_local.segment_bytes must be at least 4096"
+        );
+        anyhow::ensure!(
+            matches!(self.wal_local.layout.as_str(), "shared" | "per_pchannel"),
+            "wal_local.layout must be `shared` or `per_pchannel`"
         );
         anyhow::ensure!(
             matches!(self.log.format.as_str(), "text" | "json"),

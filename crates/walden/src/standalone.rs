@@ -15,7 +15,7 @@ use walden_streaming_node::{
     NodeError, channel::Health, manager::WalManager, metrics::Metrics, service::NodeService,
 };
 use walden_wal_api::WalStorage;
-use walden_wal_local::LocalWalStorage;
+use walden_wal_local::{LocalWalStorage, SharedLogStorage};
 
 use crate::config::Config;
 
@@ -51,10 +51,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         walden_metastore_embedded::open(&data_dir.join("meta.redb"))
             .context("opening the metastore (is another walden using this data dir?)")?,
     );
-    let storage: Arc<dyn WalStorage> = Arc::new(LocalWalStorage::new(
-        data_dir.join("wal"),
-        (&config.wal_local).into(),
-    ));
+    let storage = wal_storage(&data_dir.join("wal"), &config.wal_local)?;
     let metrics = Metrics::new();
     let manager = WalManager::start(storage, meta.clone(), config.node.clone(), metrics.clone())
         .await
@@ -116,6 +113,43 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The local WAL in the configured layout, refusing a data dir written in the other one (its
+/// records would be silently ignored otherwise).
+fn wal_storage(
+    root: &std::path::Path,
+    c: &crate::config::WalLocalConfig,
+) -> anyhow::Result<Arc<dyn WalStorage>> {
+    let has = |pred: &dyn Fn(&std::path::Path) -> bool| -> bool {
+        std::fs::read_dir(root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|d| {
+                std::fs::read_dir(d.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .any(|f| pred(&f.path()))
+            })
+    };
+    let ext = |e: &'static str| move |p: &std::path::Path| p.extension().is_some_and(|x| x == e);
+    if c.layout == "shared" {
+        anyhow::ensure!(
+            !has(&ext("seg")),
+            "{} holds a per-pchannel WAL; set wal_local.layout = \"per_pchannel\"",
+            root.display()
+        );
+        Ok(Arc::new(SharedLogStorage::new(root, c.into())))
+    } else {
+        anyhow::ensure!(
+            !has(&ext("log")),
+            "{} holds a shared WAL; set wal_local.layout = \"shared\"",
+            root.display()
+        );
+        Ok(Arc::new(LocalWalStorage::new(root, c.into())))
+    }
+}
+
 /// How long open streams may take to finish after SIGTERM or Ctrl-C.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -161,10 +195,7 @@ async fn serve_http(listener: TcpListener, manager: Arc<WalManager>, metrics: Me
                 let manager = manager.clone();
                 let metrics = metrics.clone();
                 async move {
-                    // Refresh the gauges the status call computes.
-                    for c in manager.channels() {
-                        let _ = c.status();
-                    }
+                    manager.refresh_metrics();
                     metrics.render()
                 }
             }),

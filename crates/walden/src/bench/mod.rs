@@ -121,6 +121,10 @@ struct Args {
     /// Where the servers the bench starts keep their data (default: a temp dir under `.`).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// The local WAL layout of the server the bench starts: `shared` (one log for every
+    /// pchannel) or `per_pchannel`.
+    #[arg(long, default_value = "shared")]
+    wal_layout: String,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -314,9 +318,12 @@ fn free_addr() -> anyhow::Result<String> {
 }
 
 impl WaldenServer {
-    async fn start(pchannels: u32, data: &Path) -> anyhow::Result<Self> {
+    async fn start(pchannels: u32, layout: &str, data: &Path) -> anyhow::Result<Self> {
         let config = data.with_extension("bench.toml");
-        std::fs::write(&config, format!("[node]\npchannels = {pchannels}\n"))?;
+        std::fs::write(
+            &config,
+            format!("[node]\npchannels = {pchannels}\n[wal_local]\nlayout = \"{layout}\"\n"),
+        )?;
         let mut s = Self {
             child: None,
             addr: free_addr()?,
@@ -381,7 +388,8 @@ fn cpu_seconds(pid: &str) -> Option<f64> {
     Some(ticks / 100.0)
 }
 
-/// Sum of `walden_wal_syncs` from the server's metrics endpoint.
+/// fdatasyncs from the server's metrics endpoint: the storage-wide count where pchannels
+/// share them, else the sum over pchannels.
 async fn scrape_syncs(metrics_addr: &str) -> Option<u64> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(metrics_addr).await.ok()?;
@@ -391,10 +399,19 @@ async fn scrape_syncs(metrics_addr: &str) -> Option<u64> {
         .ok()?;
     let mut body = String::new();
     stream.read_to_string(&mut body).await.ok()?;
+    let value = |l: &str| l.rsplit(' ').next()?.parse::<f64>().ok();
+    if let Some(shared) = body
+        .lines()
+        .find(|l| l.starts_with("walden_wal_storage_syncs "))
+        .and_then(value)
+        .filter(|v| *v > 0.0)
+    {
+        return Some(shared as u64);
+    }
     Some(
         body.lines()
             .filter(|l| l.starts_with("walden_wal_syncs{"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .filter_map(value)
             .sum::<f64>() as u64,
     )
 }
@@ -913,7 +930,9 @@ async fn compare(a: Args, kind: Kind) -> anyhow::Result<()> {
         .tempdir_in(&base)?;
     let mut walden = match &a.addr {
         Some(_) => None,
-        None => Some(WaldenServer::start(a.pchannels, &scratch.path().join("walden")).await?),
+        None => Some(
+            WaldenServer::start(a.pchannels, &a.wal_layout, &scratch.path().join("walden")).await?,
+        ),
     };
     let walden_addr = a
         .addr

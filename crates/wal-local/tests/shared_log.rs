@@ -1,0 +1,374 @@
+//! The shared-log layout of the local WAL (every pchannel in one log) against the conformance
+//! suite, the fault-injecting file system and damage, plus what sharing adds: many pchannels
+//! in one group commit, truncation per pchannel, ids that never restart.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use bytes::Bytes;
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use walden_common::{MessageId, Term};
+use walden_wal_api::{ReadFrom, Wal, WalError, WalStorage};
+use walden_wal_local::{
+    LocalWalConfig, SharedLogStorage,
+    fs::{FaultFs, FaultPlan, FileSystem, StdFs},
+};
+
+fn small_segments() -> LocalWalConfig {
+    LocalWalConfig {
+        segment_bytes: 4096,
+        max_batch_bytes: 64 << 10,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_log_on_disk_passes_the_conformance_suite() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_owned();
+    walden_wal_api::conformance::run_all(move || {
+        Arc::new(SharedLogStorage::new(root.clone(), small_segments())) as Arc<dyn WalStorage>
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_log_on_the_fault_fs_passes_the_conformance_suite() {
+    let fs = FaultFs::new();
+    walden_wal_api::conformance::run_all(move || {
+        Arc::new(SharedLogStorage::with_fs(
+            "/wal",
+            Arc::new(fs.clone()),
+            LocalWalConfig::default(),
+        )) as Arc<dyn WalStorage>
+    })
+    .await;
+}
+
+fn payload(i: u64) -> Bytes {
+    // Sizes vary so records straddle read chunks and segment boundaries.
+    let len = 10 + (i * 37 % 300) as usize;
+    let mut v = format!("msg-{i}-").into_bytes();
+    v.resize(len, b'a' + (i % 26) as u8);
+    Bytes::from(v)
+}
+
+async fn read_all(wal: &Arc<dyn Wal>) -> Vec<(MessageId, Bytes)> {
+    let mut r = wal.read(ReadFrom::Earliest).unwrap();
+    let mut out = Vec::new();
+    while let Some(x) = r.next().await.unwrap() {
+        out.push(x);
+    }
+    out
+}
+
+fn storage_on(fs: &FaultFs) -> SharedLogStorage {
+    SharedLogStorage::with_fs("/wal", Arc::new(fs.clone()), small_segments())
+}
+
+/// Appends `n` records in pipelined groups of 10 (so several group commits happen); returns
+/// what was acknowledged and what failed.
+async fn append_some(
+    wal: &Arc<dyn Wal>,
+    from: u64,
+    n: u64,
+) -> (HashMap<MessageId, Bytes>, Vec<Bytes>) {
+    let mut acked = HashMap::new();
+    let mut failed = Vec::new();
+    let mut i = from;
+    while i < from + n {
+        let end = (i + 10).min(from + n);
+        let futs: Vec<_> = (i..end)
+            .map(|k| (payload(k), wal.append(payload(k))))
+            .collect();
+        for (p, f) in futs {
+            match f.await {
+                Ok(id) => {
+                    acked.insert(id, p);
+                }
+                Err(_) => failed.push(p),
+            }
+        }
+        i = end;
+    }
+    (acked, failed)
+}
+
+/// After recovery: every acknowledged record is at its id, and every other record present is
+/// one of the failed ones, whole.
+fn check_recovered(
+    got: &[(MessageId, Bytes)],
+    acked: &HashMap<MessageId, Bytes>,
+    failed: &[Bytes],
+) {
+    let by_id: HashMap<_, _> = got.iter().cloned().collect();
+    for (id, p) in acked {
+        assert_eq!(
+            by_id.get(id),
+            Some(p),
+            "acknowledged record {id} lost or changed"
+        );
+    }
+    for (id, p) in got {
+        if !acked.contains_key(id) {
+            assert!(
+                failed.contains(p),
+                "record {id} was never acknowledged and is not a whole failed record"
+            );
+        }
+    }
+    let ids: Vec<_> = got.iter().map(|x| x.0.0).collect();
+    assert!(ids.windows(2).all(|w| w[1] == w[0] + 1), "ids are dense");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn torn_writes_keep_acknowledged_data_and_leave_unacknowledged_data_whole_or_absent() {
+    for seed in 0..20u64 {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let fs = FaultFs::new();
+        let storage = storage_on(&fs);
+        let wal = storage.open("p", Term(1)).await.unwrap();
+        let (mut acked, _) = append_some(&wal, 0, 30).await;
+        fs.set_plan(FaultPlan {
+            torn_write_at: Some(rng.random_range(0..4)),
+            torn_keep: rng.random_range(0..400),
+            fail_sync_at: None,
+        });
+        let (more, failed) = append_some(&wal, 100, 40).await;
+        acked.extend(more);
+        assert!(
+            !failed.is_empty(),
+            "seed {seed}: the torn write must fail some appends"
+        );
+        // After a failure the handle stays failed.
+        assert!(wal.append(payload(999)).await.is_err());
+        drop(wal);
+        // Power loss: keep an arbitrary part of whatever was not synced.
+        fs.crash(|_, unsynced| rng.random_range(0..=unsynced));
+        let storage = storage_on(&fs);
+        let wal = storage.open("p", Term(2)).await.unwrap();
+        let got = read_all(&wal).await;
+        check_recovered(&got, &acked, &failed);
+        let id = wal
+            .append(payload(7))
+            .await
+            .expect("the WAL accepts appends again");
+        assert_eq!(id, MessageId(got.len() as u64));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_fsync_fails_its_appends_and_the_wal_reopens_consistently() {
+    for seed in 0..20u64 {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let fs = FaultFs::new();
+        let storage = storage_on(&fs);
+        let wal = storage.open("p", Term(1)).await.unwrap();
+        fs.set_plan(FaultPlan {
+            torn_write_at: None,
+            torn_keep: 0,
+            fail_sync_at: Some(rng.random_range(1..6)),
+        });
+        let (acked, failed) = append_some(&wal, 0, 60).await;
+        assert!(!failed.is_empty(), "seed {seed}");
+        drop(wal);
+        // The kernel may or may not have written the pages whose fsync failed.
+        fs.crash(|_, unsynced| if rng.random_bool(0.5) { unsynced } else { 0 });
+        let storage = storage_on(&fs);
+        let wal = storage.open("p", Term(2)).await.unwrap();
+        check_recovered(&read_all(&wal).await, &acked, &failed);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_write_and_sync_loses_nothing_acknowledged() {
+    for seed in 0..20u64 {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let fs = FaultFs::new();
+        let storage = storage_on(&fs);
+        let wal = storage.open("p", Term(1)).await.unwrap();
+        let (acked, _) = append_some(&wal, 0, 50).await;
+        // Enqueue more and crash without waiting: these are written but maybe not synced.
+        let pending: Vec<_> = (50..80)
+            .map(|i| (payload(i), wal.append(payload(i))))
+            .collect();
+        tokio::task::yield_now().await;
+        fs.crash(|_, unsynced| rng.random_range(0..=unsynced));
+        let in_flight: Vec<Bytes> = pending.into_iter().map(|(p, _)| p).collect();
+        drop(wal);
+        drop(storage);
+        let storage = storage_on(&fs);
+        let wal = storage.open("p", Term(2)).await.unwrap();
+        check_recovered(&read_all(&wal).await, &acked, &in_flight);
+    }
+}
+
+fn segments(fs: &FaultFs) -> Vec<PathBuf> {
+    fs.files()
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damage_in_the_middle_of_the_active_segment_is_refused_not_skipped() {
+    let fs = FaultFs::new();
+    let storage =
+        SharedLogStorage::with_fs("/wal", Arc::new(fs.clone()), LocalWalConfig::default());
+    let wal = storage.open("p", Term(1)).await.unwrap();
+    append_some(&wal, 0, 20).await;
+    wal.close().await.unwrap();
+    drop(wal);
+    let seg = segments(&fs).pop().unwrap();
+    // Byte 100 is inside an early record, with valid records after it.
+    fs.corrupt(&seg, 100);
+    drop(storage);
+    let err = storage_on(&fs).open("p", Term(2)).await.unwrap_err();
+    assert!(matches!(err, WalError::Corrupted { .. }), "got {err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damage_in_a_sealed_segment_is_refused_when_the_log_opens() {
+    let fs = FaultFs::new();
+    let storage = storage_on(&fs);
+    let wal = storage.open("p", Term(1)).await.unwrap();
+    append_some(&wal, 0, 100).await;
+    wal.close().await.unwrap();
+    drop(wal);
+    drop(storage);
+    let segs = segments(&fs);
+    assert!(segs.len() > 2, "small segments roll");
+    fs.corrupt(&segs[0], 200);
+    // The shared log is scanned whole when it opens (it rebuilds every pchannel's index).
+    let err = storage_on(&fs).open("p", Term(2)).await.unwrap_err();
+    assert!(matches!(err, WalError::Corrupted { .. }), "got {err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_storage_on_the_same_directory_cannot_open_the_pchannel() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = SharedLogStorage::new(dir.path(), LocalWalConfig::default());
+    let b = SharedLogStorage::new(dir.path(), LocalWalConfig::default());
+    let wal = a.open("p", Term(1)).await.unwrap();
+    let err = b.open("p", Term(2)).await.unwrap_err();
+    assert!(matches!(err, WalError::Locked { .. }), "got {err:?}");
+    wal.close().await.unwrap();
+    drop(wal);
+    // The lock belongs to the storage (one log for every pchannel), not to a handle.
+    drop(a);
+    b.open("p", Term(2))
+        .await
+        .expect("free once the first storage is gone");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_cross_segments_and_truncation_removes_whole_segments_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = SharedLogStorage::new(dir.path(), small_segments());
+    let wal = storage.open("p", Term(1)).await.unwrap();
+    let (acked, _) = append_some(&wal, 0, 200).await;
+    let got = read_all(&wal).await;
+    assert_eq!(got.len(), 200);
+    for (id, p) in &got {
+        assert_eq!(acked.get(id), Some(p));
+    }
+    // Start in the middle of a later segment.
+    let mut r = wal.read(ReadFrom::At(MessageId(150))).unwrap();
+    assert_eq!(r.next().await.unwrap().unwrap().1, acked[&MessageId(150)]);
+
+    let before = wal.size_bytes();
+    wal.truncate(MessageId(120)).await.unwrap();
+    let first = wal.first_id();
+    assert!(
+        first > MessageId(0) && first <= MessageId(120),
+        "first = {first}"
+    );
+    assert!(wal.size_bytes() < before);
+    let on_disk = count_segments(&dir.path().join("log"));
+    wal.close().await.unwrap();
+    drop(wal);
+    drop(storage);
+    let storage = SharedLogStorage::new(dir.path(), small_segments());
+    let wal = storage.open("p", Term(2)).await.unwrap();
+    assert_eq!(wal.first_id(), first, "truncation survives reopening");
+    assert_eq!(count_segments(&dir.path().join("log")), on_disk);
+    assert_eq!(read_all(&wal).await.len() as u64, 200 - first.0);
+}
+
+fn count_segments(dir: &Path) -> usize {
+    StdFs
+        .list(dir)
+        .unwrap()
+        .iter()
+        .filter(|n| n.ends_with(".log"))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_pchannels_share_group_commits_and_truncate_independently() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = SharedLogStorage::new(dir.path(), small_segments());
+    let mut wals = Vec::new();
+    for p in 0..8 {
+        wals.push(storage.open(&format!("p{p}"), Term(1)).await.unwrap());
+    }
+    // 8 pchannels x 40 records, all in flight together.
+    let mut pending = Vec::new();
+    for i in 0..40u64 {
+        for w in &wals {
+            pending.push((w.pchannel().to_owned(), i, w.append(payload(i))));
+        }
+    }
+    for (p, i, f) in pending {
+        assert_eq!(
+            f.await.unwrap(),
+            MessageId(i),
+            "{p}: ids dense per pchannel"
+        );
+    }
+    let syncs = wals[0].sync_count();
+    assert!(
+        syncs < 320 / 2,
+        "{syncs} fsyncs for 320 records: group commit is shared"
+    );
+    for w in &wals {
+        let got = read_all(w).await;
+        assert_eq!(got.len(), 40);
+        assert!(got.iter().all(|(id, p)| *p == payload(id.0)));
+    }
+    // Truncating one pchannel removes nothing the others still need.
+    wals[0].truncate(MessageId(40)).await.unwrap();
+    assert_eq!(wals[0].first_id(), MessageId(40));
+    for w in &wals[1..] {
+        assert_eq!(read_all(w).await.len(), 40);
+    }
+    // Once all are truncated, old segments go; ids go on from where they were.
+    for w in &wals[1..] {
+        w.truncate(MessageId(40)).await.unwrap();
+    }
+    let before = count_segments(&dir.path().join("log"));
+    assert_eq!(wals[3].append(payload(1)).await.unwrap(), MessageId(40));
+    for w in &wals {
+        w.close().await.unwrap();
+    }
+    drop(wals);
+    drop(storage);
+    let storage = SharedLogStorage::new(dir.path(), small_segments());
+    let w0 = storage.open("p0", Term(2)).await.unwrap();
+    assert_eq!(w0.first_id(), MessageId(40));
+    assert_eq!(
+        w0.append(payload(2)).await.unwrap(),
+        MessageId(40),
+        "ids never restart"
+    );
+    let w3 = storage.open("p3", Term(2)).await.unwrap();
+    assert_eq!(read_all(&w3).await.len(), 1);
+    assert!(
+        before <= 2,
+        "{before} segments left after truncating everything"
+    );
+}
