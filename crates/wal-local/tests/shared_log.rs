@@ -372,3 +372,46 @@ async fn many_pchannels_share_group_commits_and_truncate_independently() {
         "{before} segments left after truncating everything"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_disk_zeros_written_ahead_read_as_the_end_and_a_torn_record_in_them_is_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LocalWalConfig {
+        segment_bytes: 1 << 20,
+        max_batch_bytes: 64 << 10,
+    };
+    let storage = SharedLogStorage::new(dir.path(), config.clone());
+    let wal = storage.open("p", Term(1)).await.unwrap();
+    let (acked, _) = append_some(&wal, 0, 50).await;
+    drop(wal);
+    drop(storage);
+    let seg = dir.path().join("log").join(format!("{:020}.log", 0));
+    let len = std::fs::metadata(&seg).unwrap().len();
+    assert_eq!(
+        len,
+        1 << 20,
+        "the segment was zero-filled ahead of its records"
+    );
+
+    // Reopen: the zeros are the end, nothing is lost, appends go on after the last record.
+    let storage = SharedLogStorage::new(dir.path(), config.clone());
+    let wal = storage.open("p", Term(2)).await.unwrap();
+    check_recovered(&read_all(&wal).await, &acked, &[]);
+    assert_eq!(wal.append(payload(50)).await.unwrap(), MessageId(50));
+    let end = wal.size_bytes() + 20;
+    drop(wal);
+    drop(storage);
+
+    // A torn record in the zeros (a crash mid-write): cut, and the rest recovers.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+        f.write_all_at(&[0x40, 0, 0, 0, 1, 2, 3, 4, 5, 6], end)
+            .unwrap();
+    }
+    let storage = SharedLogStorage::new(dir.path(), config);
+    let wal = storage.open("p", Term(3)).await.unwrap();
+    assert_eq!(read_all(&wal).await.len(), 51);
+    assert_eq!(wal.append(payload(51)).await.unwrap(), MessageId(51));
+    assert_eq!(read_all(&wal).await.len(), 52);
+}
