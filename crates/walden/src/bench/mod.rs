@@ -1158,24 +1158,36 @@ impl DiskResult {
     }
 }
 
-/// Appends `size` bytes and `fdatasync`s, in a loop, for `duration`: what a log that syncs every
-/// commit of that size can do at best on this file system (one file, one writer).
+/// Writes `size` bytes and `fdatasync`s, in a loop, for `duration`: what a log that syncs every
+/// commit of that size can do at best on this file system (one file, one writer). Like the
+/// WAL, it writes into space zero-filled a few MiB ahead, so that a sync changes no file size
+/// (about half the cost of a sync that appends, on ext4 here): the fastest way we know to make
+/// `size` bytes durable, and so the honest limit to compare with.
 fn disk_probe(dir: &Path, size: usize, duration: Duration) -> anyhow::Result<DiskResult> {
+    use std::os::unix::fs::FileExt;
+    const AHEAD: u64 = 4 << 20;
     let path = dir.join(format!(".walden-disk-probe-{}", std::process::id()));
     let _ = std::fs::remove_file(&path);
-    let mut f = std::fs::OpenOptions::new()
+    let f = std::fs::OpenOptions::new()
         .create(true)
-        .append(true)
+        .read(true)
+        .write(true)
         .open(&path)
         .with_context(|| format!("creating {}", path.display()))?;
     let buf = vec![0xa5u8; size];
+    let zeros = vec![0u8; AHEAD as usize];
     let mut hist = new_hist();
     let start = Instant::now();
     let mut ops = 0u64;
     let mut written = 0u64;
+    let mut zeroed = 0u64;
     while start.elapsed() < duration {
         let t = Instant::now();
-        f.write_all(&buf)?;
+        while written + size as u64 > zeroed {
+            f.write_all_at(&zeros, zeroed)?;
+            zeroed += AHEAD;
+        }
+        f.write_all_at(&buf, written)?;
         f.sync_data()?;
         let _ = hist.record((t.elapsed().as_micros() as u64).max(1));
         ops += 1;
@@ -1184,6 +1196,7 @@ fn disk_probe(dir: &Path, size: usize, duration: Duration) -> anyhow::Result<Dis
         if written > 256 << 20 {
             f.set_len(0)?;
             written = 0;
+            zeroed = 0;
         }
     }
     let elapsed = start.elapsed();
