@@ -200,9 +200,10 @@ impl Log {
             writer: Mutex::new(None),
         };
         let mut active: Option<(u64, Box<dyn WalFile>, u64, u64)> = None;
+        let mut buf = Vec::new();
         for (k, &seq) in seqs.iter().enumerate() {
             let last = k + 1 == seqs.len();
-            let (file, len, zeroed) = log.scan_segment(seq, last)?;
+            let (file, len, zeroed) = log.scan_segment(seq, last, &mut buf)?;
             if last {
                 active = Some((seq, file, len, zeroed));
             }
@@ -257,7 +258,12 @@ impl Log {
 
     /// Indexes every record of segment `seq`; in the last segment, cuts a torn tail.
     /// Returns the file, the end of its records and its length (zeros may follow the records).
-    fn scan_segment(&self, seq: u64, last: bool) -> Result<(Box<dyn WalFile>, u64, u64), WalError> {
+    fn scan_segment(
+        &self,
+        seq: u64,
+        last: bool,
+        b: &mut Vec<u8>,
+    ) -> Result<(Box<dyn WalFile>, u64, u64), WalError> {
         let path = self.dir.join(segment_name(seq));
         let location = path.display().to_string();
         let corrupted = |detail: String| WalError::Corrupted {
@@ -272,7 +278,9 @@ impl Log {
         let len = file
             .len()
             .map_err(io_err(LOG, "reading a segment's size"))?;
-        let mut b = vec![0u8; len as usize];
+        // One buffer for every segment: fresh memory is slow to touch here.
+        b.clear();
+        b.resize(len as usize, 0);
         let mut read = 0;
         while read < b.len() {
             let n = file
@@ -301,13 +309,22 @@ impl Log {
         }
         let mut seg = Segment::default();
         let mut off = HEADER_LEN;
+        // Records of one pchannel tend to come in runs: skip the map lookup for those.
+        let mut cur: Option<Arc<Chan>> = None;
         loop {
             match format::record_at(&b[off..]) {
                 RecordAt::Valid { start, len } => {
                     let body = &b[off + start..off + start + len];
                     let (id, name, _) = parse_body(body)
                         .ok_or_else(|| corrupted(format!("record at {off} has no valid body")))?;
-                    let chan = self.chan(name);
+                    let chan = match &cur {
+                        Some(c) if c.name == name => c.clone(),
+                        _ => {
+                            let c = self.chan(name);
+                            cur = Some(c.clone());
+                            c
+                        }
+                    };
                     let mut ix = lock(&chan.index);
                     let expected = ix.first_id + ix.locs.len() as u64;
                     if ix.locs.is_empty() {
@@ -326,7 +343,12 @@ impl Log {
                     drop(ix);
                     chan.durable_end.store(id + 1, Ordering::Release);
                     chan.size.fetch_add(u64::from(total), Ordering::Relaxed);
-                    seg.max_ids.insert(name.to_owned(), id);
+                    match seg.max_ids.get_mut(name) {
+                        Some(max) => *max = id,
+                        None => {
+                            seg.max_ids.insert(name.to_owned(), id);
+                        }
+                    }
                     off += start + len;
                 }
                 RecordAt::Incomplete if off == b.len() => break,
