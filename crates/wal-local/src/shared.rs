@@ -355,7 +355,7 @@ impl Log {
                 // Zeros written ahead of the records: the clean end.
                 _ if b[off..].iter().all(|x| *x == 0) => break,
                 damage => {
-                    let after = format::any_valid_record_after(&b, off + 1);
+                    let after = format::any_valid_record_after(b, off + 1);
                     if !last || after.is_some() {
                         return Err(corrupted(format!("record at {off}: {damage:?}")));
                     }
