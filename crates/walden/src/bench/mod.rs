@@ -1170,6 +1170,7 @@ fn disk_probe(dir: &Path, size: usize, duration: Duration) -> anyhow::Result<Dis
     let _ = std::fs::remove_file(&path);
     let f = std::fs::OpenOptions::new()
         .create(true)
+        .truncate(true)
         .read(true)
         .write(true)
         .open(&path)
