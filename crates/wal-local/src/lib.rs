@@ -1,6 +1,8 @@
-//! The local-disk WAL: Walden's standalone default.
+//! The local-disk WAL: Walden's standalone default, in two layouts.
 //!
-//! One directory per pchannel holding segment files (format in [`format`] and
+//! [`SharedLogStorage`] (the default) keeps every pchannel in one log with one group commit for
+//! all of them; see [`shared`]. [`LocalWalStorage`], described here, keeps one log per pchannel:
+//! one directory per pchannel holding segment files (format in [`format`] and
 //! `docs/design.md`). One writer thread per open pchannel does group commit: it drains every
 //! append queued while the previous batch was syncing, writes them with one `write` and one
 //! `fdatasync`, and only then acknowledges each caller. An exclusive file lock keeps a second
