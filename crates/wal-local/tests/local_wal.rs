@@ -2,27 +2,20 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod faults;
+
 use std::{
-    collections::HashMap,
     path::{Path, PathBuf},
     sync::Arc,
 };
 
-use bytes::Bytes;
-use rand::{Rng, SeedableRng, rngs::StdRng};
+use faults::{append_some, read_all, small_segments};
 use walden_common::{MessageId, Term};
-use walden_wal_api::{ReadFrom, Wal, WalError, WalStorage};
+use walden_wal_api::{ReadFrom, WalError, WalStorage};
 use walden_wal_local::{
     LocalWalConfig, LocalWalStorage,
-    fs::{FaultFs, FaultPlan, FileSystem, StdFs},
+    fs::{FaultFs, FileSystem, StdFs},
 };
-
-fn small_segments() -> LocalWalConfig {
-    LocalWalConfig {
-        segment_bytes: 4096,
-        max_batch_bytes: 64 << 10,
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_backend_on_disk_passes_the_conformance_suite() {
@@ -47,169 +40,31 @@ async fn local_backend_on_the_fault_fs_passes_the_conformance_suite() {
     .await;
 }
 
-fn payload(i: u64) -> Bytes {
-    // Sizes vary so records straddle read chunks and segment boundaries.
-    let len = 10 + (i * 37 % 300) as usize;
-    let mut v = format!("msg-{i}-").into_bytes();
-    v.resize(len, b'a' + (i % 26) as u8);
-    Bytes::from(v)
-}
-
-async fn read_all(wal: &Arc<dyn Wal>) -> Vec<(MessageId, Bytes)> {
-    let mut r = wal.read(ReadFrom::Earliest).unwrap();
-    let mut out = Vec::new();
-    while let Some(x) = r.next().await.unwrap() {
-        out.push(x);
-    }
-    out
-}
-
 fn storage_on(fs: &FaultFs) -> LocalWalStorage {
     LocalWalStorage::with_fs("/wal", Arc::new(fs.clone()), small_segments())
 }
 
-/// Appends `n` records in pipelined groups of 10 (so several group commits happen); returns
-/// what was acknowledged and what failed.
-async fn append_some(
-    wal: &Arc<dyn Wal>,
-    from: u64,
-    n: u64,
-) -> (HashMap<MessageId, Bytes>, Vec<Bytes>) {
-    let mut acked = HashMap::new();
-    let mut failed = Vec::new();
-    let mut i = from;
-    while i < from + n {
-        let end = (i + 10).min(from + n);
-        let futs: Vec<_> = (i..end)
-            .map(|k| (payload(k), wal.append(payload(k))))
-            .collect();
-        for (p, f) in futs {
-            match f.await {
-                Ok(id) => {
-                    acked.insert(id, p);
-                }
-                Err(_) => failed.push(p),
-            }
-        }
-        i = end;
-    }
-    (acked, failed)
-}
-
-/// After recovery: every acknowledged record is at its id, and every other record present is
-/// one of the failed ones, whole.
-fn check_recovered(
-    got: &[(MessageId, Bytes)],
-    acked: &HashMap<MessageId, Bytes>,
-    failed: &[Bytes],
-) {
-    let by_id: HashMap<_, _> = got.iter().cloned().collect();
-    for (id, p) in acked {
-        assert_eq!(
-            by_id.get(id),
-            Some(p),
-            "acknowledged record {id} lost or changed"
-        );
-    }
-    for (id, p) in got {
-        if !acked.contains_key(id) {
-            assert!(
-                failed.contains(p),
-                "record {id} was never acknowledged and is not a whole failed record"
-            );
-        }
-    }
-    let ids: Vec<_> = got.iter().map(|x| x.0.0).collect();
-    assert!(ids.windows(2).all(|w| w[1] == w[0] + 1), "ids are dense");
+fn make(fs: &FaultFs) -> Box<dyn WalStorage> {
+    Box::new(storage_on(fs))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn torn_writes_keep_acknowledged_data_and_leave_unacknowledged_data_whole_or_absent() {
-    for seed in 0..20u64 {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let fs = FaultFs::new();
-        let storage = storage_on(&fs);
-        let wal = storage.open("p", Term(1)).await.unwrap();
-        let (mut acked, _) = append_some(&wal, 0, 30).await;
-        fs.set_plan(FaultPlan {
-            torn_write_at: Some(rng.random_range(0..4)),
-            torn_keep: rng.random_range(0..400),
-            fail_sync_at: None,
-        });
-        let (more, failed) = append_some(&wal, 100, 40).await;
-        acked.extend(more);
-        assert!(
-            !failed.is_empty(),
-            "seed {seed}: the torn write must fail some appends"
-        );
-        // After a failure the handle stays failed.
-        assert!(wal.append(payload(999)).await.is_err());
-        drop(wal);
-        // Power loss: keep an arbitrary part of whatever was not synced.
-        fs.crash(|_, unsynced| rng.random_range(0..=unsynced));
-        let storage = storage_on(&fs);
-        let wal = storage.open("p", Term(2)).await.unwrap();
-        let got = read_all(&wal).await;
-        check_recovered(&got, &acked, &failed);
-        let id = wal
-            .append(payload(7))
-            .await
-            .expect("the WAL accepts appends again");
-        assert_eq!(id, MessageId(got.len() as u64));
-    }
+    faults::torn_writes_keep_acknowledged_data(make).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_fsync_fails_its_appends_and_the_wal_reopens_consistently() {
-    for seed in 0..20u64 {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let fs = FaultFs::new();
-        let storage = storage_on(&fs);
-        let wal = storage.open("p", Term(1)).await.unwrap();
-        fs.set_plan(FaultPlan {
-            torn_write_at: None,
-            torn_keep: 0,
-            fail_sync_at: Some(rng.random_range(1..6)),
-        });
-        let (acked, failed) = append_some(&wal, 0, 60).await;
-        assert!(!failed.is_empty(), "seed {seed}");
-        drop(wal);
-        // The kernel may or may not have written the pages whose fsync failed.
-        fs.crash(|_, unsynced| if rng.random_bool(0.5) { unsynced } else { 0 });
-        let storage = storage_on(&fs);
-        let wal = storage.open("p", Term(2)).await.unwrap();
-        check_recovered(&read_all(&wal).await, &acked, &failed);
-    }
+    faults::failed_fsync_reopens_consistently(make).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_between_write_and_sync_loses_nothing_acknowledged() {
-    for seed in 0..20u64 {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let fs = FaultFs::new();
-        let storage = storage_on(&fs);
-        let wal = storage.open("p", Term(1)).await.unwrap();
-        let (acked, _) = append_some(&wal, 0, 50).await;
-        // Enqueue more and crash without waiting: these are written but maybe not synced.
-        let pending: Vec<_> = (50..80)
-            .map(|i| (payload(i), wal.append(payload(i))))
-            .collect();
-        tokio::task::yield_now().await;
-        fs.crash(|_, unsynced| rng.random_range(0..=unsynced));
-        let in_flight: Vec<Bytes> = pending.into_iter().map(|(p, _)| p).collect();
-        drop(wal);
-        drop(storage);
-        let storage = storage_on(&fs);
-        let wal = storage.open("p", Term(2)).await.unwrap();
-        check_recovered(&read_all(&wal).await, &acked, &in_flight);
-    }
+    faults::crash_between_write_and_sync(make).await;
 }
 
 fn segments(fs: &FaultFs) -> Vec<PathBuf> {
-    fs.files()
-        .into_iter()
-        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
-        .collect()
+    faults::segments(fs, "seg")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
