@@ -19,51 +19,7 @@ use walden_wal_local::{
     fs::{FaultFs, FileSystem, StdFs},
 };
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shared_log_on_disk_passes_the_conformance_suite() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().to_owned();
-    walden_wal_api::conformance::run_all(move || {
-        Arc::new(SharedLogStorage::new(root.clone(), small_segments())) as Arc<dyn WalStorage>
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shared_log_on_the_fault_fs_passes_the_conformance_suite() {
-    let fs = FaultFs::new();
-    walden_wal_api::conformance::run_all(move || {
-        Arc::new(SharedLogStorage::with_fs(
-            "/wal",
-            Arc::new(fs.clone()),
-            LocalWalConfig::default(),
-        )) as Arc<dyn WalStorage>
-    })
-    .await;
-}
-
-fn storage_on(fs: &FaultFs) -> SharedLogStorage {
-    SharedLogStorage::with_fs("/wal", Arc::new(fs.clone()), small_segments())
-}
-
-fn make(fs: &FaultFs) -> Box<dyn WalStorage> {
-    Box::new(storage_on(fs))
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn torn_writes_keep_acknowledged_data_and_leave_unacknowledged_data_whole_or_absent() {
-    faults::torn_writes_keep_acknowledged_data(make).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_fsync_fails_its_appends_and_the_wal_reopens_consistently() {
-    faults::failed_fsync_reopens_consistently(make).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_crash_between_write_and_sync_loses_nothing_acknowledged() {
-    faults::crash_between_write_and_sync(make).await;
-}
+layout_suite!(SharedLogStorage);
 
 fn segments(fs: &FaultFs) -> Vec<PathBuf> {
     faults::segments(fs, "log")

@@ -186,3 +186,58 @@ pub async fn crash_between_write_and_sync(make: Make) {
         check_recovered(&read_all(&wal).await, &acked, &in_flight);
     }
 }
+
+/// The tests every layout runs: the conformance suite on disk and on the fault file system, and
+/// the fault scenarios above. `$storage` has `new(root, config)` and `with_fs(root, fs, config)`.
+#[macro_export]
+macro_rules! layout_suite {
+    ($storage:ty) => {
+        fn storage_on(fs: &FaultFs) -> $storage {
+            <$storage>::with_fs("/wal", Arc::new(fs.clone()), faults::small_segments())
+        }
+
+        fn make(fs: &FaultFs) -> Box<dyn WalStorage> {
+            Box::new(storage_on(fs))
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn passes_the_conformance_suite_on_disk() {
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path().to_owned();
+            walden_wal_api::conformance::run_all(move || {
+                Arc::new(<$storage>::new(root.clone(), faults::small_segments()))
+                    as Arc<dyn WalStorage>
+            })
+            .await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn passes_the_conformance_suite_on_the_fault_fs() {
+            let fs = FaultFs::new();
+            walden_wal_api::conformance::run_all(move || {
+                Arc::new(<$storage>::with_fs(
+                    "/wal",
+                    Arc::new(fs.clone()),
+                    walden_wal_local::LocalWalConfig::default(),
+                )) as Arc<dyn WalStorage>
+            })
+            .await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn torn_writes_keep_acknowledged_data_and_leave_unacknowledged_data_whole_or_absent()
+        {
+            faults::torn_writes_keep_acknowledged_data(make).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_failed_fsync_fails_its_appends_and_the_wal_reopens_consistently() {
+            faults::failed_fsync_reopens_consistently(make).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_crash_between_write_and_sync_loses_nothing_acknowledged() {
+            faults::crash_between_write_and_sync(make).await;
+        }
+    };
+}
