@@ -541,10 +541,14 @@ impl Writer {
         {
             let mut segs = lock(&log.segments);
             for (j, loc) in live.iter().zip(&placed) {
-                segs.entry(loc.seg)
-                    .or_default()
-                    .max_ids
-                    .insert(j.chan.name.clone(), j.id);
+                let max_ids = &mut segs.entry(loc.seg).or_default().max_ids;
+                // Only a pchannel's first record in a segment allocates its name.
+                match max_ids.get_mut(&j.chan.name) {
+                    Some(max) => *max = j.id,
+                    None => {
+                        max_ids.insert(j.chan.name.clone(), j.id);
+                    }
+                }
             }
         }
         let mut carried: Vec<*const Chan> = Vec::new();
