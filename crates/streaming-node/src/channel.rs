@@ -233,7 +233,7 @@ impl Channel {
                 closed: false,
                 shards: Shards::new(shard::SealPolicy::from_config(&config)),
                 since_checkpoint: 0,
-                txns: Txns::new(config.txn_keepalive_ms),
+                txns: Txns::new(config.txn_keepalive_ms, config.txn_max_bytes),
             }),
             config,
             metrics,
@@ -295,13 +295,13 @@ impl Channel {
                 }
                 (
                     Shards::from_checkpoint(&cp, policy)?,
-                    Txns::from_proto(&cp.open_txns, keepalive),
+                    Txns::from_proto(&cp.open_txns, keepalive, self.config.txn_max_bytes),
                     MessageId(cp.next_id),
                 )
             }
             None => (
                 Shards::new(policy),
-                Txns::new(keepalive),
+                Txns::new(keepalive, self.config.txn_max_bytes),
                 self.wal.first_id(),
             ),
         };
@@ -335,7 +335,7 @@ impl Channel {
                 }
                 if id >= from {
                     shards.apply(&m.header, &m.payload);
-                    txns.apply(&m.header, id);
+                    txns.apply(&m.header, id, m.payload.len());
                     replayed += 1;
                 }
             }
@@ -616,7 +616,7 @@ impl Channel {
         });
         let before = st.shards.growing_bytes();
         st.shards.apply(&header, &payload);
-        st.txns.apply(&header, id);
+        st.txns.apply(&header, id, payload.len());
         let after = st.shards.growing_bytes();
         if after != before {
             self.metrics.growing_bytes.add(after as i64 - before as i64);

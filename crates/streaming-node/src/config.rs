@@ -57,6 +57,9 @@ pub struct NodeConfig {
     /// Transactions: how long one may stay idle (no body message) before the node rolls it
     /// back, when BeginTxn does not say. Default 10000 ms.
     pub txn_keepalive_ms: u64,
+    /// Transactions: most payload bytes one may hold (consumers buffer a transaction until its
+    /// commit); a body message past it is refused with MESSAGE_TOO_LARGE. Default 64 MiB.
+    pub txn_max_bytes: u64,
 }
 
 impl Default for NodeConfig {
@@ -82,6 +85,7 @@ impl Default for NodeConfig {
             checkpoint_interval_ms: 10_000,
             checkpoint_max_dirty_messages: 20_000,
             txn_keepalive_ms: 10_000,
+            txn_max_bytes: 64 << 20,
         }
     }
 }

@@ -75,6 +75,11 @@ pub enum NodeError {
     Schema(#[from] walden_schema::SchemaError),
     #[error("{0}")]
     TxnExpired(String),
+    #[error(
+        "transaction {txn} would hold {size} payload bytes, over node.txn_max_bytes ({limit}); \
+         commit or roll back"
+    )]
+    TxnTooLarge { txn: u64, size: u64, limit: u64 },
 }
 
 impl HasErrorCode for NodeError {
@@ -99,6 +104,7 @@ impl HasErrorCode for NodeError {
             Self::SegmentSealed(_) => ErrorCode::SegmentSealed,
             Self::Schema(e) => e.code(),
             Self::TxnExpired(_) => ErrorCode::TxnExpired,
+            Self::TxnTooLarge { .. } => ErrorCode::MessageTooLarge,
         }
     }
 }

@@ -33,6 +33,8 @@ struct Session {
     last: TimeTick,
     keepalive_ms: u64,
     segments: BTreeSet<u64>,
+    /// Payload bytes of its body so far.
+    bytes: u64,
 }
 
 /// What a message is to the transaction manager.
@@ -49,6 +51,8 @@ pub enum Role {
 pub struct Txns {
     open: BTreeMap<u64, Session>,
     default_keepalive_ms: u64,
+    /// Most payload bytes one transaction may hold: what a consumer buffers until the commit.
+    max_bytes: u64,
 }
 
 fn expired(id: u64) -> NodeError {
@@ -58,10 +62,11 @@ fn expired(id: u64) -> NodeError {
 }
 
 impl Txns {
-    pub fn new(default_keepalive_ms: u64) -> Self {
+    pub fn new(default_keepalive_ms: u64, max_bytes: u64) -> Self {
         Self {
             open: BTreeMap::new(),
             default_keepalive_ms,
+            max_bytes,
         }
     }
 
@@ -119,6 +124,14 @@ impl Txns {
                 Some(ctx),
             ) => {
                 let s = self.live(ctx.txn_id, &msg.vchannel, now)?;
+                let size = s.bytes + msg.payload.len() as u64;
+                if size > self.max_bytes {
+                    return Err(NodeError::TxnTooLarge {
+                        txn: ctx.txn_id,
+                        size,
+                        limit: self.max_bytes,
+                    });
+                }
                 msg.txn = Some(TxnContext {
                     txn_id: ctx.txn_id,
                     keepalive_ms: s.keepalive_ms,
@@ -137,8 +150,8 @@ impl Txns {
         self.open.values().map(|s| s.begin_id).min()
     }
 
-    /// Folds a stored message (with its id) into the open set.
-    pub fn apply(&mut self, h: &MessageHeader, id: MessageId) {
+    /// Folds a stored message (with its id and payload size) into the open set.
+    pub fn apply(&mut self, h: &MessageHeader, id: MessageId, payload_len: usize) {
         let Some(ctx) = h.txn else { return };
         let t = MessageType::try_from(h.message_type).unwrap_or(MessageType::Unspecified);
         match t {
@@ -151,6 +164,7 @@ impl Txns {
                         last: TimeTick(h.time_tick),
                         keepalive_ms: ctx.keepalive_ms,
                         segments: BTreeSet::new(),
+                        bytes: 0,
                     },
                 );
             }
@@ -160,6 +174,7 @@ impl Txns {
             _ => {
                 if let Some(s) = self.open.get_mut(&ctx.txn_id) {
                     s.last = TimeTick(h.time_tick);
+                    s.bytes += payload_len as u64;
                     if h.segment_id != 0 {
                         s.segments.insert(h.segment_id);
                     }
@@ -224,8 +239,8 @@ impl Txns {
     }
 
     /// Restores open transactions from a checkpoint; they are only ever rolled back.
-    pub fn from_proto(open: &[OpenTxn], default_keepalive_ms: u64) -> Self {
-        let mut t = Self::new(default_keepalive_ms);
+    pub fn from_proto(open: &[OpenTxn], default_keepalive_ms: u64, max_bytes: u64) -> Self {
+        let mut t = Self::new(default_keepalive_ms, max_bytes);
         for o in open {
             t.open.insert(
                 o.txn_id,
@@ -235,6 +250,7 @@ impl Txns {
                     last: TimeTick(0),
                     keepalive_ms: default_keepalive_ms,
                     segments: BTreeSet::new(),
+                    bytes: 0,
                 },
             );
         }

@@ -294,3 +294,27 @@ async fn a_transaction_open_at_a_crash_is_rolled_back_when_the_pchannel_reopens(
     assert_eq!(payloads(&got), ["after"]);
     assert!(got[0].time_tick() > TimeTick(t3));
 }
+
+#[tokio::test]
+async fn a_body_message_past_the_transaction_byte_limit_is_refused_and_the_rest_commits() {
+    let (storage, meta) = (MemoryWalStorage::new(), MemoryMetaStore::new());
+    let m = start(
+        &storage,
+        &meta,
+        NodeConfig {
+            txn_max_bytes: 10,
+            ..config()
+        },
+    )
+    .await;
+    let ch = m.get("walden-dml-0", 0).unwrap();
+    let t = begin(&ch, "v", 0).await;
+    ch.append(in_txn(data("v", "123456"), t)).await.unwrap();
+    let before = ch.wal().next_id();
+    let e = ch.append(in_txn(data("v", "12345"), t)).await.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::MessageTooLarge, "{e}");
+    assert_eq!(ch.wal().next_id(), before, "nothing written");
+    end(&ch, "v", t, MessageType::CommitTxn).await.unwrap();
+    let got = deliver(ch, DeliverPolicy::All, Filters::default(), 1).await;
+    assert_eq!(payloads(&got[0].txn_messages().unwrap()), ["123456"]);
+}
