@@ -858,10 +858,19 @@ impl WalStorage for SharedLogStorage {
                     }
                 }
             }
-            // Opening reads a few small files (the log was scanned when it opened).
-            self.open_blocking(pchannel, term)
+            // The first open scans the whole log: keep the runtime's other tasks moving.
+            blocking(|| self.open_blocking(pchannel, term))
         }
         .boxed()
+    }
+}
+
+/// Runs blocking file work: on a multi-thread runtime the worker hands its other tasks over
+/// first; elsewhere (a current-thread runtime, no runtime) it just runs.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
     }
 }
 
