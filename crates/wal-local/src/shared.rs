@@ -64,6 +64,74 @@ fn parse_segment_name(n: &str) -> Option<u64> {
         .and_then(|s| s.parse().ok())
 }
 
+fn index_name(seq: u64) -> String {
+    format!("{seq:020}.idx")
+}
+
+const INDEX_MAGIC: &[u8; 8] = b"WALDNIDX";
+
+/// A sealed segment's index: `WALDNIDX | version u32 | seq u64 | n u32`, then per pchannel
+/// `name_len u8 | name | first_id u64 | count u32 | count × (offset u64, length u32)`, then a
+/// crc32c of everything before it.
+fn encode_index(seq: u64, entries: &[(String, u64, Vec<Loc>)]) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend_from_slice(INDEX_MAGIC);
+    b.extend_from_slice(&VERSION.to_le_bytes());
+    b.extend_from_slice(&seq.to_le_bytes());
+    b.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+    for (name, first, locs) in entries {
+        b.push(name.len() as u8);
+        b.extend_from_slice(name.as_bytes());
+        b.extend_from_slice(&first.to_le_bytes());
+        b.extend_from_slice(&(locs.len() as u32).to_le_bytes());
+        for l in locs {
+            b.extend_from_slice(&l.off.to_le_bytes());
+            b.extend_from_slice(&l.len.to_le_bytes());
+        }
+    }
+    let crc = crc32c::crc32c(&b);
+    b.extend_from_slice(&crc.to_le_bytes());
+    b
+}
+
+/// Reads what [`encode_index`] wrote; `None` for anything else.
+fn decode_index(b: &[u8], seq: u64) -> Option<Vec<(String, u64, Vec<Loc>)>> {
+    let (body, crc) = b.split_at_checked(b.len().checked_sub(4)?)?;
+    if crc32c::crc32c(body).to_le_bytes() != crc {
+        return None;
+    }
+    let mut r = body;
+    let mut take = |n: usize| -> Option<&[u8]> {
+        let (head, rest) = r.split_at_checked(n)?;
+        r = rest;
+        Some(head)
+    };
+    let u32_of = |s: &[u8]| u32::from_le_bytes(s.try_into().unwrap_or([0; 4]));
+    let u64_of = |s: &[u8]| u64::from_le_bytes(s.try_into().unwrap_or([0; 8]));
+    if take(8)? != INDEX_MAGIC || u32_of(take(4)?) != VERSION || u64_of(take(8)?) != seq {
+        return None;
+    }
+    let n = u32_of(take(4)?);
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let name_len = take(1)?[0] as usize;
+        let name = std::str::from_utf8(take(name_len)?).ok()?.to_owned();
+        let first = u64_of(take(8)?);
+        let count = u32_of(take(4)?) as usize;
+        if count == 0 {
+            return None;
+        }
+        let mut locs = Vec::with_capacity(count.min(1 << 20));
+        for _ in 0..count {
+            let off = u64_of(take(8)?);
+            let len = u32_of(take(4)?);
+            locs.push(Loc { seg: seq, off, len });
+        }
+        out.push((name, first, locs));
+    }
+    Some(out)
+}
+
 fn header(seq: u64) -> Vec<u8> {
     let mut h = Vec::with_capacity(HEADER_LEN);
     h.extend_from_slice(MAGIC);
@@ -203,6 +271,11 @@ impl Log {
         let mut buf = Vec::new();
         for (k, &seq) in seqs.iter().enumerate() {
             let last = k + 1 == seqs.len();
+            // A sealed segment with a sound index need not be read: its records are checked
+            // when they are read.
+            if !last && log.load_index(seq) {
+                continue;
+            }
             let (file, len, zeroed) = log.scan_segment(seq, last, &mut buf)?;
             if last {
                 active = Some((seq, file, len, zeroed));
@@ -257,6 +330,47 @@ impl Log {
     }
 
     /// Indexes every record of segment `seq`; in the last segment, cuts a torn tail.
+    /// Loads sealed segment `seq`'s index file into the pchannel indexes; `false` (nothing
+    /// applied) if it is missing, damaged or does not follow on from what is indexed so far.
+    fn load_index(&self, seq: u64) -> bool {
+        let Ok(Some(b)) = self.fs.read_all(&self.dir.join(index_name(seq))) else {
+            return false;
+        };
+        let Some(entries) = decode_index(&b, seq) else {
+            warn!(
+                segment = seq,
+                "segment index damaged; scanning the segment instead"
+            );
+            return false;
+        };
+        // Check every pchannel follows on before changing anything.
+        for (name, first, _) in &entries {
+            if let Some(c) = lock(&self.chans).get(name.as_str()) {
+                let ix = lock(&c.index);
+                if !ix.locs.is_empty() && ix.first_id + ix.locs.len() as u64 != *first {
+                    return false;
+                }
+            }
+        }
+        let mut seg = Segment::default();
+        for (name, first, locs) in entries {
+            let chan = self.chan(&name);
+            let mut ix = lock(&chan.index);
+            if ix.locs.is_empty() {
+                ix.first_id = first;
+            }
+            let n = locs.len() as u64;
+            let bytes: u64 = locs.iter().map(|l| u64::from(l.len)).sum();
+            ix.locs.extend(locs);
+            drop(ix);
+            chan.durable_end.store(first + n, Ordering::Release);
+            chan.size.fetch_add(bytes, Ordering::Relaxed);
+            seg.max_ids.insert(name, first + n - 1);
+        }
+        lock(&self.segments).insert(seq, seg);
+        true
+    }
+
     /// Returns the file, the end of its records and its length (zeros may follow the records).
     fn scan_segment(
         &self,
@@ -382,13 +496,22 @@ impl Log {
             .is_some_and(|s| s.send(cmd).is_ok())
     }
 
+    /// Stops the writer once what is queued is answered; it releases the directory lock.
     fn stop(&self) {
         lock(&self.sender).take();
-        if let Some(h) = lock(&self.writer).take()
-            && h.join().is_err()
-        {
-            warn!("shared WAL writer panicked");
+        if let Some(h) = lock(&self.writer).take() {
+            // The writer may hold the last reference itself for a moment: never join oneself.
+            if h.thread().id() != thread::current().id() && h.join().is_err() {
+                warn!("shared WAL writer panicked");
+            }
         }
+    }
+}
+
+impl Drop for Log {
+    /// The log lives while the storage or any handle holds it; the last one stops the writer.
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -559,6 +682,7 @@ impl Writer {
                 j.chan.syncs.fetch_add(1, Ordering::Relaxed);
             }
         }
+        let mut acks = Vec::with_capacity(live.len());
         for (j, loc) in live.into_iter().zip(placed) {
             {
                 let mut ix = lock(&j.chan.index);
@@ -570,11 +694,20 @@ impl Writer {
             j.chan.size.fetch_add(u64::from(loc.len), Ordering::Relaxed);
             // Readers may see the record before its writer hears back; never the reverse.
             j.chan.durable_end.store(j.id + 1, Ordering::Release);
-            let _ = j.ack.send(Ok(MessageId(j.id)));
+            acks.push((j.ack, j.id));
         }
         if self.seq != first_seq {
-            // Only now is every record of the sealed segment in its pchannel's index.
+            // Only now is every record of the sealed segments in its pchannel's index.
+            for sealed in first_seq..self.seq {
+                self.write_index(&log, sealed);
+            }
             self.delete_unused(&log);
+        }
+        // Answer only once this thread holds no reference to the log: whoever drops the last
+        // one after hearing back then stops (joins) the writer and frees the lock at once.
+        drop(log);
+        for (ack, id) in acks {
+            let _ = ack.send(Ok(MessageId(id)));
         }
     }
 
@@ -624,6 +757,33 @@ impl Writer {
         self.zeroed = self.len;
         lock(&log.segments).insert(seq, Segment::default());
         Ok(())
+    }
+
+    /// Writes sealed segment `seq`'s index file, so the next open need not read the segment.
+    /// A failure only costs that open a scan.
+    fn write_index(&self, log: &Log, seq: u64) {
+        let chans: Vec<Arc<Chan>> = lock(&log.chans).values().cloned().collect();
+        let mut entries = Vec::new();
+        for c in chans {
+            let ix = lock(&c.index);
+            let mut first = None;
+            let mut locs = Vec::new();
+            for (k, loc) in ix.locs.iter().enumerate() {
+                if loc.seg == seq {
+                    first.get_or_insert(ix.first_id + k as u64);
+                    locs.push(*loc);
+                } else if loc.seg > seq {
+                    break;
+                }
+            }
+            if let Some(first) = first {
+                entries.push((c.name.clone(), first, locs));
+            }
+        }
+        let b = encode_index(seq, &entries);
+        if let Err(e) = self.fs.write_atomic(&self.dir.join(index_name(seq)), &b) {
+            warn!(segment = seq, error = %e, "could not write a segment index");
+        }
     }
 
     /// Raises `chan`'s first id to `below` (persisted first), then deletes sealed segments no
@@ -678,6 +838,7 @@ impl Writer {
                 warn!(segment = %path.display(), error = %e, "could not remove a segment");
                 continue;
             }
+            let _ = self.fs.remove(&self.dir.join(index_name(seq)));
             lock(&log.segments).remove(&seq);
         }
         let _ = self.fs.sync_dir(&self.dir);
@@ -874,14 +1035,6 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
     }
 }
 
-impl Drop for SharedLogStorage {
-    fn drop(&mut self) {
-        if let Some(l) = lock(&self.log).take() {
-            l.stop();
-        }
-    }
-}
-
 /// A handle on one pchannel of the shared log.
 #[derive(Debug)]
 pub struct SharedWal {
@@ -975,7 +1128,8 @@ impl Wal for SharedWal {
             });
         }
         Ok(Box::new(SharedReader {
-            log: self.log.clone(),
+            dir: self.log.dir.clone(),
+            fs: self.log.fs.clone(),
             chan: self.chan.clone(),
             next,
             file: None,
@@ -1019,7 +1173,10 @@ impl Drop for SharedWal {
 
 #[derive(Debug)]
 struct SharedReader {
-    log: Arc<Log>,
+    /// The log's directory and file system: a reader does not keep the log (its writer and
+    /// lock) alive.
+    dir: PathBuf,
+    fs: Arc<dyn FileSystem>,
     chan: Arc<Chan>,
     next: u64,
     file: Option<(u64, Box<dyn WalFile>)>,
@@ -1066,9 +1223,8 @@ impl SharedReader {
         let last = locs[locs.len() - 1];
         let span = (last.off + u64::from(last.len) - first.off) as usize;
         if self.file.as_ref().is_none_or(|(s, _)| *s != first.seg) {
-            let path = self.log.dir.join(segment_name(first.seg));
+            let path = self.dir.join(segment_name(first.seg));
             let f = self
-                .log
                 .fs
                 .open(&path)
                 .map_err(io_err(&p, format!("opening {}", path.display())))?;

@@ -42,8 +42,10 @@ async fn damage_in_the_middle_of_the_active_segment_is_refused_not_skipped() {
     assert!(matches!(err, WalError::Corrupted { .. }), "got {err:?}");
 }
 
+/// Sealed segments have an index file, so opening does not read them: damage in one is
+/// reported to the reader that meets it, as in the per-pchannel layout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn damage_in_a_sealed_segment_is_refused_when_the_log_opens() {
+async fn damage_in_a_sealed_segment_is_reported_when_read() {
     let fs = FaultFs::new();
     let storage = storage_on(&fs);
     let wal = storage.open("p", Term(1)).await.unwrap();
@@ -54,8 +56,47 @@ async fn damage_in_a_sealed_segment_is_refused_when_the_log_opens() {
     let segs = segments(&fs);
     assert!(segs.len() > 2, "small segments roll");
     fs.corrupt(&segs[0], 200);
-    // The shared log is scanned whole when it opens (it rebuilds every pchannel's index).
-    let err = storage_on(&fs).open("p", Term(2)).await.unwrap_err();
+    let wal = storage_on(&fs).open("p", Term(2)).await.unwrap();
+    let mut r = wal.read(ReadFrom::Earliest).unwrap();
+    let err = loop {
+        match r.next().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("corruption was skipped"),
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(err, WalError::Corrupted { .. }), "got {err:?}");
+}
+
+/// Without a sound index, a sealed segment is scanned at open: damage in it then fails the open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_or_damaged_segment_index_falls_back_to_scanning_the_segment() {
+    let fs = FaultFs::new();
+    let storage = storage_on(&fs);
+    let wal = storage.open("p", Term(1)).await.unwrap();
+    let (acked, _) = append_some(&wal, 0, 100).await;
+    wal.close().await.unwrap();
+    drop(wal);
+    drop(storage);
+    let indexes: Vec<_> = fs
+        .files()
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "idx"))
+        .collect();
+    assert!(
+        indexes.len() >= 2,
+        "sealed segments have indexes: {indexes:?}"
+    );
+    fs.corrupt(&indexes[0], 30);
+    fs.remove(&indexes[1]).unwrap();
+    let wal = storage_on(&fs).open("p", Term(2)).await.unwrap();
+    check_recovered(&read_all(&wal).await, &acked, &[]);
+    assert_eq!(wal.append(payload(100)).await.unwrap(), MessageId(100));
+    // And a scanned segment is checked: damage there fails the open.
+    drop(wal);
+    let segs = segments(&fs);
+    fs.corrupt(&segs[0], 200);
+    let err = storage_on(&fs).open("p", Term(3)).await.unwrap_err();
     assert!(matches!(err, WalError::Corrupted { .. }), "got {err:?}");
 }
 
