@@ -16,6 +16,7 @@ pub async fn run_all<F: Fn() -> Arc<dyn MetaStore>>(make: F) {
     range_returns_exactly_the_prefix_in_key_order(&*store).await;
     compare_and_swap_admits_exactly_one_writer(&*store).await;
     failed_txn_applies_its_failure_branch_only(&*store).await;
+    relaxed_txn_has_the_semantics_of_txn(&*store).await;
     watch_sees_later_changes_under_its_prefix_in_order(&*store).await;
     leased_keys_vanish_when_the_lease_expires_or_is_revoked(&*store).await;
 }
@@ -130,6 +131,35 @@ pub async fn failed_txn_applies_its_failure_branch_only(store: &dyn MetaStore) {
     assert_eq!(store.get("txn/x").await.unwrap(), None);
     let fail = store.get("txn/fail").await.unwrap().unwrap();
     assert_eq!(fail.mod_revision, resp.revision, "one txn is one revision");
+}
+
+/// `txn_relaxed` differs from `txn` only in when it becomes durable.
+pub async fn relaxed_txn_has_the_semantics_of_txn(store: &dyn MetaStore) {
+    let put = |v: &str| Op::Put {
+        key: "relaxed/k".into(),
+        value: b(v),
+        lease: None,
+    };
+    let first = store
+        .txn_relaxed(Txn {
+            compare: vec![Compare::absent("relaxed/k")],
+            success: vec![put("1")],
+            failure: vec![],
+        })
+        .await
+        .unwrap();
+    assert!(first.succeeded);
+    let again = store
+        .txn_relaxed(Txn {
+            compare: vec![Compare::absent("relaxed/k")],
+            success: vec![put("2")],
+            failure: vec![],
+        })
+        .await
+        .unwrap();
+    assert!(!again.succeeded, "the compare is evaluated");
+    let kv = store.get("relaxed/k").await.unwrap().unwrap();
+    assert_eq!((kv.value, kv.mod_revision), (b("1"), first.revision));
 }
 
 pub async fn watch_sees_later_changes_under_its_prefix_in_order(store: &dyn MetaStore) {

@@ -173,6 +173,12 @@ pub trait MetaStore: Send + Sync + Debug {
     /// Deletes `key`; returns whether it existed.
     async fn delete(&self, key: &str) -> MetaResult<bool>;
     async fn txn(&self, txn: Txn) -> MetaResult<TxnResponse>;
+    /// Like [`MetaStore::txn`], but the store may make it durable later, with a later write:
+    /// after a crash it may be missing (never partly applied). For writes that only save work,
+    /// such as checkpoints that the WAL can always replay past. By default, a durable `txn`.
+    async fn txn_relaxed(&self, txn: Txn) -> MetaResult<TxnResponse> {
+        self.txn(txn).await
+    }
     /// Watches every key under `prefix` from now on.
     async fn watch(&self, prefix: &str) -> MetaResult<WatchReceiver>;
     /// Grants a lease that expires `ttl` after its last keep-alive.

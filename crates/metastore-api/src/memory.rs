@@ -32,7 +32,8 @@ pub struct Snapshot {
 
 /// Makes a revision durable. Called with the store locked, so revisions are applied in order.
 pub trait Persistence: Send + Sync + std::fmt::Debug {
-    fn apply(&self, revision: Revision, mutations: &[Mutation]) -> MetaResult<()>;
+    /// Persists one revision; with `durable` false it may reach the disk with a later one.
+    fn apply(&self, revision: Revision, mutations: &[Mutation], durable: bool) -> MetaResult<()>;
 }
 
 #[derive(Debug)]
@@ -103,6 +104,21 @@ impl MemoryMetaStore {
         store
     }
 
+    fn txn_with(&self, txn: &Txn, durable: bool) -> MetaResult<TxnResponse> {
+        let mut s = lock(&self.inner.state);
+        let succeeded = txn.compare.iter().all(|c| Self::holds(&s, c));
+        let ops = if succeeded {
+            &txn.success
+        } else {
+            &txn.failure
+        };
+        let revision = self.apply_with(&mut s, ops, durable)?;
+        Ok(TxnResponse {
+            succeeded,
+            revision,
+        })
+    }
+
     fn start_lease_sweeper(&self) {
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
             return;
@@ -155,6 +171,10 @@ impl MemoryMetaStore {
 
     /// Applies `ops` as one revision: persist first, then change memory and notify watchers.
     fn apply(&self, s: &mut State, ops: &[Op]) -> MetaResult<Revision> {
+        self.apply_with(s, ops, true)
+    }
+
+    fn apply_with(&self, s: &mut State, ops: &[Op], durable: bool) -> MetaResult<Revision> {
         let revision = s.revision + 1;
         let mut mutations = Vec::with_capacity(ops.len());
         let mut events = Vec::with_capacity(ops.len());
@@ -213,7 +233,7 @@ impl MemoryMetaStore {
             return Ok(s.revision);
         }
         if let Some(p) = &self.inner.persistence {
-            p.apply(revision, &mutations)?;
+            p.apply(revision, &mutations, durable)?;
         }
         s.revision = revision;
         for (key, kv) in staged {
@@ -302,18 +322,11 @@ impl MetaStore for MemoryMetaStore {
     }
 
     async fn txn(&self, txn: Txn) -> MetaResult<TxnResponse> {
-        let mut s = lock(&self.inner.state);
-        let succeeded = txn.compare.iter().all(|c| Self::holds(&s, c));
-        let ops = if succeeded {
-            &txn.success
-        } else {
-            &txn.failure
-        };
-        let revision = self.apply(&mut s, ops)?;
-        Ok(TxnResponse {
-            succeeded,
-            revision,
-        })
+        self.txn_with(&txn, true)
+    }
+
+    async fn txn_relaxed(&self, txn: Txn) -> MetaResult<TxnResponse> {
+        self.txn_with(&txn, false)
     }
 
     async fn watch(&self, prefix: &str) -> MetaResult<WatchReceiver> {

@@ -5,7 +5,7 @@
 
 use std::{path::Path, sync::Arc};
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use walden_metastore_api::{
     KeyValue, MemoryMetaStore, MetaError, MetaResult, Mutation, Persistence, Revision, Snapshot,
 };
@@ -95,25 +95,38 @@ struct RedbPersistence {
 }
 
 impl Persistence for RedbPersistence {
-    fn apply(&self, revision: Revision, mutations: &[Mutation]) -> MetaResult<()> {
+    fn apply(&self, revision: Revision, mutations: &[Mutation], durable: bool) -> MetaResult<()> {
+        if !durable {
+            // No fsync: redb makes it durable with the next durable commit.
+            return self.commit(revision, mutations, Durability::None);
+        }
         // A commit fsyncs (milliseconds). On a multi-threaded runtime, say so, so the worker's
         // other tasks move elsewhere instead of stalling behind it (it showed as 20 ms append
         // latency spikes whenever the timestamp window was extended).
         match tokio::runtime::Handle::try_current() {
             Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-                tokio::task::block_in_place(|| self.commit(revision, mutations))
+                tokio::task::block_in_place(|| {
+                    self.commit(revision, mutations, Durability::Immediate)
+                })
             }
-            _ => self.commit(revision, mutations),
+            _ => self.commit(revision, mutations, Durability::Immediate),
         }
     }
 }
 
 impl RedbPersistence {
-    fn commit(&self, revision: Revision, mutations: &[Mutation]) -> MetaResult<()> {
-        let tx = self
+    fn commit(
+        &self,
+        revision: Revision,
+        mutations: &[Mutation],
+        durability: Durability,
+    ) -> MetaResult<()> {
+        let mut tx = self
             .db
             .begin_write()
             .map_err(|e| unavailable("writing", &e))?;
+        tx.set_durability(durability)
+            .map_err(|e| unavailable("setting durability", &e))?;
         {
             let mut kvs = tx.open_table(KVS).map_err(|e| unavailable("writing", &e))?;
             for m in mutations {
@@ -184,5 +197,28 @@ mod tests {
         assert_eq!(store.get("leased").await.unwrap(), None);
         let next = store.put("b", Bytes::new(), None).await.unwrap();
         assert!(next > rev, "revisions keep growing across restarts");
+    }
+
+    #[tokio::test]
+    async fn a_relaxed_write_is_made_durable_by_the_next_durable_one() {
+        use walden_metastore_api::{Op, Txn};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta.redb");
+        {
+            let store = open(&path).unwrap();
+            let put = |k: &str| Txn {
+                success: vec![Op::Put {
+                    key: k.into(),
+                    value: Bytes::from_static(b"v"),
+                    lease: None,
+                }],
+                ..Txn::default()
+            };
+            store.txn_relaxed(put("relaxed")).await.unwrap();
+            store.txn(put("durable")).await.unwrap();
+        }
+        let store = open(&path).unwrap();
+        assert!(store.get("relaxed").await.unwrap().is_some());
+        assert!(store.get("durable").await.unwrap().is_some());
     }
 }
