@@ -256,6 +256,16 @@ impl Log {
             .filter_map(|n| parse_segment_name(n))
             .collect();
         seqs.sort_unstable();
+        // Index files whose segment is gone (a crash between the two removals) are leftovers.
+        for name in fs.list(&dir).map_err(io_err(LOG, "listing segments"))? {
+            if let Some(seq) = name
+                .strip_suffix(".idx")
+                .and_then(|s| s.parse::<u64>().ok())
+                && seqs.binary_search(&seq).is_err()
+            {
+                let _ = fs.remove(&dir.join(&name));
+            }
+        }
         let log = Self {
             root: root.to_owned(),
             dir: dir.clone(),
