@@ -538,6 +538,32 @@ async fn ddl_across_sixteen_shards_killed_half_way_leaves_every_shard_agreeing()
     std::fs::write(&schema_path, SCHEMA).unwrap();
     let schema_path = schema_path.to_str().unwrap().to_owned();
     let mut rng = rand::rng();
+    // How long one create + drop takes here, so that kills land inside them, not after.
+    let started = std::time::Instant::now();
+    for args in [
+        vec![
+            "collection",
+            "create",
+            "calibrate",
+            "--schema",
+            &schema_path,
+            "--shards",
+            "16",
+        ],
+        vec!["collection", "drop", "calibrate"],
+    ] {
+        let out = Command::new(WALDEN)
+            .args(&args)
+            .args(["--addr", &server.addr])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let ddl_ms = (started.elapsed().as_millis() as u64 / 2).max(2);
     let mut interrupted = 0;
     for round in 0..8 {
         let a = server.addr.clone();
@@ -573,7 +599,7 @@ async fn ddl_across_sixteen_shards_killed_half_way_leaves_every_shard_agreeing()
                 .spawn()
                 .unwrap()
         });
-        tokio::time::sleep(Duration::from_millis(rng.random_range(5..60))).await;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(ddl_ms / 4..ddl_ms))).await;
         server.kill();
         for mut child in [Some(create), drop].into_iter().flatten() {
             if !child.wait().unwrap().success() {
