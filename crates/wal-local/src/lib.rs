@@ -123,12 +123,8 @@ impl WalStorage for LocalWalStorage {
             validate_channel_name(pchannel).map_err(WalError::InvalidArgument)?;
             let previous = lock(&self.open).get(pchannel).and_then(Weak::upgrade);
             if let Some(prev) = previous {
-                if term < prev.term {
-                    return Err(WalError::Fenced {
-                        pchannel: pchannel.to_owned(),
-                        term,
-                        current: prev.term,
-                    });
+                if let Some(e) = open::stale_term(pchannel, term, prev.term) {
+                    return Err(e);
                 }
                 // A newer term takes over: the old handle stops writing and frees the lock.
                 prev.fenced_by.store(term.0, Ordering::SeqCst);

@@ -14,7 +14,7 @@ use walden_wal_api::WalError;
 use crate::{
     Inner, LOCK_FILE, LocalWalConfig, Queue, TERM_FILE,
     format::{self, RecordAt, SegmentHeader},
-    fs::FileSystem,
+    fs::{FileSystem, LockGuard},
     lock,
     writer::{Writer, WriterShared},
 };
@@ -28,6 +28,55 @@ pub(crate) fn io_err(
     move |e| WalError::io(&pchannel, context, e)
 }
 
+/// Takes the exclusive lock of a WAL directory (`LOCK`): one writing process at a time.
+pub(crate) fn lock_dir(
+    fs: &dyn FileSystem,
+    dir: &Path,
+    who: &str,
+) -> Result<Box<dyn LockGuard>, WalError> {
+    let path = dir.join(LOCK_FILE);
+    fs.try_lock(&path).map_err(|e| {
+        if e.kind() == io::ErrorKind::WouldBlock {
+            WalError::Locked {
+                pchannel: who.to_owned(),
+                path: path.display().to_string(),
+            }
+        } else {
+            WalError::io(who, "locking the WAL directory", e)
+        }
+    })
+}
+
+/// Records `term` in `dir/TERM`, refusing a term older than the one there (`Fenced`).
+pub(crate) fn claim_term(
+    fs: &dyn FileSystem,
+    dir: &Path,
+    pchannel: &str,
+    term: Term,
+) -> Result<(), WalError> {
+    let path = dir.join(TERM_FILE);
+    if let Some(stored) = read_term(fs, &path, pchannel)?
+        && term < stored
+    {
+        return Err(WalError::Fenced {
+            pchannel: pchannel.to_owned(),
+            term,
+            current: stored,
+        });
+    }
+    fs.write_atomic(&path, &encode_term(term))
+        .map_err(io_err(pchannel, "writing the TERM file"))
+}
+
+/// The refusal of an open whose term is older than a handle already open in this process.
+pub(crate) fn stale_term(pchannel: &str, term: Term, current: Term) -> Option<WalError> {
+    (term < current).then(|| WalError::Fenced {
+        pchannel: pchannel.to_owned(),
+        term,
+        current,
+    })
+}
+
 pub(crate) fn open_blocking(
     fs: Arc<dyn FileSystem>,
     dir: PathBuf,
@@ -38,30 +87,8 @@ pub(crate) fn open_blocking(
     let p = pchannel.as_str();
     fs.create_dir_all(&dir)
         .map_err(io_err(p, format!("creating {}", dir.display())))?;
-    let lock_path = dir.join(LOCK_FILE);
-    let guard = fs.try_lock(&lock_path).map_err(|e| {
-        if e.kind() == io::ErrorKind::WouldBlock {
-            WalError::Locked {
-                pchannel: pchannel.clone(),
-                path: lock_path.display().to_string(),
-            }
-        } else {
-            WalError::io(p, "locking the pchannel directory", e)
-        }
-    })?;
-
-    let term_path = dir.join(TERM_FILE);
-    if let Some(stored) = read_term(&*fs, &term_path, p)?
-        && term < stored
-    {
-        return Err(WalError::Fenced {
-            pchannel,
-            term,
-            current: stored,
-        });
-    }
-    fs.write_atomic(&term_path, &encode_term(term))
-        .map_err(io_err(p, "writing the TERM file"))?;
+    let guard = lock_dir(&*fs, &dir, p)?;
+    claim_term(&*fs, &dir, p, term)?;
 
     let mut firsts: Vec<u64> = fs
         .list(&dir)

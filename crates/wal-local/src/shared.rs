@@ -38,11 +38,12 @@ use walden_common::{MessageId, Term, validate_channel_name};
 use walden_wal_api::{ReadFrom, Wal, WalError, WalReader, WalStorage};
 
 use crate::{
-    LOCK_FILE, LocalWalConfig, READ_CHUNK, TERM_FILE,
+    LocalWalConfig, READ_CHUNK,
     format::{self, RecordAt},
     fs::{FileSystem, LockGuard, StdFs, WalFile},
     lock,
-    open::{encode_term, io_err, read_term},
+    open::{claim_term, encode_term, io_err, lock_dir, read_term, stale_term},
+    writer::gather,
 };
 
 const MAGIC: &[u8; 8] = b"WALDNLOG";
@@ -239,16 +240,7 @@ impl Log {
         let dir = root.join("log");
         fs.create_dir_all(&dir)
             .map_err(io_err(LOG, format!("creating {}", dir.display())))?;
-        let lock_guard = fs.try_lock(&root.join(LOCK_FILE)).map_err(|e| {
-            if e.kind() == io::ErrorKind::WouldBlock {
-                WalError::Locked {
-                    pchannel: LOG.into(),
-                    path: root.display().to_string(),
-                }
-            } else {
-                WalError::io(LOG, "locking the WAL directory", e)
-            }
-        })?;
+        let lock_guard = lock_dir(&*fs, root, LOG)?;
         let mut seqs: Vec<u64> = fs
             .list(&dir)
             .map_err(io_err(LOG, "listing segments"))?
@@ -405,16 +397,9 @@ impl Log {
         // One buffer for every segment: fresh memory is slow to touch here.
         b.clear();
         b.resize(len as usize, 0);
-        let mut read = 0;
-        while read < b.len() {
-            let n = file
-                .read_at(&mut b[read..], read as u64)
-                .map_err(io_err(LOG, format!("reading {location}")))?;
-            if n == 0 {
-                break;
-            }
-            read += n;
-        }
+        let read = file
+            .read_at(b, 0)
+            .map_err(io_err(LOG, format!("reading {location}")))?;
         b.truncate(read);
         if b.len() < HEADER_LEN || &b[..8] != MAGIC {
             if last && b.len() < HEADER_LEN {
@@ -565,28 +550,19 @@ impl Writer {
         let mut batch: Vec<Job> = Vec::new();
         let mut buf: Vec<u8> = Vec::with_capacity(self.config.max_batch_bytes);
         while let Ok(cmd) = self.rx.recv() {
-            let mut control = None;
-            let mut bytes = 0;
-            match cmd {
-                Cmd::Append(j) => {
-                    bytes += j.record.len();
-                    batch.push(j);
-                    while bytes < self.config.max_batch_bytes {
-                        match self.rx.try_recv() {
-                            Ok(Cmd::Append(j)) => {
-                                bytes += j.record.len();
-                                batch.push(j);
-                            }
-                            Ok(other) => {
-                                control = Some(other);
-                                break;
-                            }
-                            Err(_) => break,
-                        }
+            let control = gather(
+                &self.rx,
+                cmd,
+                self.config.max_batch_bytes,
+                &mut batch,
+                |c| match c {
+                    Cmd::Append(j) => {
+                        let n = j.record.len();
+                        Ok((j, n))
                     }
-                }
-                other => control = Some(other),
-            }
+                    other => Err(other),
+                },
+            );
             if !batch.is_empty() {
                 self.commit(&mut batch, &mut buf);
             }
@@ -949,19 +925,7 @@ impl SharedLogStorage {
         self.fs
             .create_dir_all(&dir)
             .map_err(io_err(pchannel, "creating the pchannel directory"))?;
-        let term_path = dir.join(TERM_FILE);
-        if let Some(stored) = read_term(&*self.fs, &term_path, pchannel)?
-            && term < stored
-        {
-            return Err(WalError::Fenced {
-                pchannel: pchannel.to_owned(),
-                term,
-                current: stored,
-            });
-        }
-        self.fs
-            .write_atomic(&term_path, &encode_term(term))
-            .map_err(io_err(pchannel, "writing the TERM file"))?;
+        claim_term(&*self.fs, &dir, pchannel, term)?;
         let chan = log.chan(pchannel);
         // Ids never restart: the persisted first id holds even when no record is left.
         if let Some(Term(first)) = read_term(&*self.fs, &dir.join(FIRST_FILE), pchannel)? {
@@ -1013,12 +977,8 @@ impl WalStorage for SharedLogStorage {
             validate_channel_name(pchannel).map_err(WalError::InvalidArgument)?;
             let previous = lock(&self.handles).get(pchannel).and_then(Weak::upgrade);
             if let Some(prev) = previous {
-                if term < prev.term {
-                    return Err(WalError::Fenced {
-                        pchannel: pchannel.to_owned(),
-                        term,
-                        current: prev.term,
-                    });
+                if let Some(e) = stale_term(pchannel, term, prev.term) {
+                    return Err(e);
                 }
                 prev.fenced_by.store(term.0, Ordering::SeqCst);
                 // Appends the old handle already queued are answered (fenced) before ours.
@@ -1242,16 +1202,9 @@ impl SharedReader {
         }
         let mut buf = vec![0u8; span];
         if let Some((_, f)) = &self.file {
-            let mut read = 0;
-            while read < span {
-                let n = f
-                    .read_at(&mut buf[read..], first.off + read as u64)
-                    .map_err(io_err(&p, "reading the shared log"))?;
-                if n == 0 {
-                    break;
-                }
-                read += n;
-            }
+            let read = f
+                .read_at(&mut buf, first.off)
+                .map_err(io_err(&p, "reading the shared log"))?;
             buf.truncate(read);
         }
         let chunk = Bytes::from(buf);

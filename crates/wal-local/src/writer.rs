@@ -40,6 +40,33 @@ impl From<&Arc<Inner>> for WriterShared {
     }
 }
 
+/// Group commit, for both layouts: `first` and every append queued after it, up to `max_bytes`.
+/// Stops at the first other command and returns it, for the caller to handle after the batch.
+pub(crate) fn gather<C, J>(
+    rx: &mpsc::Receiver<C>,
+    first: C,
+    max_bytes: usize,
+    batch: &mut Vec<J>,
+    as_append: impl Fn(C) -> Result<(J, usize), C>,
+) -> Option<C> {
+    let mut bytes = 0;
+    let mut next = Some(first);
+    while let Some(cmd) = next.take() {
+        match as_append(cmd) {
+            Ok((job, n)) => {
+                bytes += n;
+                batch.push(job);
+            }
+            Err(control) => return Some(control),
+        }
+        if bytes >= max_bytes {
+            break;
+        }
+        next = rx.try_recv().ok();
+    }
+    None
+}
+
 #[derive(Debug)]
 pub(crate) struct Writer {
     pub(crate) inner: Weak<Inner>,
@@ -60,29 +87,19 @@ impl Writer {
         let mut batch: Vec<(Bytes, Ack<MessageId>)> = Vec::new();
         let mut buf: Vec<u8> = Vec::with_capacity(self.config.max_batch_bytes);
         while let Ok(cmd) = self.rx.recv() {
-            let mut control = None;
-            let mut bytes = 0usize;
-            match cmd {
-                Cmd::Append(r, ack) => {
-                    bytes += r.len();
-                    batch.push((r, ack));
-                    // Group commit: take everything queued meanwhile, up to the batch limit.
-                    while bytes < self.config.max_batch_bytes {
-                        match self.rx.try_recv() {
-                            Ok(Cmd::Append(r, ack)) => {
-                                bytes += r.len();
-                                batch.push((r, ack));
-                            }
-                            Ok(other) => {
-                                control = Some(other);
-                                break;
-                            }
-                            Err(_) => break,
-                        }
+            let control = gather(
+                &self.rx,
+                cmd,
+                self.config.max_batch_bytes,
+                &mut batch,
+                |c| match c {
+                    Cmd::Append(r, ack) => {
+                        let n = r.len();
+                        Ok(((r, ack), n))
                     }
-                }
-                other => control = Some(other),
-            }
+                    other => Err(other),
+                },
+            );
             if !batch.is_empty() {
                 self.write_batch(&mut batch, &mut buf);
             }
