@@ -568,8 +568,9 @@ impl Channel {
                 }
             }
         }
-        let now = TimeTick::compose(crate::tso::now_ms(), 0);
-        let role = st.txns.admit(msg, now)?;
+        let role = st
+            .txns
+            .admit(msg, || TimeTick::compose(crate::tso::now_ms(), 0))?;
         let mut pre = st.shards.admit(msg, checked)?;
         if role == Role::None && txn::is_exclusive(msg.message_type) {
             // Bodies of open transactions would land after the exclusive message: end them.
@@ -787,6 +788,7 @@ impl Channel {
 
     /// Status for the status call.
     pub fn status(&self) -> walden_proto::v1::PChannelStatus {
+        let recovery = self.recovery();
         let (wab_bytes, wab_msgs) = self.wab.usage();
         self.metrics
             .wab_bytes
@@ -808,9 +810,9 @@ impl Channel {
             wal_bytes: self.wal.size_bytes(),
             write_ahead_buffer_bytes: wab_bytes as u64,
             write_ahead_buffer_messages: wab_msgs as u64,
-            recovery_ms: self.recovery().took.as_millis() as u64,
-            replayed_messages: self.recovery().replayed,
-            checkpoint_next_id: self.recovery().from.0,
+            recovery_ms: recovery.took.as_millis() as u64,
+            replayed_messages: recovery.replayed,
+            checkpoint_next_id: recovery.from.0,
         }
     }
 }

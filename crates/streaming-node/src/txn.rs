@@ -70,14 +70,6 @@ impl Txns {
         }
     }
 
-    pub fn len(&self) -> usize {
-        self.open.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.open.is_empty()
-    }
-
     fn live(&self, id: u64, vchannel: &str, now: TimeTick) -> Result<&Session, NodeError> {
         let s = self.open.get(&id).ok_or_else(|| expired(id))?;
         if s.vchannel != vchannel {
@@ -92,8 +84,13 @@ impl Txns {
         Ok(s)
     }
 
-    /// Checks the transaction part of `msg` (at time `now`) and fills in its context.
-    pub fn admit(&self, msg: &mut MutableMessage, now: TimeTick) -> Result<Role, NodeError> {
+    /// Checks the transaction part of `msg` and fills in its context. `now` is read only for
+    /// messages of an open transaction (the clock stays off the path of every other message).
+    pub fn admit(
+        &self,
+        msg: &mut MutableMessage,
+        now: impl FnOnce() -> TimeTick,
+    ) -> Result<Role, NodeError> {
         match (msg.message_type, msg.txn) {
             (MessageType::BeginTxn, ctx) => {
                 let keepalive_ms = match ctx.map_or(0, |c| c.keepalive_ms) {
@@ -111,7 +108,7 @@ impl Txns {
                 NodeError::InvalidArgument("CommitTxn and RollbackTxn need a transaction".into()),
             ),
             (MessageType::CommitTxn | MessageType::RollbackTxn, Some(ctx)) => {
-                let s = self.live(ctx.txn_id, &msg.vchannel, now)?;
+                let s = self.live(ctx.txn_id, &msg.vchannel, now())?;
                 msg.txn = Some(TxnContext {
                     txn_id: ctx.txn_id,
                     keepalive_ms: s.keepalive_ms,
@@ -123,7 +120,7 @@ impl Txns {
                 MessageType::Insert | MessageType::Upsert | MessageType::Delete | MessageType::Data,
                 Some(ctx),
             ) => {
-                let s = self.live(ctx.txn_id, &msg.vchannel, now)?;
+                let s = self.live(ctx.txn_id, &msg.vchannel, now())?;
                 let size = s.bytes + msg.payload.len() as u64;
                 if size > self.max_bytes {
                     return Err(NodeError::TxnTooLarge {

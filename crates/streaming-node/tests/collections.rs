@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -10,13 +12,11 @@ use prost::Message as _;
 use serde_json::json;
 use walden_common::{ErrorCode, HasErrorCode, MessageId};
 use walden_message::{ImmutableMessage, MessageType, MutableMessage, codec};
-use walden_metastore_api::{MemoryMetaStore, MetaStore};
+use walden_metastore_api::MemoryMetaStore;
 use walden_proto::v1::{CollectionInfo, DeleteIds, FlushInfo};
 use walden_schema::Schema;
-use walden_streaming_node::{
-    NodeConfig, NodeError, channel::Channel, manager::WalManager, metrics::Metrics,
-};
-use walden_wal_api::{ReadFrom, WalStorage, memory::MemoryWalStorage};
+use walden_streaming_node::{NodeConfig, NodeError, channel::Channel, manager::WalManager};
+use walden_wal_api::{ReadFrom, memory::MemoryWalStorage};
 
 const SCHEMA: &str = r#"{"fields":[{"name":"id","type":"int64","primary_key":true},{"name":"emb","type":"float_vector","dim":2}]}"#;
 const VC: &str = "walden-dml-0_7v0";
@@ -45,14 +45,7 @@ impl Node {
     }
 
     async fn restart(storage: MemoryWalStorage, meta: MemoryMetaStore, config: NodeConfig) -> Self {
-        let manager = WalManager::start(
-            Arc::new(storage.clone()) as Arc<dyn WalStorage>,
-            Arc::new(meta.clone()) as Arc<dyn MetaStore>,
-            config,
-            Metrics::new(),
-        )
-        .await
-        .unwrap();
+        let manager = common::start(&storage, &meta, config).await;
         Self {
             storage,
             meta,

@@ -2,6 +2,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
@@ -21,14 +23,7 @@ use walden_wal_api::{WalStorage, memory::MemoryWalStorage};
 async fn manager(config: NodeConfig) -> (Arc<WalManager>, MemoryWalStorage, MemoryMetaStore) {
     let storage = MemoryWalStorage::new();
     let meta = MemoryMetaStore::new();
-    let m = WalManager::start(
-        Arc::new(storage.clone()) as Arc<dyn WalStorage>,
-        Arc::new(meta.clone()) as Arc<dyn MetaStore>,
-        config,
-        Metrics::new(),
-    )
-    .await
-    .unwrap();
+    let m = common::start(&storage, &meta, config).await;
     (m, storage, meta)
 }
 
@@ -272,20 +267,13 @@ async fn time_ticks_are_written_only_after_real_messages() {
 async fn reopening_takes_a_higher_term_and_ticks_keep_growing() {
     let storage = MemoryWalStorage::new();
     let meta = MemoryMetaStore::new();
-    let start = || {
-        WalManager::start(
-            Arc::new(storage.clone()) as Arc<dyn WalStorage>,
-            Arc::new(meta.clone()) as Arc<dyn MetaStore>,
-            small(),
-            Metrics::new(),
-        )
-    };
-    let m1 = start().await.unwrap();
+    let start = || common::start(&storage, &meta, small());
+    let m1 = start().await;
     let ch1 = m1.get("walden-dml-0", 0).unwrap();
     let last = ch1.append(insert("v", 0)).await.unwrap().tick;
     let term1 = ch1.term();
     m1.shutdown().await;
-    let m2 = start().await.unwrap();
+    let m2 = start().await;
     let ch2 = m2.get("walden-dml-0", 0).unwrap();
     assert!(ch2.term() > term1);
     assert!(matches!(

@@ -3,21 +3,21 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use walden_common::{ErrorCode, HasErrorCode, MessageId, TimeTick};
 use walden_message::{ImmutableMessage, MessageType, MutableMessage, TxnContext, codec};
-use walden_metastore_api::{MemoryMetaStore, MetaStore};
+use walden_metastore_api::MemoryMetaStore;
 use walden_streaming_node::{
     NodeConfig,
     channel::{AppendResult, Channel},
-    manager::WalManager,
-    metrics::Metrics,
     scanner::{self, DeliverPolicy, Filters},
 };
-use walden_wal_api::{ReadFrom, WalStorage, memory::MemoryWalStorage};
+use walden_wal_api::{ReadFrom, memory::MemoryWalStorage};
 
 fn config() -> NodeConfig {
     NodeConfig {
@@ -25,21 +25,6 @@ fn config() -> NodeConfig {
         time_tick_interval_ms: 20,
         ..NodeConfig::default()
     }
-}
-
-async fn start(
-    storage: &MemoryWalStorage,
-    meta: &MemoryMetaStore,
-    c: NodeConfig,
-) -> Arc<WalManager> {
-    WalManager::start(
-        Arc::new(storage.clone()) as Arc<dyn WalStorage>,
-        Arc::new(meta.clone()) as Arc<dyn MetaStore>,
-        c,
-        Metrics::new(),
-    )
-    .await
-    .unwrap()
 }
 
 fn data(vc: &str, text: &str) -> MutableMessage {
@@ -103,7 +88,7 @@ fn payloads(ms: &[ImmutableMessage]) -> Vec<String> {
 async fn a_committed_transaction_is_delivered_once_whole_at_its_commit_tick_and_a_rolled_back_one_never()
  {
     let (storage, meta) = (MemoryWalStorage::new(), MemoryMetaStore::new());
-    let m = start(&storage, &meta, config()).await;
+    let m = common::start(&storage, &meta, config()).await;
     let ch = m.get("walden-dml-0", 0).unwrap();
     let t1 = begin(&ch, "v", 0).await;
     ch.append(in_txn(data("v", "t1-a"), t1)).await.unwrap();
@@ -145,7 +130,7 @@ async fn a_committed_transaction_is_delivered_once_whole_at_its_commit_tick_and_
 #[tokio::test]
 async fn resuming_after_a_message_appended_mid_transaction_still_delivers_the_transaction_whole() {
     let (storage, meta) = (MemoryWalStorage::new(), MemoryMetaStore::new());
-    let m = start(&storage, &meta, config()).await;
+    let m = common::start(&storage, &meta, config()).await;
     let ch = m.get("walden-dml-0", 0).unwrap();
     let t = begin(&ch, "v", 0).await;
     ch.append(in_txn(data("v", "body"), t)).await.unwrap();
@@ -188,7 +173,7 @@ fn end_msg(t: u64) -> MutableMessage {
 #[tokio::test]
 async fn idle_transactions_expire_and_exclusive_messages_roll_back_those_on_their_vchannel() {
     let (storage, meta) = (MemoryWalStorage::new(), MemoryMetaStore::new());
-    let m = start(&storage, &meta, config()).await;
+    let m = common::start(&storage, &meta, config()).await;
     let ch = m.get("walden-dml-0", 0).unwrap();
     let short = begin(&ch, "v", 30).await;
     tokio::time::sleep(Duration::from_millis(150)).await;
@@ -267,7 +252,7 @@ async fn idle_transactions_expire_and_exclusive_messages_roll_back_those_on_thei
 #[tokio::test]
 async fn a_transaction_open_at_a_crash_is_rolled_back_when_the_pchannel_reopens() {
     let (storage, meta) = (MemoryWalStorage::new(), MemoryMetaStore::new());
-    let m = start(&storage, &meta, config()).await;
+    let m = common::start(&storage, &meta, config()).await;
     let ch = m.get("walden-dml-0", 0).unwrap();
     let t = begin(&ch, "v", 0).await;
     ch.append(in_txn(data("v", "never"), t)).await.unwrap();
@@ -281,7 +266,7 @@ async fn a_transaction_open_at_a_crash_is_rolled_back_when_the_pchannel_reopens(
     drop(ch);
     drop(m);
 
-    let m = start(&storage, &meta, config()).await;
+    let m = common::start(&storage, &meta, config()).await;
     let ch = m.get("walden-dml-0", 0).unwrap();
     for id in [t, cp_txn, t3] {
         assert_eq!(
@@ -298,7 +283,7 @@ async fn a_transaction_open_at_a_crash_is_rolled_back_when_the_pchannel_reopens(
 #[tokio::test]
 async fn a_body_message_past_the_transaction_byte_limit_is_refused_and_the_rest_commits() {
     let (storage, meta) = (MemoryWalStorage::new(), MemoryMetaStore::new());
-    let m = start(
+    let m = common::start(
         &storage,
         &meta,
         NodeConfig {
