@@ -15,7 +15,7 @@ use crate::{DEFAULT_ADDR, cli::connect};
 /// Where to connect and how to print, for every collection command.
 #[derive(Args, Debug, Clone)]
 pub struct Common {
-    #[arg(long, default_value = DEFAULT_ADDR)]
+    #[arg(long, env = "WALDEN_ADDR", default_value = DEFAULT_ADDR)]
     pub addr: String,
     /// Print JSON instead of text.
     #[arg(long)]

@@ -56,7 +56,7 @@ enum Command {
         /// Seconds to keep retrying through retryable errors (node restarting, channel moving).
         #[arg(long, default_value_t = 5.0)]
         retry_timeout: f64,
-        #[arg(long, default_value = DEFAULT_ADDR)]
+        #[arg(long, env = "WALDEN_ADDR", default_value = DEFAULT_ADDR)]
         addr: String,
         /// One JSON object per acknowledged message.
         #[arg(long)]
@@ -81,14 +81,14 @@ enum Command {
         /// Also print TimeTick messages.
         #[arg(long)]
         show_ticks: bool,
-        #[arg(long, default_value = DEFAULT_ADDR)]
+        #[arg(long, env = "WALDEN_ADDR", default_value = DEFAULT_ADDR)]
         addr: String,
         #[arg(long)]
         json: bool,
     },
     /// Pchannels, terms, last ticks and WAL sizes of a node.
     Status {
-        #[arg(long, default_value = DEFAULT_ADDR)]
+        #[arg(long, env = "WALDEN_ADDR", default_value = DEFAULT_ADDR)]
         addr: String,
         #[arg(long)]
         json: bool,

@@ -200,3 +200,56 @@ async fn the_quick_start_commands_produce_consume_and_report_status() {
             .contains("--from must be")
     );
 }
+
+/// The README's quick-start blocks, run verbatim (bar the line naming the binary) against a
+/// fresh server: the commands a new user copies must work as written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_quick_start_blocks_run_as_written() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
+    let quick_start = &readme[readme.find("## Quick start").unwrap()..];
+    let blocks: Vec<&str> = quick_start
+        .split("```sh\n")
+        .skip(1)
+        .take(2)
+        .map(|b| &b[..b.find("\n```").unwrap()])
+        .collect();
+    assert_eq!(
+        blocks.len(),
+        2,
+        "the produce/consume block and the collections block"
+    );
+    let script: String = blocks
+        .iter()
+        .flat_map(|b| b.lines())
+        .filter(|l| !l.starts_with("W="))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(script.contains("$W collection create"), "{script}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), None).await;
+    let out = Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &script])
+        .current_dir(dir.path())
+        .env("W", WALDEN)
+        .env("WALDEN_ADDR", &server.addr)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "README commands failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for expected in [
+        r#""inserted":2"#,
+        r#""type":"CreateCollection""#,
+        r#""type":"Insert""#,
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "{expected} missing from:\n{stdout}"
+        );
+    }
+}
