@@ -218,7 +218,7 @@ impl RunResult {
         self.bytes as f64 / self.elapsed.as_secs_f64().max(1e-9) / (1 << 20) as f64
     }
     fn ms(&self, q: f64) -> f64 {
-        self.hist.value_at_quantile(q) as f64 / 1000.0
+        ms(&self.hist, q)
     }
     /// The number runs are ranked by to pick the median.
     fn score(&self, kind: Kind) -> f64 {
@@ -250,16 +250,12 @@ impl RunResult {
         })
     }
     fn table_row(&self, name: &str) -> String {
-        format!(
-            "{name:<10} {:>11.0} {:>9.1} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>7}",
+        table_row(
+            name,
             self.msgs_per_s(),
             self.mib_per_s(),
-            self.ms(0.5),
-            self.ms(0.9),
-            self.ms(0.99),
-            self.ms(0.999),
-            self.hist.max() as f64 / 1000.0,
-            self.errors
+            &self.hist,
+            self.errors,
         )
     }
 }
@@ -1130,7 +1126,7 @@ impl DiskResult {
         (self.ops * self.size as u64) as f64 / self.elapsed.as_secs_f64() / (1 << 20) as f64
     }
     fn ms(&self, q: f64) -> f64 {
-        self.hist.value_at_quantile(q) as f64 / 1000.0
+        ms(&self.hist, q)
     }
     fn to_json(&self) -> Value {
         json!({
@@ -1144,17 +1140,8 @@ impl DiskResult {
         })
     }
     fn table_row(&self, name: &str) -> String {
-        format!(
-            "{name:<10} {:>11.0} {:>9.1} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>7}",
-            self.ops as f64 / self.elapsed.as_secs_f64(),
-            self.mib_per_s(),
-            self.ms(0.5),
-            self.ms(0.9),
-            self.ms(0.99),
-            self.ms(0.999),
-            self.hist.max() as f64 / 1000.0,
-            0
-        )
+        let per_s = self.ops as f64 / self.elapsed.as_secs_f64();
+        table_row(name, per_s, self.mib_per_s(), &self.hist, 0)
     }
 }
 
@@ -1209,4 +1196,24 @@ fn disk_probe(dir: &Path, size: usize, duration: Duration) -> anyhow::Result<Dis
         elapsed,
         hist,
     })
+}
+
+/// A latency quantile in ms from a histogram of µs.
+fn ms(hist: &Histogram<u64>, q: f64) -> f64 {
+    hist.value_at_quantile(q) as f64 / 1000.0
+}
+
+/// One line of the human table (the header is printed once per report).
+fn table_row(name: &str, per_s: f64, mib_per_s: f64, hist: &Histogram<u64>, errors: u64) -> String {
+    format!(
+        "{name:<10} {:>11.0} {:>9.1} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>7}",
+        per_s,
+        mib_per_s,
+        ms(hist, 0.5),
+        ms(hist, 0.9),
+        ms(hist, 0.99),
+        ms(hist, 0.999),
+        hist.max() as f64 / 1000.0,
+        errors
+    )
 }
