@@ -38,6 +38,10 @@ pub struct Collections {
     grpc: CollectionsClient<Channel>,
     client: Client,
     producers: Mutex<HashMap<String, Producer>>,
+    /// Collections described so far, by name: writes route by them without a describe call
+    /// each. A write that finds the collection gone (dropped, or re-created under new shards)
+    /// forgets it, and the next call describes again.
+    described: Mutex<HashMap<String, (CollectionInfo, Schema)>>,
 }
 
 impl Collections {
@@ -48,6 +52,7 @@ impl Collections {
                 .max_encoding_message_size(64 << 20),
             client,
             producers: Mutex::new(HashMap::new()),
+            described: Mutex::new(HashMap::new()),
         }
     }
 
@@ -88,6 +93,7 @@ impl Collections {
     }
 
     pub async fn drop_collection(&self, name: &str) -> Result<DdlResponse, ClientError> {
+        self.cache().remove(name);
         let req = CollectionName { name: name.into() };
         Ok(self.grpc.clone().drop_collection(req).await?.into_inner())
     }
@@ -122,12 +128,37 @@ impl Collections {
         Ok(self.grpc.clone().flush(req).await?.into_inner())
     }
 
-    /// The collection's checked schema.
+    /// The collection and its checked schema (cached; see [`Collections`]).
     pub async fn schema(&self, name: &str) -> Result<(CollectionInfo, Schema), ClientError> {
+        if let Some(known) = self.cache().get(name) {
+            return Ok(known.clone());
+        }
         let info = self.describe(name).await?;
         let schema = Schema::new(info.schema.clone().unwrap_or_default())
             .map_err(|e| ClientError::InvalidArgument(e.to_string()))?;
+        if info.state() == walden_proto::v1::CollectionState::Created {
+            self.cache()
+                .insert(name.to_owned(), (info.clone(), schema.clone()));
+        }
         Ok((info, schema))
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, (CollectionInfo, Schema)>> {
+        self.described.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Forgets `name` if `e` says its collection is not what the cache describes.
+    fn forget_if_gone<T>(&self, name: &str, r: Result<T, ClientError>) -> Result<T, ClientError> {
+        use walden_common::{ErrorCode, HasErrorCode};
+        if let Err(e) = &r
+            && matches!(
+                e.code(),
+                ErrorCode::CollectionNotFound | ErrorCode::CollectionDropped
+            )
+        {
+            self.cache().remove(name);
+        }
+        r
     }
 
     /// Inserts rows (`partition` None: `_default`).
@@ -173,9 +204,10 @@ impl Collections {
             }
             messages.push((shard, Bytes::from(part.encode_to_vec())));
         }
-        let tick = self
+        let sent = self
             .send_all(&info, MessageType::Delete, partition, messages)
-            .await?;
+            .await;
+        let tick = self.forget_if_gone(collection, sent)?;
         Ok(WriteResult {
             rows,
             time_tick: tick,
@@ -211,7 +243,8 @@ impl Collections {
         if rows == 0 {
             return Err(ClientError::InvalidArgument("no rows to write".into()));
         }
-        let tick = self.send_all(&info, t, partition, messages).await?;
+        let sent = self.send_all(&info, t, partition, messages).await;
+        let tick = self.forget_if_gone(collection, sent)?;
         Ok(WriteResult {
             rows,
             time_tick: tick,

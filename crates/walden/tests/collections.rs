@@ -469,7 +469,8 @@ async fn writes_that_break_a_vchannel_invariant_are_refused_over_grpc_and_write_
         Bytes::from_static(b"\xff\xff\xff\xff"),
     );
     assert_eq!(code(send(wrong).await), ErrorCode::InvalidArgument);
-    api.drop_collection("c").await.unwrap();
+    // Dropped through another client: `api` still has "c" cached.
+    client.collections().drop_collection("c").await.unwrap();
     assert_eq!(
         code(send(insert(&vc.name, "")).await),
         ErrorCode::CollectionDropped
@@ -483,6 +484,19 @@ async fn writes_that_break_a_vchannel_invariant_are_refused_over_grpc_and_write_
         [MessageType::DropPartition, MessageType::DropCollection]
     );
     assert!(!after.contains_key(&unknown));
+
+    // A client that described "c" before it was dropped and re-created is refused once, forgets
+    // it, and then writes to the new collection's shards.
+    let row = || {
+        schema
+            .rows_from_json(&[serde_json::json!({"id": 7, "emb": [1, 2, 3, 4], "title": "x"})])
+            .unwrap()
+    };
+    let stale = api.insert("c", None, &[row()]).await.unwrap_err();
+    assert_eq!(code(stale), ErrorCode::CollectionDropped);
+    let again = client.collections().create("c", &schema, 1).await.unwrap();
+    assert_ne!(again.collection_id, info.collection_id);
+    api.insert("c", None, &[row()]).await.unwrap();
 }
 
 /// Checks that every shard agrees with the catalog: live collections are created on all their
