@@ -752,18 +752,13 @@ impl Writer {
         let mut entries = Vec::new();
         for c in chans {
             let ix = lock(&c.index);
-            let mut first = None;
-            let mut locs = Vec::new();
-            for (k, loc) in ix.locs.iter().enumerate() {
-                if loc.seg == seq {
-                    first.get_or_insert(ix.first_id + k as u64);
-                    locs.push(*loc);
-                } else if loc.seg > seq {
-                    break;
-                }
-            }
-            if let Some(first) = first {
-                entries.push((c.name.clone(), first, locs));
+            // Locations are in segment order: find this segment's run without walking the
+            // older ones.
+            let start = ix.locs.partition_point(|l| l.seg < seq);
+            let end = ix.locs.partition_point(|l| l.seg <= seq);
+            if start < end {
+                let locs: Vec<Loc> = ix.locs.range(start..end).copied().collect();
+                entries.push((c.name.clone(), ix.first_id + start as u64, locs));
             }
         }
         let b = encode_index(seq, &entries);
@@ -1173,8 +1168,9 @@ impl SharedReader {
             }
             let from = (self.next - ix.first_id) as usize;
             let avail = (end - self.next) as usize;
+            let to = (from + avail).min(ix.locs.len());
             let mut run = Vec::new();
-            for loc in ix.locs.iter().skip(from).take(avail) {
+            for loc in ix.locs.range(from.min(to)..to) {
                 if let Some(first) = run.first() {
                     let first: &Loc = first;
                     if loc.seg != first.seg
