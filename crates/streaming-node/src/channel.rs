@@ -766,7 +766,7 @@ impl Channel {
 
     /// Stops accepting appends, waits for what is queued, and closes the WAL.
     pub async fn close(&self) {
-        self.lock().closed = true;
+        let first_close = !std::mem::replace(&mut self.lock().closed, true);
         // A last checkpoint makes the next open quick; losing it only costs replay.
         let dirty = {
             let st = self.lock();
@@ -784,6 +784,12 @@ impl Channel {
         }
         self.inflight.close();
         self.health.send_replace(Health::Closed);
+        if first_close {
+            // The node-wide gauge the memory seal policy reads: the incarnation that reopens
+            // this pchannel adds its segments back.
+            let bytes = self.lock().shards.growing_bytes();
+            self.metrics.growing_bytes.sub(bytes as i64);
+        }
     }
 
     /// Status for the status call.

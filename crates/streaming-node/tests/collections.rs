@@ -406,3 +406,18 @@ async fn after_a_restart_a_resend_older_than_the_rebuilt_window_is_refused_not_w
     assert_eq!(ch.wal().next_id(), before, "written twice");
     ch.append(numbered(6)).await.unwrap();
 }
+
+#[tokio::test]
+async fn closing_a_pchannel_takes_its_growing_segments_out_of_the_node_total() {
+    let node = Node::start(config()).await;
+    let ch = node.channel();
+    ch.append(create(VC, 7)).await.unwrap();
+    ch.append(insert(VC, 0..3)).await.unwrap();
+    let growing = ch.metrics().growing_bytes.get();
+    assert!(growing > 0);
+    // A reopen (as after a storage failure) counts the same segments again; the closed
+    // incarnation must not still count them, or the memory policy seals too early.
+    ch.close().await;
+    ch.close().await;
+    assert_eq!(ch.metrics().growing_bytes.get(), 0);
+}
