@@ -220,36 +220,9 @@ impl Coordinator {
         })
     }
 
-    /// A fresh id for collections and broadcast tasks (one counter, compare-and-swap).
+    /// A fresh id for collections and broadcast tasks (one counter for both).
     async fn next_id(&self) -> Result<u64, CoordError> {
-        loop {
-            let cur = self.meta.get(ID_KEY).await?;
-            let (rev, next) = match &cur {
-                Some(kv) => {
-                    let n = std::str::from_utf8(&kv.value)
-                        .ok()
-                        .and_then(|s| s.parse::<u64>().ok())
-                        .ok_or_else(|| CoordError::Corrupt(ID_KEY.into()))?;
-                    (kv.mod_revision, n)
-                }
-                None => (0, 1),
-            };
-            let resp = self
-                .meta
-                .txn(Txn {
-                    compare: vec![Compare::mod_revision(ID_KEY, rev)],
-                    success: vec![Op::Put {
-                        key: ID_KEY.into(),
-                        value: Bytes::from((next + 1).to_string()),
-                        lease: None,
-                    }],
-                    failure: vec![],
-                })
-                .await?;
-            if resp.succeeded {
-                return Ok(next);
-            }
-        }
+        Ok(walden_metastore_api::increment(&*self.meta, ID_KEY).await?)
     }
 
     /// Creates a collection with `shards` shards and returns it once every shard has it.

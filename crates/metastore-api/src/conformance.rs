@@ -8,7 +8,7 @@ use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
 
-use crate::{Compare, EventKind, MetaError, MetaStore, Op, Txn};
+use crate::{Compare, EventKind, MetaError, MetaResult, MetaStore, Op, Txn};
 
 pub async fn run_all<F: Fn() -> Arc<dyn MetaStore>>(make: F) {
     let store = make();
@@ -17,6 +17,7 @@ pub async fn run_all<F: Fn() -> Arc<dyn MetaStore>>(make: F) {
     compare_and_swap_admits_exactly_one_writer(&*store).await;
     failed_txn_applies_its_failure_branch_only(&*store).await;
     relaxed_txn_has_the_semantics_of_txn(&*store).await;
+    racing_increments_hand_out_each_number_once(&*store).await;
     watch_sees_later_changes_under_its_prefix_in_order(&*store).await;
     leased_keys_vanish_when_the_lease_expires_or_is_revoked(&*store).await;
 }
@@ -131,6 +132,16 @@ pub async fn failed_txn_applies_its_failure_branch_only(store: &dyn MetaStore) {
     assert_eq!(store.get("txn/x").await.unwrap(), None);
     let fail = store.get("txn/fail").await.unwrap().unwrap();
     assert_eq!(fail.mod_revision, resp.revision, "one txn is one revision");
+}
+
+/// `increment` (built on compare-and-swap) gives every racing caller its own number.
+pub async fn racing_increments_hand_out_each_number_once(store: &dyn MetaStore) {
+    let all = futures::future::join_all((0..40).map(|_| crate::increment(store, "counter")))
+        .await
+        .into_iter()
+        .collect::<MetaResult<std::collections::BTreeSet<u64>>>()
+        .unwrap();
+    assert_eq!(all, (1..=40).collect());
 }
 
 /// `txn_relaxed` differs from `txn` only in when it becomes durable.

@@ -162,6 +162,38 @@ impl HasErrorCode for MetaError {
 
 pub type MetaResult<T> = Result<T, MetaError>;
 
+/// Adds one to the decimal counter at `key` (absent: 0) with a compare-and-swap, and returns the
+/// new value: each value is handed out once, however many callers race.
+pub async fn increment(store: &dyn MetaStore, key: &str) -> MetaResult<u64> {
+    loop {
+        let (rev, value) = match store.get(key).await? {
+            Some(kv) => {
+                let v = std::str::from_utf8(&kv.value)
+                    .ok()
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .ok_or_else(|| MetaError::Corrupted(format!("{key} is not a number")))?;
+                (kv.mod_revision, v)
+            }
+            None => (0, 0),
+        };
+        let next = value + 1;
+        let resp = store
+            .txn(Txn {
+                compare: vec![Compare::mod_revision(key, rev)],
+                success: vec![Op::Put {
+                    key: key.to_owned(),
+                    value: Bytes::from(next.to_string()),
+                    lease: None,
+                }],
+                failure: vec![],
+            })
+            .await?;
+        if resp.succeeded {
+            return Ok(next);
+        }
+    }
+}
+
 /// An etcd-shaped metadata store.
 #[async_trait]
 pub trait MetaStore: Send + Sync + Debug {

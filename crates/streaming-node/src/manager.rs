@@ -10,10 +10,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
 use tracing::{info, warn};
 use walden_common::Term;
-use walden_metastore_api::{Compare, MetaStore, Op, Txn};
+use walden_metastore_api::{MetaStore, increment};
 use walden_wal_api::WalStorage;
 
 use crate::{
@@ -75,36 +74,7 @@ impl WalManager {
     }
 
     async fn next_term(&self, pchannel: &str) -> Result<Term, NodeError> {
-        let key = term_key(pchannel);
-        loop {
-            let current = self.meta.get(&key).await?;
-            let (rev, term) = match &current {
-                Some(kv) => {
-                    let t = std::str::from_utf8(&kv.value)
-                        .ok()
-                        .and_then(|s| s.parse::<u64>().ok())
-                        .ok_or_else(|| NodeError::Internal(format!("{key} is not a number")))?;
-                    (kv.mod_revision, t)
-                }
-                None => (0, 0),
-            };
-            let next = term + 1;
-            let resp = self
-                .meta
-                .txn(Txn {
-                    compare: vec![Compare::mod_revision(&key, rev)],
-                    success: vec![Op::Put {
-                        key: key.clone(),
-                        value: Bytes::from(next.to_string()),
-                        lease: None,
-                    }],
-                    failure: vec![],
-                })
-                .await?;
-            if resp.succeeded {
-                return Ok(Term(next));
-            }
-        }
+        Ok(Term(increment(&*self.meta, &term_key(pchannel)).await?))
     }
 
     async fn open_channel(self: &Arc<Self>, name: &str) -> Result<Arc<Channel>, NodeError> {
