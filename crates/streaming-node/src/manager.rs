@@ -57,12 +57,15 @@ impl WalManager {
             metrics,
             channels: RwLock::new(HashMap::new()),
         });
+        // One task per pchannel: replay is CPU work, and this way it uses every core.
         let opens = manager.config.pchannel_names().into_iter().map(|name| {
             let m = manager.clone();
-            async move { m.open_channel(&name).await }
+            tokio::spawn(async move { m.open_channel(&name).await })
         });
         for r in futures::future::join_all(opens).await {
-            tokio::spawn(supervise(Arc::downgrade(&manager), r?));
+            let channel =
+                r.map_err(|e| NodeError::Internal(format!("opening a pchannel: {e}")))??;
+            tokio::spawn(supervise(Arc::downgrade(&manager), channel));
         }
         info!(
             pchannels = manager.config.pchannels,

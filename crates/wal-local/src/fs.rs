@@ -55,6 +55,8 @@ pub trait FileSystem: Send + Sync + Debug + 'static {
     /// Opens an existing file for reading and appending.
     fn open(&self, path: &Path) -> io::Result<Box<dyn WalFile>>;
     fn remove(&self, path: &Path) -> io::Result<()>;
+    /// Renames `from` to `to`, replacing it (durable once the directory is synced).
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
     /// Makes the directory's entries (creations, removals, renames) durable.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
     /// Replaces `path`'s content atomically and durably (write a temp file, sync, rename).
@@ -141,6 +143,9 @@ impl FileSystem for StdFs {
     }
     fn remove(&self, path: &Path) -> io::Result<()> {
         fs::remove_file(path)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        fs::rename(from, to)
     }
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         File::open(dir)?.sync_all()
@@ -413,6 +418,15 @@ impl FileSystem for FaultFs {
             .remove(path)
             .map(|_| ())
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such file"))
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        let mut s = lock(&self.state);
+        let f = s
+            .files
+            .remove(from)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such file"))?;
+        s.files.insert(to.to_owned(), f);
+        Ok(())
     }
     fn sync_dir(&self, _dir: &Path) -> io::Result<()> {
         Ok(())

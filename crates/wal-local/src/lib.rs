@@ -16,6 +16,7 @@
 pub mod format;
 pub mod fs;
 mod open;
+mod prepare;
 mod reader;
 pub mod shared;
 mod writer;

@@ -43,6 +43,7 @@ use crate::{
     fs::{FileSystem, LockGuard, StdFs, WalFile},
     lock,
     open::{claim_term, encode_term, io_err, lock_dir, read_term, stale_term},
+    prepare::{Preparer, is_prepared_name},
     writer::gather,
 };
 
@@ -133,7 +134,7 @@ fn decode_index(b: &[u8], seq: u64) -> Option<Vec<(String, u64, Vec<Loc>)>> {
     Some(out)
 }
 
-fn header(seq: u64) -> Vec<u8> {
+pub(crate) fn header(seq: u64) -> Vec<u8> {
     let mut h = Vec::with_capacity(HEADER_LEN);
     h.extend_from_slice(MAGIC);
     h.extend_from_slice(&VERSION.to_le_bytes());
@@ -248,9 +249,12 @@ impl Log {
             .filter_map(|n| parse_segment_name(n))
             .collect();
         seqs.sort_unstable();
-        // Index files whose segment is gone (a crash between the two removals) are leftovers.
+        // Index files whose segment is gone (a crash between the two removals) are leftovers,
+        // as are segments prepared but never used (they hold no record).
         for name in fs.list(&dir).map_err(io_err(LOG, "listing segments"))? {
-            if let Some(seq) = name
+            if is_prepared_name(&name) {
+                let _ = fs.remove(&dir.join(&name));
+            } else if let Some(seq) = name
                 .strip_suffix(".idx")
                 .and_then(|s| s.parse::<u64>().ok())
                 && seqs.binary_search(&seq).is_err()
@@ -304,6 +308,7 @@ impl Log {
             len,
             zeroed,
             zeros: Vec::new(),
+            prep: None,
             config,
             failed: None,
             _lock: lock_guard,
@@ -540,6 +545,8 @@ struct Writer {
     /// growing the file.
     zeroed: u64,
     zeros: Vec<u8>,
+    /// Prepares the next segment in the background (where overwriting is cheap).
+    prep: Option<Preparer>,
     config: LocalWalConfig,
     failed: Option<(io::ErrorKind, String)>,
     _lock: Box<dyn LockGuard>,
@@ -547,6 +554,20 @@ struct Writer {
 
 impl Writer {
     fn run(mut self) {
+        if self.file.cheap_overwrite() {
+            match Preparer::start(
+                self.fs.clone(),
+                self.dir.clone(),
+                self.config.segment_bytes,
+                header,
+            ) {
+                Ok(mut p) => {
+                    p.want(self.seq + 1);
+                    self.prep = Some(p);
+                }
+                Err(e) => warn!(error = %e, "could not start the segment preparer"),
+            }
+        }
         let mut batch: Vec<Job> = Vec::new();
         let mut buf: Vec<u8> = Vec::with_capacity(self.config.max_batch_bytes);
         while let Ok(cmd) = self.rx.recv() {
@@ -621,7 +642,12 @@ impl Writer {
         let mut result = Ok(());
         for j in &live {
             let need = (8 + 9 + j.chan.name.len() + j.record.len()) as u64;
-            if self.len + buf.len() as u64 + need > self.config.segment_bytes
+            let end = self.len + buf.len() as u64 + need;
+            // Out of zeroed space with a whole prepared segment waiting: roll early rather than
+            // zero-fill inline (a fresh log's first segment, one left by a crash).
+            let early =
+                end > self.zeroed && self.prep.as_mut().is_some_and(|p| p.is_ready(self.seq + 1));
+            if (end > self.config.segment_bytes || early)
                 && self.len + (buf.len() as u64) > HEADER_LEN as u64
             {
                 result = self.write_out(&log, buf).and_then(|()| self.roll(&log));
@@ -733,15 +759,32 @@ impl Writer {
 
     fn roll(&mut self, log: &Log) -> io::Result<()> {
         let seq = self.seq + 1;
-        let mut f = self.fs.create_new(&self.dir.join(segment_name(seq)))?;
-        f.append(&header(seq))?;
-        f.sync_data()?;
+        let path = self.dir.join(segment_name(seq));
+        let prepared = match &mut self.prep {
+            Some(p) => p.take(seq, &path)?,
+            None => None,
+        };
+        let (f, zeroed) = match prepared {
+            Some(f) => {
+                let zeroed = f.len()?;
+                (f, zeroed)
+            }
+            None => {
+                let mut f = self.fs.create_new(&path)?;
+                f.append(&header(seq))?;
+                f.sync_data()?;
+                (f, HEADER_LEN as u64)
+            }
+        };
         self.fs.sync_dir(&self.dir)?;
         self.file = f;
         self.seq = seq;
         self.len = HEADER_LEN as u64;
-        self.zeroed = self.len;
+        self.zeroed = zeroed;
         lock(&log.segments).insert(seq, Segment::default());
+        if let Some(p) = &mut self.prep {
+            p.want(seq + 1);
+        }
         Ok(())
     }
 

@@ -11,6 +11,7 @@ use std::{
     sync::Arc,
 };
 
+use bytes::Bytes;
 use faults::{append_some, check_recovered, payload, read_all, small_segments};
 use walden_common::{MessageId, Term};
 use walden_wal_api::{ReadFrom, WalError, WalStorage};
@@ -266,4 +267,87 @@ async fn on_disk_zeros_written_ahead_read_as_the_end_and_a_torn_record_in_them_i
     assert_eq!(read_all(&wal).await.len(), 51);
     assert_eq!(wal.append(payload(51)).await.unwrap(), MessageId(51));
     assert_eq!(read_all(&wal).await.len(), 52);
+}
+
+fn files_ending(dir: &Path, suffix: &str) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.ends_with(suffix))
+        .collect();
+    v.sort();
+    v
+}
+
+/// The next segment is written whole (header and zeros, synced) by a thread of its own, so the
+/// writer never stops to zero-fill: once the few MiB zeroed inline in a fresh log run out, it
+/// rolls to the prepared segment, whose size then stays put while commits land in it. An
+/// unused prepared segment is removed when the log closes, and a stray one (a crash while
+/// preparing) when it opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_segment_is_prepared_whole_and_the_writer_rolls_to_it_instead_of_zero_filling() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let seg_bytes: u64 = 8 << 20;
+    let config = LocalWalConfig {
+        segment_bytes: seg_bytes,
+        max_batch_bytes: 64 << 10,
+    };
+    let storage = SharedLogStorage::new(dir.path(), config.clone());
+    let wal = storage.open("p", Term(1)).await.unwrap();
+    let mut next = 0u64;
+    let append = async |n: u64| {
+        let futs: Vec<_> = (0..n)
+            .map(|_| wal.append(Bytes::from(vec![b'r'; 4000])))
+            .collect();
+        for f in futs {
+            f.await.unwrap();
+        }
+        n
+    };
+    next += append(1).await;
+    // Wait until segment 1 is prepared whole (and a little longer, for its last sync).
+    let prepared = log.join(format!("{:020}.prep", 1));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::fs::metadata(&prepared).map_or(0, |m| m.len()) < seg_bytes {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "segment 1 was never prepared"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    // 6 MiB of records: more than the 4 MiB zeroed inline, less than a segment.
+    for _ in 0..96 {
+        next += append(16).await;
+    }
+    let seg = |i: u64| log.join(format!("{i:020}.log"));
+    let first = std::fs::metadata(seg(0)).unwrap().len();
+    assert!(
+        first < 5 << 20,
+        "segment 0 ({first} B) rolled once its inline zeros ran out"
+    );
+    assert_eq!(std::fs::metadata(seg(1)).unwrap().len(), seg_bytes);
+    next += append(16).await;
+    assert_eq!(
+        std::fs::metadata(seg(1)).unwrap().len(),
+        seg_bytes,
+        "commits into a prepared segment overwrite its zeros"
+    );
+    let records = read_all(&wal).await;
+    assert_eq!(records.len() as u64, next);
+    drop(wal);
+    drop(storage);
+    assert_eq!(
+        files_ending(&log, ".prep"),
+        Vec::<String>::new(),
+        "closing removes an unused prepared segment"
+    );
+
+    // A stray prepared segment holds no record: removed at open, nothing else changes.
+    std::fs::write(log.join(format!("{:020}.prep", 7)), b"half-written").unwrap();
+    let storage = SharedLogStorage::new(dir.path(), config);
+    let wal = storage.open("p", Term(2)).await.unwrap();
+    assert_eq!(read_all(&wal).await.len() as u64, next);
+    assert!(!log.join(format!("{:020}.prep", 7)).exists());
 }
