@@ -19,7 +19,9 @@ pub struct NodeConfig {
     pub max_message_bytes: usize,
     /// Bytes of appends in flight per pchannel before producers wait. Default 64 MiB.
     pub max_inflight_bytes: usize,
-    /// Write-ahead buffer: bytes of the tail kept in memory per pchannel. Default 64 MiB.
+    /// Write-ahead buffer: bytes of the tail kept in memory per pchannel. Default 16 MiB: readers
+    /// further behind read the WAL (page cache), and a larger buffer only grows the memory that
+    /// every appended byte must be freshly faulted into until the buffer is full.
     pub wab_capacity_bytes: usize,
     /// Write-ahead buffer: how long an entry is kept at most. Default 30 s.
     pub wab_keepalive_ms: u64,
@@ -70,7 +72,7 @@ impl Default for NodeConfig {
             time_tick_interval_ms: 200,
             max_message_bytes: 8 << 20,
             max_inflight_bytes: 64 << 20,
-            wab_capacity_bytes: 64 << 20,
+            wab_capacity_bytes: 16 << 20,
             wab_keepalive_ms: 30_000,
             tso_window_ms: 3_000,
             dedup_window: 1024,
