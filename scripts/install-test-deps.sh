@@ -8,7 +8,9 @@ set -euo pipefail
 
 need=()
 # Debian packages: command -> package.
-declare -A packages=()
+declare -A packages=(
+  [redis-server]=redis-server   # the peer of `walden bench --peer redis` (tests/bench.rs)
+)
 for cmd in "${!packages[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || need+=("${packages[$cmd]}")
 done

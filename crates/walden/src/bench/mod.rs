@@ -103,6 +103,11 @@ struct Args {
     /// How long each append/e2e run lasts, e.g. 10s, 500ms.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     duration: Duration,
+    /// Load sent to each system before its first append/e2e run, not measured: a fresh server
+    /// faults in fresh memory for everything it buffers until its buffers are full, which is not
+    /// what a running one does (the OpenMessaging Benchmark warms up too). 0s to measure cold.
+    #[arg(long, default_value = "2s", value_parser = parse_duration_or_zero)]
+    warmup: Duration,
     /// Messages per second in all (0: as fast as possible). e2e defaults to 1000.
     #[arg(long)]
     rate: Option<u64>,
@@ -142,6 +147,14 @@ struct DiskArgs {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = parse_duration_or_zero(s)?;
+    if d.is_zero() {
+        return Err(format!("duration {s:?} must be positive"));
+    }
+    Ok(d)
+}
+
+fn parse_duration_or_zero(s: &str) -> Result<Duration, String> {
     let (num, unit) = s
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .map_or((s, "s"), |i| (&s[..i], &s[i..]));
@@ -152,8 +165,8 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         "m" => n * 60.0,
         _ => return Err(format!("bad duration unit in {s:?} (use ms, s or m)")),
     };
-    if !(secs.is_finite() && secs > 0.0) {
-        return Err(format!("duration {s:?} must be positive"));
+    if !(secs.is_finite() && secs >= 0.0) {
+        return Err(format!("duration {s:?} must not be negative"));
     }
     Ok(Duration::from_secs_f64(secs))
 }
@@ -619,12 +632,13 @@ async fn produce_all(sys: &System<'_>, a: &Args, pace: Pace) -> anyhow::Result<R
     let pace = Pace { window, ..pace };
     let mut tasks = Vec::new();
     let _progress = ProgressLine::start(sys.name());
-    let client = match sys {
-        System::Walden { addr, .. } => Some(Client::connect(addr).await?),
-        System::Redis(_) => None,
-    };
     for i in 0..producers {
         let ch = channel_name(i % a.pchannels as usize);
+        // Each producer has a connection of its own, as each Redis producer does.
+        let client = match sys {
+            System::Walden { addr, .. } => Some(Client::connect(addr).await?),
+            System::Redis(_) => None,
+        };
         match (sys, &client) {
             (System::Walden { .. }, Some(c)) => {
                 let lane = WaldenLane {
@@ -871,6 +885,22 @@ async fn one_run(
     }
 }
 
+/// Sends the workload's load for `--warmup`, recording nothing.
+async fn warm_up(sys: &mut System<'_>, a: &Args, rate: u64) -> anyhow::Result<()> {
+    let producers = a.producers.unwrap_or(a.pchannels as usize).max(1);
+    let origin = Instant::now();
+    let pace = Pace {
+        origin,
+        deadline: Some(origin + a.warmup),
+        budget: None,
+        interval: (rate > 0).then(|| Duration::from_secs_f64(producers as f64 / rate as f64)),
+        window: 1,
+        size: a.size,
+        record: false,
+    };
+    produce_all(sys, a, pace).await.map(drop)
+}
+
 fn preload_per_channel(a: &Args) -> u64 {
     ((a.preload_mib << 20) / a.size as u64 / a.pchannels as u64).max(1)
 }
@@ -976,6 +1006,17 @@ async fn compare(a: Args, kind: Kind) -> anyhow::Result<()> {
         .await?;
         if let Some(r) = redis.as_mut() {
             preload(&System::Redis(r), &a).await?;
+        }
+    }
+
+    if matches!(kind, Kind::Append | Kind::E2e) && !a.warmup.is_zero() {
+        let mut sys = System::Walden {
+            addr: &walden_addr,
+            server: walden.as_mut(),
+        };
+        warm_up(&mut sys, &a, rate).await?;
+        if let Some(rs) = redis.as_mut() {
+            warm_up(&mut System::Redis(rs), &a, rate).await?;
         }
     }
 
@@ -1095,6 +1136,7 @@ async fn compare(a: Args, kind: Kind) -> anyhow::Result<()> {
         "params": {
             "pchannels": a.pchannels, "producers": a.producers.unwrap_or(a.pchannels as usize),
             "inflight": a.inflight, "size": a.size, "rate": rate,
+            "warmup_s": a.warmup.as_secs_f64(),
             "duration_s": a.duration.as_secs_f64(), "preload_mib": a.preload_mib, "runs": a.runs,
         },
         "walden": systems.get("walden"),

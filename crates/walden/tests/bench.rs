@@ -1,0 +1,147 @@
+//! `walden bench` as a user runs it: a real server and a real Redis started by the bench, and
+//! the JSON report's numbers checked against each other (not against timings: those belong to
+//! the benchmark, not to the test suite).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{path::Path, process::Command};
+
+use serde_json::Value;
+
+fn bench(args: &[&str], dir: &Path) -> Value {
+    let json = dir.join("report.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_walden"))
+        .arg("bench")
+        .args(args)
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "walden bench {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&std::fs::read(json).unwrap()).unwrap()
+}
+
+fn f(v: &Value, path: &[&str]) -> f64 {
+    let mut v = v;
+    for p in path {
+        v = &v[*p];
+    }
+    v.as_f64()
+        .unwrap_or_else(|| panic!("{path:?} is not a number: {v}"))
+}
+
+/// Latency quantiles of one system are ordered and its rates agree with its counts.
+fn check_system(report: &Value, name: &str, size: f64) {
+    let s = &report[name];
+    assert_eq!(f(s, &["errors"]), 0.0, "{name}: {s}");
+    let msgs_per_s = f(s, &["msgs_per_s"]);
+    assert!(msgs_per_s > 0.0, "{name} acknowledged nothing: {s}");
+    let mib = f(s, &["mib_per_s"]);
+    let expected = msgs_per_s * size / (1u64 << 20) as f64;
+    assert!(
+        (mib - expected).abs() <= expected * 0.01 + 0.01,
+        "{name}: {mib} MiB/s from {msgs_per_s} msg/s of {size} B"
+    );
+    let q = |k: &str| f(s, &["latency_ms", k]);
+    assert!(
+        0.0 < q("p50") && q("p50") <= q("p99") && q("p99") <= q("p999") && q("p999") <= q("max"),
+        "{name}: quantiles out of order: {}",
+        s["latency_ms"]
+    );
+}
+
+#[test]
+fn append_reports_walden_redis_and_the_disk_limit_with_consistent_ratios() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = bench(
+        &[
+            "append",
+            "--pchannels",
+            "2",
+            "--inflight",
+            "8",
+            "--size",
+            "512",
+            "--duration",
+            "1s",
+            "--warmup",
+            "300ms",
+            "--peer",
+            "redis",
+        ],
+        dir.path(),
+    );
+    assert_eq!(report["workload"], "append");
+    assert_eq!(f(&report, &["params", "warmup_s"]), 0.3);
+    check_system(&report, "walden", 512.0);
+    check_system(&report, "redis", 512.0);
+
+    let (w, r) = (
+        f(&report, &["walden", "msgs_per_s"]),
+        f(&report, &["redis", "msgs_per_s"]),
+    );
+    let ratio = f(&report, &["ratio_to_peer"]);
+    assert!(
+        (ratio - w / r).abs() <= 0.01 * ratio + 0.001,
+        "ratio_to_peer {ratio} is not walden/redis = {w}/{r}"
+    );
+    let to_disk = f(&report, &["ratio_to_disk"]);
+    let disk = f(&report, &["disk", "mib_per_s"]);
+    let wmib = f(&report, &["walden", "mib_per_s"]);
+    assert!(
+        (to_disk - wmib / disk).abs() <= 0.01 * to_disk + 0.001,
+        "ratio_to_disk {to_disk} is not {wmib}/{disk}"
+    );
+    // Group commit: never more than one fsync per acknowledged message, and the disk probe
+    // writes what Walden wrote per fsync.
+    let per_msg = f(&report, &["walden", "fsyncs_per_msg"]);
+    assert!(
+        per_msg > 0.0 && per_msg <= 1.0,
+        "fsyncs per message {per_msg}"
+    );
+    let write = f(&report, &["disk", "write_bytes"]);
+    let fsyncs = f(&report, &["walden", "fsyncs"]);
+    let msgs = f(&report, &["walden", "msgs"]);
+    assert!(
+        write >= 512.0 && write <= (msgs * 512.0 / fsyncs).max(512.0) * 1.5,
+        "the disk probe wrote {write} B per sync; Walden wrote {} B of payload per fsync",
+        msgs * 512.0 / fsyncs
+    );
+    let runs = &report["runs"]["walden"];
+    assert_eq!(runs.as_array().map(Vec::len), Some(1), "{runs}");
+}
+
+#[test]
+fn a_fixed_rate_run_sends_on_schedule_and_reports_how_late_the_sender_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = bench(
+        &[
+            "e2e",
+            "--pchannels",
+            "2",
+            "--rate",
+            "400",
+            "--duration",
+            "1s",
+            "--warmup",
+            "0s",
+        ],
+        dir.path(),
+    );
+    assert_eq!(report["workload"], "e2e");
+    check_system(&report, "walden", 1024.0);
+    // At a fixed rate the number sent follows the schedule, not the server's speed.
+    let msgs = f(&report, &["walden", "msgs"]);
+    assert!(
+        (300.0..=500.0).contains(&msgs),
+        "{msgs} messages at 400/s for 1 s"
+    );
+    assert!(f(&report, &["walden", "sender_lateness_ms", "p50"]) >= 0.0);
+}
