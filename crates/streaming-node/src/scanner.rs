@@ -5,7 +5,7 @@
 //! Because ids follow ticks within a pchannel, both sources are already in tick order and the
 //! switch points are plain ids.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{collections::HashMap, future::Future, sync::Arc};
 
 use prost::Message as _;
 use walden_proto::v1::TxnBody;
@@ -120,15 +120,40 @@ enum Pos {
     Tail(MessageId),
 }
 
-/// Runs a scan until the consumer goes away or the channel closes; errors are sent to `tx`.
+/// Where a scan delivers. The gRPC service builds its frames here, in the scan's own task (a
+/// task between the two cost a wake-up per delivery and a channel send per message).
+pub trait Sink: Send {
+    /// Takes the next message; false once the consumer is gone.
+    fn push(&mut self, msg: ImmutableMessage) -> impl Future<Output = bool> + Send;
+    /// Sends on what is held: the scan calls this before it waits and after each batch from
+    /// the buffer. False once the consumer is gone.
+    fn flush(&mut self) -> impl Future<Output = bool> + Send;
+    /// Reports the error that ends the scan, after what is held.
+    fn fail(&mut self, e: NodeError) -> impl Future<Output = ()> + Send;
+}
+
+/// A channel of single messages (tests, embedding).
+impl Sink for mpsc::Sender<Result<ImmutableMessage, NodeError>> {
+    async fn push(&mut self, msg: ImmutableMessage) -> bool {
+        self.send(Ok(msg)).await.is_ok()
+    }
+    async fn flush(&mut self) -> bool {
+        !self.is_closed()
+    }
+    async fn fail(&mut self, e: NodeError) {
+        let _ = self.send(Err(e)).await;
+    }
+}
+
+/// Runs a scan until the consumer goes away or the channel closes; errors go to the sink.
 pub async fn scan(
     channel: Arc<Channel>,
     policy: DeliverPolicy,
     filters: Filters,
-    tx: mpsc::Sender<Result<ImmutableMessage, NodeError>>,
+    mut sink: impl Sink,
 ) {
-    if let Err(e) = run(&channel, policy, &filters, &tx).await {
-        let _ = tx.send(Err(e)).await;
+    if let Err(e) = run(&channel, policy, &filters, &mut sink).await {
+        sink.fail(e).await;
     }
 }
 
@@ -136,7 +161,7 @@ async fn run(
     channel: &Arc<Channel>,
     policy: DeliverPolicy,
     filters: &Filters,
-    tx: &mpsc::Sender<Result<ImmutableMessage, NodeError>>,
+    sink: &mut impl Sink,
 ) -> Result<(), NodeError> {
     let wab = &channel.wab;
     let mut pos = match policy {
@@ -174,12 +199,17 @@ async fn run(
                                 let msg = codec::decode(id, record)?;
                                 next = id.next();
                                 let Some(msg) = txns.push(msg) else { continue };
-                                if filters.admits(&msg) && tx.send(Ok(msg)).await.is_err() {
+                                if filters.admits(&msg) && !sink.push(msg).await {
                                     return Ok(());
                                 }
                             }
                             // Durable end, below the buffer: wait for more to be written.
-                            None => wait(&mut changes, &mut health, channel).await?,
+                            None => {
+                                if !sink.flush().await {
+                                    return Ok(());
+                                }
+                                wait(&mut changes, &mut health, channel).await?;
+                            }
                         }
                     }
                 }
@@ -191,6 +221,9 @@ async fn run(
                     break Pos::Storage(next);
                 }
                 if batch.is_empty() {
+                    if !sink.flush().await {
+                        return Ok(());
+                    }
                     wait(&mut changes, &mut health, channel).await?;
                     continue;
                 }
@@ -203,10 +236,13 @@ async fn run(
                             .metrics()
                             .consumer_lag
                             .observe((end - msg.id.0) as f64);
-                        if tx.send(Ok(msg)).await.is_err() {
+                        if !sink.push(msg).await {
                             return Ok(());
                         }
                     }
+                }
+                if !sink.flush().await {
+                    return Ok(());
                 }
             },
         }

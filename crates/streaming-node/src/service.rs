@@ -268,40 +268,48 @@ fn parse_filters(fs: Vec<pb::DeliverFilter>) -> Result<Filters, NodeError> {
 const CONSUME_BATCH: usize = 512;
 const CONSUME_BATCH_BYTES: usize = 1 << 20;
 
-/// Sends every message the scanner has ready in one frame (a lone message as itself): framing
-/// per message costs more than the message when a consumer is catching up.
-async fn batch_messages(
-    mut rx: mpsc::Receiver<Result<walden_message::ImmutableMessage, NodeError>>,
+/// Builds consume frames in the scan's task: every message the scan has at hand goes in one
+/// frame (a lone message as itself), up to [`CONSUME_BATCH`] messages or about
+/// [`CONSUME_BATCH_BYTES`]: framing per message costs more than the message when a consumer is
+/// catching up.
+struct Frames {
     tx: mpsc::Sender<Result<ConsumeResponse, Status>>,
-) {
-    let mut ready = Vec::with_capacity(CONSUME_BATCH);
-    while rx.recv_many(&mut ready, CONSUME_BATCH).await > 0 {
-        let mut batch = Vec::with_capacity(ready.len());
-        let mut bytes = 0;
-        let mut error = None;
-        for r in ready.drain(..) {
-            match r {
-                Ok(m) if error.is_none() => {
-                    bytes += m.payload.len();
-                    batch.push(m.into_proto());
-                }
-                Ok(_) => {}
-                Err(e) => error = error.or(Some(e)),
-            }
-            if bytes >= CONSUME_BATCH_BYTES {
-                let full = std::mem::take(&mut batch);
-                bytes = 0;
-                if tx.send(Ok(frame(full))).await.is_err() {
-                    return;
-                }
-            }
+    batch: Vec<pb::ImmutableMessage>,
+    bytes: usize,
+}
+
+impl Frames {
+    fn new(tx: mpsc::Sender<Result<ConsumeResponse, Status>>) -> Self {
+        Self {
+            tx,
+            batch: Vec::new(),
+            bytes: 0,
         }
-        if !batch.is_empty() && tx.send(Ok(frame(batch))).await.is_err() {
-            return;
+    }
+}
+
+impl scanner::Sink for Frames {
+    async fn push(&mut self, msg: walden_message::ImmutableMessage) -> bool {
+        self.bytes += msg.payload.len();
+        self.batch.push(msg.into_proto());
+        if self.batch.len() >= CONSUME_BATCH || self.bytes >= CONSUME_BATCH_BYTES {
+            return self.flush().await;
         }
-        if let Some(e) = error {
-            let _ = tx.send(Ok(consume_error(&e))).await;
-            return;
+        true
+    }
+
+    async fn flush(&mut self) -> bool {
+        if self.batch.is_empty() {
+            return !self.tx.is_closed();
+        }
+        let full = std::mem::take(&mut self.batch);
+        self.bytes = 0;
+        self.tx.send(Ok(frame(full))).await.is_ok()
+    }
+
+    async fn fail(&mut self, e: NodeError) {
+        if self.flush().await {
+            let _ = self.tx.send(Ok(consume_error(&e))).await;
         }
     }
 }
@@ -353,11 +361,9 @@ impl StreamingNode for NodeService {
                 return Ok(Response::new(Box::pin(once)));
             }
         };
-        let (tx, rx) = mpsc::channel(CONSUME_BATCH * 4);
-        tokio::spawn(scanner::scan(channel, policy, filters, tx));
-        let (out_tx, out_rx) = mpsc::channel(16);
-        tokio::spawn(batch_messages(rx, out_tx));
-        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(scanner::scan(channel, policy, filters, Frames::new(tx)));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn status(
