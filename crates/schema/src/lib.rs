@@ -498,8 +498,36 @@ fn read_batches(payload: &[u8]) -> Result<Vec<RecordBatch>, SchemaError> {
 pub fn decode_ipc(payload: &[u8]) -> Result<Vec<RecordBatch>, SchemaError> {
     // The Arrow reader is not hardened against every malformed input (fuzzing finds panics in
     // its buffer slicing); a panic must become a refusal, not a dead node.
-    std::panic::catch_unwind(|| read_batches(payload))
-        .map_err(|_| SchemaError::Malformed("the reader gave up".into()))?
+    quietly(|| read_batches(payload))
+        .map_err(|why| SchemaError::Malformed(format!("the reader gave up: {why}")))?
+}
+
+std::thread_local! {
+    static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f`, turning a panic into its message, without the panic hook printing it: refusing a
+/// malformed payload is not a crash, and a panic message on a server's stderr reads like one.
+/// Panics anywhere else still reach the hook that was installed before.
+fn quietly<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe) -> Result<T, String> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let earlier = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET.with(std::cell::Cell::get) {
+                earlier(info);
+            }
+        }));
+    });
+    let was = QUIET.with(|q| q.replace(true));
+    let r = std::panic::catch_unwind(f);
+    QUIET.with(|q| q.set(was));
+    r.map_err(|p| {
+        p.downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".into())
+    })
 }
 
 fn internal(e: ArrowError) -> SchemaError {
