@@ -106,7 +106,10 @@ async fn tail(addr: String, pc: usize, stop: Arc<AtomicBool>) -> Vec<MessageId> 
 async fn acknowledged_messages_survive_repeated_kill_minus_nine_exactly_once_and_in_order() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let mut server = Server::start(&data, Some("[node]\npchannels = 4\n")).await;
+    // Small segments: the kills also land while segments roll, are prepared ahead (zeros
+    // written by a thread of their own) and renamed into place.
+    let config = "[node]\npchannels = 4\n[wal_local]\nsegment_bytes = 262144\n";
+    let mut server = Server::start(&data, Some(config)).await;
     let acked: Acked = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let producers: Vec<_> = (0..PRODUCERS)
