@@ -407,6 +407,32 @@ async fn after_a_restart_a_resend_older_than_the_rebuilt_window_is_refused_not_w
     ch.append(numbered(6)).await.unwrap();
 }
 
+/// A resend that arrives while its original is still in flight waits for the original and gets
+/// its place; a resend after a failed original would write it (the window forgets failures).
+/// On a current-thread runtime nothing completes between the two submits, so the second one
+/// finds the first in flight.
+#[tokio::test(flavor = "current_thread")]
+async fn a_resend_while_the_original_is_in_flight_gets_its_place_and_is_written_once() {
+    let node = Node::start(config()).await;
+    let ch = node.channel();
+    let numbered = |seq: u64| {
+        let mut m = MutableMessage::new(MessageType::Data, "raw", Bytes::from(format!("s{seq}")));
+        m.producer = Some((7, seq));
+        m
+    };
+    let before = ch.wal().next_id();
+    let original = ch.submit(numbered(1)).await.unwrap();
+    let resend = ch.submit(numbered(1)).await.unwrap();
+    let other = ch.submit(numbered(2)).await.unwrap();
+    let (a, b) = (original.wait().await.unwrap(), resend.wait().await.unwrap());
+    assert_eq!(a, b, "the resend got another place");
+    assert_eq!(a.id, before);
+    assert_eq!(other.wait().await.unwrap().id, before.next());
+    assert_eq!(ch.wal().next_id().0, before.0 + 2, "written twice");
+    // And once durable, a resend is answered from the window.
+    assert_eq!(ch.append(numbered(1)).await.unwrap(), a);
+}
+
 #[tokio::test]
 async fn closing_a_pchannel_takes_its_growing_segments_out_of_the_node_total() {
     let node = Node::start(config()).await;
