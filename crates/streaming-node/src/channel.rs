@@ -54,8 +54,13 @@ struct Slot {
     /// Released when the append completes: bounds bytes in flight (none for the node's own
     /// messages).
     _permit: Option<OwnedSemaphorePermit>,
-    /// An idempotent producer's (id, sequence), and where retries wait for the outcome.
-    producer: Option<(u64, u64, watch::Sender<Option<AppendResult>>)>,
+    /// The WAL id: slots are dense in id order, so a slot is found by its id.
+    id: u64,
+    /// An idempotent producer's (id, sequence).
+    producer: Option<(u64, u64)>,
+    /// Where resends that arrived while this append was in flight wait for its outcome. Made
+    /// only when one arrives (rare), not for every message.
+    waiters: Option<watch::Sender<Option<AppendResult>>>,
 }
 
 #[derive(Debug)]
@@ -556,7 +561,21 @@ impl Channel {
                     self.metrics.duplicates.inc();
                     let kind = match seen {
                         Seen::Done(r) => Pending::Done(r),
-                        Seen::InFlight(rx) => Pending::Retry(rx),
+                        Seen::InFlight(id) => {
+                            let front = st.slots.front().map_or(u64::MAX, |s| s.id);
+                            let slot = id
+                                .checked_sub(front)
+                                .and_then(|i| st.slots.get_mut(i as usize))
+                                .filter(|s| s.id == id)
+                                .ok_or_else(|| {
+                                    NodeError::Internal(format!(
+                                        "{}: in-flight append {id} has no slot",
+                                        self.name
+                                    ))
+                                })?;
+                            let tx = slot.waiters.get_or_insert_with(|| watch::channel(None).0);
+                            Pending::Retry(tx.subscribe())
+                        }
                     };
                     return Ok(Some(PendingAppend { kind, pchannel }));
                 }
@@ -632,11 +651,9 @@ impl Channel {
             Vec::with_capacity(codec::PREFIX_LEN + payload.len() + 64 + header.vchannel.len());
         codec::encode_into(&header, &payload, &mut buf);
         let fut = self.wal.append(Bytes::from(buf));
-        let producer = producer.map(|(p, seq)| {
-            let (tx, rx) = watch::channel(None);
-            st.dedup.record(p, seq, Seen::InFlight(rx));
-            (p, seq, tx)
-        });
+        if let Some((p, seq)) = producer {
+            st.dedup.record(p, seq, Seen::InFlight(id.0));
+        }
         let before = st.shards.growing_bytes();
         st.shards.apply(&header, &payload);
         st.txns.apply(&header, id, payload.len());
@@ -653,7 +670,9 @@ impl Channel {
             header,
             payload,
             _permit: permit,
+            id: id.0,
             producer,
+            waiters: None,
         });
         let (tx, rx) = oneshot::channel();
         let placed = AppendResult {
@@ -716,14 +735,18 @@ impl Channel {
         let slot = {
             let mut st = self.lock();
             let mut slot = st.slots.pop_front();
-            if let Some((producer, seq, tx)) = slot.as_mut().and_then(|s| s.producer.take()) {
+            let waiters = slot.as_mut().and_then(|s| s.waiters.take());
+            if let Some((producer, seq)) = slot.as_mut().and_then(|s| s.producer.take()) {
                 match result {
                     Ok(id) => {
                         let done = AppendResult { id: *id, ..placed };
                         st.dedup.record(producer, seq, Seen::Done(done));
-                        tx.send_replace(Some(done));
+                        if let Some(tx) = waiters {
+                            tx.send_replace(Some(done));
+                        }
                     }
-                    // Dropping `tx` fails the waiting retries; forgetting lets the next write.
+                    // Dropping the waiters' sender fails the waiting retries; forgetting lets
+                    // the next write.
                     Err(_) => st.dedup.forget(producer, seq),
                 }
             }

@@ -14,15 +14,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use tokio::sync::watch;
-
 use crate::channel::AppendResult;
 
 /// What became of a sequence.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub enum Seen {
-    /// Enqueued, not yet durable: wait for it.
-    InFlight(watch::Receiver<Option<AppendResult>>),
+    /// Enqueued as WAL id `.0`, not yet durable: a resend waits for it.
+    InFlight(u64),
     Done(AppendResult),
 }
 
@@ -72,7 +70,7 @@ impl Dedup {
         };
         w.last_used = self.clock;
         match w.entries.get(&seq) {
-            Some(seen) => Lookup::Duplicate(seen.clone()),
+            Some(seen) => Lookup::Duplicate(*seen),
             None if seq < w.floor => Lookup::TooOld { floor: w.floor },
             None => Lookup::New,
         }
