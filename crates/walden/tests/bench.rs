@@ -114,6 +114,20 @@ fn append_reports_walden_redis_and_the_disk_limit_with_consistent_ratios() {
         "the disk probe wrote {write} B per sync; Walden wrote {} B of payload per fsync",
         msgs * 512.0 / fsyncs
     );
+    // The node's own share: enqueue to durable, within what the client saw end to end, and one
+    // group commit per `commit_interval_ms` of the run.
+    let node = f(&report, &["walden", "node_append_ms_mean"]);
+    assert!(
+        node > 0.0 && node <= f(&report, &["walden", "latency_ms", "max"]),
+        "enqueue to durable {node} ms"
+    );
+    let interval = f(&report, &["walden", "commit_interval_ms"]);
+    let expected = msgs / w * 1000.0 / fsyncs;
+    assert!(
+        (interval - expected).abs() <= expected * 0.02 + 0.001,
+        "a commit every {interval} ms, but {fsyncs} fsyncs in {} ms",
+        msgs / w * 1000.0
+    );
     let runs = &report["runs"]["walden"];
     assert_eq!(runs.as_array().map(Vec::len), Some(1), "{runs}");
 }

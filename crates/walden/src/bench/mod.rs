@@ -204,6 +204,9 @@ struct RunResult {
     cpu_server_s: Option<f64>,
     cpu_client_s: f64,
     syncs: Option<u64>,
+    /// The node's own enqueue-to-durable time over the run (`walden_append_latency_seconds`):
+    /// (sum in seconds, count). Tells the log's share of the latency from the rest.
+    node_append: Option<(f64, u64)>,
     /// At a fixed rate: how late the bench itself sent each message (its timer has ~1 ms
     /// resolution), in microseconds. Part of every latency above; reported so it can be told
     /// apart from the system's.
@@ -222,6 +225,7 @@ impl RunResult {
             cpu_server_s: None,
             cpu_client_s: 0.0,
             syncs: None,
+            node_append: None,
         }
     }
     fn msgs_per_s(&self) -> f64 {
@@ -260,6 +264,14 @@ impl RunResult {
                 "p99": round(self.lateness.value_at_quantile(0.99) as f64 / 1000.0),
             })),
             "fsyncs_per_msg": self.syncs.map(|s| round(s as f64 / self.msgs.max(1) as f64)),
+            "node_append_ms_mean": self
+                .node_append
+                .filter(|(_, n)| *n > 0)
+                .map(|(sum, n)| round(sum * 1000.0 / n as f64)),
+            "commit_interval_ms": self
+                .syncs
+                .filter(|s| *s > 0)
+                .map(|s| round(self.elapsed.as_secs_f64() * 1000.0 / s as f64)),
         })
     }
     fn table_row(&self, name: &str) -> String {
@@ -399,7 +411,15 @@ fn cpu_seconds(pid: &str) -> Option<f64> {
 
 /// fdatasyncs from the server's metrics endpoint: the storage-wide count where pchannels
 /// share them, else the sum over pchannels.
-async fn scrape_syncs(metrics_addr: &str) -> Option<u64> {
+/// What the bench reads from a Walden server's `/metrics`.
+#[derive(Clone, Copy)]
+struct NodeCounters {
+    syncs: u64,
+    append_sum_s: f64,
+    append_count: u64,
+}
+
+async fn scrape_node(metrics_addr: &str) -> Option<NodeCounters> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(metrics_addr).await.ok()?;
     stream
@@ -409,20 +429,26 @@ async fn scrape_syncs(metrics_addr: &str) -> Option<u64> {
     let mut body = String::new();
     stream.read_to_string(&mut body).await.ok()?;
     let value = |l: &str| l.rsplit(' ').next()?.parse::<f64>().ok();
-    if let Some(shared) = body
+    let sum_of = |prefix: &str| -> f64 {
+        body.lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(value)
+            .sum()
+    };
+    let syncs = match body
         .lines()
         .find(|l| l.starts_with("walden_wal_storage_syncs "))
         .and_then(value)
         .filter(|v| *v > 0.0)
     {
-        return Some(shared as u64);
-    }
-    Some(
-        body.lines()
-            .filter(|l| l.starts_with("walden_wal_syncs{"))
-            .filter_map(value)
-            .sum::<f64>() as u64,
-    )
+        Some(shared) => shared as u64,
+        None => sum_of("walden_wal_syncs{") as u64,
+    };
+    Some(NodeCounters {
+        syncs,
+        append_sum_s: sum_of("walden_append_latency_seconds_sum"),
+        append_count: sum_of("walden_append_latency_seconds_count") as u64,
+    })
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -1028,8 +1054,8 @@ async fn compare(a: Args, kind: Kind) -> anyhow::Result<()> {
             Some(s) => (s.pid(), Some(s.metrics.clone())),
             None => (None, None),
         };
-        let syncs_before = match &metrics {
-            Some(m) => scrape_syncs(m).await,
+        let node_before = match &metrics {
+            Some(m) => scrape_node(m).await,
             None => None,
         };
         let cpu_before = pid.as_deref().and_then(cpu_seconds);
@@ -1045,8 +1071,14 @@ async fn compare(a: Args, kind: Kind) -> anyhow::Result<()> {
                 (Some(p), Some(b)) => cpu_seconds(p).map(|x| x - b),
                 _ => None,
             };
-            if let (Some(m), Some(b)) = (&metrics, syncs_before) {
-                r.syncs = scrape_syncs(m).await.map(|x| x.saturating_sub(b));
+            if let (Some(m), Some(b)) = (&metrics, node_before)
+                && let Some(a) = scrape_node(m).await
+            {
+                r.syncs = Some(a.syncs.saturating_sub(b.syncs));
+                r.node_append = Some((
+                    a.append_sum_s - b.append_sum_s,
+                    a.append_count.saturating_sub(b.append_count),
+                ));
             }
         }
         eprintln!("  run {} walden: {}", i + 1, r.table_row("").trim());
@@ -1124,6 +1156,18 @@ async fn compare(a: Args, kind: Kind) -> anyhow::Result<()> {
             s as f64 / w.msgs as f64,
             w.cpu_server_s.map_or("n/a".into(), |c| format!("{c:.2}")),
             w.cpu_client_s
+        );
+    }
+    if let (Some((sum, n)), Some(s)) = (w.node_append, w.syncs)
+        && n > 0
+        && s > 0
+    {
+        println!(
+            "walden node: enqueue to durable {:.3} ms on average (of the {:.3} ms p50 above); \
+             a group commit every {:.3} ms",
+            sum * 1000.0 / n as f64,
+            w.ms(0.5),
+            w.elapsed.as_secs_f64() * 1000.0 / s as f64
         );
     }
     let mut systems = serde_json::Map::new();
