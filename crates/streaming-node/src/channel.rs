@@ -562,17 +562,18 @@ impl Channel {
                     let kind = match seen {
                         Seen::Done(r) => Pending::Done(r),
                         Seen::InFlight(id) => {
+                            // Slots are dense in id order; a search covers an append the WAL
+                            // refused at once (its id was not used). None left: the channel is
+                            // failing, and a retry goes to its next incarnation.
                             let front = st.slots.front().map_or(u64::MAX, |s| s.id);
-                            let slot = id
+                            let at = id
                                 .checked_sub(front)
-                                .and_then(|i| st.slots.get_mut(i as usize))
-                                .filter(|s| s.id == id)
-                                .ok_or_else(|| {
-                                    NodeError::Internal(format!(
-                                        "{}: in-flight append {id} has no slot",
-                                        self.name
-                                    ))
-                                })?;
+                                .map(|i| i as usize)
+                                .filter(|&i| st.slots.get(i).is_some_and(|s| s.id == id))
+                                .or_else(|| st.slots.iter().position(|s| s.id == id));
+                            let Some(slot) = at.and_then(|i| st.slots.get_mut(i)) else {
+                                return Err(NodeError::ChannelClosed(self.name.clone()));
+                            };
                             let tx = slot.waiters.get_or_insert_with(|| watch::channel(None).0);
                             Pending::Retry(tx.subscribe())
                         }
