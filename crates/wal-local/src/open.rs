@@ -16,7 +16,7 @@ use crate::{
     format::{self, RecordAt, SegmentHeader},
     fs::{FileSystem, LockGuard},
     lock,
-    writer::{Writer, WriterShared},
+    writer::{Failed, Writer, WriterShared},
 };
 
 pub(crate) fn io_err(
@@ -169,7 +169,7 @@ pub(crate) fn open_blocking(
         active_first: end,
         active_len: header.len() as u64,
         next_id: end,
-        failed: None,
+        failed: Failed::default(),
         config,
         _lock: guard,
     };

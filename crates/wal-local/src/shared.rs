@@ -44,7 +44,7 @@ use crate::{
     lock,
     open::{claim_term, encode_term, io_err, lock_dir, read_term, stale_term},
     prepare::{Preparer, is_prepared_name},
-    writer::gather,
+    writer::{Failed, gather},
 };
 
 const MAGIC: &[u8; 8] = b"WALDNLOG";
@@ -310,7 +310,7 @@ impl Log {
             zeros: Vec::new(),
             prep: None,
             config,
-            failed: None,
+            failed: Failed::default(),
             _lock: lock_guard,
         };
         let handle = thread::Builder::new()
@@ -548,7 +548,7 @@ struct Writer {
     /// Prepares the next segment in the background (where overwriting is cheap).
     prep: Option<Preparer>,
     config: LocalWalConfig,
-    failed: Option<(io::ErrorKind, String)>,
+    failed: Failed,
     _lock: Box<dyn LockGuard>,
 }
 
@@ -600,15 +600,8 @@ impl Writer {
     }
 
     fn failure(&self, pchannel: &str) -> WalError {
-        let (kind, msg) = self
-            .failed
-            .clone()
-            .unwrap_or((io::ErrorKind::Other, "unknown".into()));
-        WalError::io(
-            pchannel,
-            "an earlier write failed; reopen",
-            io::Error::new(kind, msg),
-        )
+        self.failed
+            .error(pchannel, "an earlier write failed; reopen")
     }
 
     /// One group commit for every pchannel in the batch.
@@ -627,7 +620,7 @@ impl Writer {
         for j in batch.drain(..) {
             if let Some(e) = j.handle.refusal() {
                 let _ = j.ack.send(Err(e));
-            } else if self.failed.is_some() {
+            } else if self.failed.is_set() {
                 let _ = j.ack.send(Err(self.failure(&j.chan.name)));
             } else {
                 live.push(j);
@@ -666,7 +659,7 @@ impl Writer {
         let result = result.and_then(|()| self.write_out(&log, buf));
         if let Err(e) = result {
             warn!(error = %e, "shared WAL write failed; failing the log");
-            self.failed = Some((e.kind(), e.to_string()));
+            self.failed.set(&e);
             log.failed.store(true, Ordering::SeqCst);
             for j in live {
                 let _ = j.ack.send(Err(self.failure(&j.chan.name)));

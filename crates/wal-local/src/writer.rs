@@ -67,6 +67,30 @@ pub(crate) fn gather<C, J>(
     None
 }
 
+/// The I/O failure a writer keeps failing appends with until its log reopens, as a value that
+/// can be turned into an error for every caller (`io::Error` is not `Clone`). Both layouts'
+/// writers use it.
+#[derive(Debug, Default)]
+pub(crate) struct Failed(Option<(io::ErrorKind, String)>);
+
+impl Failed {
+    pub(crate) fn set(&mut self, e: &io::Error) {
+        self.0 = Some((e.kind(), e.to_string()));
+    }
+
+    pub(crate) fn is_set(&self) -> bool {
+        self.0.is_some()
+    }
+
+    pub(crate) fn error(&self, pchannel: &str, context: &str) -> WalError {
+        let (kind, msg) = self
+            .0
+            .clone()
+            .unwrap_or((io::ErrorKind::Other, "unknown".into()));
+        WalError::io(pchannel, context, io::Error::new(kind, msg))
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct Writer {
     pub(crate) inner: Weak<Inner>,
@@ -77,7 +101,7 @@ pub(crate) struct Writer {
     pub(crate) active_len: u64,
     pub(crate) next_id: u64,
     /// Set after an I/O failure: every later append fails (fsync errors cannot be retried).
-    pub(crate) failed: Option<(io::ErrorKind, String)>,
+    pub(crate) failed: Failed,
     pub(crate) config: LocalWalConfig,
     pub(crate) _lock: Box<dyn LockGuard>,
 }
@@ -117,17 +141,13 @@ impl Writer {
     }
 
     fn error(&self, context: &str) -> WalError {
-        let (kind, msg) = self
-            .failed
-            .clone()
-            .unwrap_or((io::ErrorKind::Other, "unknown".into()));
-        WalError::io(&self.shared.pchannel, context, io::Error::new(kind, msg))
+        self.failed.error(&self.shared.pchannel, context)
     }
 
     fn write_batch(&mut self, batch: &mut Vec<(Bytes, Ack<MessageId>)>, buf: &mut Vec<u8>) {
         let inner = self.inner.upgrade();
         let fenced = inner.as_ref().is_none_or(|i| i.is_fenced());
-        if fenced || self.failed.is_some() {
+        if fenced || self.failed.is_set() {
             for (_, ack) in batch.drain(..) {
                 let err = match (&inner, fenced) {
                     (Some(i), true) => i.fenced_error(),
@@ -140,7 +160,7 @@ impl Writer {
         let result = self.write_records(batch, buf);
         if let Err(e) = result {
             warn!(pchannel = %self.shared.pchannel, error = %e, "WAL write failed; failing the handle");
-            self.failed = Some((e.kind(), e.to_string()));
+            self.failed.set(&e);
             for (_, ack) in batch.drain(..) {
                 let _ = ack.send(Err(self.error("group commit")));
             }
