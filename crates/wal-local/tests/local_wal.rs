@@ -4,10 +4,7 @@
 
 mod faults;
 
-use std::{
-    path::{Path, PathBuf},
-    sync::Arc,
-};
+use std::{path::Path, sync::Arc};
 
 use faults::{append_some, read_all, small_segments};
 use walden_common::{MessageId, Term};
@@ -17,53 +14,7 @@ use walden_wal_local::{
     fs::{FaultFs, FileSystem, StdFs},
 };
 
-layout_suite!(LocalWalStorage);
-
-fn segments(fs: &FaultFs) -> Vec<PathBuf> {
-    faults::segments(fs, "seg")
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn damage_in_the_middle_of_the_active_segment_is_refused_not_skipped() {
-    let fs = FaultFs::new();
-    let storage = LocalWalStorage::with_fs("/wal", Arc::new(fs.clone()), LocalWalConfig::default());
-    let wal = storage.open("p", Term(1)).await.unwrap();
-    append_some(&wal, 0, 20).await;
-    wal.close().await.unwrap();
-    drop(wal);
-    let seg = segments(&fs).pop().unwrap();
-    // Byte 100 is inside an early record, with valid records after it.
-    fs.corrupt(&seg, 100);
-    let err = storage.open("p", Term(2)).await.unwrap_err();
-    assert!(matches!(err, WalError::Corrupted { .. }), "got {err:?}");
-    assert!(
-        err.to_string().contains("followed by a valid record"),
-        "{err}"
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn damage_in_a_sealed_segment_is_reported_when_read() {
-    let fs = FaultFs::new();
-    let storage = storage_on(&fs);
-    let wal = storage.open("p", Term(1)).await.unwrap();
-    append_some(&wal, 0, 100).await;
-    wal.close().await.unwrap();
-    drop(wal);
-    let segs = segments(&fs);
-    assert!(segs.len() > 2, "small segments roll");
-    fs.corrupt(&segs[0], 200);
-    let wal = storage.open("p", Term(2)).await.unwrap();
-    let mut r = wal.read(ReadFrom::Earliest).unwrap();
-    let err = loop {
-        match r.next().await {
-            Ok(Some(_)) => continue,
-            Ok(None) => panic!("corruption was skipped"),
-            Err(e) => break e,
-        }
-    };
-    assert!(matches!(err, WalError::Corrupted { .. }), "got {err:?}");
-}
+layout_suite!(LocalWalStorage, "seg");
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_storage_on_the_same_directory_cannot_open_the_pchannel() {

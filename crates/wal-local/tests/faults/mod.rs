@@ -188,12 +188,17 @@ pub async fn crash_between_write_and_sync(make: Make) {
 }
 
 /// The tests every layout runs: the conformance suite on disk and on the fault file system, and
-/// the fault scenarios above. `$storage` has `new(root, config)` and `with_fs(root, fs, config)`.
+/// the fault scenarios above, and damage. `$storage` has `new(root, config)` and
+/// `with_fs(root, fs, config)`; its segment files end in `.$ext`.
 #[macro_export]
 macro_rules! layout_suite {
-    ($storage:ty) => {
+    ($storage:ty, $ext:literal) => {
         fn storage_on(fs: &FaultFs) -> $storage {
             <$storage>::with_fs("/wal", Arc::new(fs.clone()), faults::small_segments())
+        }
+
+        fn segments(fs: &FaultFs) -> Vec<std::path::PathBuf> {
+            faults::segments(fs, $ext)
         }
 
         fn make(fs: &FaultFs) -> Box<dyn WalStorage> {
@@ -238,6 +243,58 @@ macro_rules! layout_suite {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn a_crash_between_write_and_sync_loses_nothing_acknowledged() {
             faults::crash_between_write_and_sync(make).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn damage_in_the_middle_of_the_active_segment_is_refused_not_skipped() {
+            let fs = FaultFs::new();
+            let config = walden_wal_local::LocalWalConfig::default();
+            let storage = <$storage>::with_fs("/wal", Arc::new(fs.clone()), config.clone());
+            let wal = storage.open("p", walden_common::Term(1)).await.unwrap();
+            faults::append_some(&wal, 0, 20).await;
+            wal.close().await.unwrap();
+            drop(wal);
+            drop(storage);
+            let seg = segments(&fs).pop().unwrap();
+            // Byte 100 is inside an early record, with valid records after it.
+            fs.corrupt(&seg, 100);
+            let storage = <$storage>::with_fs("/wal", Arc::new(fs.clone()), config);
+            let err = storage.open("p", walden_common::Term(2)).await.unwrap_err();
+            assert!(
+                matches!(err, walden_wal_api::WalError::Corrupted { .. }),
+                "got {err:?}"
+            );
+        }
+
+        /// Damage in a sealed segment (not read at open) is reported to the reader that meets it.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn damage_in_a_sealed_segment_is_reported_when_read() {
+            let fs = FaultFs::new();
+            let storage = storage_on(&fs);
+            let wal = storage.open("p", walden_common::Term(1)).await.unwrap();
+            faults::append_some(&wal, 0, 100).await;
+            wal.close().await.unwrap();
+            drop(wal);
+            drop(storage);
+            let segs = segments(&fs);
+            assert!(segs.len() > 2, "small segments roll");
+            fs.corrupt(&segs[0], 200);
+            let wal = storage_on(&fs)
+                .open("p", walden_common::Term(2))
+                .await
+                .unwrap();
+            let mut r = wal.read(walden_wal_api::ReadFrom::Earliest).unwrap();
+            let err = loop {
+                match r.next().await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => panic!("corruption was skipped"),
+                    Err(e) => break e,
+                }
+            };
+            assert!(
+                matches!(err, walden_wal_api::WalError::Corrupted { .. }),
+                "got {err:?}"
+            );
         }
     };
 }
