@@ -99,6 +99,13 @@ async fn log(ch: &Channel) -> Vec<ImmutableMessage> {
     out
 }
 
+/// A Data message of idempotent producer `producer`, number `seq`, with payload `s{seq}`.
+fn numbered(producer: u64, seq: u64) -> MutableMessage {
+    let mut m = MutableMessage::new(MessageType::Data, "raw", Bytes::from(format!("s{seq}")));
+    m.producer = Some((producer, seq));
+    m
+}
+
 /// Appends `msg` and expects `code`, with nothing written.
 async fn refused(ch: &Channel, msg: MutableMessage, code: ErrorCode) -> NodeError {
     let before = ch.wal().next_id();
@@ -372,11 +379,7 @@ async fn after_a_restart_a_resend_older_than_the_rebuilt_window_is_refused_not_w
     };
     let node = Node::start(cfg.clone()).await;
     let ch = node.channel();
-    let numbered = |seq: u64| {
-        let mut m = MutableMessage::new(MessageType::Data, "raw", Bytes::from(format!("s{seq}")));
-        m.producer = Some((42, seq));
-        m
-    };
+    let numbered = |seq| numbered(42, seq);
     for seq in 1..=5 {
         ch.append(numbered(seq)).await.unwrap();
     }
@@ -415,11 +418,7 @@ async fn after_a_restart_a_resend_older_than_the_rebuilt_window_is_refused_not_w
 async fn a_resend_while_the_original_is_in_flight_gets_its_place_and_is_written_once() {
     let node = Node::start(config()).await;
     let ch = node.channel();
-    let numbered = |seq: u64| {
-        let mut m = MutableMessage::new(MessageType::Data, "raw", Bytes::from(format!("s{seq}")));
-        m.producer = Some((7, seq));
-        m
-    };
+    let numbered = |seq| numbered(7, seq);
     let before = ch.wal().next_id();
     let original = ch.submit(numbered(1)).await.unwrap();
     let resend = ch.submit(numbered(1)).await.unwrap();
