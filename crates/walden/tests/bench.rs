@@ -1,6 +1,6 @@
-//! `walden bench` as a user runs it: a real server and a real Redis started by the bench, and
-//! the JSON report's numbers checked against each other (not against timings: those belong to
-//! the benchmark, not to the test suite).
+//! `walden bench` as a user runs it, every workload (append, e2e, catchup, recovery, disk): a
+//! real server and a real Redis started by the bench, and the JSON report's numbers checked
+//! against each other (not against timings: those belong to the benchmark, not to the suite).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -158,4 +158,70 @@ fn a_fixed_rate_run_sends_on_schedule_and_reports_how_late_the_sender_was() {
         "{msgs} messages at 400/s for 1 s"
     );
     assert!(f(&report, &["walden", "sender_lateness_ms", "p50"]) >= 0.0);
+}
+
+#[test]
+fn catchup_reads_back_exactly_the_preload_from_walden_and_redis() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = bench(
+        &[
+            "catchup",
+            "--pchannels",
+            "2",
+            "--preload-mib",
+            "2",
+            "--peer",
+            "redis",
+        ],
+        dir.path(),
+    );
+    assert_eq!(report["workload"], "catchup");
+    // 2 MiB of 1 KiB messages over 2 pchannels, each read back from the start.
+    for name in ["walden", "redis"] {
+        check_system(&report, name, 1024.0);
+        assert_eq!(f(&report, &[name, "msgs"]), 2048.0, "{name}");
+    }
+}
+
+#[test]
+fn recovery_reports_the_time_to_ready_after_a_kill() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = bench(
+        &["recovery", "--pchannels", "2", "--preload-mib", "2"],
+        dir.path(),
+    );
+    assert_eq!(report["workload"], "recovery");
+    let ready = f(&report, &["walden", "latency_ms", "p50"]);
+    assert!(ready > 0.0 && ready < 60_000.0, "ready after {ready} ms");
+    assert_eq!(f(&report, &["walden", "errors"]), 0.0);
+}
+
+#[test]
+fn the_disk_probe_reports_its_write_size_and_a_rate_that_agrees_with_its_bandwidth() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("disk.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_walden"))
+        .args(["bench", "disk", "--size", "4096", "--duration", "300ms"])
+        .arg("--dir")
+        .arg(dir.path())
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&std::fs::read(json).unwrap()).unwrap();
+    assert_eq!(report["workload"], "disk");
+    let disk = &report["disk"];
+    assert_eq!(f(disk, &["write_bytes"]), 4096.0, "{report}");
+    let per_s = f(disk, &["syncs_per_s"]);
+    let mib = f(disk, &["mib_per_s"]);
+    assert!(per_s > 0.0, "{report}");
+    assert!(
+        (mib - per_s * 4096.0 / (1u64 << 20) as f64).abs() <= mib * 0.01 + 0.01,
+        "{mib} MiB/s from {per_s} syncs/s of 4 KiB"
+    );
 }

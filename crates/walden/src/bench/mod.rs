@@ -530,6 +530,23 @@ struct Pace {
     record: bool,
 }
 
+impl Pace {
+    /// Until `deadline`, at `rate` messages per second in all (0: as fast as possible), each
+    /// producer sending every `producers / rate` seconds; `produce_all` sets the window.
+    fn timed(a: &Args, rate: u64, origin: Instant, deadline: Instant, record: bool) -> Self {
+        let producers = a.producers.unwrap_or(a.pchannels as usize).max(1);
+        Self {
+            origin,
+            deadline: Some(deadline),
+            budget: None,
+            interval: (rate > 0).then(|| Duration::from_secs_f64(producers as f64 / rate as f64)),
+            window: 1,
+            size: a.size,
+            record,
+        }
+    }
+}
+
 /// Acknowledged messages so far, for the progress line.
 static PROGRESS: AtomicU64 = AtomicU64::new(0);
 
@@ -836,20 +853,10 @@ async fn one_run(
     kind: Kind,
     rate: u64,
 ) -> anyhow::Result<RunResult> {
-    let producers = a.producers.unwrap_or(a.pchannels as usize).max(1);
-    let interval = (rate > 0).then(|| Duration::from_secs_f64(producers as f64 / rate as f64));
     let origin = Instant::now();
     match kind {
         Kind::Append => {
-            let pace = Pace {
-                origin,
-                deadline: Some(origin + a.duration),
-                budget: None,
-                interval,
-                window: 1,
-                size: a.size,
-                record: true,
-            };
+            let pace = Pace::timed(a, rate, origin, origin + a.duration, true);
             produce_all(sys, a, pace).await
         }
         Kind::E2e => {
@@ -859,15 +866,7 @@ async fn one_run(
             // Let the readers attach before anything is sent.
             tokio::time::sleep(Duration::from_millis(300)).await;
             let start = Instant::now();
-            let pace = Pace {
-                origin,
-                deadline: Some(start + a.duration),
-                budget: None,
-                interval,
-                window: 1,
-                size: a.size,
-                record: false,
-            };
+            let pace = Pace::timed(a, rate, origin, start + a.duration, false);
             let mut r = produce_all(sys, a, pace).await?;
             tokio::time::sleep(Duration::from_millis(300)).await;
             stop.store(true, Ordering::Relaxed);
@@ -913,17 +912,8 @@ async fn one_run(
 
 /// Sends the workload's load for `--warmup`, recording nothing.
 async fn warm_up(sys: &mut System<'_>, a: &Args, rate: u64) -> anyhow::Result<()> {
-    let producers = a.producers.unwrap_or(a.pchannels as usize).max(1);
     let origin = Instant::now();
-    let pace = Pace {
-        origin,
-        deadline: Some(origin + a.warmup),
-        budget: None,
-        interval: (rate > 0).then(|| Duration::from_secs_f64(producers as f64 / rate as f64)),
-        window: 1,
-        size: a.size,
-        record: false,
-    };
+    let pace = Pace::timed(a, rate, origin, origin + a.warmup, false);
     produce_all(sys, a, pace).await.map(drop)
 }
 
