@@ -24,7 +24,10 @@ use std::{
 
 use tracing::warn;
 
-use crate::fs::{FileSystem, WalFile};
+use crate::{
+    fs::{FileSystem, WalFile},
+    shared::header,
+};
 
 /// Zeros written (and synced) at a time: bounds how long a WAL sync can wait behind one.
 const CHUNK: usize = 256 << 10;
@@ -61,13 +64,8 @@ pub(crate) struct Preparer {
 }
 
 impl Preparer {
-    /// Starts the thread; `header(seq)` is the start of segment `seq`, `bytes` its full size.
-    pub(crate) fn start(
-        fs: Arc<dyn FileSystem>,
-        dir: PathBuf,
-        bytes: u64,
-        header: fn(u64) -> Vec<u8>,
-    ) -> io::Result<Self> {
+    /// Starts the thread; `bytes` is a segment's full size.
+    pub(crate) fn start(fs: Arc<dyn FileSystem>, dir: PathBuf, bytes: u64) -> io::Result<Self> {
         let (requests, rx) = mpsc::channel::<u64>();
         let (tx, done) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));

@@ -555,12 +555,7 @@ struct Writer {
 impl Writer {
     fn run(mut self) {
         if self.file.cheap_overwrite() {
-            match Preparer::start(
-                self.fs.clone(),
-                self.dir.clone(),
-                self.config.segment_bytes,
-                header,
-            ) {
+            match Preparer::start(self.fs.clone(), self.dir.clone(), self.config.segment_bytes) {
                 Ok(mut p) => {
                     p.want(self.seq + 1);
                     self.prep = Some(p);
