@@ -4,8 +4,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::{path::Path, process::Command};
 
+use common::{Server, http_get, metric};
 use serde_json::Value;
 
 fn bench(args: &[&str], dir: &Path) -> Value {
@@ -224,4 +227,57 @@ fn the_disk_probe_reports_its_write_size_and_a_rate_that_agrees_with_its_bandwid
         (mib - per_s * 4096.0 / (1u64 << 20) as f64).abs() <= mib * 0.01 + 0.01,
         "{mib} MiB/s from {per_s} syncs/s of 4 KiB"
     );
+}
+
+/// `--addr` targets a server someone else runs: the bench's messages land there (its own
+/// metrics count them), and what only a server the bench started can give (its CPU from
+/// `/proc`, its fsync count) is reported as unknown, not made up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn append_against_a_running_server_lands_there_and_reports_no_server_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(
+        &dir.path().join("data"),
+        Some("[node]\npchannels = 2\n"),
+        true,
+    )
+    .await;
+    let metrics = server.metrics_addr.clone().unwrap();
+    let acked = async || {
+        metric(
+            &http_get(&metrics, "/metrics").await.1,
+            "walden_ack_latency_seconds_count",
+        )
+    };
+    let before = acked().await;
+    let addr = server.addr.clone();
+    let out_dir = dir.path().to_owned();
+    let report = tokio::task::spawn_blocking(move || {
+        bench(
+            &[
+                "append",
+                "--addr",
+                &addr,
+                "--pchannels",
+                "2",
+                "--inflight",
+                "8",
+                "--duration",
+                "500ms",
+                "--warmup",
+                "0s",
+            ],
+            &out_dir,
+        )
+    })
+    .await
+    .unwrap();
+    check_system(&report, "walden", 1024.0);
+    let msgs = f(&report, &["walden", "msgs"]);
+    let landed = acked().await - before;
+    assert!(
+        landed >= msgs,
+        "the server acknowledged {landed} appends, the bench counted {msgs}"
+    );
+    assert!(report["walden"]["cpu_server_s"].is_null(), "{report}");
+    assert!(report["walden"]["fsyncs"].is_null(), "{report}");
 }
