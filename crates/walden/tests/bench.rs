@@ -131,6 +131,19 @@ fn append_reports_walden_redis_and_the_disk_limit_with_consistent_ratios() {
         "a commit every {interval} ms, but {fsyncs} fsyncs in {} ms",
         msgs / w * 1000.0
     );
+    // CPU of the server the bench started (from /proc) and of the bench's own client.
+    for name in ["walden", "redis"] {
+        assert!(
+            f(&report, &[name, "cpu_server_s"]) > 0.0,
+            "{name}: {}",
+            report[name]
+        );
+        assert!(
+            f(&report, &[name, "cpu_client_s"]) > 0.0,
+            "{name}: {}",
+            report[name]
+        );
+    }
     let runs = &report["runs"]["walden"];
     assert_eq!(runs.as_array().map(Vec::len), Some(1), "{runs}");
 }
