@@ -56,8 +56,8 @@ pub(crate) struct Preparer {
     thread: Option<thread::JoinHandle<()>>,
     /// The segment the writer needs next.
     target: Option<u64>,
-    /// Asked for and not yet received (one at a time).
-    in_flight: Option<u64>,
+    /// A preparation is under way (one at a time).
+    busy: bool,
     ready: Option<(u64, Box<dyn WalFile>)>,
     /// The last segment whose preparation failed.
     failed: Option<u64>,
@@ -90,7 +90,7 @@ impl Preparer {
             stop,
             thread: Some(thread),
             target: None,
-            in_flight: None,
+            busy: false,
             ready: None,
             failed: None,
         })
@@ -113,11 +113,8 @@ impl Preparer {
         if !self.is_ready(seq) {
             return Ok(None);
         }
-        let Some((_, file)) = self.ready.take() else {
-            return Ok(None);
-        };
         self.fs.rename(&self.dir.join(prepared_name(seq)), path)?;
-        Ok(Some(file))
+        Ok(self.ready.take().map(|(_, file)| file))
     }
 
     /// Collects finished preparations, drops one the writer no longer needs (it went past it,
@@ -125,7 +122,7 @@ impl Preparer {
     /// that failed is not asked for again: the next roll asks for the next one.
     fn poll(&mut self) {
         while let Ok((seq, r)) = self.done.try_recv() {
-            self.in_flight = None;
+            self.busy = false;
             match r {
                 Ok(f) => {
                     if let Some((old, _)) = self.ready.replace((seq, f)) {
@@ -151,13 +148,13 @@ impl Preparer {
             self.ready = None;
             self.discard(s);
         }
-        if self.in_flight.is_none()
+        if !self.busy
             && self.ready.is_none()
             && self.failed != Some(target)
             && let Some(r) = &self.requests
             && r.send(target).is_ok()
         {
-            self.in_flight = Some(target);
+            self.busy = true;
         }
     }
 
