@@ -26,6 +26,9 @@ pub struct ServerConfig {
     pub metrics_listen: String,
     /// Where the WAL and the metastore live. Default `./walden-data`.
     pub data_dir: PathBuf,
+    /// Tokio worker threads. Default 0: one fewer than the cores, at least one (the WAL writer
+    /// is a thread of its own and needs a core).
+    pub worker_threads: usize,
 }
 
 impl Default for ServerConfig {
@@ -34,6 +37,7 @@ impl Default for ServerConfig {
             listen: "127.0.0.1:19540".into(),
             metrics_listen: "127.0.0.1:19541".into(),
             data_dir: PathBuf::from("./walden-data"),
+            worker_threads: 0,
         }
     }
 }

@@ -147,24 +147,53 @@ fn init_logging(level: &str, json: bool) {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+/// The standalone server's configuration: the file, then the command line over it.
+fn standalone_config(command: &Command) -> anyhow::Result<Option<config::Config>> {
+    let Command::Standalone {
+        data_dir,
+        listen,
+        metrics_listen,
+        config,
+    } = command
+    else {
+        return Ok(None);
+    };
+    let mut cfg = config::Config::load(config.as_deref())?;
+    if let Some(d) = data_dir {
+        cfg.server.data_dir = d.clone();
+    }
+    if let Some(l) = listen {
+        cfg.server.listen = l.clone();
+    }
+    if let Some(m) = metrics_listen {
+        cfg.server.metrics_listen = m.clone();
+    }
+    Ok(Some(cfg))
+}
+
+/// Tokio workers: the configured number, or by default one fewer than the cores (at least
+/// one). The WAL's writer and segment preparer are threads of their own that block in `write`
+/// and `fdatasync`; with a worker on every core they compete with it, and each hand-off between
+/// workers costs a wake-up. Measured with `walden bench append` on 2 cores, server and client
+/// at one worker each: one append in flight p50 0.388 → 0.297 ms; 64 in flight: same
+/// throughput, server CPU per append 23–25 → 20.6 µs.
+fn worker_threads(configured: usize) -> usize {
+    if configured > 0 {
+        return configured;
+    }
+    std::thread::available_parallelism()
+        .map(|n| n.get().saturating_sub(1))
+        .unwrap_or(1)
+        .max(1)
+}
+
+async fn run(cli: Cli, standalone: Option<config::Config>) -> anyhow::Result<()> {
     match cli.command {
-        Command::Standalone {
-            data_dir,
-            listen,
-            metrics_listen,
-            config,
-        } => {
-            let mut cfg = config::Config::load(config.as_deref())?;
-            if let Some(d) = data_dir {
-                cfg.server.data_dir = d;
-            }
-            if let Some(l) = listen {
-                cfg.server.listen = l;
-            }
-            if let Some(m) = metrics_listen {
-                cfg.server.metrics_listen = m;
-            }
+        command @ Command::Standalone { .. } => {
+            let cfg = match standalone {
+                Some(c) => c,
+                None => standalone_config(&command)?.unwrap_or_default(),
+            };
             init_logging(&cfg.log.level, cfg.log.format == "json");
             standalone::run(cfg).await
         }
@@ -235,7 +264,13 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let standalone = match standalone_config(&cli.command) {
+        Ok(c) => c,
+        Err(e) => return failure(&e),
+    };
+    let workers = worker_threads(standalone.as_ref().map_or(0, |c| c.server.worker_threads));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
         .enable_all()
         .build()
     {
@@ -245,24 +280,41 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(cli, standalone)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            // One line, with the stable code when the error carries one.
-            let text = format!("{e:#}").replace('\n', " ");
-            let code = e
-                .downcast_ref::<walden_client::ClientError>()
+        Err(e) => failure(&e),
+    }
+}
+
+/// Prints the error on one line, with the stable code when the error carries one.
+fn failure(e: &anyhow::Error) -> ExitCode {
+    let text = format!("{e:#}").replace('\n', " ");
+    let code = e
+        .downcast_ref::<walden_client::ClientError>()
+        .map(HasErrorCode::code)
+        .or_else(|| {
+            e.downcast_ref::<walden_schema::SchemaError>()
                 .map(HasErrorCode::code)
-                .or_else(|| {
-                    e.downcast_ref::<walden_schema::SchemaError>()
-                        .map(HasErrorCode::code)
-                })
-                .map(|c| c.to_string())
-                .filter(|c| !text.contains(c.as_str()))
-                .map(|c| format!(" [{c}]"))
-                .unwrap_or_default();
-            eprintln!("error: {text}{code}");
-            ExitCode::FAILURE
-        }
+        })
+        .map(|c| c.to_string())
+        .filter(|c| !text.contains(c.as_str()))
+        .map(|c| format!(" [{c}]"))
+        .unwrap_or_default();
+    eprintln!("error: {text}{code}");
+    ExitCode::FAILURE
+}
+
+#[cfg(test)]
+mod tests {
+    use super::worker_threads;
+
+    #[test]
+    fn worker_threads_default_leaves_a_core_for_the_wal_writer_and_is_never_zero() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let auto = worker_threads(0);
+        // Tokio panics on zero workers; on one core the writer has to share.
+        assert!(auto >= 1);
+        assert_eq!(auto, cores.saturating_sub(1).max(1));
+        assert_eq!(worker_threads(5), 5, "a configured count is taken as it is");
     }
 }
