@@ -1129,6 +1129,7 @@ impl Wal for SharedWal {
             chan: self.chan.clone(),
             next,
             file: None,
+            map: None,
             ready: VecDeque::new(),
             buffers: Vec::new(),
         }))
@@ -1177,6 +1178,9 @@ struct SharedReader {
     chan: Arc<Chan>,
     next: u64,
     file: Option<(u64, Box<dyn WalFile>)>,
+    /// The segment being read, mapped (where the file system can): its records are sliced out
+    /// without a copy.
+    map: Option<(u64, Bytes)>,
     ready: VecDeque<(MessageId, Bytes)>,
     /// Read buffers whose records were handed out: one is reused once its records are all
     /// dropped, so a catch-up read lands in memory already faulted in, not in fresh pages (a
@@ -1186,6 +1190,8 @@ struct SharedReader {
 
 /// Read buffers a reader keeps for reuse, at most.
 const READ_BUFFERS: usize = 8;
+/// Records taken from the index at a time (one lock of it) when the segment is mapped.
+const MAPPED_RUN: usize = 1024;
 
 impl SharedReader {
     /// A buffer of `len` bytes: a kept one whose records are all gone, else a new one.
@@ -1199,14 +1205,16 @@ impl SharedReader {
         buf
     }
 
-    /// Reads the next run of this pchannel's records that sit close together in one segment
-    /// with one `read_at`, into `ready`.
+    /// Takes the next run of this pchannel's records in one segment into `ready`: sliced out of
+    /// the mapped segment, or read with one `read_at` where the file system cannot map (then
+    /// the run is bounded by how far apart its records sit).
     fn fill(&mut self) -> Result<(), WalError> {
         let p = self.chan.name.clone();
         let end = self.chan.durable_end.load(Ordering::Acquire);
         if self.next >= end {
             return Ok(());
         }
+        let mapped = self.map.as_ref().map(|(seg, _)| *seg);
         let locs: Vec<Loc> = {
             let ix = lock(&self.chan.index);
             if self.next < ix.first_id {
@@ -1218,13 +1226,14 @@ impl SharedReader {
             }
             let from = (self.next - ix.first_id) as usize;
             let avail = (end - self.next) as usize;
-            let to = (from + avail).min(ix.locs.len());
+            let to = (from + avail).min(ix.locs.len()).min(from + MAPPED_RUN);
             let mut run = Vec::new();
             for loc in ix.locs.range(from.min(to)..to) {
                 if let Some(first) = run.first() {
                     let first: &Loc = first;
                     if loc.seg != first.seg
-                        || loc.off + u64::from(loc.len) - first.off > READ_CHUNK as u64
+                        || (mapped != Some(loc.seg)
+                            && loc.off + u64::from(loc.len) - first.off > READ_CHUNK as u64)
                     {
                         break;
                     }
@@ -1233,33 +1242,16 @@ impl SharedReader {
             }
             run
         };
-        let Some(first) = locs.first().copied() else {
+        let (Some(first), Some(last)) = (locs.first().copied(), locs.last().copied()) else {
             return Ok(());
         };
-        let last = locs[locs.len() - 1];
-        let span = (last.off + u64::from(last.len) - first.off) as usize;
-        if self.file.as_ref().is_none_or(|(s, _)| *s != first.seg) {
-            let path = self.dir.join(segment_name(first.seg));
-            let f = self
-                .fs
-                .open(&path)
-                .map_err(io_err(&p, format!("opening {}", path.display())))?;
-            self.file = Some((first.seg, f));
-        }
-        let mut buf = self.buffer(span);
-        if let Some((_, f)) = &self.file {
-            let read = f
-                .read_at(&mut buf, first.off)
-                .map_err(io_err(&p, "reading the shared log"))?;
-            buf.truncate(read);
-        }
-        let chunk = buf.split().freeze();
-        if self.buffers.len() == READ_BUFFERS {
-            self.buffers.remove(0);
-        }
-        self.buffers.push(buf);
+        let span_end = last.off + u64::from(last.len);
+        let (chunk, base) = match self.mapped(first.seg, span_end)? {
+            Some(map) => (map, 0),
+            None => (self.read_span(first.seg, first.off, span_end)?, first.off),
+        };
         for (k, loc) in locs.iter().enumerate() {
-            let at = (loc.off - first.off) as usize;
+            let at = (loc.off - base) as usize;
             let id = self.next + k as u64;
             let corrupted = |detail: &str| WalError::Corrupted {
                 pchannel: p.clone(),
@@ -1286,6 +1278,56 @@ impl SharedReader {
         }
         self.next += locs.len() as u64;
         Ok(())
+    }
+
+    /// Segment `seg` mapped, at least up to `end`; `None` where the file system cannot map.
+    fn mapped(&mut self, seg: u64, end: u64) -> Result<Option<Bytes>, WalError> {
+        if let Some((s, map)) = &self.map
+            && *s == seg
+            && map.len() as u64 >= end
+        {
+            return Ok(Some(map.clone()));
+        }
+        // A new segment, or the active one grown past the mapping (a fresh log zero-fills
+        // ahead a few MiB at a time).
+        self.map = None;
+        let f = self.open(seg)?;
+        let map = f
+            .map()
+            .map_err(io_err(&self.chan.name, "mapping the shared log"))?;
+        self.map = map.clone().map(|m| (seg, m));
+        Ok(map)
+    }
+
+    /// The segment's file, kept open while it is read.
+    fn open(&mut self, seg: u64) -> Result<&dyn WalFile, WalError> {
+        let file = match self.file.take() {
+            Some((s, f)) if s == seg => f,
+            _ => {
+                let path = self.dir.join(segment_name(seg));
+                self.fs.open(&path).map_err(io_err(
+                    &self.chan.name,
+                    format!("opening {}", path.display()),
+                ))?
+            }
+        };
+        Ok(&*self.file.insert((seg, file)).1)
+    }
+
+    /// Bytes `from..to` of segment `seg`, read into a reused buffer.
+    fn read_span(&mut self, seg: u64, from: u64, to: u64) -> Result<Bytes, WalError> {
+        let mut buf = self.buffer((to - from) as usize);
+        let read = self
+            .open(seg)?
+            .read_at(&mut buf, from)
+            .map_err(io_err(&self.chan.name, "reading the shared log"))?;
+        buf.truncate(read);
+        let chunk = buf.split().freeze();
+        if self.buffers.len() == READ_BUFFERS {
+            self.buffers.remove(0);
+        }
+        self.buffers.push(buf);
+        Ok(chunk)
     }
 }
 

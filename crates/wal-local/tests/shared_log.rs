@@ -301,3 +301,46 @@ async fn the_next_segment_is_prepared_whole_and_the_writer_rolls_to_it_instead_o
     assert_eq!(read_all(&wal).await.len() as u64, next);
     assert!(!log.join(format!("{:020}.prep", 7)).exists());
 }
+
+/// Readers slice records out of mapped segments: a reader that follows the writer must see
+/// the active segment grow past what it mapped (a fresh log zero-fills 4 MiB at a time), and
+/// the roll to the next segment, and each pchannel only its own records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_following_the_writer_sees_every_record_as_segments_grow_and_roll() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LocalWalConfig {
+        segment_bytes: 12 << 20,
+        max_batch_bytes: 1 << 20,
+    };
+    let storage = SharedLogStorage::new(dir.path(), config);
+    let a = storage.open("a", Term(1)).await.unwrap();
+    let b = storage.open("b", Term(1)).await.unwrap();
+    let big = |p: &str, i: u64| {
+        let mut v = format!("{p}-{i}-").into_bytes();
+        v.resize(40 << 10, b'a' + (i % 26) as u8);
+        Bytes::from(v)
+    };
+    let mut reader = a.read(ReadFrom::Earliest).unwrap();
+    let mut seen = 0u64;
+    // 2 x 600 x 40 KiB = 47 MiB: several segments, each grown in steps while being read.
+    for round in 0..60u64 {
+        let mut pending = Vec::new();
+        for i in round * 10..round * 10 + 10 {
+            pending.push(a.append(big("a", i)));
+            pending.push(b.append(big("b", i)));
+        }
+        for f in pending {
+            f.await.unwrap();
+        }
+        while let Some((id, bytes)) = reader.next().await.unwrap() {
+            assert_eq!(id, MessageId(seen));
+            assert_eq!(bytes, big("a", seen), "record {seen} of `a`");
+            seen += 1;
+        }
+        assert_eq!(seen, round * 10 + 10, "caught up after round {round}");
+    }
+    assert!(
+        count_segments(&dir.path().join("log")) >= 3,
+        "the records span several segments"
+    );
+}
