@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     tonic_prost_build::configure()
         .bytes(".walden.v1")
+        .codec_path("crate::codec::WaldenCodec")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -1,6 +1,8 @@
 //! Walden's protobuf messages and gRPC services (`walden.v1`), generated at build time.
 #![allow(missing_docs, clippy::all, missing_debug_implementations)]
 
+pub mod codec;
+
 pub mod v1 {
     tonic::include_proto!("walden.v1");
 
