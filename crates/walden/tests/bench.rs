@@ -185,6 +185,44 @@ fn a_fixed_rate_run_sends_on_schedule_and_reports_how_late_the_sender_was() {
     }
 }
 
+/// At a fixed rate with a window far larger than what is ever in flight, an acknowledgement is
+/// timed when it arrives. Read only once the window was full (as the bench once did), each
+/// one's latency was the window's length: 1 000 × 5 ms = 5 s here, whatever the server did.
+#[test]
+fn a_fixed_rate_append_times_each_acknowledgement_when_it_arrives_not_when_the_window_fills() {
+    let dir = tempfile::tempdir().unwrap();
+    let (rate, producers, inflight) = (400.0, 2.0, 2000.0);
+    let report = bench(
+        &[
+            "append",
+            "--pchannels",
+            "2",
+            "--rate",
+            "400",
+            "--inflight",
+            "2000",
+            "--duration",
+            "2s",
+            "--warmup",
+            "0s",
+            "--peer",
+            "redis",
+        ],
+        dir.path(),
+    );
+    let window_ms = inflight / producers * (producers / rate) * 1000.0;
+    for system in ["walden", "redis"] {
+        check_system(&report, system, 1024.0);
+        let msgs = f(&report, &[system, "msgs"]);
+        assert!((700.0..=900.0).contains(&msgs), "{system}: {msgs} messages");
+        let p50 = f(&report, &[system, "latency_ms", "p50"]);
+        assert!(
+            p50 < window_ms / 10.0,
+            "{system}: p50 {p50} ms, near the window's {window_ms} ms"
+        );
+    }
+}
+
 #[test]
 fn catchup_reads_back_exactly_the_preload_from_walden_and_redis() {
     let dir = tempfile::tempdir().unwrap();

@@ -18,7 +18,6 @@
 mod redis;
 
 use std::{
-    collections::VecDeque,
     io::Write as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -475,10 +474,20 @@ fn channel_name(i: usize) -> String {
     format!("walden-dml-{i}")
 }
 
-/// One producer's connection: queue a message, or wait for the oldest acknowledgement.
+/// One producer's sending side: queues a message and returns what its acknowledgement is
+/// waited on with.
 trait Lane: Send {
-    fn send(&mut self, payload: Bytes) -> impl Future<Output = anyhow::Result<()>> + Send;
-    fn ack(&mut self) -> impl Future<Output = anyhow::Result<()>> + Send;
+    type Pending: Send;
+    fn send(
+        &mut self,
+        payload: Bytes,
+    ) -> impl Future<Output = anyhow::Result<Self::Pending>> + Send;
+}
+
+/// One producer's acknowledging side: waits for the acknowledgements in send order.
+trait Acks: Send {
+    type Pending: Send;
+    fn ack(&mut self, pending: Self::Pending) -> impl Future<Output = anyhow::Result<()>> + Send;
 }
 
 type AckFuture = BoxFuture<'static, Result<walden_client::AppendResult, ClientError>>;
@@ -486,34 +495,44 @@ type AckFuture = BoxFuture<'static, Result<walden_client::AppendResult, ClientEr
 struct WaldenLane {
     producer: walden_client::Producer,
     vchannel: String,
-    pending: VecDeque<AckFuture>,
 }
 
 impl Lane for WaldenLane {
-    async fn send(&mut self, payload: Bytes) -> anyhow::Result<()> {
+    type Pending = AckFuture;
+    async fn send(&mut self, payload: Bytes) -> anyhow::Result<AckFuture> {
         let msg = MutableMessage::new(MessageType::Data, self.vchannel.clone(), payload);
-        let fut = self.producer.send(msg).await?;
-        self.pending.push_back(Box::pin(fut));
-        Ok(())
+        Ok(Box::pin(self.producer.send(msg).await?))
     }
-    async fn ack(&mut self) -> anyhow::Result<()> {
-        let fut = self.pending.pop_front().context("no message in flight")?;
-        fut.await?;
+}
+
+struct WaldenAcks;
+
+impl Acks for WaldenAcks {
+    type Pending = AckFuture;
+    async fn ack(&mut self, pending: AckFuture) -> anyhow::Result<()> {
+        pending.await?;
         Ok(())
     }
 }
 
 struct RedisLane {
-    conn: redis::Conn,
+    conn: redis::ConnWriter,
     key: Vec<u8>,
 }
 
 impl Lane for RedisLane {
+    type Pending = ();
     async fn send(&mut self, payload: Bytes) -> anyhow::Result<()> {
         self.conn.send_xadd(&self.key, &payload).await
     }
-    async fn ack(&mut self) -> anyhow::Result<()> {
-        self.conn.reply().await.map(|_| ())
+}
+
+struct RedisAcks(redis::ConnReader);
+
+impl Acks for RedisAcks {
+    type Pending = ();
+    async fn ack(&mut self, (): ()) -> anyhow::Result<()> {
+        self.0.reply().await.map(|_| ())
     }
 }
 
@@ -599,73 +618,86 @@ fn payload(size: usize, sent_us: u64) -> Bytes {
     b.freeze()
 }
 
-/// Runs one producer; returns its latency histogram, acknowledged and failed counts.
-async fn produce<L: Lane>(mut lane: L, pace: Pace) -> (Histogram<u64>, Histogram<u64>, u64, u64) {
-    let mut hist = new_hist();
-    let mut lateness = new_hist();
-    let (mut acked, mut errors) = (0u64, 0u64);
-    let mut outstanding: VecDeque<Instant> = VecDeque::with_capacity(pace.window);
-    let start = Instant::now();
-    let mut n = 0u64;
-    let settle = |r: anyhow::Result<()>, intended: Instant, hist: &mut Histogram<u64>| {
-        let ok = r.is_ok();
-        if ok && pace.record {
-            let _ = hist.record((intended.elapsed().as_micros() as u64).max(1));
-        }
-        ok
-    };
-    loop {
-        if pace.budget.is_some_and(|b| n >= b) {
-            break;
-        }
-        let intended = match pace.interval {
-            Some(iv) => {
-                let t = start + iv.mul_f64(n as f64);
-                if pace.deadline.is_some_and(|d| t >= d) {
-                    break;
-                }
-                tokio::time::sleep_until(t.into()).await;
-                let _ = lateness.record((t.elapsed().as_micros() as u64).max(1));
-                t
+/// Runs one producer; returns its latency and sender-lateness histograms, acknowledged and
+/// failed counts. Sending and acknowledging run side by side (one task, joined), so that an
+/// acknowledgement is recorded when it arrives: at a fixed rate, acks read only when the
+/// window was full measured the window's length, not the latency.
+async fn produce<L: Lane, A: Acks<Pending = L::Pending>>(
+    mut lane: L,
+    mut acks: A,
+    pace: Pace,
+) -> (Histogram<u64>, Histogram<u64>, u64, u64) {
+    let window = tokio::sync::Semaphore::new(pace.window);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, L::Pending)>();
+    let sending = async {
+        let tx = tx;
+        let mut lateness = new_hist();
+        let start = Instant::now();
+        let mut n = 0u64;
+        let mut failed = 0u64;
+        loop {
+            if pace.budget.is_some_and(|b| n >= b) {
+                break;
             }
-            None => {
-                let now = Instant::now();
-                if pace.deadline.is_some_and(|d| now >= d) {
-                    break;
-                }
-                now
-            }
-        };
-        n += 1;
-        let sent_us = intended.duration_since(pace.origin).as_micros() as u64;
-        if lane.send(payload(pace.size, sent_us)).await.is_err() {
-            errors += 1;
-            break;
-        }
-        outstanding.push_back(intended);
-        while outstanding.len() >= pace.window {
-            let Some(t) = outstanding.pop_front() else {
+            let Ok(permit) = window.acquire().await else {
                 break;
             };
-            let r = lane.ack().await;
-            if settle(r, t, &mut hist) {
-                acked += 1;
-                PROGRESS.fetch_add(1, Ordering::Relaxed);
-            } else {
-                errors += 1;
+            // Given back by the acknowledging side.
+            permit.forget();
+            let intended = match pace.interval {
+                Some(iv) => {
+                    let t = start + iv.mul_f64(n as f64);
+                    if pace.deadline.is_some_and(|d| t >= d) {
+                        break;
+                    }
+                    tokio::time::sleep_until(t.into()).await;
+                    let _ = lateness.record((t.elapsed().as_micros() as u64).max(1));
+                    t
+                }
+                None => {
+                    let now = Instant::now();
+                    if pace.deadline.is_some_and(|d| now >= d) {
+                        break;
+                    }
+                    now
+                }
+            };
+            n += 1;
+            let sent_us = intended.duration_since(pace.origin).as_micros() as u64;
+            match lane.send(payload(pace.size, sent_us)).await {
+                Ok(p) => {
+                    if tx.send((intended, p)).is_err() {
+                        break;
+                    }
+                }
+                Err(_) => {
+                    failed += 1;
+                    break;
+                }
             }
         }
-    }
-    while let Some(t) = outstanding.pop_front() {
-        let r = lane.ack().await;
-        if settle(r, t, &mut hist) {
+        (lateness, failed)
+    };
+    let acking = async {
+        let mut hist = new_hist();
+        let (mut acked, mut failed) = (0u64, 0u64);
+        while let Some((intended, p)) = rx.recv().await {
+            let ok = acks.ack(p).await.is_ok();
+            window.add_permits(1);
+            if !ok {
+                failed += 1;
+                continue;
+            }
+            if pace.record {
+                let _ = hist.record((intended.elapsed().as_micros() as u64).max(1));
+            }
             acked += 1;
             PROGRESS.fetch_add(1, Ordering::Relaxed);
-        } else {
-            errors += 1;
         }
-    }
-    (hist, lateness, acked, errors)
+        (hist, acked, failed)
+    };
+    let ((lateness, send_failed), (hist, acked, ack_failed)) = tokio::join!(sending, acking);
+    (hist, lateness, acked, send_failed + ack_failed)
 }
 
 /// Runs every producer of a workload against one system, with `pace`.
@@ -693,16 +725,16 @@ async fn produce_all(sys: &System<'_>, a: &Args, pace: Pace) -> anyhow::Result<R
                         },
                     ),
                     vchannel: format!("bench-{i}"),
-                    pending: VecDeque::new(),
                 };
-                tasks.push(tokio::spawn(produce(lane, pace)));
+                tasks.push(tokio::spawn(produce(lane, WaldenAcks, pace)));
             }
             (System::Redis(r), _) => {
+                let (conn, replies) = redis::Conn::connect(&r.addr).await?.split();
                 let lane = RedisLane {
-                    conn: redis::Conn::connect(&r.addr).await?,
+                    conn,
                     key: ch.into_bytes(),
                 };
-                tasks.push(tokio::spawn(produce(lane, pace)));
+                tasks.push(tokio::spawn(produce(lane, RedisAcks(replies), pace)));
             }
             _ => anyhow::bail!("no client"),
         }

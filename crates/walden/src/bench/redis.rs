@@ -122,9 +122,19 @@ pub enum Resp {
 
 /// One pipelined connection.
 pub struct Conn {
-    r: BufReader<OwnedReadHalf>,
+    r: ConnReader,
+    w: ConnWriter,
+}
+
+/// The sending half of a connection.
+pub struct ConnWriter {
     w: OwnedWriteHalf,
     buf: Vec<u8>,
+}
+
+/// The receiving half of a connection: replies, in command order.
+pub struct ConnReader {
+    r: BufReader<OwnedReadHalf>,
 }
 
 impl Conn {
@@ -133,12 +143,28 @@ impl Conn {
         s.set_nodelay(true)?;
         let (r, w) = s.into_split();
         Ok(Self {
-            r: BufReader::with_capacity(1 << 16, r),
-            w,
-            buf: Vec::with_capacity(4096),
+            r: ConnReader {
+                r: BufReader::with_capacity(1 << 16, r),
+            },
+            w: ConnWriter {
+                w,
+                buf: Vec::with_capacity(4096),
+            },
         })
     }
 
+    /// Sends and receives apart, so replies are read as they arrive while commands are paced.
+    pub fn split(self) -> (ConnWriter, ConnReader) {
+        (self.w, self.r)
+    }
+
+    pub async fn command(&mut self, args: &[&[u8]]) -> anyhow::Result<Resp> {
+        self.w.send(args).await?;
+        self.r.reply().await
+    }
+}
+
+impl ConnWriter {
     /// Sends one command without waiting for its reply.
     pub async fn send(&mut self, args: &[&[u8]]) -> anyhow::Result<()> {
         self.buf.clear();
@@ -154,19 +180,16 @@ impl Conn {
         Ok(())
     }
 
-    /// Reads the next reply (replies come in command order).
-    pub async fn reply(&mut self) -> anyhow::Result<Resp> {
-        Box::pin(read_value(&mut self.r)).await
-    }
-
-    pub async fn command(&mut self, args: &[&[u8]]) -> anyhow::Result<Resp> {
-        self.send(args).await?;
-        self.reply().await
-    }
-
     /// `XADD key * d payload`.
     pub async fn send_xadd(&mut self, key: &[u8], payload: &Bytes) -> anyhow::Result<()> {
         self.send(&[b"XADD", key, b"*", b"d", payload]).await
+    }
+}
+
+impl ConnReader {
+    /// Reads the next reply (replies come in command order).
+    pub async fn reply(&mut self) -> anyhow::Result<Resp> {
+        Box::pin(read_value(&mut self.r)).await
     }
 }
 
