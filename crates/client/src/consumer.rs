@@ -39,7 +39,8 @@ pub struct ConsumerOptions {
     pub types: Option<Vec<MessageType>>,
     /// How long to keep reconnecting through retryable failures. Default 30 s.
     pub retry_timeout: Duration,
-    /// Messages buffered ahead of the application. Default 1024.
+    /// Messages buffered ahead of the application, about: they arrive and are buffered in
+    /// the node's frames (up to 512 messages each). Default 1024.
     pub buffer: usize,
 }
 
@@ -58,9 +59,15 @@ impl Default for ConsumerOptions {
 /// Receives one pchannel's messages in tick order.
 #[derive(Debug)]
 pub struct Consumer {
-    rx: mpsc::Receiver<Result<ImmutableMessage, ClientError>>,
+    /// A frame's messages at a time: one hand-off per frame, not per message (a catching-up
+    /// consumer receives hundreds of thousands a second).
+    rx: mpsc::Receiver<Result<Vec<ImmutableMessage>, ClientError>>,
+    ready: std::vec::IntoIter<ImmutableMessage>,
     task: JoinHandle<()>,
 }
+
+/// Messages in a full frame from the node, for sizing the buffer in frames.
+const FRAME_MESSAGES: usize = 512;
 
 impl Drop for Consumer {
     fn drop(&mut self) {
@@ -74,14 +81,26 @@ impl Consumer {
         pchannel: String,
         options: ConsumerOptions,
     ) -> Self {
-        let (tx, rx) = mpsc::channel(options.buffer.max(1));
+        let (tx, rx) = mpsc::channel(options.buffer.div_ceil(FRAME_MESSAGES).max(2));
         let task = tokio::spawn(run(grpc, pchannel, options, tx));
-        Self { rx, task }
+        Self {
+            rx,
+            ready: Vec::new().into_iter(),
+            task,
+        }
     }
 
     /// The next message; `None` after a final error was returned.
     pub async fn next(&mut self) -> Option<Result<ImmutableMessage, ClientError>> {
-        self.rx.recv().await
+        loop {
+            if let Some(m) = self.ready.next() {
+                return Some(Ok(m));
+            }
+            match self.rx.recv().await? {
+                Ok(batch) => self.ready = batch.into_iter(),
+                Err(e) => return Some(Err(e)),
+            }
+        }
     }
 }
 
@@ -137,7 +156,7 @@ async fn run(
     grpc: StreamingNodeClient<Channel>,
     pchannel: String,
     options: ConsumerOptions,
-    tx: mpsc::Sender<Result<ImmutableMessage, ClientError>>,
+    tx: mpsc::Sender<Result<Vec<ImmutableMessage>, ClientError>>,
 ) {
     let mut resume: Option<(MessageId, TimeTick)> = None;
     let mut failing_since: Option<Instant> = None;
@@ -181,7 +200,7 @@ async fn stream(
     pchannel: &str,
     options: &ConsumerOptions,
     resume: &mut Option<(MessageId, TimeTick)>,
-    tx: &mpsc::Sender<Result<ImmutableMessage, ClientError>>,
+    tx: &mpsc::Sender<Result<Vec<ImmutableMessage>, ClientError>>,
     failing_since: &mut Option<Instant>,
 ) -> Result<(), ClientError> {
     let mut inbound = grpc
@@ -190,42 +209,55 @@ async fn stream(
         .await?
         .into_inner();
     loop {
-        match inbound.message().await? {
+        let msgs = match inbound.message().await? {
             Some(pb::ConsumeResponse {
                 response: Some(consume_response::Response::Message(m)),
-            }) => {
-                if !deliver(m, resume, tx, failing_since).await? {
-                    return Ok(());
-                }
-            }
+            }) => vec![m],
             Some(pb::ConsumeResponse {
                 response: Some(consume_response::Response::Batch(b)),
-            }) => {
-                for m in b.messages {
-                    if !deliver(m, resume, tx, failing_since).await? {
-                        return Ok(());
-                    }
-                }
-            }
+            }) => b.messages,
             Some(pb::ConsumeResponse {
                 response: Some(consume_response::Response::Error(e)),
             }) => return Err(e.into()),
             _ => return Err(ClientError::Transport("consume stream ended".into())),
+        };
+        if !deliver(msgs, resume, tx, failing_since).await? {
+            return Ok(());
         }
     }
 }
 
-/// Hands one message to the application and remembers it as the resume point; `false` once the
-/// application has gone away.
+/// Hands a frame's messages to the application and remembers the last as the resume point;
+/// `false` once the application has gone away. A message that does not convert ends the
+/// stream after the ones before it were handed over.
 async fn deliver(
-    m: pb::ImmutableMessage,
+    msgs: Vec<pb::ImmutableMessage>,
     resume: &mut Option<(MessageId, TimeTick)>,
-    tx: &mpsc::Sender<Result<ImmutableMessage, ClientError>>,
+    tx: &mpsc::Sender<Result<Vec<ImmutableMessage>, ClientError>>,
     failing_since: &mut Option<Instant>,
 ) -> Result<bool, ClientError> {
-    let m = ImmutableMessage::from_proto(m)
-        .map_err(|e| ClientError::Transport(format!("bad message from node: {e}")))?;
-    *failing_since = None;
-    *resume = Some((m.last_confirmed(), m.time_tick()));
-    Ok(tx.send(Ok(m)).await.is_ok())
+    let mut out = Vec::with_capacity(msgs.len());
+    let mut bad = None;
+    for m in msgs {
+        match ImmutableMessage::from_proto(m) {
+            Ok(m) => out.push(m),
+            Err(e) => {
+                bad = Some(ClientError::Transport(format!(
+                    "bad message from node: {e}"
+                )));
+                break;
+            }
+        }
+    }
+    if let Some(last) = out.last() {
+        *failing_since = None;
+        *resume = Some((last.last_confirmed(), last.time_tick()));
+        if tx.send(Ok(out)).await.is_err() {
+            return Ok(false);
+        }
+    }
+    match bad {
+        Some(e) => Err(e),
+        None => Ok(true),
+    }
 }
