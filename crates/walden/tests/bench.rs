@@ -223,6 +223,48 @@ fn a_fixed_rate_append_times_each_acknowledgement_when_it_arrives_not_when_the_w
     }
 }
 
+/// With one message in flight the report adds the loopback round trip to the disk's sync (the
+/// floor an acknowledgement cannot beat); with more in flight it has no such line.
+#[test]
+fn one_append_in_flight_is_reported_against_disk_sync_plus_loopback_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = |inflight: &'static str| {
+        [
+            "append",
+            "--pchannels",
+            "1",
+            "--inflight",
+            inflight,
+            "--duration",
+            "1s",
+            "--warmup",
+            "0s",
+        ]
+    };
+    let report = bench(&args("1"), dir.path());
+    check_system(&report, "walden", 1024.0);
+    let rtt = |q: &str| f(&report, &["loopback_rtt_ms", q]);
+    assert!(
+        0.0 < rtt("p50") && rtt("p50") <= rtt("p99"),
+        "{}",
+        report["loopback_rtt_ms"]
+    );
+    // An acknowledgement needs a sync and a round trip: no message beats their sum's p50 by
+    // much (the probe's own p50 is not a minimum, hence the margin).
+    let floor = f(&report, &["disk", "latency_ms", "p50"]) + rtt("p50");
+    let walden = f(&report, &["walden", "latency_ms", "p50"]);
+    assert!(
+        walden > floor / 2.0,
+        "p50 {walden} ms under half the floor {floor} ms"
+    );
+    let many = bench(&args("8"), dir.path());
+    assert!(
+        many["loopback_rtt_ms"].is_null(),
+        "{}",
+        many["loopback_rtt_ms"]
+    );
+}
+
 #[test]
 fn catchup_reads_back_exactly_the_preload_from_walden_and_redis() {
     let dir = tempfile::tempdir().unwrap();

@@ -1131,6 +1131,13 @@ async fn compare(a: Args, kind: Kind) -> anyhow::Result<()> {
     } else {
         None
     };
+    // With one message in flight, a round trip over loopback is part of every acknowledgement:
+    // the floor is the disk's sync plus that.
+    let loopback = if kind == Kind::Append && a.inflight == 1 {
+        Some(loopback_probe(a.size, Duration::from_secs(2))?)
+    } else {
+        None
+    };
 
     println!("\n{} (median of {} run(s))", kind.name(), a.runs);
     println!("{TABLE_HEADER}");
@@ -1161,6 +1168,16 @@ async fn compare(a: Args, kind: Kind) -> anyhow::Result<()> {
         println!(
             "walden/disk bandwidth: {r:.2}x (disk: {} B write + fdatasync per commit)",
             d.size
+        );
+    }
+    if let (Some(rtt), Some(d)) = (&loopback, &disk) {
+        let floor = d.ms(0.5) + ms(rtt, 0.5);
+        println!(
+            "one in flight: disk sync p50 {:.3} ms + loopback round trip p50 {:.3} ms = {floor:.3} ms; \
+             walden p50 is {:.2}x that",
+            d.ms(0.5),
+            ms(rtt, 0.5),
+            w.ms(0.5) / floor.max(1e-9)
         );
     }
     for (name, r) in std::iter::once(("walden", &w)).chain(p.as_ref().map(|p| ("redis", p))) {
@@ -1212,6 +1229,9 @@ async fn compare(a: Args, kind: Kind) -> anyhow::Result<()> {
             "redis": peer_runs.iter().map(RunResult::to_json).collect::<Vec<_>>(),
         },
         "disk": disk.as_ref().map(DiskResult::to_json),
+        "loopback_rtt_ms": loopback.as_ref().map(|h| json!({
+            "p50": round(ms(h, 0.5)), "p99": round(ms(h, 0.99)),
+        })),
         "ratio_to_peer": ratio_to_peer.map(round),
         "ratio_to_disk": ratio_to_disk.map(round),
     });
@@ -1251,6 +1271,45 @@ impl DiskResult {
         let per_s = self.ops as f64 / self.elapsed.as_secs_f64();
         table_row(name, per_s, self.mib_per_s(), &self.hist, 0)
     }
+}
+
+/// Round trips over TCP on 127.0.0.1 for `duration`: `size` bytes out, an acknowledgement of a
+/// produce result's size back, one at a time, blocking threads with `TCP_NODELAY` (no runtime,
+/// no framing): what one append in flight pays for the network at best on this machine.
+fn loopback_probe(size: usize, duration: Duration) -> anyhow::Result<Histogram<u64>> {
+    use std::io::{Read, Write};
+    const ACK: usize = 40;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let echo = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut s, _) = listener.accept()?;
+        s.set_nodelay(true)?;
+        let mut buf = vec![0u8; size];
+        let ack = [0u8; ACK];
+        loop {
+            match s.read_exact(&mut buf) {
+                Ok(()) => s.write_all(&ack)?,
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+    });
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_nodelay(true)?;
+    let out = vec![0x5au8; size];
+    let mut ack = [0u8; ACK];
+    let mut hist = new_hist();
+    let start = Instant::now();
+    while start.elapsed() < duration {
+        let t = Instant::now();
+        s.write_all(&out)?;
+        s.read_exact(&mut ack)?;
+        let _ = hist.record((t.elapsed().as_micros() as u64).max(1));
+    }
+    drop(s);
+    echo.join()
+        .map_err(|_| anyhow::anyhow!("the loopback probe's echo thread panicked"))??;
+    Ok(hist)
 }
 
 /// Writes `size` bytes and `fdatasync`s, in a loop, for `duration`: what a log that syncs every
