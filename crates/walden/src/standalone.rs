@@ -43,7 +43,23 @@ impl Appender for LocalNode {
     }
 }
 
+/// Where the kernel says whether transparent huge pages are used for every anonymous mapping.
+const THP_ENABLED: &str = "/sys/kernel/mm/transparent_hugepage/enabled";
+
+/// Whether `enabled` (the content of [`THP_ENABLED`]) selects `always`.
+fn thp_always(enabled: &str) -> bool {
+    enabled.contains("[always]")
+}
+
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    // Walden's allocator asks for no huge pages, but with `always` the kernel uses them anyway,
+    // and zeroing 2 MiB on a first touch stalled appends for 30-40 ms (docs/benchmarks.md).
+    if std::fs::read_to_string(THP_ENABLED).is_ok_and(|e| thp_always(&e)) {
+        tracing::warn!(
+            "transparent huge pages are `always` on this host: expect append latency spikes; \
+             `madvise` or `never` in {THP_ENABLED} avoids them"
+        );
+    }
     let data_dir = &config.server.data_dir;
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating data dir {}", data_dir.display()))?;
@@ -227,5 +243,17 @@ async fn serve_http(listener: TcpListener, manager: Arc<WalManager>, metrics: Me
         );
     if let Err(e) = axum::serve(listener, app).await {
         tracing::warn!(error = %e, "metrics server stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::thp_always;
+
+    #[test]
+    fn only_the_always_setting_of_transparent_huge_pages_is_warned_about() {
+        assert!(thp_always("[always] madvise never\n"));
+        assert!(!thp_always("always [madvise] never\n"));
+        assert!(!thp_always("always madvise [never]\n"));
     }
 }
