@@ -1,4 +1,4 @@
-//! The gRPC codec of Walden's services: prost, with buffers sized for the frames Walden sends.
+//! The gRPC codec of Walden's services: prost, encoding each message into room reserved for it.
 //!
 //! tonic's prost encoder writes a message into a buffer of 8 KiB that grows by doubling, so a
 //! consume frame of a few hundred messages was copied about twice (`perf` under `walden bench
@@ -13,15 +13,6 @@ use tonic::{
     codec::{BufferSettings, Codec, EncodeBuf, Encoder},
 };
 use tonic_prost::ProstDecoder;
-
-/// Initial size of the encode and decode buffers: a typical produce or consume frame fits.
-const BUFFER_BYTES: usize = 64 << 10;
-/// An encode buffer is handed to HTTP/2 once it holds this much (tonic's default).
-const YIELD_BYTES: usize = 32 << 10;
-
-fn settings() -> BufferSettings {
-    BufferSettings::new(BUFFER_BYTES, YIELD_BYTES)
-}
 
 /// Prost encoding and decoding of `T` (sent) and `U` (received).
 #[derive(Debug, Clone)]
@@ -48,7 +39,7 @@ where
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        ProstDecoder::new(settings())
+        ProstDecoder::default()
     }
 }
 
@@ -68,6 +59,6 @@ impl<T: Message> Encoder for ReservingEncoder<T> {
     }
 
     fn buffer_settings(&self) -> BufferSettings {
-        settings()
+        BufferSettings::default()
     }
 }

@@ -30,7 +30,7 @@ use std::{
     thread,
 };
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::{FutureExt, future::BoxFuture};
 use tokio::sync::oneshot;
 use tracing::{info, warn};
@@ -1162,7 +1162,6 @@ impl Wal for SharedWal {
             file: None,
             map: None,
             ready: VecDeque::new(),
-            buffers: Vec::new(),
         }))
     }
 
@@ -1213,29 +1212,12 @@ struct SharedReader {
     /// without a copy.
     map: Option<(u64, Bytes)>,
     ready: VecDeque<(MessageId, Bytes)>,
-    /// Read buffers whose records were handed out: one is reused once its records are all
-    /// dropped, so a catch-up read lands in memory already faulted in, not in fresh pages (a
-    /// fresh 1 MiB chunk per read was 18% of the server's samples under `walden bench catchup`).
-    buffers: Vec<BytesMut>,
 }
 
-/// Read buffers a reader keeps for reuse, at most.
-const READ_BUFFERS: usize = 8;
 /// Records taken from the index at a time (one lock of it) when the segment is mapped.
 const MAPPED_RUN: usize = 1024;
 
 impl SharedReader {
-    /// A buffer of `len` bytes: a kept one whose records are all gone, else a new one.
-    fn buffer(&mut self, len: usize) -> BytesMut {
-        let mut buf = match self.buffers.iter_mut().position(|b| b.try_reclaim(len)) {
-            Some(i) => self.buffers.swap_remove(i),
-            None => BytesMut::with_capacity(len.max(READ_CHUNK)),
-        };
-        buf.clear();
-        buf.resize(len, 0);
-        buf
-    }
-
     /// Takes the next run of this pchannel's records in one segment into `ready`: sliced out of
     /// the mapped segment, or read with one `read_at` where the file system cannot map (then
     /// the run is bounded by how far apart its records sit).
@@ -1345,20 +1327,16 @@ impl SharedReader {
         Ok(&*self.file.insert((seg, file)).1)
     }
 
-    /// Bytes `from..to` of segment `seg`, read into a reused buffer.
+    /// Bytes `from..to` of segment `seg`, read with one `read_at`. Only file systems that
+    /// cannot map (the test fakes) come here, so the buffer is not kept for reuse.
     fn read_span(&mut self, seg: u64, from: u64, to: u64) -> Result<Bytes, WalError> {
-        let mut buf = self.buffer((to - from) as usize);
+        let mut buf = vec![0; (to - from) as usize];
         let read = self
             .open(seg)?
             .read_at(&mut buf, from)
             .map_err(io_err(&self.chan.name, "reading the shared log"))?;
         buf.truncate(read);
-        let chunk = buf.split().freeze();
-        if self.buffers.len() == READ_BUFFERS {
-            self.buffers.remove(0);
-        }
-        self.buffers.push(buf);
-        Ok(chunk)
+        Ok(Bytes::from(buf))
     }
 }
 
