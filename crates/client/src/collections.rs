@@ -202,7 +202,17 @@ impl Collections {
             if part.int_ids.is_empty() && part.str_ids.is_empty() {
                 continue;
             }
-            messages.push((shard, Bytes::from(part.encode_to_vec())));
+            let keys: Vec<String> = part
+                .int_ids
+                .iter()
+                .map(ToString::to_string)
+                .chain(part.str_ids.iter().cloned())
+                .collect();
+            messages.push(Outgoing {
+                shard,
+                payload: Bytes::from(part.encode_to_vec()),
+                keys,
+            });
         }
         let sent = self
             .send_all(&info, MessageType::Delete, partition, messages)
@@ -236,7 +246,11 @@ impl Collections {
             {
                 let Some(part) = part else { continue };
                 for chunk in chunks(&part) {
-                    messages.push((shard, schema.encode_ipc(&chunk).map_err(invalid)?));
+                    messages.push(Outgoing {
+                        shard,
+                        payload: schema.encode_ipc(&chunk).map_err(invalid)?,
+                        keys: primary_keys(&schema, &chunk),
+                    });
                 }
             }
         }
@@ -251,29 +265,51 @@ impl Collections {
         })
     }
 
-    /// Sends every (shard, payload) pipelined and waits for all; returns the highest tick.
+    /// Sends every message pipelined and waits for all; returns the highest tick. When some
+    /// fail, the error says exactly which keys were not written (the others were): a write cut
+    /// into several messages is not atomic, and the caller must know what to resend.
     async fn send_all(
         &self,
         info: &CollectionInfo,
         t: MessageType,
         partition: Option<&str>,
-        messages: Vec<(usize, Bytes)>,
+        messages: Vec<Outgoing>,
     ) -> Result<u64, ClientError> {
+        let total: usize = messages.iter().map(|m| m.keys.len()).sum();
         let mut pending = Vec::with_capacity(messages.len());
-        for (shard, payload) in messages {
-            let v = &info.vchannels[shard];
-            let mut msg = MutableMessage::new(t, v.name.clone(), payload);
+        let mut failed: Vec<(Vec<String>, ClientError)> = Vec::new();
+        for m in messages {
+            let v = &info.vchannels[m.shard];
+            let mut msg = MutableMessage::new(t, v.name.clone(), m.payload);
             if let Some(p) = partition {
                 msg.coll.partition = p.to_owned();
             }
             let producer = self.producer(&v.pchannel);
-            pending.push(producer.send(msg).await?);
+            match producer.send(msg).await {
+                Ok(fut) => pending.push((m.keys, fut)),
+                Err(e) => failed.push((m.keys, e)),
+            }
         }
         let mut tick = 0;
-        for p in pending {
-            tick = tick.max(p.await?.tick.0);
+        for (keys, p) in pending {
+            match p.await {
+                Ok(r) => tick = tick.max(r.tick.0),
+                Err(e) => failed.push((keys, e)),
+            }
         }
-        Ok(tick)
+        let Some((_, first)) = failed.first() else {
+            return Ok(tick);
+        };
+        let cause = Box::new(first.clone());
+        let not_written: Vec<String> = failed.into_iter().flat_map(|(k, _)| k).collect();
+        if not_written.len() == total {
+            return Err(*cause);
+        }
+        Err(ClientError::PartialWrite {
+            written: (total - not_written.len()) as u64,
+            not_written,
+            cause,
+        })
     }
 
     fn producer(&self, pchannel: &str) -> Producer {
@@ -284,6 +320,31 @@ impl Collections {
             .or_insert_with(|| self.client.producer(pchannel, ProducerOptions::default()))
             .clone()
     }
+}
+
+/// One message of a write: its shard, payload, and the primary keys it carries.
+struct Outgoing {
+    shard: usize,
+    payload: Bytes,
+    keys: Vec<String>,
+}
+
+/// The primary keys of a batch's rows, as text.
+fn primary_keys(schema: &Schema, batch: &RecordBatch) -> Vec<String> {
+    use arrow_array::{Array as _, Int64Array, StringArray};
+    let Some(col) = batch.column_by_name(&schema.primary_key().name) else {
+        return Vec::new();
+    };
+    if let Some(a) = col.as_any().downcast_ref::<Int64Array>() {
+        return a
+            .iter()
+            .map(|v| v.unwrap_or_default().to_string())
+            .collect();
+    }
+    if let Some(a) = col.as_any().downcast_ref::<StringArray>() {
+        return a.iter().map(|v| v.unwrap_or_default().to_owned()).collect();
+    }
+    (0..batch.num_rows()).map(|i| format!("row {i}")).collect()
 }
 
 /// Cuts a batch into slices of about [`TARGET_MESSAGE_BYTES`].

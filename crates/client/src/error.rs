@@ -18,6 +18,18 @@ pub enum ClientError {
     },
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// Refused before sending: the node would refuse it too, and sending it would buffer it.
+    #[error("message of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge { size: usize, limit: usize },
+    /// A write cut into several messages was written in part: the rows (or keys) listed were
+    /// not written, every other one was.
+    #[error("{written} written, {} not written ({}): {cause}", not_written.len(), preview(not_written))]
+    PartialWrite {
+        written: u64,
+        /// Primary keys of the rows (or the keys of a delete) that were not written.
+        not_written: Vec<String>,
+        cause: Box<ClientError>,
+    },
     #[error("the producer or consumer was closed")]
     Closed,
     #[error("gave up after retrying for {seconds:.1} s: {last}")]
@@ -25,6 +37,21 @@ pub enum ClientError {
         seconds: f64,
         last: Box<ClientError>,
     },
+}
+
+/// The first few keys, for the error text (the full list is in the error).
+fn preview(keys: &[String]) -> String {
+    const SHOW: usize = 10;
+    let mut s = keys
+        .iter()
+        .take(SHOW)
+        .map(|k| walden_common::quote_short(k))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if keys.len() > SHOW {
+        s.push_str(&format!(", and {} more", keys.len() - SHOW));
+    }
+    format!("keys {s}")
 }
 
 fn code_name(code: u32) -> String {
@@ -49,6 +76,11 @@ impl From<tonic::Status> for ClientError {
         use prost::Message as _;
         match walden_proto::v1::Error::decode(s.details()) {
             Ok(e) if e.code != 0 => e.into(),
+            _ if s.code() == tonic::Code::Unauthenticated => Self::Server {
+                code: ErrorCode::Unauthenticated.as_u32(),
+                message: s.message().to_owned(),
+                retryable: false,
+            },
             _ => Self::Transport(format!("{}: {}", s.code(), s.message())),
         }
     }
@@ -67,11 +99,13 @@ impl From<walden_proto::v1::Error> for ClientError {
 impl HasErrorCode for ClientError {
     fn code(&self) -> ErrorCode {
         match self {
-            Self::Connect { .. } | Self::Transport(_) => ErrorCode::StorageUnavailable,
+            Self::Connect { .. } | Self::Transport(_) => ErrorCode::Unavailable,
             Self::Server { code, .. } => ErrorCode::from_u32(*code).unwrap_or(ErrorCode::Internal),
             Self::InvalidArgument(_) => ErrorCode::InvalidArgument,
+            Self::TooLarge { .. } => ErrorCode::MessageTooLarge,
             Self::Closed => ErrorCode::OnShutdown,
             Self::RetriesExhausted { last, .. } => last.code(),
+            Self::PartialWrite { cause, .. } => cause.code(),
         }
     }
 
@@ -79,7 +113,11 @@ impl HasErrorCode for ClientError {
         match self {
             Self::Connect { .. } | Self::Transport(_) => true,
             Self::Server { retryable, .. } => *retryable,
-            Self::InvalidArgument(_) | Self::Closed | Self::RetriesExhausted { .. } => false,
+            Self::InvalidArgument(_)
+            | Self::TooLarge { .. }
+            | Self::Closed
+            | Self::RetriesExhausted { .. }
+            | Self::PartialWrite { .. } => false,
         }
     }
 }

@@ -41,7 +41,7 @@ use walden_proto::v1::{StatusRequest, StatusResponse, streaming_node_client::Str
 pub use collections::{Collections, WriteResult};
 pub use consumer::{Consumer, ConsumerOptions, DeliverFrom};
 pub use error::ClientError;
-pub use producer::{AppendResult, Producer, ProducerOptions};
+pub use producer::{AppendResult, DEFAULT_MAX_MESSAGE_BYTES, Producer, ProducerOptions};
 pub use txn::Txn;
 
 /// A connection to a Walden node. Cheap to clone.

@@ -40,6 +40,11 @@ pub struct ProducerOptions {
     /// writing it again (a random producer id per `Producer`). Default true. A message that
     /// already carries a producer id and sequence keeps them.
     pub idempotent: bool,
+    /// Largest message [`Producer::send`] accepts (payload, vchannel, partition and
+    /// properties), refused with [`ClientError::TooLarge`] before it is queued. Set it to the
+    /// node's `node.max_message_bytes` (the `max_message_bytes` of its status). Default 8 MiB,
+    /// the node's default.
+    pub max_message_bytes: usize,
 }
 
 impl Default for ProducerOptions {
@@ -49,9 +54,13 @@ impl Default for ProducerOptions {
             retry_timeout: Duration::from_secs(30),
             term: 0,
             idempotent: true,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
         }
     }
 }
+
+/// The node's default `node.max_message_bytes`.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 8 << 20;
 
 struct Queued {
     msg: pb::MutableMessage,
@@ -64,6 +73,7 @@ struct Queued {
 pub struct Producer {
     tx: mpsc::UnboundedSender<Queued>,
     window: Arc<Semaphore>,
+    max_message_bytes: usize,
     /// (producer id, next sequence) of an idempotent producer. The lock also orders the queue,
     /// so sequences follow send order.
     ident: Option<Arc<std::sync::Mutex<(u64, u64)>>>,
@@ -87,16 +97,33 @@ impl Producer {
         let ident = options
             .idempotent
             .then(|| Arc::new(std::sync::Mutex::new((random_producer_id(), 1))));
+        let max_message_bytes = options.max_message_bytes;
         tokio::spawn(run(grpc, pchannel, options, rx));
-        Self { tx, window, ident }
+        Self {
+            tx,
+            window,
+            max_message_bytes,
+            ident,
+        }
     }
 
     /// Waits for room in the window and queues `msg`; the returned future resolves once the
-    /// message is durable (or failed for good).
+    /// message is durable (or failed for good). A message the node would refuse for its type,
+    /// vchannel name or size is refused here, before it takes a place in the window (and
+    /// before any sequence number): nothing is sent for it.
     pub async fn send(
         &self,
         msg: MutableMessage,
     ) -> Result<impl Future<Output = Result<AppendResult, ClientError>> + use<>, ClientError> {
+        msg.validate_from_client()
+            .map_err(ClientError::InvalidArgument)?;
+        let size = msg.approximate_size();
+        if size > self.max_message_bytes {
+            return Err(ClientError::TooLarge {
+                size,
+                limit: self.max_message_bytes,
+            });
+        }
         let permit = self
             .window
             .clone()

@@ -46,6 +46,11 @@ pub enum ErrorCode {
     /// The transaction expired, was rolled back (by a DDL, a restart or the client) or is
     /// unknown: start a new one.
     TxnExpired = 19,
+    /// The client could not reach the server (connection refused, reset, timed out); a retry
+    /// may help once it is back.
+    Unavailable = 20,
+    /// The call carried no valid bearer token.
+    Unauthenticated = 21,
 }
 
 impl ErrorCode {
@@ -76,6 +81,8 @@ impl ErrorCode {
             17 => Self::SegmentSealed,
             18 => Self::SchemaMismatch,
             19 => Self::TxnExpired,
+            20 => Self::Unavailable,
+            21 => Self::Unauthenticated,
             _ => return None,
         })
     }
@@ -102,6 +109,8 @@ impl ErrorCode {
             Self::SegmentSealed => "SEGMENT_SEALED",
             Self::SchemaMismatch => "SCHEMA_MISMATCH",
             Self::TxnExpired => "TXN_EXPIRED",
+            Self::Unavailable => "UNAVAILABLE",
+            Self::Unauthenticated => "UNAUTHENTICATED",
         }
     }
 
@@ -115,11 +124,12 @@ impl ErrorCode {
                 | Self::StorageUnavailable
                 | Self::ResourceExhausted
                 | Self::ChannelNotFound
+                | Self::Unavailable
         )
     }
 
     /// Every code, for docs and tests.
-    pub const ALL: [ErrorCode; 19] = [
+    pub const ALL: [ErrorCode; 21] = [
         Self::ChannelNotFound,
         Self::ChannelFenced,
         Self::OnShutdown,
@@ -139,6 +149,8 @@ impl ErrorCode {
         Self::SegmentSealed,
         Self::SchemaMismatch,
         Self::TxnExpired,
+        Self::Unavailable,
+        Self::Unauthenticated,
     ];
 }
 

@@ -41,6 +41,30 @@ impl fmt::Display for Term {
     }
 }
 
+/// `s` quoted for an error message, cut to its first 64 characters (with its length) when
+/// longer: error texts travel in gRPC headers, and a 100 KB name there broke the HTTP/2 stream
+/// and reached the caller as a transport error.
+pub fn quote_short(s: &str) -> String {
+    const KEEP: usize = 64;
+    match s.char_indices().nth(KEEP) {
+        None => format!("{s:?}"),
+        Some((cut, _)) => format!("{:?}... ({} bytes)", &s[..cut], s.len()),
+    }
+}
+
+/// Cuts an error text to at most `max` bytes (at a character boundary), saying so.
+pub fn truncate_message(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push_str("... (cut)");
+    }
+    s
+}
+
 /// Largest pchannel name accepted anywhere (it is written into segment headers and keys).
 pub const MAX_PCHANNEL_NAME_LEN: usize = 255;
 
@@ -60,10 +84,16 @@ pub fn validate_channel_name(name: &str) -> Result<(), String> {
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')))
     {
-        return Err(format!("channel name {name:?} has the character {c:?}"));
+        return Err(format!(
+            "channel name {} has the character {c:?}",
+            quote_short(name)
+        ));
     }
     if name.starts_with('.') {
-        return Err(format!("channel name {name:?} starts with '.'"));
+        return Err(format!(
+            "channel name {} starts with '.'",
+            quote_short(name)
+        ));
     }
     Ok(())
 }
@@ -79,7 +109,8 @@ pub fn validate_object_name(what: &str, name: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "{what} name {name:?} must be 1 to 255 of [A-Za-z0-9_-]"
+            "{what} name {} must be 1 to 255 of [A-Za-z0-9_-]",
+            quote_short(name)
         ))
     }
 }
@@ -95,5 +126,16 @@ mod tests {
         for bad in ["", "..", "a/b", "a b", ".hidden", &"x".repeat(256)] {
             assert!(validate_channel_name(bad).is_err(), "{bad:?} was accepted");
         }
+    }
+
+    #[test]
+    fn errors_about_huge_names_quote_only_their_start() {
+        let name = "x".repeat(100_000);
+        let e = validate_object_name("collection", &name).unwrap_err();
+        assert!(e.len() < 200, "{} bytes", e.len());
+        assert!(e.contains("100000 bytes"), "{e}");
+        let e = validate_channel_name(&format!("{name}/")).unwrap_err();
+        assert!(e.len() < 200, "{} bytes", e.len());
+        assert_eq!(truncate_message("é".repeat(10), 5), "éé... (cut)");
     }
 }

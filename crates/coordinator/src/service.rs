@@ -30,6 +30,9 @@ impl CollectionService {
     }
 }
 
+/// Longest error text sent back.
+const MAX_ERROR_MESSAGE: usize = 2048;
+
 /// The gRPC status for an error: a coarse gRPC code, and the typed error in the details.
 pub fn to_status(e: &CoordError) -> Status {
     let code = e.code();
@@ -41,12 +44,14 @@ pub fn to_status(e: &CoordError) -> Status {
         c if c.is_retryable() => tonic::Code::Unavailable,
         _ => tonic::Code::Internal,
     };
+    // Bounded: the text travels twice in HTTP/2 headers (grpc-message and the details).
+    let message = walden_common::truncate_message(e.to_string(), MAX_ERROR_MESSAGE);
     let detail = pb::Error {
         code: code.as_u32(),
-        message: e.to_string(),
+        message: message.clone(),
         retryable: code.is_retryable(),
     };
-    Status::with_details(grpc, e.to_string(), detail.encode_to_vec().into())
+    Status::with_details(grpc, message, detail.encode_to_vec().into())
 }
 
 fn ddl(r: Result<DdlResult, CoordError>) -> Result<Response<DdlResponse>, Status> {

@@ -135,6 +135,15 @@ pub enum Health {
     Closed,
 }
 
+/// The `state` word of a pchannel's status.
+pub fn health_name(h: &Health) -> &'static str {
+    match h {
+        Health::Serving => "serving",
+        Health::Failed(_) => "failed",
+        Health::Closed => "closed",
+    }
+}
+
 /// One open pchannel.
 #[derive(Debug)]
 pub struct Channel {
@@ -843,6 +852,11 @@ impl Channel {
             recovery_ms: recovery.took.as_millis() as u64,
             replayed_messages: recovery.replayed,
             checkpoint_next_id: recovery.from.0,
+            state: health_name(&self.health.borrow()).to_owned(),
+            state_detail: match &*self.health.borrow() {
+                Health::Failed(why) => why.clone(),
+                _ => String::new(),
+            },
         }
     }
 }

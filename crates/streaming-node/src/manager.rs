@@ -113,6 +113,10 @@ impl WalManager {
         Ok(channel)
     }
 
+    pub fn config(&self) -> &NodeConfig {
+        &self.config
+    }
+
     /// The channel serving `pchannel`; `term` 0 accepts any term.
     pub fn get(&self, pchannel: &str, term: u64) -> Result<Arc<Channel>, NodeError> {
         let ch = self

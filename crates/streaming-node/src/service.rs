@@ -374,6 +374,7 @@ impl StreamingNode for NodeService {
             node_id: self.node_id.clone(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             pchannels: self.manager.channels().iter().map(|c| c.status()).collect(),
+            max_message_bytes: self.manager.config().max_message_bytes as u64,
         }))
     }
 }

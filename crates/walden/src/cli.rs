@@ -5,67 +5,222 @@ use std::{io::Write as _, time::Duration};
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use walden_client::{Client, ConsumerOptions, DeliverFrom, ProducerOptions};
-use walden_common::{MessageId, TimeTick};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use walden_client::{
+    AppendResult, Client, ClientError, ConsumerOptions, DeliverFrom, ProducerOptions,
+};
+use walden_common::{ErrorCode, HasErrorCode, MessageId, TimeTick};
 use walden_message::{ImmutableMessage, MessageType, MutableMessage, type_name};
 
 pub async fn connect(addr: &str) -> anyhow::Result<Client> {
     Ok(Client::connect(addr).await?)
 }
 
-/// One message per stdin line; prints each acknowledgement in the order sent.
+/// One message per stdin line. Every line gets exactly one output line, in input order: its
+/// acknowledgement, or why it was not written (with its line number). A refused line does not
+/// stop the lines after it, and the command fails at the end if any line was not written, so
+/// what the output shows as written is exactly what the WAL holds.
 pub async fn produce(
     addr: &str,
     pchannel: &str,
     vchannel: &str,
     message_type: MessageType,
-    options: ProducerOptions,
+    mut options: ProducerOptions,
     json_out: bool,
 ) -> anyhow::Result<()> {
     let client = connect(addr).await?;
+    // The node's own limit, so that a line it would refuse is refused here without being
+    // buffered whole or sent.
+    let status = client.status().await?;
+    // An unknown pchannel is refused at once, not after the producer's retries (a pchannel
+    // that is moving is still listed by its node).
+    if !status.pchannels.iter().any(|p| p.name == pchannel) {
+        return Err(CliError {
+            code: ErrorCode::ChannelNotFound,
+            message: format!(
+                "pchannel {} is not served by {addr}",
+                walden_common::quote_short(pchannel)
+            ),
+        }
+        .into());
+    }
+    let limit = status.max_message_bytes as usize;
+    if limit > 0 {
+        options.max_message_bytes = limit;
+    }
+    let limit = options.max_message_bytes;
     let in_flight = options.max_in_flight;
     let producer = client.producer(pchannel, options);
     // Results are awaited in send order by a printer task, so output follows input order.
-    let (tx, mut rx) = tokio::sync::mpsc::channel(in_flight.max(1));
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(u64, String, Outcome)>(in_flight.max(1));
     let vchannel_owned = vchannel.to_owned();
     let printer = tokio::spawn(async move {
         let mut out = tokio::io::stdout();
-        while let Some((line, fut)) = rx.recv().await {
-            let fut: std::pin::Pin<Box<dyn Future<Output = _> + Send>> = fut;
-            let r: walden_client::AppendResult = fut.await?;
-            let text = if json_out {
-                json!({
-                    "message_id": r.id.0,
-                    "time_tick": r.tick.0,
-                    "vchannel": vchannel_owned,
-                    "payload": line,
-                })
-                .to_string()
-            } else {
-                format!(
-                    "id={} tick={} vchannel={} {line}",
-                    r.id, r.tick, vchannel_owned
-                )
+        let mut err = tokio::io::stderr();
+        let (mut failed, mut first_failure) = (0u64, None);
+        while let Some((line_no, line, outcome)) = rx.recv().await {
+            let result = match outcome {
+                Outcome::Pending(fut) => fut.await,
+                Outcome::Refused(e) => Err(e),
             };
-            out.write_all(text.as_bytes()).await?;
-            out.write_all(b"\n").await?;
+            match result {
+                Ok(r) => {
+                    let text = if json_out {
+                        json!({
+                            "line": line_no,
+                            "message_id": r.id.0,
+                            "time_tick": r.tick.0,
+                            "vchannel": vchannel_owned,
+                            "payload": line,
+                        })
+                        .to_string()
+                    } else {
+                        format!(
+                            "id={} tick={} vchannel={} {line}",
+                            r.id, r.tick, vchannel_owned
+                        )
+                    };
+                    out.write_all(text.as_bytes()).await?;
+                    out.write_all(b"\n").await?;
+                }
+                Err(e) => {
+                    failed += 1;
+                    let code = e.code();
+                    let detail = format!("line {line_no}: not written: {e}");
+                    let detail = if detail.contains(&code.to_string()) {
+                        detail
+                    } else {
+                        format!("{detail} [{code}]")
+                    };
+                    if json_out {
+                        let doc = json!({
+                            "line": line_no,
+                            "error": {"code": code.as_u32(), "name": code.name(), "message": e.to_string()},
+                        });
+                        out.write_all(format!("{doc}\n").as_bytes()).await?;
+                    }
+                    err.write_all(format!("{detail}\n").as_bytes()).await?;
+                    first_failure.get_or_insert((detail, code));
+                }
+            }
         }
         out.flush().await?;
-        anyhow::Ok(())
+        anyhow::Ok((failed, first_failure))
     });
-    let mut lines = BufReader::new(tokio::io::stdin()).lines();
-    while let Some(line) = lines.next_line().await.context("reading stdin")? {
-        let msg = MutableMessage::new(message_type, vchannel, Bytes::from(line.clone()));
-        msg.validate_from_client().map_err(anyhow::Error::msg)?;
-        let fut = producer.send(msg).await?;
-        if tx.send((line, Box::pin(fut) as _)).await.is_err() {
+    let mut input = LineReader::new(tokio::io::stdin(), limit);
+    let mut line_no = 0u64;
+    let mut sent = 0u64;
+    while let Some(line) = input.next_line().await.context("reading stdin")? {
+        line_no += 1;
+        let (text, outcome) = match line {
+            Line::Text(text) => {
+                let msg = MutableMessage::new(message_type, vchannel, Bytes::from(text.clone()));
+                match producer.send(msg).await {
+                    Ok(fut) => (text, Outcome::Pending(Box::pin(fut))),
+                    Err(e) => (text, Outcome::Refused(e)),
+                }
+            }
+            Line::TooLong(size) => (
+                String::new(),
+                Outcome::Refused(ClientError::TooLarge { size, limit }),
+            ),
+            Line::NotUtf8 => (
+                String::new(),
+                Outcome::Refused(ClientError::InvalidArgument("the line is not UTF-8".into())),
+            ),
+        };
+        sent += 1;
+        if tx.send((line_no, text, outcome)).await.is_err() {
             break;
         }
     }
     drop(tx);
-    printer.await.context("printer task")??;
+    let (failed, first) = printer.await.context("printer task")??;
+    if let Some((detail, code)) = first {
+        return Err(CliError {
+            code,
+            message: format!("{failed} of {sent} lines were not written (first: {detail})"),
+        }
+        .into());
+    }
     Ok(())
+}
+
+/// A produced line's fate: waiting for its acknowledgement, or refused before sending.
+enum Outcome {
+    Pending(std::pin::Pin<Box<dyn Future<Output = Result<AppendResult, ClientError>> + Send>>),
+    Refused(ClientError),
+}
+
+/// A CLI failure with the stable code it is reported with.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct CliError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// One input line, or why it cannot be a message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Line {
+    Text(String),
+    /// Longer than the limit: the line is skipped, never held whole; its length is counted.
+    TooLong(usize),
+    NotUtf8,
+}
+
+/// Reads lines, holding at most `limit` bytes of one line in memory.
+pub struct LineReader<R> {
+    inner: tokio::io::BufReader<R>,
+    limit: usize,
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> LineReader<R> {
+    pub fn new(inner: R, limit: usize) -> Self {
+        Self {
+            inner: tokio::io::BufReader::new(inner),
+            limit,
+        }
+    }
+
+    pub async fn next_line(&mut self) -> std::io::Result<Option<Line>> {
+        let mut buf = Vec::new();
+        let mut len = 0usize;
+        let mut any = false;
+        loop {
+            let chunk = self.inner.fill_buf().await?;
+            if chunk.is_empty() {
+                break;
+            }
+            any = true;
+            let (take, done) = match chunk.iter().position(|b| *b == b'\n') {
+                Some(i) => (i, true),
+                None => (chunk.len(), false),
+            };
+            if len + take <= self.limit {
+                buf.extend_from_slice(&chunk[..take]);
+            }
+            len += take;
+            self.inner.consume(take + usize::from(done));
+            if done {
+                break;
+            }
+        }
+        if !any {
+            return Ok(None);
+        }
+        if buf.last() == Some(&b'\r') && len <= self.limit {
+            buf.pop();
+            len -= 1;
+        }
+        if len > self.limit {
+            return Ok(Some(Line::TooLong(len)));
+        }
+        Ok(Some(match String::from_utf8(buf) {
+            Ok(s) => Line::Text(s),
+            Err(_) => Line::NotUtf8,
+        }))
+    }
 }
 
 /// Parses `--from`: `all`, `latest`, `after:ID`, `from:ID`, `tick-gt:T`.
@@ -250,4 +405,30 @@ pub async fn status(addr: &str, json_out: bool) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::{Line, LineReader};
+
+    #[tokio::test]
+    async fn a_line_past_the_limit_is_skipped_whole_and_the_next_line_is_intact() {
+        let mut input = b"ok\r\n".to_vec();
+        input.extend(std::iter::repeat_n(b'x', 3 << 20));
+        input.extend_from_slice(b"\nafter\n\xff\nlast");
+        let mut r = LineReader::new(&input[..], 1 << 20);
+        assert_eq!(r.next_line().await.unwrap(), Some(Line::Text("ok".into())));
+        assert_eq!(r.next_line().await.unwrap(), Some(Line::TooLong(3 << 20)));
+        assert_eq!(
+            r.next_line().await.unwrap(),
+            Some(Line::Text("after".into()))
+        );
+        assert_eq!(r.next_line().await.unwrap(), Some(Line::NotUtf8));
+        assert_eq!(
+            r.next_line().await.unwrap(),
+            Some(Line::Text("last".into()))
+        );
+        assert_eq!(r.next_line().await.unwrap(), None);
+    }
 }

@@ -6,7 +6,8 @@ use anyhow::{Context, bail};
 use arrow_array::RecordBatch;
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
-use walden_client::Collections;
+use walden_client::{ClientError, Collections, WriteResult};
+use walden_common::HasErrorCode;
 use walden_proto::v1::{CollectionInfo, CollectionState};
 use walden_schema::Schema;
 
@@ -236,12 +237,13 @@ pub async fn write(args: WriteArgs, upsert: bool) -> anyhow::Result<()> {
     let batches = read_rows(&args.file, &schema)?;
     let r = if upsert {
         api.upsert(&args.collection, args.partition.as_deref(), &batches)
-            .await?
+            .await
     } else {
         api.insert(&args.collection, args.partition.as_deref(), &batches)
-            .await?
+            .await
     };
     let key = if upsert { "upserted" } else { "inserted" };
+    let r = report_partial(&args.common, key, r)?;
     print(
         &args.common,
         json!({ key: r.rows, "time_tick": r.time_tick }),
@@ -264,7 +266,11 @@ pub async fn delete(
     let api = api(&common.addr).await?;
     let (_, schema) = api.schema(collection).await?;
     let ids = schema.parse_ids(ids).context("--ids")?;
-    let r = api.delete(collection, partition, &ids).await?;
+    let r = report_partial(
+        common,
+        "deleted",
+        api.delete(collection, partition, &ids).await,
+    )?;
     print(
         common,
         json!({"deleted": r.rows, "time_tick": r.time_tick}),
@@ -286,6 +292,46 @@ pub async fn flush(collection: &str, common: &Common) -> anyhow::Result<()> {
         || format!("flushed {collection}"),
     );
     Ok(())
+}
+
+/// A write that was cut into several messages and written in part is printed like a whole one,
+/// with the keys that were not written, before the command fails: the output never hides rows
+/// that were written, nor claims rows that were not.
+fn report_partial(
+    common: &Common,
+    key: &str,
+    r: Result<WriteResult, ClientError>,
+) -> anyhow::Result<WriteResult> {
+    match r {
+        Err(ClientError::PartialWrite {
+            written,
+            not_written,
+            cause,
+        }) => {
+            let code = cause.code();
+            print(
+                common,
+                json!({
+                    key: written,
+                    "not_written": not_written,
+                    "error": {"code": code.as_u32(), "name": code.name(), "message": cause.to_string()},
+                }),
+                || {
+                    format!(
+                        "{key} {written} rows; not written: {}",
+                        not_written.join(",")
+                    )
+                },
+            );
+            Err(ClientError::PartialWrite {
+                written,
+                not_written,
+                cause,
+            }
+            .into())
+        }
+        other => Ok(other?),
+    }
 }
 
 /// Reads rows for `schema` from a JSON, Parquet or Arrow IPC file.

@@ -297,22 +297,37 @@ fn main() -> ExitCode {
     }
 }
 
-/// Prints the error on one line, with the stable code when the error carries one.
+/// Prints the error on one line, always with a stable code: the one a typed error anywhere in
+/// the chain carries, else INVALID_ARGUMENT (what is left untyped is the command's own input:
+/// flags, files, the config).
 fn failure(e: &anyhow::Error) -> ExitCode {
     let text = format!("{e:#}").replace('\n', " ");
-    let code = e
-        .downcast_ref::<walden_client::ClientError>()
-        .map(HasErrorCode::code)
-        .or_else(|| {
-            e.downcast_ref::<walden_schema::SchemaError>()
-                .map(HasErrorCode::code)
-        })
-        .map(|c| c.to_string())
-        .filter(|c| !text.contains(c.as_str()))
-        .map(|c| format!(" [{c}]"))
-        .unwrap_or_default();
-    eprintln!("error: {text}{code}");
+    let code = error_code(e);
+    let suffix = if text.contains(&code.to_string()) {
+        String::new()
+    } else {
+        format!(" [{code}]")
+    };
+    eprintln!("error: {text}{suffix}");
     ExitCode::FAILURE
+}
+
+fn error_code(e: &anyhow::Error) -> walden_common::ErrorCode {
+    e.chain()
+        .find_map(|c| {
+            c.downcast_ref::<walden_client::ClientError>()
+                .map(HasErrorCode::code)
+                .or_else(|| c.downcast_ref::<cli::CliError>().map(|e| e.code))
+                .or_else(|| {
+                    c.downcast_ref::<walden_schema::SchemaError>()
+                        .map(HasErrorCode::code)
+                })
+                .or_else(|| {
+                    c.downcast_ref::<walden_streaming_node::NodeError>()
+                        .map(HasErrorCode::code)
+                })
+        })
+        .unwrap_or(walden_common::ErrorCode::InvalidArgument)
 }
 
 #[cfg(test)]

@@ -139,6 +139,18 @@ fn server_code(e: &ClientError) -> (ErrorCode, bool) {
     }
 }
 
+/// The code of an error the client raised itself, before sending anything.
+fn client_code(e: &ClientError) -> ErrorCode {
+    assert!(
+        !matches!(
+            e,
+            ClientError::Server { .. } | ClientError::RetriesExhausted { .. }
+        ),
+        "expected the client to refuse it before sending, got {e:?}"
+    );
+    e.code()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_typed_errors_and_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -156,8 +168,16 @@ async fn bad_requests_get_typed_errors_and_change_nothing() {
     }
     let before = client_messages(&client).await;
 
-    // Oversized: refused, not retryable, stable code 5.
-    let err = good
+    // Oversized: refused, not retryable, stable code 5; by the node (a producer told no
+    // limit), and by a producer that knows the node's limit before anything is sent.
+    let unchecked = client.producer(
+        PCH,
+        ProducerOptions {
+            max_message_bytes: usize::MAX,
+            ..no_retry(0)
+        },
+    );
+    let err = unchecked
         .append(insert("v1", vec![7u8; 2000]))
         .await
         .unwrap_err();
@@ -167,13 +187,29 @@ async fn bad_requests_get_typed_errors_and_change_nothing() {
         "{err}"
     );
     assert_eq!(ErrorCode::MessageTooLarge.as_u32(), 5);
+    let limited = client.producer(
+        PCH,
+        ProducerOptions {
+            max_message_bytes: 1024,
+            ..no_retry(0)
+        },
+    );
+    let err = limited
+        .append(insert("v1", vec![7u8; 2000]))
+        .await
+        .unwrap_err();
+    assert_eq!(client_code(&err), ErrorCode::MessageTooLarge, "{err}");
 
-    // Invalid fields: a vchannel that is not a name, and a type clients may not write.
+    // Invalid fields: a vchannel that is not a name, and a type clients may not write; the
+    // client refuses them before sending (the node's own check is in raw_produce tests).
     let err = good.append(insert("a/b", b"x".to_vec())).await.unwrap_err();
-    assert_eq!(server_code(&err).0, ErrorCode::InvalidArgument, "{err}");
+    assert_eq!(client_code(&err), ErrorCode::InvalidArgument, "{err}");
+    let long = "v".repeat(100_000);
+    let err = good.append(insert(&long, b"x".to_vec())).await.unwrap_err();
+    assert_eq!(client_code(&err), ErrorCode::InvalidArgument, "{err}");
     let tick = MutableMessage::new(MessageType::TimeTick, "v1", Bytes::new());
     let err = good.append(tick).await.unwrap_err();
-    assert_eq!(server_code(&err).0, ErrorCode::InvalidArgument, "{err}");
+    assert_eq!(client_code(&err), ErrorCode::InvalidArgument, "{err}");
 
     // Unknown pchannel, for producers and consumers.
     let err = client
@@ -275,7 +311,23 @@ async fn a_refused_message_in_a_batch_leaves_the_others_appended_in_order() {
         },
         pb::ProduceRequest {
             request: Some(pb::produce_request::Request::Batch(pb::ProduceBatch {
-                messages: vec![msg(0, 10), msg(1, 5000), msg(2, 10)],
+                messages: vec![
+                    msg(0, 10),
+                    msg(1, 5000),
+                    msg(2, 10),
+                    // What the Rust client refuses itself: the node checks it too.
+                    pb::ProduceMessage {
+                        request_id: 3,
+                        message: Some(insert("a/b", b"x".to_vec()).into_proto()),
+                    },
+                    pb::ProduceMessage {
+                        request_id: 4,
+                        message: Some(
+                            MutableMessage::new(MessageType::TimeTick, "v", Bytes::new())
+                                .into_proto(),
+                        ),
+                    },
+                ],
             })),
         },
         pb::ProduceRequest {
@@ -301,13 +353,18 @@ async fn a_refused_message_in_a_batch_leaves_the_others_appended_in_order() {
         Some(pb::produce_result::Outcome::Error(e)) => Err(e.code),
         None => panic!("no outcome"),
     };
-    assert_eq!(results.len(), 3);
+    assert_eq!(results.len(), 5);
     let (a, b, c) = (
         outcome(&results[0]),
         outcome(&results[1]),
         outcome(&results[2]),
     );
     assert_eq!(b, Err(ErrorCode::MessageTooLarge.as_u32()));
+    let invalid = Err(ErrorCode::InvalidArgument.as_u32());
+    assert_eq!(
+        (outcome(&results[3]), outcome(&results[4])),
+        (invalid, invalid)
+    );
     assert!(a.unwrap() < c.unwrap(), "order within the batch is kept");
     let payloads: Vec<_> = all_messages(&server.client().await)
         .await

@@ -253,3 +253,83 @@ async fn the_readme_quick_start_blocks_run_as_written() {
         );
     }
 }
+
+/// A refused line in the middle of the input: every line the server acknowledged is printed in
+/// input order, the refused one is reported with its line number and code, nothing after it is
+/// hidden, and the exit code says that a line failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn produce_prints_every_acknowledged_line_and_names_the_refused_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), None).await;
+    let a = server.addr.as_str();
+    let mut input = String::from("line-1\nline-2\n");
+    input.push_str(&"x".repeat(9 << 20));
+    input.push('\n');
+    for i in 3..=50 {
+        input.push_str(&format!("line-{i}\n"));
+    }
+    let out = walden(
+        &[
+            "produce",
+            "--pchannel",
+            "walden-dml-1",
+            "--vchannel",
+            "v",
+            "--json",
+            "--addr",
+            a,
+        ],
+        &input,
+    );
+    assert!(
+        !out.status.success(),
+        "a refused line must fail the command"
+    );
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.contains("line 3") && stderr.contains("MESSAGE_TOO_LARGE(5)"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("1 of 51 lines were not written"),
+        "{stderr}"
+    );
+    let printed: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(printed.len(), 51, "one output line per input line");
+    let lines: Vec<u64> = printed
+        .iter()
+        .map(|v| v["line"].as_u64().unwrap())
+        .collect();
+    assert_eq!(lines, (1..=51).collect::<Vec<_>>(), "in input order");
+    assert_eq!(printed[2]["error"]["name"], "MESSAGE_TOO_LARGE");
+    let acked: Vec<&str> = printed
+        .iter()
+        .filter_map(|v| v["payload"].as_str())
+        .collect();
+    let expected: Vec<String> = (1..=50).map(|i| format!("line-{i}")).collect();
+    assert_eq!(acked, expected);
+
+    // What was printed as written is exactly what the WAL holds.
+    let consumed = json_lines(&walden(
+        &[
+            "consume",
+            "--pchannel",
+            "walden-dml-1",
+            "--json",
+            "--idle-exit",
+            "1",
+            "--addr",
+            a,
+        ],
+        "",
+    ));
+    let stored: Vec<&str> = consumed
+        .iter()
+        .map(|v| v["payload"].as_str().unwrap())
+        .collect();
+    assert_eq!(stored, expected);
+}

@@ -699,3 +699,77 @@ async fn after_kill_9_the_node_replays_only_what_followed_the_last_checkpoint() 
         .count();
     assert_eq!(data, 30_000);
 }
+
+/// An insert cut into several messages, one of which the node refuses: the output says how
+/// many rows were written and exactly which keys were not, and the log holds exactly the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_insert_written_in_part_names_the_keys_that_were_not_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        &dir.path().join("data"),
+        Some("[node]\npchannels = 2\nmax_message_bytes = 1048576\n"),
+    )
+    .await;
+    let a = server.addr.as_str();
+    let schema = dir.path().join("schema.json");
+    std::fs::write(&schema, SCHEMA).unwrap();
+    let s = schema.to_str().unwrap();
+    ok_json(&[
+        "collection",
+        "create",
+        "parts",
+        "--schema",
+        s,
+        "--shards",
+        "2",
+        "--json",
+        "--addr",
+        a,
+    ]);
+    // Row 21 alone is over the node's 1 MiB limit; the rest are small.
+    let rows: Vec<Value> = (1..=21)
+        .map(|i| {
+            let title = if i == 21 {
+                "t".repeat(2 << 20)
+            } else {
+                format!("t{i}")
+            };
+            serde_json::json!({"id": i, "emb": [0.0, 0.1, 0.2, 0.3], "title": title})
+        })
+        .collect();
+    let file = dir.path().join("rows.json");
+    std::fs::write(&file, serde_json::to_string(&rows).unwrap()).unwrap();
+    let out = walden(&[
+        "insert",
+        "--collection",
+        "parts",
+        "--file",
+        file.to_str().unwrap(),
+        "--json",
+        "--addr",
+        a,
+    ]);
+    assert!(
+        !out.status.success(),
+        "a write in part must fail the command"
+    );
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["inserted"], 20, "{doc}");
+    assert_eq!(doc["not_written"], serde_json::json!(["21"]), "{doc}");
+    assert_eq!(doc["error"]["name"], "MESSAGE_TOO_LARGE", "{doc}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("MESSAGE_TOO_LARGE"), "{err}");
+
+    let client = server.client().await;
+    let stored: u64 = logs(&client, 2)
+        .await
+        .values()
+        .flatten()
+        .filter(|m| m.message_type() == MessageType::Insert)
+        .map(|m| m.header.rows)
+        .sum();
+    assert_eq!(
+        stored, 20,
+        "the log holds exactly the rows reported written"
+    );
+}
