@@ -56,13 +56,19 @@ impl Collections {
         }
     }
 
-    /// Creates a collection with `shards` shards (0: one).
+    /// Creates a collection with `shards` shards (at least one).
     pub async fn create(
         &self,
         name: &str,
         schema: &Schema,
         shards: u32,
     ) -> Result<CollectionInfo, ClientError> {
+        check_name("collection", name)?;
+        if shards == 0 {
+            return Err(ClientError::InvalidArgument(
+                "a collection needs at least one shard".into(),
+            ));
+        }
         let req = CreateCollectionRequest {
             name: name.into(),
             schema: Some(schema.proto().clone()),
@@ -72,6 +78,7 @@ impl Collections {
     }
 
     pub async fn describe(&self, name: &str) -> Result<CollectionInfo, ClientError> {
+        check_name("collection", name)?;
         let req = CollectionName { name: name.into() };
         Ok(self
             .grpc
@@ -93,6 +100,7 @@ impl Collections {
     }
 
     pub async fn drop_collection(&self, name: &str) -> Result<DdlResponse, ClientError> {
+        check_name("collection", name)?;
         self.cache().remove(name);
         let req = CollectionName { name: name.into() };
         Ok(self.grpc.clone().drop_collection(req).await?.into_inner())
@@ -103,6 +111,8 @@ impl Collections {
         collection: &str,
         partition: &str,
     ) -> Result<DdlResponse, ClientError> {
+        check_name("collection", collection)?;
+        check_name("partition", partition)?;
         let req = PartitionRequest {
             collection: collection.into(),
             partition: partition.into(),
@@ -115,6 +125,8 @@ impl Collections {
         collection: &str,
         partition: &str,
     ) -> Result<DdlResponse, ClientError> {
+        check_name("collection", collection)?;
+        check_name("partition", partition)?;
         let req = PartitionRequest {
             collection: collection.into(),
             partition: partition.into(),
@@ -320,6 +332,12 @@ impl Collections {
             .or_insert_with(|| self.client.producer(pchannel, ProducerOptions::default()))
             .clone()
     }
+}
+
+/// Names are checked before sending: the node refuses the same, and a huge one would only
+/// travel to be refused.
+fn check_name(what: &str, name: &str) -> Result<(), ClientError> {
+    walden_common::validate_object_name(what, name).map_err(ClientError::InvalidArgument)
 }
 
 /// One message of a write: its shard, payload, and the primary keys it carries.

@@ -234,10 +234,9 @@ impl Coordinator {
     ) -> Result<CollectionInfo, CoordError> {
         validate_name("collection", name)?;
         Schema::new(schema.clone())?;
-        let shards = if shards == 0 { 1 } else { shards };
-        if shards > MAX_SHARDS {
+        if shards == 0 || shards > MAX_SHARDS {
             return Err(CoordError::InvalidArgument(format!(
-                "a collection has at most {MAX_SHARDS} shards, not {shards}"
+                "a collection has 1 to {MAX_SHARDS} shards, not {shards}"
             )));
         }
         let guard = self.lock(name).await;

@@ -32,7 +32,7 @@ pub enum CollectionCmd {
         #[arg(long)]
         schema: std::path::PathBuf,
         /// Shards (vchannels), placed on the least loaded pchannels.
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
         shards: u32,
         #[command(flatten)]
         common: Common,

@@ -29,6 +29,16 @@ pub struct ServerConfig {
     /// Tokio worker threads. Default 0: one fewer than the cores, at least one (the WAL writer
     /// is a thread of its own and needs a core).
     pub worker_threads: usize,
+    /// Most gRPC connections at once; more are closed as they arrive (and logged, at most
+    /// every 10 s). Lowered at start to what the open-file limit leaves. Default 10 000.
+    pub max_connections: usize,
+    /// A connection that has not sent the HTTP/2 preface by then is closed. Default 10 000.
+    pub handshake_timeout_ms: u64,
+    /// HTTP/2 keepalive: a connection is pinged after this long without frames... Default
+    /// 20 000.
+    pub keepalive_interval_ms: u64,
+    /// ...and closed when the ping is not answered within this. Default 20 000.
+    pub keepalive_timeout_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -38,6 +48,10 @@ impl Default for ServerConfig {
             metrics_listen: "127.0.0.1:19541".into(),
             data_dir: PathBuf::from("./walden-data"),
             worker_threads: 0,
+            max_connections: 10_000,
+            handshake_timeout_ms: 10_000,
+            keepalive_interval_ms: 20_000,
+            keepalive_timeout_ms: 20_000,
         }
     }
 }
@@ -49,9 +63,29 @@ pub struct WalLocalConfig {
     pub segment_bytes: u64,
     /// Most bytes one group commit writes. Default 4 MiB.
     pub max_batch_bytes: usize,
-    /// `shared`: every pchannel in one log, one group commit (and one fdatasync) for all of
-    /// them; `per_pchannel`: one log and one writer per pchannel. Default `shared`.
-    pub layout: String,
+    /// Default `shared`.
+    pub layout: WalLayout,
+}
+
+/// How the local WAL lays out its pchannels.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum WalLayout {
+    /// Every pchannel in one log, one group commit (and one fdatasync) for all of them.
+    #[default]
+    Shared,
+    /// One log and one writer per pchannel.
+    PerPchannel,
+}
+
+/// How log lines are written to stderr.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 impl Default for WalLocalConfig {
@@ -60,7 +94,7 @@ impl Default for WalLocalConfig {
         Self {
             segment_bytes: d.segment_bytes,
             max_batch_bytes: d.max_batch_bytes,
-            layout: "shared".into(),
+            layout: WalLayout::Shared,
         }
     }
 }
@@ -79,15 +113,15 @@ impl From<&WalLocalConfig> for LocalWalConfig {
 pub struct LogConfig {
     /// A tracing filter (`info`, `walden=debug,info`, ...); `RUST_LOG` overrides it. Default `info`.
     pub level: String,
-    /// `text` or `json`. Default `text`.
-    pub format: String,
+    /// Default `text`.
+    pub format: LogFormat,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
         Self {
             level: "info".into(),
-            format: "text".into(),
+            format: LogFormat::Text,
         }
     }
 }
@@ -115,16 +149,44 @@ impl Config {
             self.wal_local.segment_bytes >= 4096,
             "wal_local.segment_bytes must be at least 4096"
         );
+        check_log_level(&self.log.level)?;
+        let s = &self.server;
         anyhow::ensure!(
-            matches!(self.wal_local.layout.as_str(), "shared" | "per_pchannel"),
-            "wal_local.layout must be `shared` or `per_pchannel`"
+            s.max_connections > 0,
+            "server.max_connections must be at least 1"
         );
-        anyhow::ensure!(
-            matches!(self.log.format.as_str(), "text" | "json"),
-            "log.format must be `text` or `json`"
-        );
+        for (key, ms) in [
+            ("handshake_timeout_ms", s.handshake_timeout_ms),
+            ("keepalive_interval_ms", s.keepalive_interval_ms),
+            ("keepalive_timeout_ms", s.keepalive_timeout_ms),
+        ] {
+            anyhow::ensure!(ms > 0, "server.{key} must be at least 1");
+        }
         Ok(())
     }
+}
+
+/// Levels a log directive may name.
+const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// Refuses a `log.level` that tracing would take as something else: a bare word that is not a
+/// level (`infoo`) reads as a target name, which turned every other log line off without a
+/// word. Accepted: comma-separated `LEVEL`, `TARGET=LEVEL` or `TARGET` (a target at every
+/// level) where TARGET contains `::` or names a Walden crate.
+fn check_log_level(filter: &str) -> anyhow::Result<()> {
+    for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let level = match directive.split_once('=') {
+            Some((_, level)) => level,
+            None if directive.contains("::") || directive.starts_with("walden") => continue,
+            None => directive,
+        };
+        anyhow::ensure!(
+            LEVELS.contains(&level.to_ascii_lowercase().as_str()),
+            "log.level {filter:?}: {level:?} is not a level (one of {})",
+            LEVELS.join(", ")
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -147,6 +209,10 @@ mod tests {
         assert!(Config::parse("[server]\nlisten_typo = \"x\"").is_err());
         assert!(Config::parse("[node]\npchannels = 0").is_err());
         assert!(Config::parse("[log]\nformat = \"xml\"").is_err());
+        assert!(Config::parse("[wal_local]\nlayout = \"sharded\"").is_err());
+        let e = Config::parse("[log]\nlevel = \"infoo\"").unwrap_err();
+        assert!(format!("{e:#}").contains("not a level"), "{e:#}");
+        assert!(Config::parse("[log]\nlevel = \"walden=debug,tower=warn,INFO\"").is_ok());
         let c = Config::parse("[node]\npchannels = 2").unwrap();
         assert_eq!(c.node.pchannel_names(), ["walden-dml-0", "walden-dml-1"]);
     }

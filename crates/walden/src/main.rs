@@ -4,6 +4,7 @@ mod bench;
 mod cli;
 mod collections_cli;
 mod config;
+mod listener;
 mod standalone;
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
@@ -137,8 +138,11 @@ fn seconds(flag: &str, s: f64) -> anyhow::Result<Duration> {
 fn init_logging(level: &str, json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    use std::io::IsTerminal as _;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        // Colour codes only for a terminal: a log file or collector gets plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     if json {
         builder.json().init();
@@ -201,7 +205,7 @@ async fn run(cli: Cli, standalone: Option<config::Config>) -> anyhow::Result<()>
                 Some(c) => c,
                 None => standalone_config(&command)?.unwrap_or_default(),
             };
-            init_logging(&cfg.log.level, cfg.log.format == "json");
+            init_logging(&cfg.log.level, cfg.log.format == config::LogFormat::Json);
             standalone::run(cfg).await
         }
         Command::Produce {

@@ -17,7 +17,7 @@ use walden_streaming_node::{
 use walden_wal_api::WalStorage;
 use walden_wal_local::{LocalWalStorage, SharedLogStorage};
 
-use crate::config::Config;
+use crate::{config::Config, listener};
 
 /// The coordinator's view of the node in the same process.
 #[derive(Debug)]
@@ -60,6 +60,44 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
              `madvise` or `never` in {THP_ENABLED} avoids them"
         );
     }
+    // Bound first: a bad or busy address is refused at once, before recovery runs and terms
+    // are raised.
+    let listener = TcpListener::bind(&config.server.listen)
+        .await
+        .with_context(|| format!("binding server.listen {}", config.server.listen))?;
+    let addr = listener.local_addr()?;
+    let http = if config.server.metrics_listen.is_empty() {
+        None
+    } else {
+        Some(
+            TcpListener::bind(&config.server.metrics_listen)
+                .await
+                .with_context(|| {
+                    format!(
+                        "binding server.metrics_listen {}",
+                        config.server.metrics_listen
+                    )
+                })?,
+        )
+    };
+    let max_connections = match listener::raise_fd_limit() {
+        Ok((before, now)) => {
+            info!(soft_before = before, soft_now = now, "open-file limit");
+            listener::effective_max_connections(config.server.max_connections, now)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not raise the open-file limit");
+            config.server.max_connections
+        }
+    };
+    if max_connections < config.server.max_connections {
+        tracing::warn!(
+            configured = config.server.max_connections,
+            max_connections,
+            "server.max_connections lowered to what the open-file limit leaves"
+        );
+    }
+
     let data_dir = &config.server.data_dir;
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating data dir {}", data_dir.display()))?;
@@ -82,14 +120,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     .await
     .context("starting the coordinator")?;
 
-    let listener = TcpListener::bind(&config.server.listen)
-        .await
-        .with_context(|| format!("binding {}", config.server.listen))?;
-    let addr = listener.local_addr()?;
-    if !config.server.metrics_listen.is_empty() {
-        let http = TcpListener::bind(&config.server.metrics_listen)
-            .await
-            .with_context(|| format!("binding {}", config.server.metrics_listen))?;
+    if let Some(http) = http {
         let http_addr = http.local_addr()?;
         tokio::spawn(serve_http(http, manager.clone(), metrics.clone()));
         info!(addr = %http_addr, "metrics and health on http://{http_addr}/metrics, /healthz");
@@ -102,12 +133,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let node_id = format!("standalone@{addr}");
     info!(%addr, data_dir = %data_dir.display(), "walden standalone ready");
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+    let ms = std::time::Duration::from_millis;
+    let admission = listener::Admission {
+        max_connections,
+        handshake_timeout: ms(config.server.handshake_timeout_ms),
+    };
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(ms(config.server.keepalive_interval_ms)))
+        .http2_keepalive_timeout(Some(ms(config.server.keepalive_timeout_ms)))
         .add_service(NodeService::new(manager.clone(), node_id).into_server())
         .add_service(CollectionService::new(coordinator).into_server())
         .add_service(reflection)
-        .serve_with_incoming_shutdown(tokio_stream_listener(listener), async {
+        .serve_with_incoming_shutdown(listener::incoming(listener, admission), async {
             let _ = drain_rx.await;
         });
     tokio::pin!(server);
@@ -149,7 +187,7 @@ fn wal_storage(
             })
     };
     let ext = |e: &'static str| move |p: &std::path::Path| p.extension().is_some_and(|x| x == e);
-    if c.layout == "shared" {
+    if c.layout == crate::config::WalLayout::Shared {
         anyhow::ensure!(
             !has(&ext("seg")),
             "{} holds a per-pchannel WAL; set wal_local.layout = \"per_pchannel\"",
@@ -168,18 +206,6 @@ fn wal_storage(
 
 /// How long open streams may take to finish after SIGTERM or Ctrl-C.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
-
-fn tokio_stream_listener(
-    l: TcpListener,
-) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    futures::stream::unfold(l, |l| async move {
-        let r = l.accept().await.map(|(s, _)| {
-            let _ = s.set_nodelay(true);
-            s
-        });
-        Some((r, l))
-    })
-}
 
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();

@@ -400,3 +400,77 @@ async fn a_frame_larger_than_the_node_reads_is_refused_and_writes_nothing() {
         "nothing written"
     );
 }
+
+/// A listen address that is taken or malformed, a log level that is not one, and a collection
+/// of zero shards: each refused at once with one line naming what to fix, before anything is
+/// recovered or written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_startup_settings_are_refused_at_once_before_recovery() {
+    use std::process::Command;
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_addr = taken.local_addr().unwrap().to_string();
+    let level = dir.path().join("level.toml");
+    std::fs::write(&level, "[log]\nlevel = \"infoo\"\n").unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec!["--listen".into(), taken_addr], "server.listen"),
+        (
+            vec!["--listen".into(), "not-an-address".into()],
+            "server.listen",
+        ),
+        (
+            vec!["--metrics-listen".into(), "256.0.0.1:1".into()],
+            "server.metrics_listen",
+        ),
+        (
+            vec!["--config".into(), level.to_str().unwrap().into()],
+            "not a level",
+        ),
+    ];
+    for (args, expected) in cases {
+        let data = dir.path().join("data");
+        let out = Command::new(common::WALDEN)
+            .arg("standalone")
+            .args(&args)
+            .arg("--data-dir")
+            .arg(&data)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} started");
+        assert!(err.contains(expected), "{args:?}: {err}");
+        assert!(err.contains("INVALID_ARGUMENT"), "{args:?}: {err}");
+        assert!(
+            !data.join("meta.redb").exists(),
+            "{args:?}: recovery ran before the settings were checked"
+        );
+    }
+
+    let server = Server::start(&dir.path().join("served"), Some("[node]\npchannels = 1\n")).await;
+    let schema = dir.path().join("schema.json");
+    let schema_json = r#"{"fields":[{"name":"id","type":"int64","primary_key":true},{"name":"v","type":"float_vector","dim":2}]}"#;
+    std::fs::write(&schema, schema_json).unwrap();
+    let out = Command::new(common::WALDEN)
+        .args(["collection", "create", "c", "--shards", "0", "--schema"])
+        .arg(&schema)
+        .args(["--addr", &server.addr])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "--shards 0 was accepted");
+    // And past the client: the node refuses it too (it used to make one shard).
+    let schema = walden_schema::Schema::from_json(schema_json).unwrap();
+    let mut raw =
+        pb::collections_client::CollectionsClient::connect(format!("http://{}", server.addr))
+            .await
+            .unwrap();
+    let status = raw
+        .create_collection(pb::CreateCollectionRequest {
+            name: "c".into(),
+            schema: Some(schema.proto().clone()),
+            shards: 0,
+        })
+        .await
+        .unwrap_err();
+    let err = ClientError::from(status);
+    assert_eq!(err.code(), ErrorCode::InvalidArgument, "{err}");
+}

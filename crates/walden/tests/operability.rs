@@ -100,3 +100,96 @@ async fn metrics_health_and_reflection_describe_a_serving_node() {
         "fence + 10 inserts survived: {p1:?}"
     );
 }
+
+/// ~600 idle connections against a server whose open-file limit is 400: the server raises its
+/// soft limit to the hard one, caps connections below it (refusing the rest at once, logged),
+/// closes connections that never send the HTTP/2 preface, and `status` and `/healthz` answer
+/// all along or right after. Before: the flood took every descriptor, the accept loop span,
+/// and every call timed out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_flood_past_the_open_file_limit_leaves_status_and_health_answering() {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = dir.path().join("walden.toml");
+    std::fs::write(
+        &config,
+        "[server]\nhandshake_timeout_ms = 1500\n[node]\npchannels = 2\n",
+    )
+    .unwrap();
+    let (addr, http) = (common::free_addr(), common::free_addr());
+    let log = dir.path().join("server.log");
+    let mut child = Command::new("bash")
+        .args([
+            "-c",
+            r#"ulimit -S -n 300 && ulimit -H -n 400 && exec "$0" "$@""#,
+            common::WALDEN,
+            "standalone",
+            "--listen",
+            &addr,
+            "--metrics-listen",
+            &http,
+            "--config",
+        ])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(&data)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let ready = Instant::now();
+    while walden_client::Client::connect(&addr).await.is_err() {
+        assert!(ready.elapsed() < Duration::from_secs(30), "never ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let mut flood = Vec::new();
+    for _ in 0..600 {
+        if let Ok(s) = tokio::net::TcpStream::connect(&addr).await {
+            flood.push(s);
+        }
+    }
+    // Health is on its own listener and descriptors are kept back for it.
+    let (code, body) =
+        tokio::time::timeout(Duration::from_secs(5), common::http_get(&http, "/healthz"))
+            .await
+            .expect("/healthz answers under the flood");
+    assert_eq!(code, 200, "{body}");
+    // The flood's connections are closed by the handshake deadline; status answers then.
+    let started = Instant::now();
+    let status = loop {
+        let out = Command::new(common::WALDEN)
+            .args(["status", "--json", "--addr", &addr])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            break out;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "status never answered: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(String::from_utf8_lossy(&status.stdout).contains("walden-dml-1"));
+    // Every flood connection was closed by the server: refused at once or timed out.
+    for mut s in flood {
+        use tokio::io::AsyncReadExt;
+        // The server's own SETTINGS may come first; then the end.
+        let mut rest = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+        assert!(r.is_ok(), "an idle connection was left open");
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("soft_before=300") && text.contains("soft_now=400"),
+        "{text}"
+    );
+    assert!(text.contains("max_connections reached"), "{text}");
+}
