@@ -10,6 +10,7 @@ need=()
 # Debian packages: command -> package.
 declare -A packages=(
   [redis-server]=redis-server   # the peer of `walden bench --peer redis` (tests/bench.rs)
+  [openssl]=openssl             # makes the certificates of tests/security.rs
 )
 for cmd in "${!packages[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || need+=("${packages[$cmd]}")

@@ -35,7 +35,7 @@ pub struct WriteResult {
 /// first use and reused.
 #[derive(Debug)]
 pub struct Collections {
-    grpc: CollectionsClient<Channel>,
+    grpc: CollectionsClient<tonic::service::interceptor::InterceptedService<Channel, crate::Auth>>,
     client: Client,
     producers: Mutex<HashMap<String, Producer>>,
     /// Collections described so far, by name: writes route by them without a describe call
@@ -45,9 +45,9 @@ pub struct Collections {
 }
 
 impl Collections {
-    pub(crate) fn new(client: Client, channel: Channel) -> Self {
+    pub(crate) fn new(client: Client, channel: Channel, auth: crate::Auth) -> Self {
         Self {
-            grpc: CollectionsClient::new(channel)
+            grpc: CollectionsClient::with_interceptor(channel, auth)
                 .max_decoding_message_size(64 << 20)
                 .max_encoding_message_size(64 << 20),
             client,

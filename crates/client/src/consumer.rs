@@ -3,14 +3,10 @@
 use std::time::{Duration, Instant};
 
 use tokio::{sync::mpsc, task::JoinHandle};
-use tonic::transport::Channel;
 use tracing::debug;
 use walden_common::{HasErrorCode, MessageId, TimeTick};
 use walden_message::{ImmutableMessage, MessageType};
-use walden_proto::v1::{
-    self as pb, consume_response, deliver_filter, deliver_policy,
-    streaming_node_client::StreamingNodeClient,
-};
+use walden_proto::v1::{self as pb, consume_response, deliver_filter, deliver_policy};
 
 use crate::ClientError;
 
@@ -76,11 +72,7 @@ impl Drop for Consumer {
 }
 
 impl Consumer {
-    pub(crate) fn start(
-        grpc: StreamingNodeClient<Channel>,
-        pchannel: String,
-        options: ConsumerOptions,
-    ) -> Self {
+    pub(crate) fn start(grpc: crate::Grpc, pchannel: String, options: ConsumerOptions) -> Self {
         let (tx, rx) = mpsc::channel(options.buffer.div_ceil(FRAME_MESSAGES).max(2));
         let task = tokio::spawn(run(grpc, pchannel, options, tx));
         Self {
@@ -153,7 +145,7 @@ fn request(
 }
 
 async fn run(
-    grpc: StreamingNodeClient<Channel>,
+    grpc: crate::Grpc,
     pchannel: String,
     options: ConsumerOptions,
     tx: mpsc::Sender<Result<Vec<ImmutableMessage>, ClientError>>,
@@ -196,7 +188,7 @@ async fn run(
 
 /// One stream; `Ok` when the application went away.
 async fn stream(
-    grpc: &StreamingNodeClient<Channel>,
+    grpc: &crate::Grpc,
     pchannel: &str,
     options: &ConsumerOptions,
     resume: &mut Option<(MessageId, TimeTick)>,

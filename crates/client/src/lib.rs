@@ -35,45 +35,119 @@ mod txn;
 
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::{
+    metadata::{Ascii, MetadataValue},
+    service::interceptor::InterceptedService,
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint},
+};
 use walden_proto::v1::{StatusRequest, StatusResponse, streaming_node_client::StreamingNodeClient};
 
 pub use collections::{Collections, WriteResult};
 pub use consumer::{Consumer, ConsumerOptions, DeliverFrom};
 pub use error::ClientError;
+
 pub use producer::{AppendResult, DEFAULT_MAX_MESSAGE_BYTES, Producer, ProducerOptions};
 pub use txn::Txn;
+
+/// Adds the bearer token, when there is one, to every call.
+#[derive(Clone, Default)]
+pub struct Auth(Option<MetadataValue<Ascii>>);
+
+impl std::fmt::Debug for Auth {
+    /// Never the token itself.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Auth(token)"
+        } else {
+            "Auth(none)"
+        })
+    }
+}
+
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// The node's gRPC client as every part of this crate uses it.
+pub(crate) type Grpc = StreamingNodeClient<InterceptedService<Channel, Auth>>;
+
+/// How to reach a node beyond its address.
+#[derive(Clone, Default)]
+pub struct ConnectOptions {
+    /// A bearer token sent with every call (`[server] auth_token_file` on the node).
+    pub token: Option<String>,
+    /// PEM certificate(s) of the authority that signed the node's certificate: turns TLS on
+    /// (an address without a scheme then means `https://`).
+    pub tls_ca_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for ConnectOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectOptions")
+            .field("token", &self.token.as_ref().map(|_| "<set>"))
+            .field("tls", &self.tls_ca_pem.is_some())
+            .finish()
+    }
+}
 
 /// A connection to a Walden node. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Client {
-    grpc: StreamingNodeClient<Channel>,
+    grpc: Grpc,
     channel: Channel,
+    auth: Auth,
     addr: String,
 }
 
 impl Client {
-    /// Connects to `addr` (`http://host:port`, or `host:port`).
+    /// Connects to `addr` (`http://host:port`, or `host:port`) without TLS or a token.
     pub async fn connect(addr: &str) -> Result<Self, ClientError> {
+        Self::connect_with(addr, &ConnectOptions::default()).await
+    }
+
+    /// Connects to `addr` with a token and/or TLS.
+    pub async fn connect_with(addr: &str, options: &ConnectOptions) -> Result<Self, ClientError> {
+        let tls = options.tls_ca_pem.is_some();
         let url = if addr.contains("://") {
             addr.to_owned()
+        } else if tls {
+            format!("https://{addr}")
         } else {
             format!("http://{addr}")
         };
-        let endpoint = Endpoint::from_shared(url.clone())
+        let mut endpoint = Endpoint::from_shared(url.clone())
             .map_err(|e| ClientError::InvalidArgument(format!("address {addr:?}: {e}")))?
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10));
+        if let Some(ca) = &options.tls_ca_pem {
+            endpoint = endpoint
+                .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)))
+                .map_err(|e| ClientError::InvalidArgument(format!("TLS: {}", error::chain(&e))))?;
+        }
+        let auth = match &options.token {
+            None => Auth(None),
+            Some(t) => Auth(Some(format!("Bearer {t}").parse().map_err(|_| {
+                ClientError::InvalidArgument(
+                    "the token has characters a header cannot carry".into(),
+                )
+            })?)),
+        };
         let channel = endpoint.connect().await.map_err(|e| ClientError::Connect {
             addr: url.clone(),
             detail: error::chain(&e),
         })?;
         Ok(Self {
             channel: channel.clone(),
-            grpc: StreamingNodeClient::new(channel)
+            grpc: StreamingNodeClient::with_interceptor(channel, auth.clone())
                 .max_decoding_message_size(256 << 20)
                 .max_encoding_message_size(256 << 20),
+            auth,
             addr: url,
         })
     }
@@ -99,7 +173,7 @@ impl Client {
 
     /// The collections API (create, describe, insert, delete, flush, ...).
     pub fn collections(&self) -> Collections {
-        Collections::new(self.clone(), self.channel.clone())
+        Collections::new(self.clone(), self.channel.clone(), self.auth.clone())
     }
 
     /// A consumer of `pchannel`. It connects lazily, on the first `next`.

@@ -8,13 +8,11 @@ use std::{
 };
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
-use tonic::transport::Channel;
 use tracing::debug;
 use walden_common::{HasErrorCode, MessageId, TimeTick};
 use walden_message::MutableMessage;
 use walden_proto::v1::{
     self as pb, ProduceRequest, produce_request, produce_response, produce_result,
-    streaming_node_client::StreamingNodeClient,
 };
 
 use crate::ClientError;
@@ -87,11 +85,7 @@ fn random_producer_id() -> u64 {
 }
 
 impl Producer {
-    pub(crate) fn start(
-        grpc: StreamingNodeClient<Channel>,
-        pchannel: String,
-        options: ProducerOptions,
-    ) -> Self {
+    pub(crate) fn start(grpc: crate::Grpc, pchannel: String, options: ProducerOptions) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let window = Arc::new(Semaphore::new(options.max_in_flight.max(1)));
         let ident = options
@@ -222,7 +216,7 @@ fn settle(
 /// Runs one producer: keeps a stream open, sends queued messages, matches results by request
 /// id, and on a break resends every unacknowledged message in order on a new stream.
 async fn run(
-    grpc: StreamingNodeClient<Channel>,
+    grpc: crate::Grpc,
     pchannel: String,
     options: ProducerOptions,
     mut rx: mpsc::UnboundedReceiver<Queued>,
@@ -289,7 +283,7 @@ async fn run(
 /// One stream's life; returns `Ok` when the application closed and everything was answered.
 #[allow(clippy::too_many_arguments)]
 async fn session(
-    grpc: &StreamingNodeClient<Channel>,
+    grpc: &crate::Grpc,
     pchannel: &str,
     options: &ProducerOptions,
     rx: &mut mpsc::UnboundedReceiver<Queued>,

@@ -12,8 +12,29 @@ use walden_client::{
 use walden_common::{ErrorCode, HasErrorCode, MessageId, TimeTick};
 use walden_message::{ImmutableMessage, MessageType, MutableMessage, type_name};
 
-pub async fn connect(addr: &str) -> anyhow::Result<Client> {
-    Ok(Client::connect(addr).await?)
+/// Where and how every client command connects.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ConnArgs {
+    #[arg(long, env = "WALDEN_ADDR", default_value = crate::DEFAULT_ADDR)]
+    pub addr: String,
+    /// Bearer token, for a node with `server.auth_token_file`.
+    #[arg(long, env = "WALDEN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// PEM file of the authority that signed the node's certificate; turns TLS on.
+    #[arg(long, env = "WALDEN_TLS_CA")]
+    pub tls_ca: Option<std::path::PathBuf>,
+}
+
+pub async fn connect(conn: &ConnArgs) -> anyhow::Result<Client> {
+    let tls_ca_pem = match &conn.tls_ca {
+        Some(p) => Some(std::fs::read(p).with_context(|| format!("--tls-ca {}", p.display()))?),
+        None => None,
+    };
+    let options = walden_client::ConnectOptions {
+        token: conn.token.clone(),
+        tls_ca_pem,
+    };
+    Ok(Client::connect_with(&conn.addr, &options).await?)
 }
 
 /// One message per stdin line. Every line gets exactly one output line, in input order: its
@@ -21,14 +42,15 @@ pub async fn connect(addr: &str) -> anyhow::Result<Client> {
 /// stop the lines after it, and the command fails at the end if any line was not written, so
 /// what the output shows as written is exactly what the WAL holds.
 pub async fn produce(
-    addr: &str,
+    conn: &ConnArgs,
     pchannel: &str,
     vchannel: &str,
     message_type: MessageType,
     mut options: ProducerOptions,
     json_out: bool,
 ) -> anyhow::Result<()> {
-    let client = connect(addr).await?;
+    let client = connect(conn).await?;
+    let addr = &conn.addr;
     // The node's own limit, so that a line it would refuse is refused here without being
     // buffered whole or sent.
     let status = client.status().await?;
@@ -295,7 +317,7 @@ pub fn message_json(m: &ImmutableMessage) -> serde_json::Value {
 }
 
 pub struct ConsumeArgs<'a> {
-    pub addr: &'a str,
+    pub conn: &'a ConnArgs,
     pub pchannel: &'a str,
     pub vchannel: Option<String>,
     pub from: DeliverFrom,
@@ -306,7 +328,7 @@ pub struct ConsumeArgs<'a> {
 }
 
 pub async fn consume(a: ConsumeArgs<'_>) -> anyhow::Result<()> {
-    let client = connect(a.addr).await?;
+    let client = connect(a.conn).await?;
     let mut consumer = client.consumer(
         a.pchannel,
         ConsumerOptions {
@@ -358,8 +380,8 @@ pub async fn consume(a: ConsumeArgs<'_>) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn status(addr: &str, json_out: bool) -> anyhow::Result<()> {
-    let client = connect(addr).await?;
+pub async fn status(conn: &ConnArgs, json_out: bool) -> anyhow::Result<()> {
+    let client = connect(conn).await?;
     let s = client.status().await?;
     let mut out = std::io::stdout().lock();
     if json_out {

@@ -11,13 +11,13 @@ use walden_common::HasErrorCode;
 use walden_proto::v1::{CollectionInfo, CollectionState};
 use walden_schema::Schema;
 
-use crate::{DEFAULT_ADDR, cli::connect};
+use crate::cli::connect;
 
 /// Where to connect and how to print, for every collection command.
 #[derive(Args, Debug, Clone)]
 pub struct Common {
-    #[arg(long, env = "WALDEN_ADDR", default_value = DEFAULT_ADDR)]
-    pub addr: String,
+    #[command(flatten)]
+    pub conn: crate::cli::ConnArgs,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
@@ -119,8 +119,8 @@ pub fn collection_json(info: &CollectionInfo) -> Value {
     })
 }
 
-async fn api(addr: &str) -> anyhow::Result<Collections> {
-    Ok(connect(addr).await?.collections())
+async fn api(conn: &crate::cli::ConnArgs) -> anyhow::Result<Collections> {
+    Ok(connect(conn).await?.collections())
 }
 
 fn print(common: &Common, doc: Value, text: impl FnOnce() -> String) {
@@ -142,7 +142,7 @@ pub async fn collection(cmd: CollectionCmd) -> anyhow::Result<()> {
             let text = std::fs::read_to_string(&schema)
                 .with_context(|| format!("reading {}", schema.display()))?;
             let schema = Schema::from_json(&text).context("--schema")?;
-            let info = api(&common.addr)
+            let info = api(&common.conn)
                 .await?
                 .create(&name, &schema, shards)
                 .await?;
@@ -156,7 +156,7 @@ pub async fn collection(cmd: CollectionCmd) -> anyhow::Result<()> {
             });
         }
         CollectionCmd::Describe { name, common } => {
-            let info = api(&common.addr).await?.describe(&name).await?;
+            let info = api(&common.conn).await?.describe(&name).await?;
             let doc = collection_json(&info);
             print(&common, doc.clone(), || {
                 let mut s = format!(
@@ -174,7 +174,7 @@ pub async fn collection(cmd: CollectionCmd) -> anyhow::Result<()> {
             });
         }
         CollectionCmd::List { common } => {
-            let all = api(&common.addr).await?.list().await?;
+            let all = api(&common.conn).await?.list().await?;
             let doc = json!({ "collections": all.iter().map(collection_json).collect::<Vec<_>>() });
             print(&common, doc, || {
                 all.iter()
@@ -192,7 +192,7 @@ pub async fn collection(cmd: CollectionCmd) -> anyhow::Result<()> {
             });
         }
         CollectionCmd::Drop { name, common } => {
-            let r = api(&common.addr).await?.drop_collection(&name).await?;
+            let r = api(&common.conn).await?.drop_collection(&name).await?;
             print(
                 &common,
                 json!({"dropped": name, "time_ticks": r.time_ticks}),
@@ -216,7 +216,7 @@ pub async fn partition(cmd: PartitionCmd) -> anyhow::Result<()> {
             common,
         } => (false, name, collection, common),
     };
-    let api = api(&common.addr).await?;
+    let api = api(&common.conn).await?;
     let r = if create {
         api.create_partition(&collection, &name).await?
     } else {
@@ -232,7 +232,7 @@ pub async fn partition(cmd: PartitionCmd) -> anyhow::Result<()> {
 }
 
 pub async fn write(args: WriteArgs, upsert: bool) -> anyhow::Result<()> {
-    let api = api(&args.common.addr).await?;
+    let api = api(&args.common.conn).await?;
     let (_, schema) = api.schema(&args.collection).await?;
     let batches = read_rows(&args.file, &schema)?;
     let r = if upsert {
@@ -263,7 +263,7 @@ pub async fn delete(
     partition: Option<&str>,
     common: &Common,
 ) -> anyhow::Result<()> {
-    let api = api(&common.addr).await?;
+    let api = api(&common.conn).await?;
     let (_, schema) = api.schema(collection).await?;
     let ids = schema.parse_ids(ids).context("--ids")?;
     let r = report_partial(
@@ -285,7 +285,7 @@ pub async fn delete(
 }
 
 pub async fn flush(collection: &str, common: &Common) -> anyhow::Result<()> {
-    let r = api(&common.addr).await?.flush(collection).await?;
+    let r = api(&common.conn).await?.flush(collection).await?;
     print(
         common,
         json!({"flushed": collection, "time_ticks": r.time_ticks}),

@@ -39,6 +39,15 @@ pub struct ServerConfig {
     pub keepalive_interval_ms: u64,
     /// ...and closed when the ping is not answered within this. Default 20 000.
     pub keepalive_timeout_ms: u64,
+    /// PEM certificate chain and private key: both set turns TLS on for gRPC and HTTP.
+    /// Default: none (plaintext).
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// Bearer tokens, one per line (read again on SIGHUP): every call must carry one.
+    /// Default: none (no authentication).
+    pub auth_token_file: Option<PathBuf>,
+    /// With tokens on, `/healthz` still answers without one. Default false.
+    pub public_healthz: bool,
 }
 
 impl Default for ServerConfig {
@@ -52,6 +61,10 @@ impl Default for ServerConfig {
             handshake_timeout_ms: 10_000,
             keepalive_interval_ms: 20_000,
             keepalive_timeout_ms: 20_000,
+            tls_cert_file: None,
+            tls_key_file: None,
+            auth_token_file: None,
+            public_healthz: false,
         }
     }
 }
@@ -162,6 +175,10 @@ impl Config {
         ] {
             anyhow::ensure!(ms > 0, "server.{key} must be at least 1");
         }
+        anyhow::ensure!(
+            s.tls_cert_file.is_some() == s.tls_key_file.is_some(),
+            "server.tls_cert_file and server.tls_key_file are set together"
+        );
         Ok(())
     }
 }

@@ -1,11 +1,13 @@
 //! The `walden` command: server roles, client commands and the benchmark.
 
+mod auth;
 mod bench;
 mod cli;
 mod collections_cli;
 mod config;
 mod listener;
 mod standalone;
+mod tls;
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
@@ -57,8 +59,8 @@ enum Command {
         /// Seconds to keep retrying through retryable errors (node restarting, channel moving).
         #[arg(long, default_value_t = 5.0)]
         retry_timeout: f64,
-        #[arg(long, env = "WALDEN_ADDR", default_value = DEFAULT_ADDR)]
-        addr: String,
+        #[command(flatten)]
+        conn: cli::ConnArgs,
         /// One JSON object per acknowledged message.
         #[arg(long)]
         json: bool,
@@ -82,15 +84,15 @@ enum Command {
         /// Also print TimeTick messages.
         #[arg(long)]
         show_ticks: bool,
-        #[arg(long, env = "WALDEN_ADDR", default_value = DEFAULT_ADDR)]
-        addr: String,
+        #[command(flatten)]
+        conn: cli::ConnArgs,
         #[arg(long)]
         json: bool,
     },
     /// Pchannels, terms, last ticks and WAL sizes of a node.
     Status {
-        #[arg(long, env = "WALDEN_ADDR", default_value = DEFAULT_ADDR)]
-        addr: String,
+        #[command(flatten)]
+        conn: cli::ConnArgs,
         #[arg(long)]
         json: bool,
     },
@@ -214,7 +216,7 @@ async fn run(cli: Cli, standalone: Option<config::Config>) -> anyhow::Result<()>
             r#type,
             in_flight,
             retry_timeout,
-            addr,
+            conn,
             json,
         } => {
             let t = walden_message::parse_type_name(&r#type)
@@ -224,7 +226,7 @@ async fn run(cli: Cli, standalone: Option<config::Config>) -> anyhow::Result<()>
                 retry_timeout: seconds("--retry-timeout", retry_timeout)?,
                 ..walden_client::ProducerOptions::default()
             };
-            cli::produce(&addr, &pchannel, &vchannel, t, options, json).await
+            cli::produce(&conn, &pchannel, &vchannel, t, options, json).await
         }
         Command::Consume {
             pchannel,
@@ -233,12 +235,12 @@ async fn run(cli: Cli, standalone: Option<config::Config>) -> anyhow::Result<()>
             limit,
             idle_exit,
             show_ticks,
-            addr,
+            conn,
             json,
         } => {
             let idle_exit = idle_exit.map(|s| seconds("--idle-exit", s)).transpose()?;
             cli::consume(cli::ConsumeArgs {
-                addr: &addr,
+                conn: &conn,
                 pchannel: &pchannel,
                 vchannel,
                 from: cli::parse_from(&from)?,
@@ -249,7 +251,7 @@ async fn run(cli: Cli, standalone: Option<config::Config>) -> anyhow::Result<()>
             })
             .await
         }
-        Command::Status { addr, json } => cli::status(&addr, json).await,
+        Command::Status { conn, json } => cli::status(&conn, json).await,
         Command::Bench(args) => {
             init_logging("warn", false);
             bench::run(args).await

@@ -17,7 +17,7 @@ use walden_streaming_node::{
 use walden_wal_api::WalStorage;
 use walden_wal_local::{LocalWalStorage, SharedLogStorage};
 
-use crate::{config::Config, listener};
+use crate::{auth, config::Config, listener, tls};
 
 /// The coordinator's view of the node in the same process.
 #[derive(Debug)]
@@ -98,6 +98,26 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         );
     }
 
+    // Certificates and tokens are read before recovery too: a bad file is named at once.
+    let tls = match (&config.server.tls_cert_file, &config.server.tls_key_file) {
+        (Some(cert), Some(key)) => Some(tls::load(cert, key)?),
+        _ => None,
+    };
+    let tokens = match &config.server.auth_token_file {
+        Some(path) => auth::Tokens::load(path)?,
+        None => auth::Tokens::off(),
+    };
+    tokens.reload_on_sighup();
+    if !addr.ip().is_loopback() && (tls.is_none() || !tokens.enabled()) {
+        tracing::warn!(
+            %addr,
+            tls = tls.is_some(),
+            auth = tokens.enabled(),
+            "listening beyond loopback without TLS and bearer tokens: anyone who reaches the \
+             port can read, write and drop collections"
+        );
+    }
+
     let data_dir = &config.server.data_dir;
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating data dir {}", data_dir.display()))?;
@@ -122,8 +142,31 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     if let Some(http) = http {
         let http_addr = http.local_addr()?;
-        tokio::spawn(serve_http(http, manager.clone(), metrics.clone()));
-        info!(addr = %http_addr, "metrics and health on http://{http_addr}/metrics, /healthz");
+        let app = http_app(
+            manager.clone(),
+            metrics.clone(),
+            tokens.clone(),
+            config.server.public_healthz,
+        );
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        match &tls {
+            Some(t) => {
+                let listener = tls::TlsListener::new(http, t.rustls.clone())?;
+                tokio::spawn(async move {
+                    if let Err(e) = axum::serve(listener, app).await {
+                        tracing::warn!(error = %e, "metrics server stopped");
+                    }
+                });
+            }
+            None => {
+                tokio::spawn(async move {
+                    if let Err(e) = axum::serve(http, app).await {
+                        tracing::warn!(error = %e, "metrics server stopped");
+                    }
+                });
+            }
+        }
+        info!(addr = %http_addr, "metrics and health on {scheme}://{http_addr}/metrics, /healthz");
     }
 
     let reflection = tonic_reflection::server::Builder::configure()
@@ -138,7 +181,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         max_connections,
         handshake_timeout: ms(config.server.handshake_timeout_ms),
     };
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(t) = &tls {
+        builder = builder
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(
+                tonic::transport::Identity::from_pem(&t.cert_pem, &t.key_pem),
+            ))
+            .context("server TLS")?;
+    }
+    let server = builder
+        .layer(tonic::service::InterceptorLayer::new(tokens.interceptor()))
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(ms(config.server.keepalive_interval_ms)))
         .http2_keepalive_timeout(Some(ms(config.server.keepalive_timeout_ms)))
@@ -228,47 +280,79 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-async fn serve_http(listener: TcpListener, manager: Arc<WalManager>, metrics: Metrics) {
+/// `/metrics` and `/healthz`; with tokens on, both need one (`/healthz` not with
+/// `public_healthz`), else 401.
+fn http_app(
+    manager: Arc<WalManager>,
+    metrics: Metrics,
+    tokens: auth::Tokens,
+    public_healthz: bool,
+) -> Router {
+    use axum::http::{HeaderMap, header::AUTHORIZATION};
+    let allowed = move |headers: &HeaderMap, public: bool| {
+        public || tokens.accepts(headers.get(AUTHORIZATION).map(|v| v.as_bytes()))
+    };
+    let denied = || {
+        (
+            StatusCode::UNAUTHORIZED,
+            "a valid bearer token is required\n".to_owned(),
+        )
+    };
     let m2 = manager.clone();
-    let app = Router::new()
+    let a2 = allowed.clone();
+    Router::new()
         .route(
             "/metrics",
-            get(move || {
+            get(move |headers: HeaderMap| {
                 let manager = manager.clone();
                 let metrics = metrics.clone();
                 async move {
+                    if !allowed(&headers, false) {
+                        return denied();
+                    }
                     manager.refresh_metrics();
-                    metrics.render()
+                    (StatusCode::OK, metrics.render())
                 }
             }),
         )
         .route(
             "/healthz",
-            get(move || {
+            get(move |headers: HeaderMap| {
                 let manager = m2.clone();
                 async move {
-                    let channels = manager.channels();
-                    let bad: Vec<String> = channels
-                        .iter()
-                        .filter(|c| *c.health().borrow() != Health::Serving)
-                        .map(|c| c.name().to_owned())
-                        .collect();
-                    if channels.is_empty() || !bad.is_empty() {
-                        (
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            format!("not serving: {bad:?}\n"),
-                        )
-                    } else {
-                        (
-                            StatusCode::OK,
-                            format!("ok: {} pchannels\n", channels.len()),
-                        )
+                    if !a2(&headers, public_healthz) {
+                        return denied();
                     }
+                    health(&manager)
                 }
             }),
-        );
-    if let Err(e) = axum::serve(listener, app).await {
-        tracing::warn!(error = %e, "metrics server stopped");
+        )
+}
+
+/// 200 when every pchannel serves; else 503 with each one that does not, and why.
+fn health(manager: &WalManager) -> (StatusCode, String) {
+    let channels = manager.channels();
+    let bad: Vec<String> = channels
+        .iter()
+        .filter_map(|c| match &*c.health().borrow() {
+            Health::Serving => None,
+            other => Some(format!(
+                "{}: {}",
+                c.name(),
+                walden_streaming_node::channel::health_name(other)
+            )),
+        })
+        .collect();
+    if channels.is_empty() || !bad.is_empty() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not serving: {}\n", bad.join("; ")),
+        )
+    } else {
+        (
+            StatusCode::OK,
+            format!("ok: {} pchannels\n", channels.len()),
+        )
     }
 }
 

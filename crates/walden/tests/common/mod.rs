@@ -26,6 +26,10 @@ pub struct Server {
     pub metrics_addr: Option<String>,
     pub data_dir: PathBuf,
     pub config: Option<PathBuf>,
+    /// How clients reach it (token, TLS); the readiness check uses it too.
+    pub connect: walden_client::ConnectOptions,
+    /// Where its stderr goes (inherited when none).
+    pub log: Option<PathBuf>,
     child: Option<Child>,
 }
 
@@ -47,10 +51,40 @@ impl Server {
             metrics_addr: metrics.then(free_addr),
             data_dir: data_dir.to_owned(),
             config,
+            connect: walden_client::ConnectOptions::default(),
+            log: None,
             child: None,
         };
         s.restart().await;
         s
+    }
+
+    /// A server with TLS and/or tokens in its config, reached with `connect`, logging to
+    /// `log`, with /metrics and /healthz on.
+    pub async fn start_secure(
+        data_dir: &Path,
+        config: &str,
+        connect: walden_client::ConnectOptions,
+        log: PathBuf,
+    ) -> Self {
+        let p = data_dir.with_extension("toml");
+        std::fs::write(&p, config).expect("write config");
+        let mut s = Self {
+            addr: free_addr(),
+            metrics_addr: Some(free_addr()),
+            data_dir: data_dir.to_owned(),
+            config: Some(p),
+            connect,
+            log: Some(log),
+            child: None,
+        };
+        s.restart().await;
+        s
+    }
+
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     fn spawn(&self) -> Child {
@@ -65,9 +99,18 @@ impl Server {
         ])
         .arg("--data-dir")
         .arg(&self.data_dir)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", if self.log.is_some() { "info" } else { "warn" })
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
+        .stderr(match &self.log {
+            Some(p) => Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .expect("log file"),
+            ),
+            None => Stdio::inherit(),
+        });
         if let Some(c) = &self.config {
             cmd.arg("--config").arg(c);
         }
@@ -80,7 +123,7 @@ impl Server {
         self.child = Some(self.spawn());
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(c) = Client::connect(&self.addr).await
+            if let Ok(c) = Client::connect_with(&self.addr, &self.connect).await
                 && c.status().await.is_ok()
             {
                 return;
@@ -113,7 +156,9 @@ impl Server {
     }
 
     pub async fn client(&self) -> Client {
-        Client::connect(&self.addr).await.expect("connect")
+        Client::connect_with(&self.addr, &self.connect)
+            .await
+            .expect("connect")
     }
 }
 

@@ -1,0 +1,339 @@
+//! TLS and bearer tokens on a real server, with a certificate authority and a server
+//! certificate the test makes (openssl): a plaintext client is refused, every RPC and the HTTP
+//! endpoints are refused without a token and served with one, SIGHUP swaps the tokens, and no
+//! token reaches the log.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::{path::Path, process::Command, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use common::{Server, WALDEN};
+use walden_client::{Client, ClientError, ConnectOptions, ConsumerOptions, ProducerOptions};
+use walden_common::{ErrorCode, HasErrorCode};
+use walden_message::{MessageType, MutableMessage};
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl (scripts/install-test-deps.sh installs it)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA, and a certificate for 127.0.0.1 signed by it: (ca.crt, server.crt, server.key).
+fn make_certificates(dir: &Path) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend([
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-subj",
+        "/CN=walden-test-ca",
+        "-days",
+        "2",
+    ]);
+    openssl(dir, &ca);
+    let mut csr = vec!["req"];
+    csr.extend(ec);
+    csr.extend([
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    openssl(dir, &csr);
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ],
+    );
+}
+
+fn is_unauthenticated(e: &ClientError) -> bool {
+    let inner = match e {
+        ClientError::RetriesExhausted { last, .. } => last.as_ref(),
+        other => other,
+    };
+    inner.code() == ErrorCode::Unauthenticated
+}
+
+/// Every kind of call a client makes: status, produce, consume, and the collection calls.
+/// Returns the errors of those that failed.
+async fn every_call(client: &Client) -> Vec<(String, ClientError)> {
+    let mut failed = Vec::new();
+    if let Err(e) = client.status().await {
+        failed.push(("status".into(), e));
+    }
+    let producer = client.producer(
+        "walden-dml-0",
+        ProducerOptions {
+            retry_timeout: Duration::ZERO,
+            ..ProducerOptions::default()
+        },
+    );
+    let m = MutableMessage::new(MessageType::Data, "v", Bytes::from_static(b"hello"));
+    if let Err(e) = producer.append(m).await {
+        failed.push(("produce".into(), e));
+    }
+    let mut consumer = client.consumer(
+        "walden-dml-0",
+        ConsumerOptions {
+            retry_timeout: Duration::ZERO,
+            ..ConsumerOptions::default()
+        },
+    );
+    match tokio::time::timeout(Duration::from_secs(5), consumer.next()).await {
+        Ok(Some(Err(e))) => failed.push(("consume".into(), e)),
+        Ok(Some(Ok(_))) => {}
+        other => panic!("consume gave neither a message nor an error: {other:?}"),
+    }
+    let collections = client.collections();
+    if let Err(e) = collections.list().await {
+        failed.push(("list".into(), e));
+    }
+    if let Err(e) = collections.describe("nothing").await
+        && e.code() != ErrorCode::CollectionNotFound
+    {
+        failed.push(("describe".into(), e));
+    }
+    if let Err(e) = collections.flush("nothing").await
+        && e.code() != ErrorCode::CollectionNotFound
+    {
+        failed.push(("flush".into(), e));
+    }
+    failed
+}
+
+/// GET over HTTPS, trusting `ca`: (status, body).
+async fn https_get(addr: &str, path: &str, ca: &[u8], token: Option<&str>) -> (u16, String) {
+    use rustls_pki_types::{CertificateDer, ServerName, pem::PemObject};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from("127.0.0.1").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    tls.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n{auth}\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tls.read_to_end(&mut out).await;
+    let out = String::from_utf8_lossy(&out).into_owned();
+    let status = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = out.split_once("\r\n\r\n").map_or("", |x| x.1).to_owned();
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_tls_and_tokens_every_call_needs_a_token_and_plaintext_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_certificates(d);
+    let ca = std::fs::read(d.join("ca.crt")).unwrap();
+    let tokens = d.join("tokens");
+    std::fs::write(&tokens, "# the test's\nsecret-one\n").unwrap();
+    let config = format!(
+        "[server]\ntls_cert_file = {:?}\ntls_key_file = {:?}\nauth_token_file = {:?}\n\
+         [node]\npchannels = 1\n",
+        d.join("server.crt"),
+        d.join("server.key"),
+        tokens,
+    );
+    let with = |token: Option<&str>| ConnectOptions {
+        token: token.map(str::to_owned),
+        tls_ca_pem: Some(ca.clone()),
+    };
+    let log = d.join("server.log");
+    let server = Server::start_secure(
+        &d.join("data"),
+        &config,
+        with(Some("secret-one")),
+        log.clone(),
+    )
+    .await;
+    let addr = server.addr.as_str();
+
+    // Plaintext: no gRPC call gets through.
+    let plain = Client::connect(addr).await;
+    if let Ok(c) = plain {
+        assert!(c.status().await.is_err(), "a plaintext call was served");
+    }
+
+    // TLS without a token, or with a wrong one: every call is refused with UNAUTHENTICATED.
+    for token in [None, Some("secret-two")] {
+        let client = Client::connect_with(addr, &with(token)).await.unwrap();
+        let failed = every_call(&client).await;
+        let names: Vec<&str> = failed.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            ["status", "produce", "consume", "list", "describe", "flush"],
+            "token {token:?}: every call must be refused"
+        );
+        for (name, e) in &failed {
+            assert!(is_unauthenticated(e), "{name}: {e}");
+        }
+    }
+    // With the token: every call is served.
+    let client = Client::connect_with(addr, &with(Some("secret-one")))
+        .await
+        .unwrap();
+    let failed = every_call(&client).await;
+    assert!(failed.is_empty(), "{failed:?}");
+
+    // The CLI: --tls-ca and --token (or WALDEN_TOKEN); a refusal names its code.
+    let ca_path = d.join("ca.crt");
+    let status = |token: Option<&str>| {
+        let mut cmd = Command::new(WALDEN);
+        cmd.args(["status", "--json", "--addr", addr, "--tls-ca"])
+            .arg(&ca_path)
+            .env_remove("WALDEN_TOKEN");
+        if let Some(t) = token {
+            cmd.env("WALDEN_TOKEN", t);
+        }
+        cmd.output().unwrap()
+    };
+    let ok = status(Some("secret-one"));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let refused = status(None);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("UNAUTHENTICATED(21)"), "{err}");
+    assert!(!err.contains("secret"), "{err}");
+
+    // HTTP over TLS: 401 without the token, served with it.
+    let http = server.metrics_addr.clone().unwrap();
+    assert_eq!(https_get(&http, "/metrics", &ca, None).await.0, 401);
+    assert_eq!(https_get(&http, "/healthz", &ca, None).await.0, 401);
+    assert_eq!(
+        https_get(&http, "/metrics", &ca, Some("secret-two"))
+            .await
+            .0,
+        401
+    );
+    let (code, body) = https_get(&http, "/metrics", &ca, Some("secret-one")).await;
+    assert_eq!(code, 200);
+    assert!(body.contains("walden_appended_messages_total"));
+    assert_eq!(
+        https_get(&http, "/healthz", &ca, Some("secret-one"))
+            .await
+            .0,
+        200
+    );
+
+    // SIGHUP: the file is read again; the old token stops working, the new one works.
+    std::fs::write(&tokens, "secret-two\n").unwrap();
+    let pid = server.pid().unwrap().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let c = Client::connect_with(addr, &with(Some("secret-two")))
+            .await
+            .unwrap();
+        if c.status().await.is_ok() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new token never worked"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let old = Client::connect_with(addr, &with(Some("secret-one")))
+        .await
+        .unwrap();
+    assert!(is_unauthenticated(&old.status().await.unwrap_err()));
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("bearer tokens reloaded"), "{text}");
+    assert!(
+        !text.contains("secret-"),
+        "a token reached the log:\n{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_healthz_answers_without_a_token_and_metrics_still_need_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, "t0ken\n").unwrap();
+    let config = format!(
+        "[server]\nauth_token_file = {tokens:?}\npublic_healthz = true\n[node]\npchannels = 1\n"
+    );
+    let connect = ConnectOptions {
+        token: Some("t0ken".into()),
+        tls_ca_pem: None,
+    };
+    let server = Server::start_secure(
+        &dir.path().join("data"),
+        &config,
+        connect,
+        dir.path().join("log"),
+    )
+    .await;
+    let http = server.metrics_addr.clone().unwrap();
+    assert_eq!(common::http_get(&http, "/healthz").await.0, 200);
+    assert_eq!(common::http_get(&http, "/metrics").await.0, 401);
+}
