@@ -45,6 +45,10 @@ pub enum WalError {
     /// The record is larger than the backend accepts.
     #[error("record of {size} bytes exceeds the backend limit of {limit}")]
     TooLarge { size: usize, limit: usize },
+    /// The storage is (nearly) full: appends are refused, nothing was written, and they are
+    /// accepted again once space is freed. Reads go on.
+    #[error("pchannel {pchannel}: {detail}")]
+    NoSpace { pchannel: String, detail: String },
     /// A bad argument (e.g. an invalid pchannel name).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
@@ -68,6 +72,7 @@ impl HasErrorCode for WalError {
             Self::Io { .. } | Self::Closed { .. } => ErrorCode::StorageUnavailable,
             Self::Corrupted { .. } => ErrorCode::Corrupted,
             Self::TooLarge { .. } => ErrorCode::MessageTooLarge,
+            Self::NoSpace { .. } => ErrorCode::ResourceExhausted,
             Self::InvalidArgument(_) => ErrorCode::InvalidArgument,
         }
     }

@@ -101,6 +101,19 @@ pub trait Wal: Send + Sync + Debug {
         0
     }
 
+    /// Whether an append would be taken now: [`WalError::NoSpace`] when the storage is (nearly)
+    /// full. Callers check it before they give a message its place, so a refusal changes
+    /// nothing; it clears by itself once space is freed.
+    fn writable(&self) -> Result<(), WalError> {
+        Ok(())
+    }
+
+    /// Id ranges whose records are damaged (and which were not skipped): reading into one
+    /// fails with CORRUPTED; everything outside them reads.
+    fn damaged(&self) -> Vec<std::ops::Range<MessageId>> {
+        Vec::new()
+    }
+
     /// A reader positioned at `from`.
     fn read(&self, from: ReadFrom) -> Result<Box<dyn WalReader>, WalError>;
 

@@ -74,6 +74,10 @@ pub trait FileSystem: Send + Sync + Debug + 'static {
     /// Takes an exclusive lock on `path` (creating it), or fails with `WouldBlock` if another
     /// holder has it.
     fn try_lock(&self, path: &Path) -> io::Result<Box<dyn LockGuard>>;
+    /// Bytes free to this process on the file system holding `dir`; `None` where unknown.
+    fn free_bytes(&self, _dir: &Path) -> io::Result<Option<u64>> {
+        Ok(None)
+    }
 }
 
 /// The real file system.
@@ -208,6 +212,10 @@ impl FileSystem for StdFs {
             Err(fs::TryLockError::Error(e)) => Err(e),
         }
     }
+    fn free_bytes(&self, dir: &Path) -> io::Result<Option<u64>> {
+        let st = rustix::fs::statvfs(dir).map_err(io::Error::from)?;
+        Ok(Some(st.f_bavail.saturating_mul(st.f_frsize)))
+    }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -239,6 +247,8 @@ struct FaultState {
     syncs: usize,
     /// Bumped by every crash: files opened before it belong to a dead process.
     epoch: u64,
+    /// What `free_bytes` answers (None: unknown).
+    free: Option<u64>,
 }
 
 /// In-memory file system with fault injection and crash simulation. Clones share state.
@@ -254,6 +264,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl FaultFs {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Sets the free space the file system reports (None: unknown).
+    pub fn set_free_bytes(&self, free: Option<u64>) {
+        lock(&self.state).free = free;
     }
 
     /// Replaces the fault plan and resets its counters.
@@ -480,5 +495,8 @@ impl FileSystem for FaultFs {
             fs: self.clone(),
             path: path.to_owned(),
         }))
+    }
+    fn free_bytes(&self, _dir: &Path) -> io::Result<Option<u64>> {
+        Ok(lock(&self.state).free)
     }
 }
