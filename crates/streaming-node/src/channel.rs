@@ -135,15 +135,6 @@ pub enum Health {
     Closed,
 }
 
-/// The `state` word of a pchannel's status.
-pub fn health_name(h: &Health) -> &'static str {
-    match h {
-        Health::Serving => "serving",
-        Health::Failed(_) => "failed",
-        Health::Closed => "closed",
-    }
-}
-
 /// One open pchannel.
 #[derive(Debug)]
 pub struct Channel {
@@ -164,6 +155,9 @@ pub struct Channel {
     recovery: Mutex<Recovery>,
     /// Woken when enough messages were appended to call for a checkpoint.
     checkpoint_due: Arc<tokio::sync::Notify>,
+    /// Set when the replay met damaged records: the collection state past them is unknown,
+    /// so every write is refused (CORRUPTED) while intact records are still read.
+    read_only: Mutex<Option<String>>,
 }
 
 /// What opening the channel took.
@@ -259,6 +253,7 @@ impl Channel {
             wab,
             recovery: Mutex::new(Recovery::default()),
             checkpoint_due: Arc::new(tokio::sync::Notify::new()),
+            read_only: Mutex::new(None),
         });
         tokio::spawn(complete_in_order(Arc::downgrade(&channel), rx));
         tokio::spawn(time_ticks(Arc::downgrade(&channel)));
@@ -514,6 +509,21 @@ impl Channel {
     /// checked against the pchannel's collection state first (see [`crate::shard`]); the node
     /// may write its own messages (CreateSegment, Flush) around them.
     pub async fn submit(&self, mut msg: MutableMessage) -> Result<PendingAppend, NodeError> {
+        if let Some(why) = self.read_only() {
+            return Err(NodeError::Wal(WalError::Corrupted {
+                pchannel: self.name.clone(),
+                location: "the replay at open".into(),
+                detail: format!("{why}; writes are refused until the damage is skipped"),
+            }));
+        }
+        // A full disk refuses writes before they get a place (nothing changes, no reopen);
+        // the node's own TimeTicks and rollbacks still go (they fit in the space kept back).
+        if !matches!(
+            msg.message_type,
+            MessageType::TimeTick | MessageType::RollbackTxn
+        ) {
+            self.wal.writable()?;
+        }
         let size = msg.approximate_size();
         if size > self.config.max_message_bytes {
             return Err(NodeError::MessageTooLarge {
@@ -825,6 +835,46 @@ impl Channel {
         }
     }
 
+    /// Serves reads only: the replay at open met damage (`why`).
+    pub fn set_read_only(&self, why: String) {
+        *self.read_only.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+    }
+
+    pub fn read_only(&self) -> Option<String> {
+        self.read_only
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The `state` word of the status and why: `serving`, `read_only` (writes refused: the
+    /// storage is full), `corrupted` (damaged records; intact ones are served), `failed`
+    /// (reopening) or `closed`.
+    pub fn state(&self) -> (&'static str, String) {
+        match &*self.health.borrow() {
+            Health::Serving => {}
+            Health::Failed(why) => return ("failed", why.clone()),
+            Health::Closed => return ("closed", String::new()),
+        }
+        let damaged = self.wal.damaged();
+        let read_only = self.read_only();
+        if !damaged.is_empty() || read_only.is_some() {
+            let ranges: Vec<String> = damaged
+                .iter()
+                .map(|r| format!("ids {}..{}", r.start, r.end))
+                .collect();
+            let mut why = format!("damaged records at ids {}", ranges.join(", "));
+            if let Some(r) = read_only {
+                why.push_str(&format!("; writes refused: {r}"));
+            }
+            return ("corrupted", why.replace("ids ids", "ids"));
+        }
+        if let Err(e) = self.wal.writable() {
+            return ("read_only", e.to_string());
+        }
+        ("serving", String::new())
+    }
+
     /// Status for the status call.
     pub fn status(&self) -> walden_proto::v1::PChannelStatus {
         let recovery = self.recovery();
@@ -852,11 +902,8 @@ impl Channel {
             recovery_ms: recovery.took.as_millis() as u64,
             replayed_messages: recovery.replayed,
             checkpoint_next_id: recovery.from.0,
-            state: health_name(&self.health.borrow()).to_owned(),
-            state_detail: match &*self.health.borrow() {
-                Health::Failed(why) => why.clone(),
-                _ => String::new(),
-            },
+            state: self.state().0.to_owned(),
+            state_detail: self.state().1,
         }
     }
 }

@@ -10,8 +10,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tracing::{info, warn};
-use walden_common::Term;
+use tracing::{error, info, warn};
+use walden_common::{HasErrorCode, Term};
 use walden_metastore_api::{MetaStore, increment};
 use walden_wal_api::WalStorage;
 
@@ -36,6 +36,8 @@ pub struct WalManager {
     config: NodeConfig,
     metrics: Metrics,
     channels: RwLock<HashMap<String, Arc<Channel>>>,
+    /// Pchannels that could not be opened yet, with the last error (retried with backoff).
+    unopened: RwLock<HashMap<String, String>>,
 }
 
 impl WalManager {
@@ -56,24 +58,84 @@ impl WalManager {
             config,
             metrics,
             channels: RwLock::new(HashMap::new()),
+            unopened: RwLock::new(HashMap::new()),
         });
         // One task per pchannel: replay is CPU work, and this way it uses every core.
         let opens = manager.config.pchannel_names().into_iter().map(|name| {
             let m = manager.clone();
             tokio::spawn(async move { m.open_channel(&name).await })
         });
-        for r in futures::future::join_all(opens).await {
-            let channel =
-                r.map_err(|e| NodeError::Internal(format!("opening a pchannel: {e}")))??;
-            tokio::spawn(supervise(Arc::downgrade(&manager), channel));
+        let names = manager.config.pchannel_names();
+        let mut failed = 0;
+        // One pchannel that cannot open (damaged storage, a full disk) keeps only itself
+        // down: the others serve, and it is retried with backoff.
+        for (name, r) in names
+            .into_iter()
+            .zip(futures::future::join_all(opens).await)
+        {
+            let r = r.map_err(|e| NodeError::Internal(format!("opening a pchannel: {e}")));
+            match r.and_then(|r| r) {
+                Ok(channel) => {
+                    tokio::spawn(supervise(Arc::downgrade(&manager), Some(channel), name));
+                }
+                Err(e) => {
+                    failed += 1;
+                    error!(pchannel = %name, error = %e, "pchannel did not open; retrying");
+                    manager.set_unopened(&name, Some(e.to_string()));
+                    tokio::spawn(supervise(Arc::downgrade(&manager), None, name));
+                }
+            }
         }
         info!(
             pchannels = manager.config.pchannels,
+            failed,
             elapsed_ms = started.elapsed().as_millis() as u64,
-            "all pchannels ready"
+            "pchannels opened"
         );
         tokio::spawn(extend_tso(Arc::downgrade(&manager)));
         Ok(manager)
+    }
+
+    fn set_unopened(&self, pchannel: &str, why: Option<String>) {
+        let mut u = self.unopened.write().unwrap_or_else(|e| e.into_inner());
+        match why {
+            Some(w) => {
+                u.insert(pchannel.to_owned(), w);
+            }
+            None => {
+                u.remove(pchannel);
+            }
+        }
+    }
+
+    /// Every pchannel's status, those that could not be opened included (state `failed`).
+    pub fn statuses(&self) -> Vec<walden_proto::v1::PChannelStatus> {
+        let mut v: Vec<_> = self.channels().iter().map(|c| c.status()).collect();
+        for (name, why) in self.unopened() {
+            if !v.iter().any(|p| p.name == name) {
+                v.push(walden_proto::v1::PChannelStatus {
+                    name,
+                    state: "failed".into(),
+                    state_detail: why,
+                    ..Default::default()
+                });
+            }
+        }
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// Pchannels that are not open, with why (the last failure to open them).
+    pub fn unopened(&self) -> Vec<(String, String)> {
+        let mut v: Vec<_> = self
+            .unopened
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        v.sort();
+        v
     }
 
     async fn next_term(&self, pchannel: &str) -> Result<Term, NodeError> {
@@ -91,7 +153,21 @@ impl WalManager {
             self.config.clone(),
             self.metrics.clone(),
         );
-        let recovered = channel.recover_state().await?;
+        let recovered = match channel.recover_state().await {
+            Ok(r) => r,
+            // Damage in what the replay must read: the state past it is unknown, so the
+            // pchannel serves reads only (its intact records), and says so.
+            Err(e) if e.code() == walden_common::ErrorCode::Corrupted => {
+                error!(pchannel = name, %term, error = %e, "pchannel damaged: serving reads only");
+                channel.set_read_only(e.to_string());
+                self.channels
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(name.to_owned(), channel.clone());
+                return Ok(channel);
+            }
+            Err(e) => return Err(e),
+        };
         channel.write_first_time_tick().await?;
         let rolled_back = channel.rollback_open_txns().await?;
         let took = started.elapsed();
@@ -172,37 +248,59 @@ impl WalManager {
     }
 }
 
+/// A channel that fails sooner than this after opening counts as the same trouble: the backoff
+/// before the next reopen keeps growing instead of starting over, so a fault that every
+/// incarnation hits (a full disk, damage) cannot raise terms in a tight loop.
+const STABLE_AFTER: Duration = Duration::from_secs(30);
+
 /// Watches one pchannel; when its storage fails, closes it and reopens it (recovering the WAL)
-/// under a new term, with backoff, then goes on watching the new incarnation.
-async fn supervise(manager: std::sync::Weak<WalManager>, mut channel: Arc<Channel>) {
+/// under a new term, with backoff, then goes on watching the new incarnation. Starts from
+/// `None` for a pchannel whose first open failed.
+async fn supervise(
+    manager: std::sync::Weak<WalManager>,
+    mut channel: Option<Arc<Channel>>,
+    name: String,
+) {
+    let mut backoff = Duration::from_millis(100);
+    let mut opened_at = Instant::now();
     loop {
-        let mut health = channel.health();
-        let why = loop {
-            let state = health.borrow_and_update().clone();
-            match state {
-                Health::Serving => {
-                    if health.changed().await.is_err() {
-                        return;
+        if let Some(ch) = channel.take() {
+            let mut health = ch.health();
+            let why = loop {
+                let state = health.borrow_and_update().clone();
+                match state {
+                    Health::Serving => {
+                        if health.changed().await.is_err() {
+                            return;
+                        }
                     }
+                    Health::Closed => return,
+                    Health::Failed(why) => break why,
                 }
-                Health::Closed => return,
-                Health::Failed(why) => break why,
+            };
+            warn!(pchannel = %name, reason = %why, "reopening the pchannel");
+            ch.close().await;
+            if opened_at.elapsed() >= STABLE_AFTER {
+                backoff = Duration::from_millis(100);
             }
-        };
-        let name = channel.name().to_owned();
-        warn!(pchannel = %name, reason = %why, "reopening the pchannel");
-        channel.close().await;
-        let mut backoff = Duration::from_millis(100);
-        channel = loop {
-            let Some(m) = manager.upgrade() else { return };
-            match m.open_channel(&name).await {
-                Ok(c) => break c,
-                Err(e) => warn!(pchannel = %name, error = %e, "reopen failed; retrying"),
-            }
-            drop(m);
+        }
+        loop {
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));
-        };
+            let Some(m) = manager.upgrade() else { return };
+            match m.open_channel(&name).await {
+                Ok(c) => {
+                    m.set_unopened(&name, None);
+                    opened_at = Instant::now();
+                    channel = Some(c);
+                    break;
+                }
+                Err(e) => {
+                    warn!(pchannel = %name, error = %e, "reopen failed; retrying");
+                    m.set_unopened(&name, Some(e.to_string()));
+                }
+            }
+        }
     }
 }
 

@@ -373,7 +373,7 @@ impl StreamingNode for NodeService {
         Ok(Response::new(StatusResponse {
             node_id: self.node_id.clone(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
-            pchannels: self.manager.channels().iter().map(|c| c.status()).collect(),
+            pchannels: self.manager.statuses(),
             max_message_bytes: self.manager.config().max_message_bytes as u64,
         }))
     }

@@ -13,12 +13,15 @@
 //! ones is corruption and the open fails. Sealed segments are checked record by record as they
 //! are read.
 
+pub mod check;
 pub mod format;
 pub mod fs;
 mod open;
 mod prepare;
+pub mod ranges;
 mod reader;
 pub mod shared;
+mod space;
 mod writer;
 
 use std::{
@@ -45,6 +48,8 @@ use crate::{
     reader::LocalReader,
 };
 pub use shared::SharedLogStorage;
+use space::Space;
+pub use space::{RESERVE_FILE, Reserve};
 
 /// Settings of the local WAL.
 #[derive(Clone, Debug)]
@@ -54,6 +59,9 @@ pub struct LocalWalConfig {
     pub segment_bytes: u64,
     /// Most bytes written by one group commit. Default 4 MiB.
     pub max_batch_bytes: usize,
+    /// Appends are refused (RESOURCE_EXHAUSTED) while fewer bytes than this are free on the
+    /// WAL's file system, and pre-allocation never goes below it. Default 128 MiB.
+    pub min_free_bytes: u64,
 }
 
 impl Default for LocalWalConfig {
@@ -61,6 +69,7 @@ impl Default for LocalWalConfig {
         Self {
             segment_bytes: 64 << 20,
             max_batch_bytes: 4 << 20,
+            min_free_bytes: 128 << 20,
         }
     }
 }
@@ -82,6 +91,7 @@ pub struct LocalWalStorage {
     config: LocalWalConfig,
     /// Handles this storage opened, so a newer term can take over from an older one in-process.
     open: Mutex<HashMap<String, Weak<Inner>>>,
+    space: Arc<Space>,
 }
 
 impl LocalWalStorage {
@@ -96,8 +106,10 @@ impl LocalWalStorage {
         fs: Arc<dyn FileSystem>,
         config: LocalWalConfig,
     ) -> Self {
+        let root = root.into();
         Self {
-            root: root.into(),
+            space: Arc::new(Space::new(fs.clone(), root.clone(), config.min_free_bytes)),
+            root,
             fs,
             config,
             open: Mutex::new(HashMap::new()),
@@ -149,7 +161,7 @@ impl WalStorage for LocalWalStorage {
                         reason: e.to_string(),
                     })??;
             lock(&self.open).insert(pchannel.to_owned(), Arc::downgrade(&inner));
-            Ok(Arc::new(LocalWal(inner)) as Arc<dyn Wal>)
+            Ok(Arc::new(LocalWal(inner, self.space.clone())) as Arc<dyn Wal>)
         }
         .boxed()
     }
@@ -228,7 +240,7 @@ impl Inner {
 
 /// A handle on one open pchannel.
 #[derive(Debug)]
-pub struct LocalWal(Arc<Inner>);
+pub struct LocalWal(Arc<Inner>, Arc<Space>);
 
 impl Drop for LocalWal {
     fn drop(&mut self) {
@@ -262,6 +274,10 @@ impl LocalWal {
 impl Wal for LocalWal {
     fn pchannel(&self) -> &str {
         &self.0.pchannel
+    }
+
+    fn writable(&self) -> Result<(), WalError> {
+        self.1.check(&self.0.pchannel)
     }
 
     fn term(&self) -> Term {

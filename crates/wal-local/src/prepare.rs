@@ -27,6 +27,7 @@ use tracing::warn;
 use crate::{
     fs::{FileSystem, WalFile},
     shared::header,
+    space::Space,
 };
 
 /// Zeros written (and synced) at a time: bounds how long a WAL sync can wait behind one.
@@ -65,7 +66,12 @@ pub(crate) struct Preparer {
 
 impl Preparer {
     /// Starts the thread; `bytes` is a segment's full size.
-    pub(crate) fn start(fs: Arc<dyn FileSystem>, dir: PathBuf, bytes: u64) -> io::Result<Self> {
+    pub(crate) fn start(
+        fs: Arc<dyn FileSystem>,
+        dir: PathBuf,
+        bytes: u64,
+        space: Arc<Space>,
+    ) -> io::Result<Self> {
         let (requests, rx) = mpsc::channel::<u64>();
         let (tx, done) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
@@ -75,7 +81,15 @@ impl Preparer {
                 .name("wal-prepare".into())
                 .spawn(move || {
                     while let Ok(seq) = rx.recv() {
-                        let r = prepare(&*fs, &dir, seq, bytes, &header(seq), &stop);
+                        // A whole segment ahead of need only from space above the reserve.
+                        let r = if space.room_for(bytes) {
+                            prepare(&*fs, &dir, seq, bytes, &header(seq), &stop)
+                        } else {
+                            Err(io::Error::new(
+                                io::ErrorKind::StorageFull,
+                                "no room for a whole segment above wal_local.min_free_bytes",
+                            ))
+                        };
                         if tx.send((seq, r)).is_err() {
                             break;
                         }

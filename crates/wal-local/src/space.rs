@@ -58,11 +58,6 @@ impl Space {
         free
     }
 
-    /// Forgets the last measurement (after the writer itself used space).
-    pub(crate) fn invalidate(&self) {
-        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = None;
-    }
-
     /// `Err(NoSpace)` while less than the reserve is free.
     pub(crate) fn check(&self, pchannel: &str) -> Result<(), WalError> {
         match self.free() {
@@ -86,83 +81,78 @@ impl Space {
     }
 }
 
-/// The data dir's ballast: space held back so that a start on a file system filled by
-/// something else can still recover.
+/// The data dir's ballast: space held back (allocated with `fallocate`, not written) so that
+/// a start on a file system filled by something else can still recover.
 #[derive(Debug)]
 pub struct Reserve {
-    fs: Arc<dyn FileSystem>,
     path: PathBuf,
     bytes: u64,
+    min_free: u64,
 }
 
 /// Name of the ballast file.
 pub const RESERVE_FILE: &str = "RESERVE";
 
+fn free_on(dir: &Path) -> Option<u64> {
+    crate::fs::StdFs.free_bytes(dir).ok().flatten()
+}
+
 impl Reserve {
-    /// The ballast of `dir`, sized for a reserve of `min_free_bytes`.
-    pub fn new(fs: Arc<dyn FileSystem>, dir: &Path, min_free_bytes: u64) -> Self {
+    /// The ballast of `dir`, half of a reserve of `min_free_bytes`.
+    pub fn new(dir: &Path, min_free_bytes: u64) -> Self {
         Self {
-            fs,
             path: dir.join(RESERVE_FILE),
             bytes: min_free_bytes / 2,
+            min_free: min_free_bytes,
         }
     }
 
     /// At start, before anything is written: with less than the reserve free, deletes the
     /// ballast (and says so). Returns whether it did.
-    pub fn release_if_short(&self, min_free_bytes: u64) -> bool {
-        let free = self
-            .path
-            .parent()
-            .and_then(|d| self.fs.free_bytes(d).ok().flatten());
-        if free.is_none_or(|f| f >= min_free_bytes) {
+    pub fn release_if_short(&self) -> bool {
+        let Some(free) = self.path.parent().and_then(free_on) else {
+            return false;
+        };
+        if free >= self.min_free {
             return false;
         }
-        match self.fs.remove(&self.path) {
-            Ok(()) => {
-                warn!(
-                    path = %self.path.display(),
-                    free = free.unwrap_or(0),
-                    released = self.bytes,
-                    "the disk is full: released the reserve so that recovery can run; \
-                     writes are refused until space is freed"
-                );
-                true
-            }
-            Err(_) => false,
-        }
+        let released = std::fs::remove_file(&self.path).is_ok();
+        warn!(
+            free,
+            min_free_bytes = self.min_free,
+            released_reserve = released,
+            "the disk is nearly full: writes are refused (RESOURCE_EXHAUSTED) until space is freed"
+        );
+        released
     }
 
-    /// Writes the ballast if it is missing and the disk can spare it beyond the reserve.
-    pub fn ensure(&self, min_free_bytes: u64) {
-        if self.bytes == 0 || self.fs.open(&self.path).is_ok() {
+    /// Allocates the ballast if it is missing and the disk can spare it beyond the reserve.
+    pub fn ensure(&self) {
+        if self.bytes == 0 || self.path.exists() {
             return;
         }
-        let Some(dir) = self.path.parent() else { return };
-        let free = self.fs.free_bytes(dir).ok().flatten();
-        if free.is_some_and(|f| f < self.bytes.saturating_add(min_free_bytes)) {
+        let Some(dir) = self.path.parent() else {
+            return;
+        };
+        if free_on(dir).is_some_and(|f| f < self.bytes.saturating_add(self.min_free)) {
             return;
         }
+        let tmp = self.path.with_extension("tmp");
         let r = (|| -> std::io::Result<()> {
-            let tmp = self.path.with_extension("tmp");
-            let _ = self.fs.remove(&tmp);
-            let mut f = self.fs.create_new(&tmp)?;
-            let chunk = vec![0u8; 1 << 20];
-            let mut at = 0;
-            while at < self.bytes {
-                let n = (self.bytes - at).min(chunk.len() as u64) as usize;
-                f.write_at(&chunk[..n], at)?;
-                at += n as u64;
-            }
-            f.sync_data()?;
-            self.fs.rename(&tmp, &self.path)?;
-            self.fs.sync_dir(dir)
+            let f = std::fs::File::create(&tmp)?;
+            rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::empty(), 0, self.bytes)
+                .map_err(std::io::Error::from)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &self.path)?;
+            std::fs::File::open(dir)?.sync_all()
         })();
         match r {
-            Ok(()) => info!(path = %self.path.display(), bytes = self.bytes, "disk reserve written"),
+            Ok(()) => {
+                info!(path = %self.path.display(), bytes = self.bytes, "disk reserve allocated")
+            }
             Err(e) => {
-                let _ = self.fs.remove(&self.path.with_extension("tmp"));
-                warn!(path = %self.path.display(), error = %e, "could not write the disk reserve");
+                let _ = std::fs::remove_file(&tmp);
+                warn!(path = %self.path.display(), error = %e, "could not allocate the disk reserve");
             }
         }
     }

@@ -182,6 +182,7 @@ async fn on_disk_zeros_written_ahead_read_as_the_end_and_a_torn_record_in_them_i
     let config = LocalWalConfig {
         segment_bytes: 1 << 20,
         max_batch_bytes: 64 << 10,
+        ..LocalWalConfig::default()
     };
     let storage = SharedLogStorage::new(dir.path(), config.clone());
     let wal = storage.open("p", Term(1)).await.unwrap();
@@ -242,6 +243,7 @@ async fn the_next_segment_is_prepared_whole_and_the_writer_rolls_to_it_instead_o
     let config = LocalWalConfig {
         segment_bytes: seg_bytes,
         max_batch_bytes: 64 << 10,
+        ..LocalWalConfig::default()
     };
     let storage = SharedLogStorage::new(dir.path(), config.clone());
     let wal = storage.open("p", Term(1)).await.unwrap();
@@ -311,6 +313,7 @@ async fn a_reader_following_the_writer_sees_every_record_as_segments_grow_and_ro
     let config = LocalWalConfig {
         segment_bytes: 12 << 20,
         max_batch_bytes: 1 << 20,
+        ..LocalWalConfig::default()
     };
     let storage = SharedLogStorage::new(dir.path(), config);
     let a = storage.open("a", Term(1)).await.unwrap();

@@ -400,6 +400,8 @@ pub async fn status(conn: &ConnArgs, json_out: bool) -> anyhow::Result<()> {
                     "recovery_ms": p.recovery_ms,
                     "replayed_messages": p.replayed_messages,
                     "checkpoint_next_id": p.checkpoint_next_id,
+                    "state": p.state,
+                    "state_detail": p.state_detail,
                 })
             })
             .collect();
@@ -409,21 +411,32 @@ pub async fn status(conn: &ConnArgs, json_out: bool) -> anyhow::Result<()> {
         writeln!(out, "node {} (walden {})", s.node_id, s.version)?;
         writeln!(
             out,
-            "{:<16} {:>6} {:>20} {:>12} {:>12} {:>10} {:>10}",
-            "PCHANNEL", "TERM", "LAST_TICK", "LAST_ID", "WAL_BYTES", "RECOVER_MS", "REPLAYED"
+            "{:<16} {:>6} {:>20} {:>12} {:>12} {:>10} {:>10} {:<10}",
+            "PCHANNEL",
+            "TERM",
+            "LAST_TICK",
+            "LAST_ID",
+            "WAL_BYTES",
+            "RECOVER_MS",
+            "REPLAYED",
+            "STATE"
         )?;
         for p in &s.pchannels {
             writeln!(
                 out,
-                "{:<16} {:>6} {:>20} {:>12} {:>12} {:>10} {:>10}",
+                "{:<16} {:>6} {:>20} {:>12} {:>12} {:>10} {:>10} {:<10}",
                 p.name,
                 p.term,
                 p.last_time_tick,
                 p.last_message_id,
                 p.wal_bytes,
                 p.recovery_ms,
-                p.replayed_messages
+                p.replayed_messages,
+                p.state
             )?;
+            if !p.state_detail.is_empty() {
+                writeln!(out, "  {}: {}", p.name, p.state_detail)?;
+            }
         }
     }
     Ok(())

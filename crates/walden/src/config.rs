@@ -78,6 +78,9 @@ pub struct WalLocalConfig {
     pub max_batch_bytes: usize,
     /// Default `shared`.
     pub layout: WalLayout,
+    /// Writes are refused (RESOURCE_EXHAUSTED) while fewer bytes are free on the WAL's file
+    /// system, and pre-allocation never goes below it. Default 128 MiB.
+    pub min_free_bytes: u64,
 }
 
 /// How the local WAL lays out its pchannels.
@@ -108,6 +111,7 @@ impl Default for WalLocalConfig {
             segment_bytes: d.segment_bytes,
             max_batch_bytes: d.max_batch_bytes,
             layout: WalLayout::Shared,
+            min_free_bytes: d.min_free_bytes,
         }
     }
 }
@@ -117,6 +121,7 @@ impl From<&WalLocalConfig> for LocalWalConfig {
         Self {
             segment_bytes: c.segment_bytes,
             max_batch_bytes: c.max_batch_bytes,
+            min_free_bytes: c.min_free_bytes,
         }
     }
 }

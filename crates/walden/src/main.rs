@@ -8,6 +8,7 @@ mod config;
 mod listener;
 mod standalone;
 mod tls;
+mod wal_cli;
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
@@ -120,6 +121,9 @@ enum Command {
         #[command(flatten)]
         common: collections_cli::Common,
     },
+    /// Offline tools for the local WAL: check it, skip damaged records.
+    #[command(subcommand)]
+    Wal(wal_cli::WalCmd),
     /// Seal every growing segment of a collection.
     Flush {
         #[arg(long)]
@@ -267,6 +271,7 @@ async fn run(cli: Cli, standalone: Option<config::Config>) -> anyhow::Result<()>
             common,
         } => collections_cli::delete(&collection, &ids, partition.as_deref(), &common).await,
         Command::Flush { collection, common } => collections_cli::flush(&collection, &common).await,
+        Command::Wal(cmd) => wal_cli::run(cmd),
     }
 }
 

@@ -12,10 +12,10 @@ use walden_coordinator::{AppendError, Appender, Coordinator, service::Collection
 use walden_message::MutableMessage;
 use walden_metastore_api::MetaStore;
 use walden_streaming_node::{
-    NodeError, channel::Health, manager::WalManager, metrics::Metrics, service::NodeService,
+    NodeError, manager::WalManager, metrics::Metrics, service::NodeService,
 };
 use walden_wal_api::WalStorage;
-use walden_wal_local::{LocalWalStorage, SharedLogStorage};
+use walden_wal_local::{LocalWalStorage, Reserve, SharedLogStorage};
 
 use crate::{auth, config::Config, listener, tls};
 
@@ -121,6 +121,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let data_dir = &config.server.data_dir;
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating data dir {}", data_dir.display()))?;
+    // On a full disk the ballast goes first, so that recovery can write what it must.
+    let reserve = Reserve::new(data_dir, config.wal_local.min_free_bytes);
+    reserve.release_if_short();
     let meta: Arc<dyn MetaStore> = Arc::new(
         walden_metastore_embedded::open(&data_dir.join("meta.redb"))
             .context("opening the metastore (is another walden using this data dir?)")?,
@@ -139,6 +142,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     )
     .await
     .context("starting the coordinator")?;
+    reserve.ensure();
 
     if let Some(http) = http {
         let http_addr = http.local_addr()?;
@@ -329,30 +333,22 @@ fn http_app(
         )
 }
 
-/// 200 when every pchannel serves; else 503 with each one that does not, and why.
+/// 200 when every pchannel serves reads and writes; else 503 with each one that does not
+/// (failed, read-only, corrupted), and why.
 fn health(manager: &WalManager) -> (StatusCode, String) {
-    let channels = manager.channels();
-    let bad: Vec<String> = channels
+    let all = manager.statuses();
+    let bad: Vec<String> = all
         .iter()
-        .filter_map(|c| match &*c.health().borrow() {
-            Health::Serving => None,
-            other => Some(format!(
-                "{}: {}",
-                c.name(),
-                walden_streaming_node::channel::health_name(other)
-            )),
-        })
+        .filter(|p| p.state != "serving")
+        .map(|p| format!("{} {}: {}", p.name, p.state, p.state_detail))
         .collect();
-    if channels.is_empty() || !bad.is_empty() {
+    if all.is_empty() || !bad.is_empty() {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not serving: {}\n", bad.join("; ")),
         )
     } else {
-        (
-            StatusCode::OK,
-            format!("ok: {} pchannels\n", channels.len()),
-        )
+        (StatusCode::OK, format!("ok: {} pchannels\n", all.len()))
     }
 }
 

@@ -37,10 +37,12 @@ use tracing::{info, warn};
 use walden_common::{MessageId, Term, validate_channel_name};
 use walden_wal_api::{ReadFrom, Wal, WalError, WalReader, WalStorage};
 
+mod check;
 mod layout;
 mod reader;
 mod writer;
 
+pub(crate) use check::check;
 pub(crate) use layout::header;
 use layout::*;
 use reader::*;
@@ -53,6 +55,8 @@ use crate::{
     lock,
     open::{claim_term, encode_term, io_err, lock_dir, read_term, stale_term},
     prepare::{Preparer, is_prepared_name},
+    ranges::{Ranges, SKIPPED_FILE, read_skipped},
+    space::Space,
     writer::{Failed, gather},
 };
 
@@ -74,6 +78,31 @@ struct Chan {
     size: AtomicU64,
     /// Group commits that carried this pchannel's records.
     syncs: AtomicU64,
+    /// Id ranges whose records are damaged (found by the open's scan or by a reader).
+    damaged: Mutex<Ranges>,
+    /// Id ranges an operator chose to skip (`SKIPPED`, written by `walden wal skip-damaged`):
+    /// readers pass over them instead of failing.
+    skipped: Mutex<Ranges>,
+}
+
+impl Chan {
+    fn mark_damaged(&self, ids: std::ops::Range<u64>) {
+        lock(&self.damaged).add(ids);
+    }
+
+    /// The error a reader gets for damaged id `id`.
+    fn damage_error(&self, id: u64, location: String) -> WalError {
+        let range = lock(&self.damaged).containing(id).unwrap_or(id..id + 1);
+        WalError::Corrupted {
+            pchannel: self.name.clone(),
+            location,
+            detail: format!(
+                "records {}..{} are damaged; those before and after read, and \
+                 `walden wal skip-damaged` lets readers pass over them",
+                range.start, range.end
+            ),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -117,6 +146,10 @@ struct Log {
     failed: AtomicBool,
     /// The storage's counter: it outlives a log reopened after a failure.
     syncs: Arc<AtomicU64>,
+    /// Free space on the log's file system.
+    space: Arc<Space>,
+    /// Damaged byte ranges the open's scan skipped, for the log.
+    damage: Mutex<Vec<String>>,
     sender: Mutex<Option<mpsc::Sender<Cmd>>>,
     writer: Mutex<Option<thread::JoinHandle<()>>>,
 }
@@ -129,6 +162,7 @@ impl Log {
         fs: Arc<dyn FileSystem>,
         config: LocalWalConfig,
         syncs: Arc<AtomicU64>,
+        space: Arc<Space>,
     ) -> Result<Arc<Self>, WalError> {
         let dir = root.join("log");
         fs.create_dir_all(&dir)
@@ -162,6 +196,8 @@ impl Log {
             segments: Mutex::new(BTreeMap::new()),
             failed: AtomicBool::new(false),
             syncs,
+            space: space.clone(),
+            damage: Mutex::new(Vec::new()),
             sender: Mutex::new(None),
             writer: Mutex::new(None),
         };
@@ -204,6 +240,7 @@ impl Log {
             indexers: Vec::new(),
             config,
             failed: Failed::default(),
+            space,
             _lock: lock_guard,
         };
         let handle = thread::Builder::new()
@@ -224,6 +261,8 @@ impl Log {
                     durable_end: AtomicU64::new(0),
                     size: AtomicU64::new(0),
                     syncs: AtomicU64::new(0),
+                    damaged: Mutex::new(Ranges::default()),
+                    skipped: Mutex::new(Ranges::default()),
                 })
             })
             .clone()
@@ -322,8 +361,11 @@ impl Log {
             match format::record_at(&b[off..]) {
                 RecordAt::Valid { start, len } => {
                     let body = &b[off + start..off + start + len];
-                    let (id, name, _) = parse_body(body)
-                        .ok_or_else(|| corrupted(format!("record at {off} has no valid body")))?;
+                    let Some((id, name, _)) = parse_body(body) else {
+                        warn!(segment = %location, at = off, "record with a damaged body; skipped");
+                        off += start + len;
+                        continue;
+                    };
                     let chan = match &cur {
                         Some(c) if c.name == name => c.clone(),
                         _ => {
@@ -336,10 +378,25 @@ impl Log {
                     let expected = ix.first_id + ix.locs.len() as u64;
                     if ix.locs.is_empty() {
                         ix.first_id = id;
-                    } else if id != expected {
-                        return Err(corrupted(format!(
-                            "{name}: id {id} at {off}, expected {expected}"
-                        )));
+                    } else if id < expected {
+                        warn!(segment = %location, at = off, pchannel = name, id, expected,
+                            "record out of order; skipped");
+                        drop(ix);
+                        off += start + len;
+                        continue;
+                    } else if id > expected {
+                        // Records of this pchannel were in damaged bytes before this one: hold
+                        // their places (so ids stay dense) and remember them as damaged.
+                        warn!(segment = %location, at = off, pchannel = name,
+                            damaged = %format!("{expected}..{id}"), "records lost to damage");
+                        for _ in expected..id {
+                            ix.locs.push_back(Loc {
+                                seg: seq,
+                                off: off as u64,
+                                len: 0,
+                            });
+                        }
+                        chan.mark_damaged(expected..id);
                     }
                     let total = (start + len) as u32;
                     ix.locs.push_back(Loc {
@@ -364,7 +421,24 @@ impl Log {
                 damage => {
                     let after = format::any_valid_record_after(b, off + 1);
                     if !last || after.is_some() {
-                        return Err(corrupted(format!("record at {off}: {damage:?}")));
+                        // Damage in the middle of the log: confined to the pchannels whose
+                        // records it held (found as gaps in their ids); the others read on.
+                        let until = after.unwrap_or(b.len());
+                        warn!(segment = %location, at = off, until, ?damage,
+                            "damaged bytes in the log; skipping them");
+                        lock(&self.damage).push(format!(
+                            "{location}: bytes {off}..{until} damaged ({damage:?})"
+                        ));
+                        match after {
+                            Some(a) => {
+                                off = a;
+                                continue;
+                            }
+                            None => {
+                                off = b.len();
+                                break;
+                            }
+                        }
                     }
                     warn!(segment = %location, at = off, "cutting a torn tail");
                     file.truncate(off as u64)
@@ -446,6 +520,7 @@ pub struct SharedLogStorage {
     log: Mutex<Option<Arc<Log>>>,
     handles: Mutex<HashMap<String, Weak<HandleState>>>,
     syncs: Arc<AtomicU64>,
+    space: Arc<Space>,
 }
 
 impl SharedLogStorage {
@@ -458,8 +533,10 @@ impl SharedLogStorage {
         fs: Arc<dyn FileSystem>,
         config: LocalWalConfig,
     ) -> Self {
+        let root = root.into();
         Self {
-            root: root.into(),
+            space: Arc::new(Space::new(fs.clone(), root.clone(), config.min_free_bytes)),
+            root,
             fs,
             config,
             log: Mutex::new(None),
@@ -485,6 +562,7 @@ impl SharedLogStorage {
             self.fs.clone(),
             self.config.clone(),
             self.syncs.clone(),
+            self.space.clone(),
         )?;
         info!(
             pchannels = lock(&log.chans).len(),
@@ -504,6 +582,11 @@ impl SharedLogStorage {
             .map_err(io_err(pchannel, "creating the pchannel directory"))?;
         claim_term(&*self.fs, &dir, pchannel, term)?;
         let chan = log.chan(pchannel);
+        *lock(&chan.skipped) = read_skipped(&*self.fs, &dir, pchannel)?;
+        for r in lock(&chan.skipped).iter() {
+            warn!(pchannel, skipped = %format!("{}..{}", r.start, r.end),
+                "damaged records skipped by an operator (audit: {SKIPPED_FILE})");
+        }
         // Ids never restart: the persisted first id holds even when no record is left.
         if let Some(Term(first)) = read_term(&*self.fs, &dir.join(FIRST_FILE), pchannel)? {
             let mut ix = lock(&chan.index);
@@ -594,6 +677,19 @@ pub struct SharedWal {
 impl Wal for SharedWal {
     fn pchannel(&self) -> &str {
         &self.chan.name
+    }
+
+    fn writable(&self) -> Result<(), WalError> {
+        self.log.space.check(&self.chan.name)
+    }
+
+    fn damaged(&self) -> Vec<std::ops::Range<MessageId>> {
+        let skipped = lock(&self.chan.skipped).clone();
+        lock(&self.chan.damaged)
+            .iter()
+            .flat_map(|r| skipped.subtract(r.clone()))
+            .map(|r| MessageId(r.start)..MessageId(r.end))
+            .collect()
     }
 
     fn term(&self) -> Term {

@@ -69,28 +69,27 @@ impl SharedReader {
         for (k, loc) in locs.iter().enumerate() {
             let at = (loc.off - base) as usize;
             let id = self.next + k as u64;
-            let corrupted = |detail: &str| WalError::Corrupted {
-                pchannel: p.clone(),
-                location: format!("{} at {}", segment_name(loc.seg), loc.off),
-                detail: detail.to_owned(),
-            };
-            let bytes = chunk
-                .get(at..at + loc.len as usize)
-                .ok_or_else(|| corrupted("record cut short"))?;
-            let RecordAt::Valid { start, len } = format::record_at(bytes) else {
-                return Err(corrupted("damaged record"));
-            };
-            let body = &bytes[start..start + len];
-            let (rid, name, payload) =
-                parse_body(body).ok_or_else(|| corrupted("damaged record body"))?;
-            if rid != id || name != p {
-                return Err(corrupted("index points at another record"));
+            match record_in(&chunk, at, loc, id, &p) {
+                Ok(payload) => self.ready.push_back((MessageId(id), payload)),
+                Err(why) => {
+                    // What comes before the damage is delivered first; the damaged record
+                    // fails the call after, with its exact range.
+                    self.next = id;
+                    if k > 0 {
+                        return Ok(());
+                    }
+                    self.chan.mark_damaged(id..id + 1);
+                    if let Some(r) = lock(&self.chan.skipped).containing(id) {
+                        // An operator chose to pass over these (SKIPPED says who and why).
+                        self.next = r.end;
+                        return Ok(());
+                    }
+                    return Err(self.chan.damage_error(
+                        id,
+                        format!("{} at {}: {why}", segment_name(loc.seg), loc.off),
+                    ));
+                }
             }
-            let s = at + start;
-            self.ready.push_back((
-                MessageId(id),
-                chunk.slice(s + payload.start..s + payload.end),
-            ));
         }
         self.next += locs.len() as u64;
         Ok(())
@@ -143,12 +142,43 @@ impl SharedReader {
     }
 }
 
+/// Record `id`'s payload from `chunk` at `at`, or why it cannot be read.
+fn record_in(
+    chunk: &Bytes,
+    at: usize,
+    loc: &Loc,
+    id: u64,
+    pchannel: &str,
+) -> Result<Bytes, &'static str> {
+    if loc.len == 0 {
+        return Err("lost to damage found at open");
+    }
+    let bytes = chunk
+        .get(at..at + loc.len as usize)
+        .ok_or("record cut short")?;
+    let RecordAt::Valid { start, len } = format::record_at(bytes) else {
+        return Err("damaged record");
+    };
+    let body = &bytes[start..start + len];
+    let (rid, name, payload) = parse_body(body).ok_or("damaged record body")?;
+    if rid != id || name != pchannel {
+        return Err("index points at another record");
+    }
+    let s = at + start;
+    Ok(chunk.slice(s + payload.start..s + payload.end))
+}
+
 impl WalReader for SharedReader {
     fn next(&mut self) -> BoxFuture<'_, Result<Option<(MessageId, Bytes)>, WalError>> {
         async move {
-            if self.ready.is_empty() {
-                // Page-cache reads, like the per-pchannel reader's.
+            // Page-cache reads, like the per-pchannel reader's. A fill may deliver nothing
+            // and move on (a skipped range): fill again then.
+            while self.ready.is_empty() {
+                let before = self.next;
                 self.fill()?;
+                if self.next == before {
+                    break;
+                }
             }
             Ok(self.ready.pop_front())
         }

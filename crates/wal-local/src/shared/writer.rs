@@ -38,6 +38,7 @@ pub(super) struct Writer {
     pub(super) indexers: Vec<thread::JoinHandle<()>>,
     pub(super) config: LocalWalConfig,
     pub(super) failed: Failed,
+    pub(super) space: Arc<Space>,
     pub(super) _lock: Box<dyn LockGuard>,
 }
 
@@ -53,7 +54,12 @@ impl Drop for Writer {
 impl Writer {
     pub(super) fn run(mut self) {
         if self.file.cheap_overwrite() {
-            match Preparer::start(self.fs.clone(), self.dir.clone(), self.config.segment_bytes) {
+            match Preparer::start(
+                self.fs.clone(),
+                self.dir.clone(),
+                self.config.segment_bytes,
+                self.space.clone(),
+            ) {
                 Ok(mut p) => {
                     p.want(self.seq + 1);
                     self.prep = Some(p);
@@ -237,6 +243,12 @@ impl Writer {
             }
             let room = self.config.segment_bytes.saturating_sub(self.zeroed).max(n);
             let chunk = (PREZERO_BYTES as u64).min(room) as usize;
+            // Zeros ahead only from space above the reserve; below it the records grow the
+            // file as they come.
+            if !self.space.room_for(chunk as u64) {
+                self.zeroed = self.zeroed.max(self.len + n);
+                return Ok(());
+            }
             self.file.write_at(&self.zeros[..chunk], self.zeroed)?;
             self.zeroed += chunk as u64;
         }

@@ -22,6 +22,7 @@ pub fn small_segments() -> LocalWalConfig {
     LocalWalConfig {
         segment_bytes: 4096,
         max_batch_bytes: 64 << 10,
+        ..LocalWalConfig::default()
     }
 }
 
