@@ -67,8 +67,24 @@ pub trait FileSystem: Send + Sync + Debug + 'static {
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
     /// Makes the directory's entries (creations, removals, renames) durable.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
-    /// Replaces `path`'s content atomically and durably (write a temp file, sync, rename).
-    fn write_atomic(&self, path: &Path, data: &[u8]) -> io::Result<()>;
+    /// Replaces `path`'s content atomically and durably: a temp file written and synced,
+    /// renamed over `path`, and the directory synced (without that last step a crash can
+    /// bring the old content back). Built from the other calls, so the fault file system
+    /// checks each step.
+    fn write_atomic(&self, path: &Path, data: &[u8]) -> io::Result<()> {
+        let tmp = path.with_extension("tmp");
+        match self.remove(&tmp) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let mut f = self.create_new(&tmp)?;
+        f.append(data)?;
+        f.sync_data()?;
+        drop(f);
+        self.rename(&tmp, path)?;
+        self.sync_dir(path.parent().unwrap_or(Path::new(".")))
+    }
     /// The whole content of `path`, or `None` if it does not exist.
     fn read_all(&self, path: &Path) -> io::Result<Option<Vec<u8>>>;
     /// Takes an exclusive lock on `path` (creating it), or fails with `WouldBlock` if another
@@ -180,16 +196,6 @@ impl FileSystem for StdFs {
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         File::open(dir)?.sync_all()
     }
-    fn write_atomic(&self, path: &Path, data: &[u8]) -> io::Result<()> {
-        let tmp = path.with_extension("tmp");
-        {
-            let mut f = File::create(&tmp)?;
-            f.write_all(data)?;
-            f.sync_all()?;
-        }
-        fs::rename(&tmp, path)?;
-        self.sync_dir(path.parent().unwrap_or(Path::new(".")))
-    }
     fn read_all(&self, path: &Path) -> io::Result<Option<Vec<u8>>> {
         match fs::read(path) {
             Ok(d) => Ok(Some(d)),
@@ -249,6 +255,10 @@ struct FaultState {
     epoch: u64,
     /// What `free_bytes` answers (None: unknown).
     free: Option<u64>,
+    /// The names as of each directory's last `sync_dir`: what a crash leaves. Creations,
+    /// renames and removals change `files` at once and reach this only when their directory
+    /// is synced.
+    durable_names: HashMap<PathBuf, Arc<Mutex<MemFile>>>,
 }
 
 /// In-memory file system with fault injection and crash simulation. Clones share state.
@@ -286,6 +296,8 @@ impl FaultFs {
         s.epoch += 1;
         s.locks.clear();
         s.plan = FaultPlan::default();
+        // Directory entries not synced are lost (or come back, for removals).
+        s.files = s.durable_names.clone();
         for (path, f) in &s.files {
             let mut f = lock(f);
             let unsynced = f.data.len() - f.durable;
@@ -328,6 +340,9 @@ struct FaultFile {
     fs: FaultFs,
     file: Arc<Mutex<MemFile>>,
     epoch: u64,
+    /// A `write_atomic` temp file: its writes and syncs are not counted by the fault plan
+    /// (whose positions are about the WAL's own appends and syncs).
+    tmp: bool,
 }
 
 impl FaultFile {
@@ -342,7 +357,9 @@ impl FaultFile {
 impl WalFile for FaultFile {
     fn append(&mut self, buf: &[u8]) -> io::Result<()> {
         self.check_alive()?;
-        let torn = {
+        let torn = if self.tmp {
+            None
+        } else {
             let mut s = lock(&self.fs.state);
             let n = s.appends;
             s.appends += 1;
@@ -372,7 +389,7 @@ impl WalFile for FaultFile {
     }
     fn sync_data(&mut self) -> io::Result<()> {
         self.check_alive()?;
-        let fail = {
+        let fail = !self.tmp && {
             let mut s = lock(&self.fs.state);
             let n = s.syncs;
             s.syncs += 1;
@@ -438,6 +455,7 @@ impl FileSystem for FaultFs {
             fs: self.clone(),
             file,
             epoch: s.epoch,
+            tmp: path.extension().is_some_and(|e| e == "tmp"),
         }))
     }
     fn open(&self, path: &Path) -> io::Result<Box<dyn WalFile>> {
@@ -451,6 +469,7 @@ impl FileSystem for FaultFs {
             fs: self.clone(),
             file,
             epoch: s.epoch,
+            tmp: false,
         }))
     }
     fn remove(&self, path: &Path) -> io::Result<()> {
@@ -469,15 +488,15 @@ impl FileSystem for FaultFs {
         s.files.insert(to.to_owned(), f);
         Ok(())
     }
-    fn sync_dir(&self, _dir: &Path) -> io::Result<()> {
-        Ok(())
-    }
-    fn write_atomic(&self, path: &Path, data: &[u8]) -> io::Result<()> {
-        let file = Arc::new(Mutex::new(MemFile {
-            data: data.to_vec(),
-            durable: data.len(),
-        }));
-        lock(&self.state).files.insert(path.to_owned(), file);
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        let mut s = lock(&self.state);
+        let s = &mut *s;
+        s.durable_names.retain(|p, _| p.parent() != Some(dir));
+        for (p, f) in &s.files {
+            if p.parent() == Some(dir) {
+                s.durable_names.insert(p.clone(), f.clone());
+            }
+        }
         Ok(())
     }
     fn read_all(&self, path: &Path) -> io::Result<Option<Vec<u8>>> {

@@ -43,12 +43,22 @@ async fn a_missing_or_damaged_segment_index_falls_back_to_scanning_the_segment()
     let wal = storage_on(&fs).open("p", Term(2)).await.unwrap();
     check_recovered(&read_all(&wal).await, &acked, &[]);
     assert_eq!(wal.append(payload(100)).await.unwrap(), MessageId(100));
-    // And a scanned segment is checked: damage there fails the open.
+    // And a scanned segment is checked: damage there is found at open and reported (the
+    // pchannel's damaged ids), never skipped.
     drop(wal);
     let segs = segments(&fs);
     fs.corrupt(&segs[0], 200);
-    let err = storage_on(&fs).open("p", Term(3)).await.unwrap_err();
-    assert!(matches!(err, WalError::Corrupted { .. }), "got {err:?}");
+    let wal = storage_on(&fs).open("p", Term(3)).await.unwrap();
+    assert_eq!(wal.damaged().len(), 1, "{:?}", wal.damaged());
+    let mut r = wal.read(walden_wal_api::ReadFrom::Earliest).unwrap();
+    let err = loop {
+        match r.next().await {
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the damage was skipped"),
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(err, WalError::Corrupted { .. }), "got {err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -587,8 +587,28 @@ impl SharedLogStorage {
             warn!(pchannel, skipped = %format!("{}..{}", r.start, r.end),
                 "damaged records skipped by an operator (audit: {SKIPPED_FILE})");
         }
+        let persisted_first = read_term(&*self.fs, &dir.join(FIRST_FILE), pchannel)?;
+        {
+            // Records from the persisted first id (0 if never truncated) up to the first one
+            // found were lost to damage (nothing else removes them): keep their places.
+            let expected = persisted_first.map_or(0, |t| t.0);
+            let mut ix = lock(&chan.index);
+            if let Some(front) = ix.locs.front().copied()
+                && ix.first_id > expected
+            {
+                let lost = expected..ix.first_id;
+                warn!(pchannel, damaged = %format!("{}..{}", lost.start, lost.end),
+                    "the pchannel's first records were lost to damage");
+                for _ in lost.clone() {
+                    ix.locs.push_front(Loc { len: 0, ..front });
+                }
+                ix.first_id = expected;
+                drop(ix);
+                chan.mark_damaged(lost);
+            }
+        }
         // Ids never restart: the persisted first id holds even when no record is left.
-        if let Some(Term(first)) = read_term(&*self.fs, &dir.join(FIRST_FILE), pchannel)? {
+        if let Some(Term(first)) = persisted_first {
             let mut ix = lock(&chan.index);
             if ix.first_id < first {
                 // Records below it may survive in a segment another pchannel still needs.

@@ -373,6 +373,9 @@ impl Writer {
             })
             .map(|(seq, _)| *seq)
             .collect();
+        if doomed.is_empty() {
+            return;
+        }
         for seq in doomed {
             let path = self.dir.join(segment_name(seq));
             if let Err(e) = self.fs.remove(&path) {
@@ -382,6 +385,7 @@ impl Writer {
             let _ = self.fs.remove(&self.dir.join(index_name(seq)));
             lock(&log.segments).remove(&seq);
         }
+        // A removal lost in a crash only brings back a segment below every first id.
         let _ = self.fs.sync_dir(&self.dir);
     }
 }

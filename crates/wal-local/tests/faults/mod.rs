@@ -188,6 +188,85 @@ pub async fn crash_between_write_and_sync(make: Make) {
     }
 }
 
+/// Creations and renames of files are durable only once their directory is synced: a crash
+/// that keeps no unsynced byte and no unsynced directory entry loses nothing acknowledged,
+/// across segment rolls, and so does a second crash right after the reopen (whose recovery
+/// may itself create, cut or rename files). Fails if any directory fsync the design promises
+/// is left out (a rolled segment, or a TERM or FIRST file, would vanish).
+pub async fn acknowledged_records_survive_crashes_that_drop_unsynced_directory_entries(make: Make) {
+    let fs = FaultFs::new();
+    let storage = make(&fs);
+    let wal = storage.open("p", Term(1)).await.unwrap();
+    let (mut acked, failed) = append_some(&wal, 0, 200).await;
+    assert!(failed.is_empty());
+    drop(wal);
+    drop(storage);
+    let rolled = fs.files().len();
+    fs.crash(|_, _| 0);
+    assert_eq!(
+        fs.files().len(),
+        rolled,
+        "a file's directory entry was never synced"
+    );
+    for term in 2..4 {
+        let storage = make(&fs);
+        let wal = storage.open("p", Term(term)).await.unwrap();
+        check_recovered(&read_all(&wal).await, &acked, &[]);
+        drop(wal);
+        drop(storage);
+        // Again, right after the reopen.
+        fs.crash(|_, _| 0);
+    }
+    // A few records (into the segment the reopen started, no roll after them), then many.
+    for (term, n) in [(4, 3), (5, 50)] {
+        let storage = make(&fs);
+        let wal = storage.open("p", Term(term)).await.unwrap();
+        check_recovered(&read_all(&wal).await, &acked, &[]);
+        let (more, failed) = append_some(&wal, 1000 * term, n).await;
+        assert!(failed.is_empty());
+        acked.extend(more);
+        drop(wal);
+        drop(storage);
+        fs.crash(|_, _| 0);
+    }
+    let storage = make(&fs);
+    let wal = storage.open("p", Term(6)).await.unwrap();
+    check_recovered(&read_all(&wal).await, &acked, &[]);
+}
+
+/// A term, once a pchannel opened under it, survives a crash: an older writer is refused.
+pub async fn a_term_survives_a_crash(make: Make) {
+    let fs = FaultFs::new();
+    let storage = make(&fs);
+    let wal = storage.open("p", Term(5)).await.unwrap();
+    wal.append(payload(1)).await.unwrap();
+    drop(wal);
+    drop(storage);
+    fs.crash(|_, _| 0);
+    let err = make(&fs).open("p", Term(3)).await.unwrap_err();
+    assert!(
+        matches!(err, walden_wal_api::WalError::Fenced { .. }),
+        "a stale term opened after a crash: {err:?}"
+    );
+}
+
+/// Truncation survives a crash: ids below the truncation point stay gone and ids never restart.
+pub async fn truncation_survives_a_crash(make: Make) {
+    let fs = FaultFs::new();
+    let storage = make(&fs);
+    let wal = storage.open("p", Term(1)).await.unwrap();
+    append_some(&wal, 0, 200).await;
+    wal.truncate(MessageId(150)).await.unwrap();
+    let first = wal.first_id();
+    assert!(first > MessageId(0));
+    drop(wal);
+    drop(storage);
+    fs.crash(|_, _| 0);
+    let wal = make(&fs).open("p", Term(2)).await.unwrap();
+    assert!(wal.first_id() >= first, "{:?} < {first:?}", wal.first_id());
+    assert_eq!(wal.append(payload(7)).await.unwrap(), MessageId(200));
+}
+
 /// The tests every layout runs: the conformance suite on disk and on the fault file system, and
 /// the fault scenarios above, and damage. `$storage` has `new(root, config)` and
 /// `with_fs(root, fs, config)`; its segment files end in `.$ext`.
@@ -247,24 +326,82 @@ macro_rules! layout_suite {
         }
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn damage_in_the_middle_of_the_active_segment_is_refused_not_skipped() {
-            let fs = FaultFs::new();
-            let config = walden_wal_local::LocalWalConfig::default();
-            let storage = <$storage>::with_fs("/wal", Arc::new(fs.clone()), config.clone());
-            let wal = storage.open("p", walden_common::Term(1)).await.unwrap();
-            faults::append_some(&wal, 0, 20).await;
-            wal.close().await.unwrap();
-            drop(wal);
-            drop(storage);
-            let seg = segments(&fs).pop().unwrap();
-            // Byte 100 is inside an early record, with valid records after it.
-            fs.corrupt(&seg, 100);
-            let storage = <$storage>::with_fs("/wal", Arc::new(fs.clone()), config);
-            let err = storage.open("p", walden_common::Term(2)).await.unwrap_err();
-            assert!(
-                matches!(err, walden_wal_api::WalError::Corrupted { .. }),
-                "got {err:?}"
-            );
+        async fn acknowledged_records_survive_crashes_that_drop_unsynced_directory_entries() {
+            faults::acknowledged_records_survive_crashes_that_drop_unsynced_directory_entries(make)
+                .await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_term_survives_a_crash() {
+            faults::a_term_survives_a_crash(make).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn truncation_survives_a_crash() {
+            faults::truncation_survives_a_crash(make).await;
+        }
+
+        /// Damage with valid records after it is never taken for a torn tail and never
+        /// skipped in silence: either the open refuses it (per-pchannel layout), or the
+        /// pchannel reports the damaged ids and a reader gets every record before them and
+        /// then CORRUPTED (shared layout, where the other pchannels must go on).
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn damage_in_the_middle_of_the_active_segment_is_reported_never_skipped() {
+            for at in [30usize, 100, 400] {
+                let fs = FaultFs::new();
+                let config = walden_wal_local::LocalWalConfig::default();
+                let storage = <$storage>::with_fs("/wal", Arc::new(fs.clone()), config.clone());
+                let wal = storage.open("p", walden_common::Term(1)).await.unwrap();
+                let (acked, _) = faults::append_some(&wal, 0, 20).await;
+                let mut acked: Vec<_> = acked.into_iter().collect();
+                acked.sort_by_key(|x| x.0);
+                wal.close().await.unwrap();
+                drop(wal);
+                drop(storage);
+                let seg = segments(&fs).pop().unwrap();
+                fs.corrupt(&seg, at);
+                let storage = <$storage>::with_fs("/wal", Arc::new(fs.clone()), config);
+                let wal = match storage.open("p", walden_common::Term(2)).await {
+                    Err(e) => {
+                        assert!(
+                            matches!(e, walden_wal_api::WalError::Corrupted { .. }),
+                            "byte {at}: got {e:?}"
+                        );
+                        continue;
+                    }
+                    Ok(w) => w,
+                };
+                let damaged = wal.damaged();
+                assert_eq!(damaged.len(), 1, "byte {at}: {damaged:?}");
+                let mut r = wal.read(walden_wal_api::ReadFrom::Earliest).unwrap();
+                let mut before = Vec::new();
+                let err = loop {
+                    match r.next().await {
+                        Ok(Some((id, p))) => before.push((id, p)),
+                        Ok(None) => panic!("byte {at}: the damage was skipped"),
+                        Err(e) => break e,
+                    }
+                };
+                assert!(
+                    matches!(err, walden_wal_api::WalError::Corrupted { .. }),
+                    "byte {at}: got {err:?}"
+                );
+                let first_bad = damaged[0].start.0 as usize;
+                assert_eq!(before, acked[..first_bad].to_vec(), "byte {at}");
+                // Past the damage, everything else reads.
+                let mut r = wal
+                    .read(walden_wal_api::ReadFrom::At(damaged[0].end))
+                    .unwrap();
+                let mut after = Vec::new();
+                while let Some(x) = r.next().await.unwrap() {
+                    after.push(x);
+                }
+                assert_eq!(
+                    after,
+                    acked[damaged[0].end.0 as usize..].to_vec(),
+                    "byte {at}"
+                );
+            }
         }
 
         /// Damage in a sealed segment (not read at open) is reported to the reader that meets it.
