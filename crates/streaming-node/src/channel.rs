@@ -155,6 +155,9 @@ pub struct Channel {
     recovery: Mutex<Recovery>,
     /// Woken when enough messages were appended to call for a checkpoint.
     checkpoint_due: Arc<tokio::sync::Notify>,
+    /// Closed because the node is shutting down (not for a reopen): callers get ON_SHUTDOWN
+    /// and go to the pchannel's next owner.
+    shutting_down: std::sync::atomic::AtomicBool,
     /// Set when the replay met damaged records: the collection state past them is unknown,
     /// so every write is refused (CORRUPTED) while intact records are still read.
     read_only: Mutex<Option<String>>,
@@ -254,6 +257,7 @@ impl Channel {
             recovery: Mutex::new(Recovery::default()),
             checkpoint_due: Arc::new(tokio::sync::Notify::new()),
             read_only: Mutex::new(None),
+            shutting_down: std::sync::atomic::AtomicBool::new(false),
         });
         tokio::spawn(complete_in_order(Arc::downgrade(&channel), rx));
         tokio::spawn(time_ticks(Arc::downgrade(&channel)));
@@ -545,7 +549,7 @@ impl Channel {
                 .clone()
                 .acquire_many_owned(permits)
                 .await
-                .map_err(|_| NodeError::ChannelClosed(self.name.clone()))?,
+                .map_err(|_| self.closed_error())?,
         );
         loop {
             if let Some(done) = self.try_submit(&mut msg, checked.as_ref(), &mut permit)? {
@@ -565,7 +569,7 @@ impl Channel {
     ) -> Result<Option<PendingAppend>, NodeError> {
         let mut st = self.lock();
         if st.closed {
-            return Err(NodeError::ChannelClosed(self.name.clone()));
+            return Err(self.closed_error());
         }
         if let Some(why) = &st.failed {
             return Err(NodeError::ChannelClosed(format!("{}: {why}", self.name)));
@@ -833,6 +837,23 @@ impl Channel {
             let bytes = self.lock().shards.growing_bytes();
             self.metrics.growing_bytes.sub(bytes as i64);
         }
+    }
+
+    /// What a caller of a closed channel gets: ON_SHUTDOWN when the node is stopping, else
+    /// the retryable error of a channel being reopened.
+    pub fn closed_error(&self) -> NodeError {
+        if self.shutting_down.load(std::sync::atomic::Ordering::SeqCst) {
+            NodeError::ShuttingDown
+        } else {
+            NodeError::ChannelClosed(self.name.clone())
+        }
+    }
+
+    /// Closes the channel because the node stops.
+    pub async fn close_on_shutdown(&self) {
+        self.shutting_down
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.close().await;
     }
 
     /// Serves reads only: the replay at open met damage (`why`).

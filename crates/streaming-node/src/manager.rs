@@ -38,6 +38,7 @@ pub struct WalManager {
     channels: RwLock<HashMap<String, Arc<Channel>>>,
     /// Pchannels that could not be opened yet, with the last error (retried with backoff).
     unopened: RwLock<HashMap<String, String>>,
+    shutting_down: std::sync::atomic::AtomicBool,
 }
 
 impl WalManager {
@@ -59,6 +60,7 @@ impl WalManager {
             metrics,
             channels: RwLock::new(HashMap::new()),
             unopened: RwLock::new(HashMap::new()),
+            shutting_down: std::sync::atomic::AtomicBool::new(false),
         });
         // One task per pchannel: replay is CPU work, and this way it uses every core.
         let opens = manager.config.pchannel_names().into_iter().map(|name| {
@@ -195,6 +197,9 @@ impl WalManager {
 
     /// The channel serving `pchannel`; `term` 0 accepts any term.
     pub fn get(&self, pchannel: &str, term: u64) -> Result<Arc<Channel>, NodeError> {
+        if self.shutting_down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(NodeError::ShuttingDown);
+        }
         let ch = self
             .channels
             .read()
@@ -244,7 +249,9 @@ impl WalManager {
             .drain()
             .map(|(_, c)| c)
             .collect();
-        futures::future::join_all(channels.iter().map(|c| c.close())).await;
+        self.shutting_down
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        futures::future::join_all(channels.iter().map(|c| c.close_on_shutdown())).await;
     }
 }
 

@@ -177,6 +177,25 @@ async fn run(
             _ => Pos::Storage(channel.wal().first_id()),
         },
     };
+    // A position below the log's first id is TRUNCATED even while the write-ahead buffer
+    // still holds it: what a consumer can read must not depend on what is in memory.
+    // (`All` starts at whatever is retained.)
+    let explicit = matches!(
+        policy,
+        DeliverPolicy::StartFrom(_) | DeliverPolicy::StartAfter(_)
+    );
+    if let Pos::Storage(from) = pos {
+        let first = channel.wal().first_id();
+        if from < first && !explicit {
+            pos = Pos::Storage(first);
+        } else if from < first {
+            return Err(NodeError::Wal(walden_wal_api::WalError::Truncated {
+                pchannel: channel.name().to_owned(),
+                requested: from,
+                first,
+            }));
+        }
+    }
     let mut health = channel.health();
     let mut changes = wab.subscribe();
     let mut batch = Vec::with_capacity(TAIL_BATCH);
@@ -260,12 +279,12 @@ async fn wait(
     channel: &Channel,
 ) -> Result<(), NodeError> {
     if *health.borrow() != Health::Serving {
-        return Err(NodeError::ChannelClosed(channel.name().to_owned()));
+        return Err(channel.closed_error());
     }
     tokio::select! {
         r = changes.changed() => {
             if r.is_err() {
-                return Err(NodeError::ChannelClosed(channel.name().to_owned()));
+                return Err(channel.closed_error());
             }
         }
         _ = health.changed() => {}

@@ -188,10 +188,13 @@ async fn produce_loop(
                     graceful = true;
                 }
                 Ok(Some(_)) => {
+                    // A stream-level error ends the stream (as the protocol says): nothing
+                    // after it is read, so nothing after it is written.
                     let e = NodeError::InvalidSequence("expected `produce` or `close`".into());
                     if !send(error_response(&e)).await {
                         return;
                     }
+                    input_open = false;
                 }
                 Ok(None) => input_open = false,
                 Err(status) => {

@@ -359,3 +359,72 @@ async fn a_storage_failure_reopens_the_pchannel_under_a_new_term_and_keeps_ackno
         "got {payloads:?}"
     );
 }
+
+/// The first scan error, within 5 s.
+async fn scan_error(channel: Arc<Channel>, policy: DeliverPolicy) -> NodeError {
+    let (tx, mut rx) = mpsc::channel(64);
+    let task = tokio::spawn(scanner::scan(channel, policy, Filters::default(), tx));
+    loop {
+        let r = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("an answer in time")
+            .expect("the scan reports before it ends");
+        if let Err(e) = r {
+            task.abort();
+            return e;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_consumer_starting_below_the_truncation_point_gets_truncated() {
+    use walden_common::HasErrorCode;
+    let (m, _, _) = manager(small()).await;
+    let ch = m.get("walden-dml-0", 0).unwrap();
+    for i in 0..20 {
+        ch.append(insert("v", i)).await.unwrap();
+    }
+    ch.wal().truncate(MessageId(10)).await.unwrap();
+    let first = ch.wal().first_id();
+    assert!(first > MessageId(0));
+    let e = scan_error(ch.clone(), DeliverPolicy::StartFrom(MessageId(0))).await;
+    assert_eq!(e.code(), walden_common::ErrorCode::Truncated, "{e}");
+    assert!(!e.is_retryable());
+    // From the first retained id on, it reads.
+    let got = collect(ch, DeliverPolicy::StartFrom(first), Filters::default(), 1).await;
+    assert!(got[0].id >= first);
+}
+
+#[tokio::test]
+async fn appends_and_scans_during_a_shutdown_get_on_shutdown_and_a_retry_hint() {
+    use walden_common::HasErrorCode;
+    let (m, _, _) = manager(small()).await;
+    let ch = m.get("walden-dml-0", 0).unwrap();
+    ch.append(insert("v", 0)).await.unwrap();
+    let (tx, mut rx) = mpsc::channel(64);
+    let scan = tokio::spawn(scanner::scan(
+        ch.clone(),
+        DeliverPolicy::All,
+        Filters::default(),
+        tx,
+    ));
+    m.shutdown().await;
+    let e = ch.append(insert("v", 1)).await.unwrap_err();
+    assert_eq!(e.code(), walden_common::ErrorCode::OnShutdown, "{e}");
+    assert!(
+        e.is_retryable(),
+        "ON_SHUTDOWN sends the caller to the next owner"
+    );
+    let e = m.get("walden-dml-0", 0).unwrap_err();
+    assert_eq!(e.code(), walden_common::ErrorCode::OnShutdown, "{e}");
+    // The tailing scan ends with ON_SHUTDOWN after what it held.
+    let end = loop {
+        match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
+            Ok(Some(Ok(_))) => continue,
+            Ok(Some(Err(e))) => break e,
+            other => panic!("the scan ended without saying why: {other:?}"),
+        }
+    };
+    assert_eq!(end.code(), walden_common::ErrorCode::OnShutdown, "{end}");
+    scan.abort();
+}

@@ -268,6 +268,18 @@ async fn a_transaction_open_at_a_crash_is_rolled_back_when_the_pchannel_reopens(
 
     let m = common::start(&storage, &meta, config()).await;
     let ch = m.get("walden-dml-0", 0).unwrap();
+    // The reopen wrote a RollbackTxn for each of the three (a node that forgot open
+    // transactions would write none, and consumers would buffer them forever).
+    let mut r = ch.wal().read(walden_wal_api::ReadFrom::Earliest).unwrap();
+    let mut rolled_back = Vec::new();
+    while let Some((id, rec)) = r.next().await.unwrap() {
+        let msg = walden_message::codec::decode(id, rec).unwrap();
+        if msg.message_type() == MessageType::RollbackTxn {
+            rolled_back.push(msg.header.txn.map(|c| c.txn_id));
+        }
+    }
+    rolled_back.sort();
+    assert_eq!(rolled_back, [Some(t), Some(cp_txn), Some(t3)]);
     for id in [t, cp_txn, t3] {
         assert_eq!(
             end(&ch, "v", id, MessageType::CommitTxn).await.unwrap_err(),

@@ -474,3 +474,45 @@ async fn bad_startup_settings_are_refused_at_once_before_recovery() {
     let err = ClientError::from(status);
     assert_eq!(err.code(), ErrorCode::InvalidArgument, "{err}");
 }
+
+/// A produce stream that does not start with `open`, or sends `open` twice, gets
+/// INVALID_REQUEST_SEQUENCE (11) and writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_produce_stream_out_of_sequence_gets_invalid_request_sequence() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), Some("[node]\npchannels = 1\n")).await;
+    let mut grpc =
+        pb::streaming_node_client::StreamingNodeClient::connect(format!("http://{}", server.addr))
+            .await
+            .unwrap();
+    let produce = |id: u64| pb::ProduceRequest {
+        request: Some(pb::produce_request::Request::Produce(pb::ProduceMessage {
+            request_id: id,
+            message: Some(insert("v", b"x".to_vec()).into_proto()),
+        })),
+    };
+    let open = || pb::ProduceRequest {
+        request: Some(pb::produce_request::Request::Open(pb::OpenProducer {
+            pchannel: PCH.into(),
+            term: 0,
+        })),
+    };
+    for requests in [vec![produce(1)], vec![open(), open(), produce(2)]] {
+        let mut responses = grpc
+            .produce(futures::stream::iter(requests))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut codes = Vec::new();
+        while let Ok(Some(r)) = responses.message().await {
+            if let Some(pb::produce_response::Response::Error(e)) = r.response {
+                codes.push(e.code);
+            }
+        }
+        assert_eq!(codes, [ErrorCode::InvalidRequestSequence.as_u32()]);
+    }
+    assert!(
+        client_messages(&server.client().await).await.is_empty(),
+        "nothing was written"
+    );
+}

@@ -357,7 +357,9 @@ async fn the_collection_commands_work_end_to_end_from_the_cli() {
             let created = ms.iter().position(|c| {
                 c.message_type() == MessageType::CreateSegment && c.header.segment_id == seg
             });
-            let at = ms.iter().position(|x| x.id == m.id);
+            // Both must exist: `None < Some(_)` would pass for a missing CreateSegment.
+            let created = created.expect("every segment has its CreateSegment");
+            let at = ms.iter().position(|x| x.id == m.id).expect("the insert");
             assert!(created < at, "insert before its CreateSegment");
             rows_total += m.header.rows;
         }
