@@ -145,7 +145,7 @@ async fn resuming_after_the_last_delivered_tick_delivers_each_message_once() {
         tx,
     ));
     while inserts(&rest).len() < rest_needed {
-        rest.push(rx.recv().await.unwrap().unwrap());
+        rest.push(common::within(rx.recv()).await.unwrap().unwrap());
     }
     task.abort();
     let mut all = inserts(&first);
@@ -211,12 +211,20 @@ async fn filters_select_by_vchannel_type_and_tick_and_latest_skips_the_past() {
         ..Filters::default()
     };
     let task = tokio::spawn(scanner::scan(ch.clone(), DeliverPolicy::Latest, latest, tx));
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    ch.append(insert("v", 99)).await.unwrap();
-    let m = rx.recv().await.unwrap().unwrap();
-    assert_eq!(
-        m.payload,
-        Bytes::from("m99"),
+    // No sleep to let the scan start: append until it delivers something, which must be
+    // one of these (never m0..m9, written before it).
+    let mut sent = Vec::new();
+    let m = loop {
+        let i = 99 + sent.len();
+        ch.append(insert("v", i)).await.unwrap();
+        sent.push(Bytes::from(format!("m{i}")));
+        if let Ok(m) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
+            break m.unwrap().unwrap();
+        }
+        assert!(sent.len() < 50, "the latest scan never delivered");
+    };
+    assert!(
+        sent.contains(&m.payload),
         "latest sees only what came after it"
     );
     task.abort();
@@ -235,7 +243,15 @@ async fn time_ticks_are_written_only_after_real_messages() {
         "only the first (fence) TimeTick while idle"
     );
     ch.append(insert("v", 0)).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A TimeTick follows the real message within a few intervals.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while wal.durable_end() < MessageId(3) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no TimeTick after a real message"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let got = collect(ch.clone(), DeliverPolicy::All, Filters::default(), 1).await;
     let mut got = got;
     let (tx, mut rx) = mpsc::channel(4);
@@ -245,7 +261,7 @@ async fn time_ticks_are_written_only_after_real_messages() {
         Filters::default(),
         tx,
     ));
-    got.push(rx.recv().await.unwrap().unwrap());
+    got.push(common::within(rx.recv()).await.unwrap().unwrap());
     task.abort();
     let types: Vec<_> = got.iter().map(|m| m.message_type()).collect();
     assert_eq!(

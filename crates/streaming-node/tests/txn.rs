@@ -176,7 +176,25 @@ async fn idle_transactions_expire_and_exclusive_messages_roll_back_those_on_thei
     let m = common::start(&storage, &meta, config()).await;
     let ch = m.get("walden-dml-0", 0).unwrap();
     let short = begin(&ch, "v", 30).await;
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // Wait for the node's own RollbackTxn (expiry is checked every TimeTick round), not a
+    // fixed while.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    'expired: loop {
+        let mut r = ch.wal().read(walden_wal_api::ReadFrom::Earliest).unwrap();
+        while let Some((id, rec)) = r.next().await.unwrap() {
+            let m = walden_message::codec::decode(id, rec).unwrap();
+            if m.message_type() == MessageType::RollbackTxn
+                && m.header.txn.as_ref().map(|c| c.txn_id) == Some(short)
+            {
+                break 'expired;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the transaction never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert_eq!(
         end(&ch, "v", short, MessageType::CommitTxn)
             .await

@@ -44,6 +44,10 @@ enum Command {
         /// A TOML config file (see walden.example.toml).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Once serving, write the bound addresses here as JSON (`{"grpc":..,"http":..}`):
+        /// with port 0 in --listen, how a script learns the port the kernel picked.
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
     },
     /// Append one message per stdin line (the line is the payload).
     Produce {
@@ -164,6 +168,7 @@ fn standalone_config(command: &Command) -> anyhow::Result<Option<config::Config>
         listen,
         metrics_listen,
         config,
+        ..
     } = command
     else {
         return Ok(None);
@@ -206,13 +211,11 @@ fn worker_threads(configured: usize) -> usize {
 
 async fn run(cli: Cli, standalone: Option<config::Config>) -> anyhow::Result<()> {
     match cli.command {
-        command @ Command::Standalone { .. } => {
-            let cfg = match standalone {
-                Some(c) => c,
-                None => standalone_config(&command)?.unwrap_or_default(),
-            };
+        Command::Standalone { ready_file, .. } => {
+            // `main` read the config (it sizes the runtime); nothing is loaded twice.
+            let cfg = standalone.unwrap_or_default();
             init_logging(&cfg.log.level, cfg.log.format == config::LogFormat::Json);
-            standalone::run(cfg).await
+            standalone::run(cfg, ready_file).await
         }
         Command::Produce {
             pchannel,

@@ -51,7 +51,7 @@ fn thp_always(enabled: &str) -> bool {
     enabled.contains("[always]")
 }
 
-pub async fn run(config: Config) -> anyhow::Result<()> {
+pub async fn run(config: Config, ready_file: Option<std::path::PathBuf>) -> anyhow::Result<()> {
     // Walden's allocator asks for no huge pages, but with `always` the kernel uses them anyway,
     // and zeroing 2 MiB on a first touch stalled appends for 30-40 ms (docs/benchmarks.md).
     if std::fs::read_to_string(THP_ENABLED).is_ok_and(|e| thp_always(&e)) {
@@ -144,6 +144,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     .context("starting the coordinator")?;
     reserve.ensure();
 
+    let http_addr = http.as_ref().map(TcpListener::local_addr).transpose()?;
     if let Some(http) = http {
         let http_addr = http.local_addr()?;
         let app = http_app(
@@ -179,6 +180,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .context("building gRPC reflection")?;
     let node_id = format!("standalone@{addr}");
     info!(%addr, data_dir = %data_dir.display(), "walden standalone ready");
+    if let Some(path) = &ready_file {
+        let doc = serde_json::json!({
+            "grpc": addr.to_string(),
+            "http": http_addr.map(|a| a.to_string()),
+        });
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, doc.to_string())
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .with_context(|| format!("writing --ready-file {}", path.display()))?;
+    }
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     let ms = std::time::Duration::from_millis;
     let admission = listener::Admission {

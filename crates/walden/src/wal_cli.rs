@@ -124,9 +124,10 @@ fn print_report(r: &Report, json_out: bool) -> anyhow::Result<()> {
         writeln!(out, "{what}: {}: {}", p.location, p.detail)?;
     }
     for (name, p) in &r.pchannels {
+        let noun = if p.records == 1 { "record" } else { "records" };
         write!(
             out,
-            "{name}: ids {}..{} ({} records)",
+            "{name}: ids {}..{} ({} {noun})",
             p.first, p.end, p.records
         )?;
         if !p.damaged.is_empty() {

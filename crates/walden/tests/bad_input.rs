@@ -81,7 +81,7 @@ async fn raw_produce_errors(addr: &str, extra: Bytes) -> Vec<u32> {
         .unwrap()
         .into_inner();
     let mut codes = Vec::new();
-    while let Ok(Some(frame)) = responses.message().await {
+    while let Ok(Some(frame)) = common::within(responses.message()).await {
         if let Some(pb::produce_response::Response::Error(e)) =
             pb::ProduceResponse::decode(frame).unwrap().response
         {
@@ -225,7 +225,7 @@ async fn bad_requests_get_typed_errors_and_change_nothing() {
             ..ConsumerOptions::default()
         },
     );
-    let err = c.next().await.unwrap().unwrap_err();
+    let err = common::within(c.next()).await.unwrap().unwrap_err();
     assert_eq!(server_code(&err).0, ErrorCode::ChannelNotFound, "{err}");
 
     // A malformed frame on the produce stream: typed INVALID_ARGUMENT, stream ends.
@@ -340,7 +340,7 @@ async fn a_refused_message_in_a_batch_leaves_the_others_appended_in_order() {
         .unwrap()
         .into_inner();
     let mut results = Vec::new();
-    while let Some(r) = responses.message().await.unwrap() {
+    while let Some(r) = common::within(responses.message()).await.unwrap() {
         match r.response {
             Some(pb::produce_response::Response::Result(x)) => results.push(x),
             Some(pb::produce_response::Response::Results(xs)) => results.extend(xs.results),
@@ -504,7 +504,7 @@ async fn a_produce_stream_out_of_sequence_gets_invalid_request_sequence() {
             .unwrap()
             .into_inner();
         let mut codes = Vec::new();
-        while let Ok(Some(r)) = responses.message().await {
+        while let Ok(Some(r)) = common::within(responses.message()).await {
             if let Some(pb::produce_response::Response::Error(e)) = r.response {
                 codes.push(e.code);
             }

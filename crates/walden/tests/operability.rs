@@ -78,7 +78,7 @@ async fn metrics_health_and_reflection_describe_a_serving_node() {
         .await
         .unwrap()
         .into_inner();
-    let resp = stream.message().await.unwrap().unwrap();
+    let resp = common::within(stream.message()).await.unwrap().unwrap();
     let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
         panic!("unexpected reflection answer: {resp:?}");
     };
@@ -118,7 +118,7 @@ async fn a_connection_flood_past_the_open_file_limit_leaves_status_and_health_an
         "[server]\nhandshake_timeout_ms = 1500\n[node]\npchannels = 2\n",
     )
     .unwrap();
-    let (addr, http) = (common::free_addr(), common::free_addr());
+    let ready = dir.path().join("ready.json");
     let log = dir.path().join("server.log");
     let mut child = Command::new("bash")
         .args([
@@ -127,12 +127,14 @@ async fn a_connection_flood_past_the_open_file_limit_leaves_status_and_health_an
             common::WALDEN,
             "standalone",
             "--listen",
-            &addr,
+            "127.0.0.1:0",
             "--metrics-listen",
-            &http,
+            "127.0.0.1:0",
             "--config",
         ])
         .arg(&config)
+        .arg("--ready-file")
+        .arg(&ready)
         .arg("--data-dir")
         .arg(&data)
         .env("RUST_LOG", "info")
@@ -140,11 +142,18 @@ async fn a_connection_flood_past_the_open_file_limit_leaves_status_and_health_an
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let ready = Instant::now();
-    while walden_client::Client::connect(&addr).await.is_err() {
-        assert!(ready.elapsed() < Duration::from_secs(30), "never ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let started = Instant::now();
+    let doc: serde_json::Value = loop {
+        if let Ok(t) = std::fs::read_to_string(&ready)
+            && let Ok(doc) = serde_json::from_str(&t)
+        {
+            break doc;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "never ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let addr = doc["grpc"].as_str().unwrap().to_owned();
+    let http = doc["http"].as_str().unwrap().to_owned();
 
     let mut flood = Vec::new();
     for _ in 0..600 {

@@ -23,3 +23,10 @@ pub async fn start(
     .await
     .unwrap()
 }
+
+/// Awaits `f`, failing the test after 10 s instead of hanging it.
+pub async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(std::time::Duration::from_secs(10), f)
+        .await
+        .expect("no answer within 10 s")
+}

@@ -344,10 +344,11 @@ impl WaldenServer {
             &config,
             format!("[node]\npchannels = {pchannels}\n[wal_local]\nlayout = \"{layout}\"\n"),
         )?;
+        // Port 0 at first: the server's ready file says what it bound; restarts reuse it.
         let mut s = Self {
             child: None,
-            addr: free_addr()?,
-            metrics: free_addr()?,
+            addr: "127.0.0.1:0".into(),
+            metrics: "127.0.0.1:0".into(),
             data: data.to_owned(),
             config,
         };
@@ -369,12 +370,24 @@ impl WaldenServer {
             .arg(&self.data)
             .arg("--config")
             .arg(&self.config)
+            .arg("--ready-file")
+            .arg(self.data.with_extension("ready"))
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .spawn()
             .context("starting walden standalone")?;
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(600);
+        while self.addr.ends_with(":0") {
+            if let Ok(t) = std::fs::read_to_string(self.data.with_extension("ready"))
+                && let Ok(doc) = serde_json::from_str::<serde_json::Value>(&t)
+            {
+                self.addr = doc["grpc"].as_str().unwrap_or_default().to_owned();
+                self.metrics = doc["http"].as_str().unwrap_or_default().to_owned();
+            }
+            anyhow::ensure!(Instant::now() < deadline, "walden did not become ready");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         loop {
             if let Ok(c) = Client::connect(&self.addr).await
                 && c.status().await.is_ok()

@@ -46,9 +46,11 @@ impl Server {
             std::fs::write(&p, text).expect("write config");
             p
         });
+        // Port 0: the server binds what the kernel picks and says which in its ready file, so
+        // no port is picked here, released, and lost to a race before the server binds it.
         let mut s = Self {
-            addr: free_addr(),
-            metrics_addr: metrics.then(free_addr),
+            addr: "127.0.0.1:0".into(),
+            metrics_addr: metrics.then(|| "127.0.0.1:0".into()),
             data_dir: data_dir.to_owned(),
             config,
             connect: walden_client::ConnectOptions::default(),
@@ -70,8 +72,8 @@ impl Server {
         let p = data_dir.with_extension("toml");
         std::fs::write(&p, config).expect("write config");
         let mut s = Self {
-            addr: free_addr(),
-            metrics_addr: Some(free_addr()),
+            addr: "127.0.0.1:0".into(),
+            metrics_addr: Some("127.0.0.1:0".into()),
             data_dir: data_dir.to_owned(),
             config: Some(p),
             connect,
@@ -99,6 +101,8 @@ impl Server {
         ])
         .arg("--data-dir")
         .arg(&self.data_dir)
+        .arg("--ready-file")
+        .arg(self.ready_file())
         .env("RUST_LOG", if self.log.is_some() { "info" } else { "warn" })
         .stdout(Stdio::null())
         .stderr(match &self.log {
@@ -117,11 +121,38 @@ impl Server {
         cmd.spawn().expect("spawn walden")
     }
 
-    /// (Re)starts the process and waits until its status call answers.
+    fn ready_file(&self) -> PathBuf {
+        self.data_dir.with_extension("ready")
+    }
+
+    /// (Re)starts the process and waits until its status call answers. A restart binds the
+    /// ports the first start was given.
     pub async fn restart(&mut self) {
         assert!(self.child.is_none(), "already running");
+        let _ = std::fs::remove_file(self.ready_file());
         self.child = Some(self.spawn());
         let deadline = Instant::now() + Duration::from_secs(30);
+        let ready = loop {
+            if let Ok(text) = std::fs::read_to_string(self.ready_file())
+                && let Ok(doc) = serde_json::from_str::<serde_json::Value>(&text)
+            {
+                break doc;
+            }
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!("walden exited during startup: {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "walden never wrote its ready file"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        self.addr = ready["grpc"].as_str().expect("grpc address").to_owned();
+        if self.metrics_addr.is_some() {
+            self.metrics_addr = ready["http"].as_str().map(str::to_owned);
+        }
         loop {
             if let Ok(c) = Client::connect_with(&self.addr, &self.connect).await
                 && c.status().await.is_ok()
@@ -220,4 +251,11 @@ pub async fn read_to_end(client: &Client, pchannel: &str) -> Vec<walden_message:
             return out;
         }
     }
+}
+
+/// Awaits `f`, failing the test after 30 s instead of hanging it.
+pub async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(30), f)
+        .await
+        .expect("no answer within 30 s")
 }
