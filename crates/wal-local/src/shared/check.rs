@@ -28,11 +28,13 @@ pub(crate) fn check(fs: &dyn FileSystem, root: &Path) -> Result<Report, WalError
         report.segments += 1;
         if b.len() < HEADER_LEN || &b[..8] != MAGIC {
             report.problems.push(Problem {
-                location,
-                detail: "bad segment header".into(),
+                location: location.clone(),
+                detail: "damaged segment header (its records are still read)".into(),
                 torn_tail: last && b.len() < HEADER_LEN,
             });
-            continue;
+            if b.len() < HEADER_LEN {
+                continue;
+            }
         }
         let mut off = HEADER_LEN;
         while off < b.len() {

@@ -319,11 +319,6 @@ impl Log {
     ) -> Result<(Box<dyn WalFile>, u64, u64), WalError> {
         let path = self.dir.join(segment_name(seq));
         let location = path.display().to_string();
-        let corrupted = |detail: String| WalError::Corrupted {
-            pchannel: LOG.into(),
-            location: location.clone(),
-            detail,
-        };
         let mut file = self
             .fs
             .open(&path)
@@ -351,7 +346,15 @@ impl Log {
                 lock(&self.segments).insert(seq, Segment::default());
                 return Ok((file, HEADER_LEN as u64, HEADER_LEN as u64));
             }
-            return Err(corrupted("bad segment header".into()));
+            // The header holds nothing a record needs (records check themselves and carry their
+            // ids): say so, and read the records that are there.
+            warn!(segment = %location, "damaged segment header; reading its records anyway");
+            lock(&self.damage).push(format!("{location}: damaged segment header"));
+            if b.len() < HEADER_LEN {
+                lock(&self.segments).insert(seq, Segment::default());
+                let len = b.len() as u64;
+                return Ok((file, len, len));
+            }
         }
         let mut seg = Segment::default();
         let mut off = HEADER_LEN;
