@@ -444,3 +444,125 @@ async fn appends_and_scans_during_a_shutdown_get_on_shutdown_and_a_retry_hint() 
     assert_eq!(end.code(), walden_common::ErrorCode::OnShutdown, "{end}");
     scan.abort();
 }
+
+/// A WAL whose acknowledgements wait until the test opens the gate (records are enqueued, and
+/// get their ids, at once).
+mod gated {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use futures::{FutureExt, future::BoxFuture};
+    use tokio::sync::watch;
+    use walden_common::{MessageId, Term};
+    use walden_wal_api::{ReadFrom, Wal, WalError, WalReader, WalStorage};
+
+    #[derive(Debug, Clone)]
+    pub struct Gated {
+        pub inner: walden_wal_api::memory::MemoryWalStorage,
+        pub open: watch::Sender<bool>,
+    }
+
+    #[derive(Debug)]
+    struct GatedWal(Arc<dyn Wal>, watch::Receiver<bool>);
+
+    impl WalStorage for Gated {
+        fn name(&self) -> &'static str {
+            "gated"
+        }
+        fn open<'a>(
+            &'a self,
+            pchannel: &'a str,
+            term: Term,
+        ) -> BoxFuture<'a, Result<Arc<dyn Wal>, WalError>> {
+            async move {
+                let w = self.inner.open(pchannel, term).await?;
+                Ok(Arc::new(GatedWal(w, self.open.subscribe())) as Arc<dyn Wal>)
+            }
+            .boxed()
+        }
+    }
+
+    impl Wal for GatedWal {
+        fn pchannel(&self) -> &str {
+            self.0.pchannel()
+        }
+        fn term(&self) -> Term {
+            self.0.term()
+        }
+        fn append(&self, record: Bytes) -> BoxFuture<'static, Result<MessageId, WalError>> {
+            let done = self.0.append(record);
+            let mut gate = self.1.clone();
+            async move {
+                let _ = gate.wait_for(|open| *open).await;
+                done.await
+            }
+            .boxed()
+        }
+        fn next_id(&self) -> MessageId {
+            self.0.next_id()
+        }
+        fn first_id(&self) -> MessageId {
+            self.0.first_id()
+        }
+        fn durable_end(&self) -> MessageId {
+            self.0.durable_end()
+        }
+        fn size_bytes(&self) -> u64 {
+            self.0.size_bytes()
+        }
+        fn read(&self, from: ReadFrom) -> Result<Box<dyn WalReader>, WalError> {
+            self.0.read(from)
+        }
+        fn truncate(&self, below: MessageId) -> BoxFuture<'_, Result<(), WalError>> {
+            self.0.truncate(below)
+        }
+        fn close(&self) -> BoxFuture<'_, Result<(), WalError>> {
+            self.0.close()
+        }
+    }
+}
+
+/// Past `node.max_inflight_bytes` of appends not yet durable, a submit waits (the service
+/// then stops reading the producer's stream) until earlier appends complete; none is lost.
+#[tokio::test]
+async fn appends_past_the_in_flight_byte_limit_wait_for_earlier_ones_to_complete() {
+    let gate = gated::Gated {
+        inner: MemoryWalStorage::new(),
+        open: tokio::sync::watch::channel(true).0,
+    };
+    let meta = MemoryMetaStore::new();
+    let m = WalManager::start(
+        Arc::new(gate.clone()) as Arc<dyn WalStorage>,
+        Arc::new(meta) as Arc<dyn MetaStore>,
+        NodeConfig {
+            pchannels: 1,
+            max_message_bytes: 1024,
+            max_inflight_bytes: 2048,
+            ..NodeConfig::default()
+        },
+        Metrics::new(),
+    )
+    .await
+    .unwrap();
+    let ch = m.get("walden-dml-0", 0).unwrap();
+    gate.open.send_replace(false);
+    let big = |i: u8| MutableMessage::new(MessageType::Data, "v", Bytes::from(vec![i; 1000]));
+    let first = ch.submit(big(1)).await.unwrap();
+    let second = ch.submit(big(2)).await.unwrap();
+    // 2 000 bytes in flight: a third does not fit and waits.
+    // (The task ends when the submit returns, i.e. once the message is enqueued.)
+    let third = tokio::spawn({
+        let ch = ch.clone();
+        async move { ch.submit(big(3)).await.unwrap() }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !third.is_finished(),
+        "a submit past the in-flight limit did not wait"
+    );
+    gate.open.send_replace(true);
+    let a = first.wait().await.unwrap();
+    let b = second.wait().await.unwrap();
+    let c = common::within(third).await.unwrap().wait().await.unwrap();
+    assert!(a.id < b.id && b.id < c.id, "in order, none lost");
+}

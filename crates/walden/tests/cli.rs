@@ -333,3 +333,53 @@ async fn produce_prints_every_acknowledged_line_and_names_the_refused_one() {
         .collect();
     assert_eq!(stored, expected);
 }
+
+/// A 200 MiB line: MESSAGE_TOO_LARGE (not INVALID_ARGUMENT from a refused frame), skipped as it
+/// is read rather than held, and the line after it is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_200_mib_line_is_too_large_and_the_next_line_is_still_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), Some("[node]\npchannels = 1\n")).await;
+    let mut child = Command::new(WALDEN)
+        .args([
+            "produce",
+            "--pchannel",
+            "walden-dml-0",
+            "--vchannel",
+            "v",
+            "--json",
+            "--addr",
+            &server.addr,
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || {
+        let chunk = vec![b'z'; 1 << 20];
+        for _ in 0..200 {
+            stdin.write_all(&chunk).unwrap();
+        }
+        stdin.write_all(b"\nafter\n").unwrap();
+    });
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("line 1") && stderr.contains("MESSAGE_TOO_LARGE(5)"),
+        "{stderr}"
+    );
+    assert!(stderr.contains(&format!("{} bytes", 200 << 20)), "{stderr}");
+    let printed: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(printed.len(), 2);
+    assert_eq!(printed[0]["error"]["name"], "MESSAGE_TOO_LARGE");
+    assert_eq!(printed[1]["payload"], "after");
+    assert_eq!(printed[1]["line"], 2);
+}
