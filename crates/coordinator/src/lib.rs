@@ -184,6 +184,8 @@ impl Coordinator {
     }
 
     async fn load(&self, name: &str) -> Result<(KeyValue, CollectionInfo), CoordError> {
+        // A name no collection can have is bad input, not "not found".
+        validate_name("collection", name)?;
         let key = collection_key(name);
         let kv = self
             .meta

@@ -516,3 +516,132 @@ async fn a_produce_stream_out_of_sequence_gets_invalid_request_sequence() {
         "nothing was written"
     );
 }
+
+/// Error lines that used to lie or name no code: a 100 KB collection name (an HTTP/2 protocol
+/// error reported as STORAGE_UNAVAILABLE), an unreachable server (STORAGE_UNAVAILABLE), a JSON
+/// number out of range and a 100 000-byte vchannel (no code), an unknown pchannel (5.6 s of
+/// retries first). Each is now one line naming the right code, at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_error_lines_name_the_right_code_at_once() {
+    use std::process::Command;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), Some("[node]\npchannels = 1\n")).await;
+    let a = server.addr.as_str();
+    let schema = dir.path().join("schema.json");
+    std::fs::write(
+        &schema,
+        r#"{"fields":[{"name":"id","type":"int64","primary_key":true},{"name":"v","type":"float_vector","dim":2}]}"#,
+    )
+    .unwrap();
+    let s = schema.to_str().unwrap();
+    let rows = dir.path().join("rows.json");
+    std::fs::write(&rows, r#"[{"id": 1e400, "v": [1, 2]}]"#).unwrap();
+    let huge = "c".repeat(100_000);
+    let long_vchannel = "v".repeat(100_000);
+    let cases: Vec<(Vec<&str>, &str, Option<ErrorCode>)> = vec![
+        (
+            vec!["collection", "describe", &huge, "--addr", a],
+            "",
+            Some(ErrorCode::InvalidArgument),
+        ),
+        (
+            vec!["collection", "create", "ok", "--schema", s, "--addr", a],
+            "",
+            None,
+        ),
+        (
+            vec![
+                "insert",
+                "--collection",
+                "ok",
+                "--file",
+                rows.to_str().unwrap(),
+                "--addr",
+                a,
+            ],
+            "",
+            Some(ErrorCode::InvalidArgument),
+        ),
+        (
+            vec![
+                "produce",
+                "--pchannel",
+                PCH,
+                "--vchannel",
+                &long_vchannel,
+                "--addr",
+                a,
+            ],
+            "x\n",
+            Some(ErrorCode::InvalidArgument),
+        ),
+        (
+            vec![
+                "produce",
+                "--pchannel",
+                "no-such",
+                "--vchannel",
+                "v",
+                "--addr",
+                a,
+            ],
+            "x\n",
+            Some(ErrorCode::ChannelNotFound),
+        ),
+        (
+            vec!["status", "--addr", "127.0.0.1:1"],
+            "",
+            Some(ErrorCode::Unavailable),
+        ),
+    ];
+    for (args, stdin, code) in cases {
+        let started = std::time::Instant::now();
+        let mut child = Command::new(common::WALDEN)
+            .args(&args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write as _;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let what = format!("{:?}", &args[..2]);
+        let Some(code) = code else {
+            assert!(
+                out.status.success(),
+                "{what}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            continue;
+        };
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what} succeeded");
+        let last = err.trim_end().lines().last().unwrap_or_default();
+        assert!(
+            last.contains(&code.to_string()),
+            "{what}: expected {code}: {err}"
+        );
+        assert!(err.len() < 2_000, "{what}: {} bytes of error", err.len());
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(3),
+            "{what} took {:?}",
+            started.elapsed()
+        );
+    }
+    // Past the client: the node's refusal of a huge name is a typed error, not an HTTP/2 one.
+    let mut raw = pb::collections_client::CollectionsClient::connect(format!("http://{a}"))
+        .await
+        .unwrap();
+    let status = raw
+        .describe_collection(pb::CollectionName { name: huge })
+        .await
+        .unwrap_err();
+    let err = ClientError::from(status);
+    assert_eq!(err.code(), ErrorCode::InvalidArgument, "{err}");
+}

@@ -140,6 +140,37 @@ async fn every_call(client: &Client) -> Vec<(String, ClientError)> {
     {
         failed.push(("flush".into(), e));
     }
+    let schema = walden_schema::Schema::from_json(
+        r#"{"fields":[{"name":"id","type":"int64","primary_key":true},{"name":"v","type":"float_vector","dim":2}]}"#,
+    )
+    .unwrap();
+    // Create (or find it there from an earlier round), partitions, drop: the rest of the API.
+    match collections.create("secured", &schema, 1).await {
+        Ok(_) => {}
+        Err(e) if e.code() == ErrorCode::CollectionExists => {}
+        Err(e) => failed.push(("create".into(), e)),
+    }
+    for (name, r) in [
+        (
+            "create_partition",
+            collections.create_partition("secured", "p").await,
+        ),
+        (
+            "drop_partition",
+            collections.drop_partition("secured", "p").await,
+        ),
+        ("drop", collections.drop_collection("secured").await),
+    ] {
+        match r {
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.code(),
+                    ErrorCode::CollectionNotFound | ErrorCode::PartitionNotFound
+                ) => {}
+            Err(e) => failed.push((name.into(), e)),
+        }
+    }
     failed
 }
 
@@ -219,7 +250,18 @@ async fn with_tls_and_tokens_every_call_needs_a_token_and_plaintext_is_refused()
         let names: Vec<&str> = failed.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(
             names,
-            ["status", "produce", "consume", "list", "describe", "flush"],
+            [
+                "status",
+                "produce",
+                "consume",
+                "list",
+                "describe",
+                "flush",
+                "create",
+                "create_partition",
+                "drop_partition",
+                "drop"
+            ],
             "token {token:?}: every call must be refused"
         );
         for (name, e) in &failed {
