@@ -17,6 +17,8 @@ mod config;
 #[cfg(feature = "testing")]
 pub mod conformance;
 mod error;
+#[cfg(feature = "testing")]
+pub mod faulty;
 mod metrics;
 #[cfg(feature = "testing")]
 pub mod seaweed;

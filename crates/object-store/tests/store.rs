@@ -113,3 +113,64 @@ async fn seaweedfs_passes_the_contract_and_a_missing_bucket_is_named() {
     assert!(e.to_string().contains("no-such-bucket"), "{e}");
     assert_eq!(config_key(e), "object_store.url");
 }
+
+/// The fault wrapper: a lost response leaves the object stored and the call failed; a retry
+/// then finds `AlreadyExists`, and reading back tells the caller it was its own write. Calls
+/// in flight together complete out of order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_response_is_resolved_by_reading_the_key_back() {
+    use std::{sync::Arc, time::Duration};
+    use walden_object_store::{
+        Blobs,
+        faulty::{FaultPlan, Faulty},
+    };
+    let inner = open(&config("memory://"), metrics().0).await.unwrap();
+    let faulty = Arc::new(Faulty::new(
+        inner.clone(),
+        FaultPlan {
+            lose_response_per_mille: 1000,
+            ..FaultPlan::default()
+        },
+    ));
+    let data = Bytes::from_static(b"fragment 7");
+    let e = faulty.put_if_absent("f/7", data.clone()).await.unwrap_err();
+    assert!(walden_common::HasErrorCode::is_retryable(&e), "{e}");
+    assert_eq!(inner.get("f/7").await.unwrap(), data, "the object landed");
+    faulty.set_plan(FaultPlan::default());
+    let e = faulty.put_if_absent("f/7", data.clone()).await.unwrap_err();
+    assert!(matches!(e, ObjectStoreError::AlreadyExists { .. }), "{e}");
+    assert_eq!(
+        faulty.get("f/7").await.unwrap(),
+        data,
+        "read back: it is ours"
+    );
+
+    // Delays reorder completions.
+    faulty.set_plan(FaultPlan {
+        max_delay: Duration::from_millis(20),
+        seed: 7,
+        ..FaultPlan::default()
+    });
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let tasks: Vec<_> = (0..16u32)
+        .map(|i| {
+            let (f, order) = (faulty.clone(), order.clone());
+            tokio::spawn(async move {
+                f.put_if_absent(&format!("o/{i:02}"), Bytes::new())
+                    .await
+                    .unwrap();
+                order.lock().unwrap().push(i);
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let order = order.lock().unwrap().clone();
+    assert_eq!(order.len(), 16);
+    assert_ne!(
+        order,
+        (0..16).collect::<Vec<_>>(),
+        "completions were not reordered"
+    );
+}
