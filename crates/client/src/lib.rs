@@ -126,6 +126,9 @@ impl Client {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10));
         if let Some(ca) = &options.tls_ca_pem {
+            // rustls cannot pick a crypto provider by itself when built with more than one;
+            // the process's choice stands if it made one.
+            let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
             endpoint = endpoint
                 .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)))
                 .map_err(|e| ClientError::InvalidArgument(format!("TLS: {}", error::chain(&e))))?;

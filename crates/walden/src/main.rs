@@ -288,6 +288,10 @@ async fn run(cli: Cli, standalone: Option<config::Config>) -> anyhow::Result<()>
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    // One TLS crypto provider for the process, chosen here: with rustls built with more than one
+    // (object_store's `aws` feature brings aws-lc-rs beside tonic's ring), rustls cannot pick
+    // one by itself and tonic's TLS panicked at the first handshake.
+    let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     let standalone = match standalone_config(&cli.command) {
         Ok(c) => c,
