@@ -65,7 +65,8 @@ pub(crate) fn chain(e: &dyn std::error::Error) -> String {
         }
         cur = c.source();
     }
-    s
+    // Servers put XML bodies in their errors: one line, whitespace folded.
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 impl ObjectStoreError {
@@ -80,10 +81,26 @@ impl ObjectStoreError {
             E::PermissionDenied { .. } | E::Unauthenticated { .. } => {
                 Self::Denied { op, key, detail }
             }
+            // S3 answers refused credentials with 403 and a code, which object_store passes on
+            // as a generic error.
+            _ if is_denied(&detail) => Self::Denied { op, key, detail },
             _ if is_transient(&detail) => Self::Unavailable { op, key, detail },
             _ => Self::Other { op, key, detail },
         }
     }
+}
+
+/// Whether an error's text says the credentials were refused.
+fn is_denied(detail: &str) -> bool {
+    [
+        "403 Forbidden",
+        "SignatureDoesNotMatch",
+        "InvalidAccessKeyId",
+        "AccessDenied",
+        "401 Unauthorized",
+    ]
+    .iter()
+    .any(|w| detail.contains(w))
 }
 
 /// Whether an error's text says the store was not reached or failed transiently.
@@ -97,13 +114,35 @@ fn is_transient(detail: &str) -> bool {
         "broken pipe",
         "dns",
         "server error",
-        "503",
-        "500",
-        "502",
-        "504",
+        // `Server returned non-2xx status code: 503 Service Unavailable` (not a bare number:
+        // ports and request ids contain digits too).
+        "status code: 5",
         "slowdown",
-        "retry",
+        "retries",
     ]
     .iter()
     .any(|w| d.contains(w))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_transients_and_the_rest_are_told_apart_by_their_text() {
+        assert!(is_denied(
+            "Server returned non-2xx status code: 403 Forbidden: <Code>SignatureDoesNotMatch</Code>"
+        ));
+        assert!(is_transient(
+            "Server returned non-2xx status code: 503 Service Unavailable"
+        ));
+        assert!(is_transient("error sending request: connection refused"));
+        // Digits in a port or an id are not a status.
+        assert!(!is_transient(
+            "GET http://127.0.0.1:50213/b?x - status code: 404 Not Found"
+        ));
+        assert!(!is_denied(
+            "GET http://127.0.0.1:40300/b - status code: 404 Not Found"
+        ));
+    }
 }

@@ -18,18 +18,39 @@ pub struct SeaweedFs {
     /// `http://127.0.0.1:PORT`
     pub endpoint: String,
     pub bucket: String,
+    /// The one identity the server knows, when started with one (else it is anonymous).
+    pub credentials: Option<(String, String)>,
 }
 
 impl SeaweedFs {
     /// Starts a server with its data under `dir` and waits (up to 60 s) until `bucket` lists.
     pub async fn start(dir: &Path, bucket: &str) -> Result<Self, String> {
+        Self::start_with(dir, bucket, None).await
+    }
+
+    /// Like [`SeaweedFs::start`], with one identity (access key, secret) and no anonymous
+    /// access.
+    pub async fn start_with(
+        dir: &Path,
+        bucket: &str,
+        credentials: Option<(&str, &str)>,
+    ) -> Result<Self, String> {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map_err(|e| e.to_string())?
             .port();
         let log = std::fs::File::create(dir.join("weed.log")).map_err(|e| e.to_string())?;
-        let child = Command::new("weed")
-            .arg("mini")
+        let mut cmd = Command::new("weed");
+        cmd.arg("mini");
+        if let Some((key, secret)) = credentials {
+            let identities = format!(
+                r#"{{"identities":[{{"name":"walden","credentials":[{{"accessKey":"{key}","secretKey":"{secret}"}}],"actions":["Admin","Read","Write","List","Tagging"]}}]}}"#
+            );
+            let path = dir.join("s3.json");
+            std::fs::write(&path, identities).map_err(|e| e.to_string())?;
+            cmd.arg(format!("-s3.config={}", path.display()));
+        }
+        let child = cmd
             .arg(format!("-dir={}", dir.display()))
             .args([
                 "-ip=127.0.0.1",
@@ -49,6 +70,7 @@ impl SeaweedFs {
             child,
             endpoint: format!("http://127.0.0.1:{port}"),
             bucket: bucket.to_owned(),
+            credentials: credentials.map(|(k, s)| (k.to_owned(), s.to_owned())),
         };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -84,6 +106,8 @@ impl SeaweedFs {
             max_retries: 2,
             retry_max_ms: 2_000,
             request_timeout_ms: 10_000,
+            access_key_id: self.credentials.clone().unwrap_or_default().0,
+            secret_access_key: self.credentials.clone().unwrap_or_default().1,
             ..ObjectStoreConfig::default()
         }
     }

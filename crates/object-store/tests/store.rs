@@ -88,7 +88,7 @@ async fn settings_that_cannot_work_are_refused_at_open_naming_the_key() {
 
 /// One test for everything on SeaweedFS (one server at a time: its other ports are fixed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn seaweedfs_passes_the_contract_and_a_missing_bucket_is_named() {
+async fn seaweedfs_passes_the_contract_and_a_missing_bucket_or_refused_credentials_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let weed = SeaweedFs::start(dir.path(), "walden").await.unwrap();
     let store = open(&weed.config("contract"), metrics().0).await.unwrap();
@@ -112,6 +112,29 @@ async fn seaweedfs_passes_the_contract_and_a_missing_bucket_is_named() {
     .unwrap_err();
     assert!(e.to_string().contains("no-such-bucket"), "{e}");
     assert_eq!(config_key(e), "object_store.url");
+    drop(weed);
+
+    // A server that knows one identity: it is served, a wrong secret or none is refused and
+    // named.
+    let dir = tempfile::tempdir().unwrap();
+    let weed = SeaweedFs::start_with(dir.path(), "walden", Some(("walden-ak", "walden-sk")))
+        .await
+        .unwrap();
+    let store = open(&weed.config("p"), metrics().0).await.unwrap();
+    store
+        .put_if_absent("k", Bytes::from_static(b"v"))
+        .await
+        .unwrap();
+    for (key, secret) in [("walden-ak", "wrong"), ("", "")] {
+        let bad = ObjectStoreConfig {
+            access_key_id: key.into(),
+            secret_access_key: secret.into(),
+            ..weed.config("p")
+        };
+        let e = open(&bad, metrics().0).await.unwrap_err();
+        assert!(!e.to_string().contains('\n'), "one line: {e}");
+        assert_eq!(config_key(e), "object_store.access_key_id", "key {key:?}");
+    }
 }
 
 /// The fault wrapper: a lost response leaves the object stored and the call failed; a retry
