@@ -882,13 +882,17 @@ impl Channel {
         if !damaged.is_empty() || read_only.is_some() {
             let ranges: Vec<String> = damaged
                 .iter()
-                .map(|r| format!("ids {}..{}", r.start, r.end))
+                .map(|r| format!("{}..{}", r.start, r.end))
                 .collect();
-            let mut why = format!("damaged records at ids {}", ranges.join(", "));
+            let mut why = if ranges.is_empty() {
+                String::from("damaged records met by the replay")
+            } else {
+                format!("damaged records at ids {}", ranges.join(", "))
+            };
             if let Some(r) = read_only {
                 why.push_str(&format!("; writes refused: {r}"));
             }
-            return ("corrupted", why.replace("ids ids", "ids"));
+            return ("corrupted", why);
         }
         if let Err(e) = self.wal.writable() {
             return ("read_only", e.to_string());

@@ -6,13 +6,7 @@ use crate::check::{Problem, Report, load_skipped, saw_id};
 
 pub(crate) fn check(fs: &dyn FileSystem, root: &Path) -> Result<Report, WalError> {
     let dir = root.join("log");
-    let mut seqs: Vec<u64> = fs
-        .list(&dir)
-        .map_err(io_err(LOG, "listing segments"))?
-        .iter()
-        .filter_map(|n| parse_segment_name(n))
-        .collect();
-    seqs.sort_unstable();
+    let seqs = segment_seqs(fs, &dir)?;
     let mut report = Report {
         layout: "shared",
         ..Report::default()

@@ -13,6 +13,21 @@ pub(super) fn parse_segment_name(n: &str) -> Option<u64> {
         .and_then(|s| s.parse().ok())
 }
 
+/// The segments in `dir`, by sequence number.
+pub(super) fn segment_seqs(
+    fs: &dyn crate::fs::FileSystem,
+    dir: &std::path::Path,
+) -> Result<Vec<u64>, walden_wal_api::WalError> {
+    let mut seqs: Vec<u64> = fs
+        .list(dir)
+        .map_err(crate::open::io_err(super::LOG, "listing segments"))?
+        .iter()
+        .filter_map(|n| parse_segment_name(n))
+        .collect();
+    seqs.sort_unstable();
+    Ok(seqs)
+}
+
 pub(super) fn index_name(seq: u64) -> String {
     format!("{seq:020}.idx")
 }

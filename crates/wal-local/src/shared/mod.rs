@@ -168,13 +168,7 @@ impl Log {
         fs.create_dir_all(&dir)
             .map_err(io_err(LOG, format!("creating {}", dir.display())))?;
         let lock_guard = lock_dir(&*fs, root, LOG)?;
-        let mut seqs: Vec<u64> = fs
-            .list(&dir)
-            .map_err(io_err(LOG, "listing segments"))?
-            .iter()
-            .filter_map(|n| parse_segment_name(n))
-            .collect();
-        seqs.sort_unstable();
+        let seqs = segment_seqs(&*fs, &dir)?;
         // Index files whose segment is gone (a crash between the two removals) are leftovers,
         // as are segments prepared but never used (they hold no record).
         for name in fs.list(&dir).map_err(io_err(LOG, "listing segments"))? {
