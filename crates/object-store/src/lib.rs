@@ -62,6 +62,52 @@ pub trait Blobs: Send + Sync + fmt::Debug {
     async fn delete(&self, key: &str) -> Result<(), ObjectStoreError>;
 }
 
+/// What a resolved create-if-absent found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Created {
+    /// The key holds these bytes because this caller created it (perhaps in a call whose
+    /// response was lost).
+    Mine,
+    /// Someone else created the key first; it holds these bytes.
+    Taken(Bytes),
+}
+
+/// Extra rounds [`create`] gives a create that failed with the key found absent (the store's
+/// client has already retried each round).
+const CREATE_ROUNDS: u32 = 3;
+
+/// Create-if-absent whose outcome is never unknown: when the call fails or finds the key
+/// taken, the key is read back and compared with `data` (a retried create whose first try
+/// landed finds "its own" object there). A key still absent after a failure is created again
+/// under the same key, a few rounds, never under another. `data` must be unique to the caller
+/// for [`Created::Mine`] to mean what it says.
+pub async fn create(
+    blobs: &dyn Blobs,
+    key: &str,
+    data: Bytes,
+) -> Result<Created, ObjectStoreError> {
+    let mut round = 0;
+    loop {
+        let err = match blobs.put_if_absent(key, data.clone()).await {
+            Ok(()) => return Ok(Created::Mine),
+            Err(e) => e,
+        };
+        match blobs.get(key).await {
+            Ok(b) if b == data => return Ok(Created::Mine),
+            Ok(b) => return Ok(Created::Taken(b)),
+            Err(ObjectStoreError::NotFound { .. })
+                if round < CREATE_ROUNDS
+                    && !matches!(err, ObjectStoreError::AlreadyExists { .. })
+                    && walden_common::HasErrorCode::is_retryable(&err) =>
+            {
+                round += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(25 << round)).await;
+            }
+            Err(_) => return Err(err),
+        }
+    }
+}
+
 /// [`Blobs`] over an `object_store` backend.
 pub struct Store {
     inner: Arc<dyn ObjectStore>,

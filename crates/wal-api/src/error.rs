@@ -14,6 +14,16 @@ pub enum WalError {
         term: Term,
         current: Term,
     },
+    /// A newer writer took the pchannel's log over (on shared storage, where writers need not
+    /// share a metastore, so epochs, not terms, order them): this one may not write.
+    #[error(
+        "pchannel {pchannel}: a newer writer (epoch {by_epoch}) took the log over from this one (epoch {epoch})"
+    )]
+    Superseded {
+        pchannel: String,
+        epoch: u64,
+        by_epoch: u64,
+    },
     /// Another process holds the pchannel open for writing.
     #[error("pchannel {pchannel} is locked by another writer ({path})")]
     Locked { pchannel: String, path: String },
@@ -31,6 +41,14 @@ pub enum WalError {
         context: String,
         #[source]
         source: io::Error,
+    },
+    /// Remote storage failed or could not be reached (after the backend's own retries); the
+    /// handle is now failed and the pchannel must be reopened.
+    #[error("pchannel {pchannel}: {context}: {detail}")]
+    Unavailable {
+        pchannel: String,
+        context: String,
+        detail: String,
     },
     /// Stored bytes are not what was written, somewhere other than a torn tail.
     #[error("pchannel {pchannel}: corruption in {location}: {detail}")]
@@ -67,9 +85,13 @@ impl WalError {
 impl HasErrorCode for WalError {
     fn code(&self) -> ErrorCode {
         match self {
-            Self::Fenced { .. } | Self::Locked { .. } => ErrorCode::ChannelFenced,
+            Self::Fenced { .. } | Self::Superseded { .. } | Self::Locked { .. } => {
+                ErrorCode::ChannelFenced
+            }
             Self::Truncated { .. } => ErrorCode::Truncated,
-            Self::Io { .. } | Self::Closed { .. } => ErrorCode::StorageUnavailable,
+            Self::Io { .. } | Self::Unavailable { .. } | Self::Closed { .. } => {
+                ErrorCode::StorageUnavailable
+            }
             Self::Corrupted { .. } => ErrorCode::Corrupted,
             Self::TooLarge { .. } => ErrorCode::MessageTooLarge,
             Self::NoSpace { .. } => ErrorCode::ResourceExhausted,

@@ -27,6 +27,7 @@
 
 mod error;
 pub mod memory;
+pub mod record;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
