@@ -336,10 +336,12 @@ impl Channel {
         );
         let (mut replayed, mut producer_messages) = (0, 0);
         let start = from.min(tail);
+        let mut last_tick = None;
         if start < end {
             let mut reader = self.wal.read(ReadFrom::At(start))?;
             while let Some((id, record)) = reader.next().await? {
                 let m = codec::decode(id, record)?;
+                last_tick = Some(m.time_tick());
                 if let Some((producer, seq)) = m.producer() {
                     let done = AppendResult {
                         id,
@@ -355,6 +357,9 @@ impl Channel {
                     replayed += 1;
                 }
             }
+        }
+        if let Some(t) = last_tick {
+            self.tso.observe(t, &*self.meta).await?;
         }
         self.metrics
             .growing_bytes
@@ -929,6 +934,8 @@ impl Channel {
             checkpoint_next_id: recovery.from.0,
             state: self.state().0.to_owned(),
             state_detail: self.state().1,
+            // The manager, which knows the storage, fills it in.
+            wal_storage: String::new(),
         }
     }
 }

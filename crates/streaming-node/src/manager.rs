@@ -124,6 +124,9 @@ impl WalManager {
             }
         }
         v.sort_by(|a, b| a.name.cmp(&b.name));
+        for p in &mut v {
+            p.wal_storage = self.storage.name().into();
+        }
         v
     }
 

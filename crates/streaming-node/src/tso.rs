@@ -92,6 +92,19 @@ impl Tso {
         Ok(next)
     }
 
+    /// Moves the oracle past `tick`, a tick found in a log: another writer (a process with its
+    /// own metastore and perhaps a clock ahead of this one) may have written the log last, and
+    /// ticks must keep rising across writers.
+    pub async fn observe(&self, tick: TimeTick, meta: &dyn MetaStore) -> Result<(), NodeError> {
+        {
+            let mut s = self.lock();
+            if tick > s.last {
+                s.last = tick;
+            }
+        }
+        self.extend(meta).await
+    }
+
     /// The last tick handed out.
     pub fn last(&self) -> TimeTick {
         self.lock().last
@@ -165,5 +178,16 @@ mod tests {
         assert!(tso.wants_extension());
         tso.extend(&meta).await.unwrap();
         assert!(tso.allocate().is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_tick_observed_in_a_log_from_a_clock_ahead_is_passed() {
+        let meta = MemoryMetaStore::new();
+        let tso = Tso::open(&meta, Duration::from_secs(3)).await.unwrap();
+        // Another writer's clock ran an hour ahead.
+        let ahead = TimeTick::compose(now_ms() + 3_600_000, 5);
+        tso.observe(ahead, &meta).await.unwrap();
+        let t = tso.allocate().unwrap();
+        assert!(t > ahead, "{t:?} after {ahead:?}");
     }
 }

@@ -402,6 +402,7 @@ pub async fn status(conn: &ConnArgs, json_out: bool) -> anyhow::Result<()> {
                     "checkpoint_next_id": p.checkpoint_next_id,
                     "state": p.state,
                     "state_detail": p.state_detail,
+                    "wal_storage": p.wal_storage,
                 })
             })
             .collect();

@@ -6,15 +6,90 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde::Deserialize;
 use walden_streaming_node::NodeConfig;
+use walden_object_store::ObjectStoreConfig;
 use walden_wal_local::LocalWalConfig;
+use walden_wal_object::ObjectWalConfig;
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub server: ServerConfig,
     pub node: NodeConfig,
+    pub wal: WalConfig,
     pub wal_local: WalLocalConfig,
+    pub wal_object: WalObjectConfig,
+    pub object_store: ObjectStoreConfig,
     pub log: LogConfig,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct WalConfig {
+    /// Default `local`.
+    pub storage: WalStorageKind,
+}
+
+/// Where the WAL keeps the pchannels' logs.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum WalStorageKind {
+    /// Segment files under `server.data_dir` (`[wal_local]`).
+    #[default]
+    Local,
+    /// Fragment objects in `[object_store]` (`[wal_object]`): nothing on the node's disk must
+    /// survive.
+    Object,
+}
+
+/// `[wal_object]`: the object-storage WAL (used with `wal.storage = "object"`).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct WalObjectConfig {
+    /// A fragment object is cut once its records reach this many bytes. Default 4 MiB.
+    pub fragment_bytes: usize,
+    /// Longest a record waits for others to share its fragment while an upload slot is free;
+    /// raising it trades latency for fewer PUTs. Default 0 (upload at once).
+    pub flush_interval_ms: u64,
+    /// Fragment uploads in flight at once. Default 8.
+    pub max_uploads_in_flight: usize,
+    /// A segment is sealed at this many bytes... Default 256 MiB.
+    pub segment_bytes: u64,
+    /// ... or fragments... Default 4096.
+    pub segment_max_fragments: u32,
+    /// ... or this age. Default 600 000 ms.
+    pub segment_max_age_ms: u64,
+    /// Fragments a catch-up reader fetches ahead in parallel. Default 8.
+    pub read_ahead: usize,
+}
+
+impl Default for WalObjectConfig {
+    fn default() -> Self {
+        let d = ObjectWalConfig::default();
+        Self {
+            fragment_bytes: d.fragment_bytes,
+            flush_interval_ms: d.flush_interval.as_millis() as u64,
+            max_uploads_in_flight: d.max_uploads_in_flight,
+            segment_bytes: d.segment_bytes,
+            segment_max_fragments: d.segment_max_fragments,
+            segment_max_age_ms: d.segment_max_age.as_millis() as u64,
+            read_ahead: d.read_ahead,
+        }
+    }
+}
+
+impl From<&WalObjectConfig> for ObjectWalConfig {
+    fn from(c: &WalObjectConfig) -> Self {
+        let ms = std::time::Duration::from_millis;
+        Self {
+            fragment_bytes: c.fragment_bytes,
+            flush_interval: ms(c.flush_interval_ms),
+            max_uploads_in_flight: c.max_uploads_in_flight,
+            segment_bytes: c.segment_bytes,
+            segment_max_fragments: c.segment_max_fragments,
+            segment_max_age: ms(c.segment_max_age_ms),
+            read_ahead: c.read_ahead,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -167,6 +242,20 @@ impl Config {
             self.wal_local.segment_bytes >= 4096,
             "wal_local.segment_bytes must be at least 4096"
         );
+        let o = &self.wal_object;
+        for (key, v) in [
+            ("fragment_bytes", o.fragment_bytes as u64),
+            ("max_uploads_in_flight", o.max_uploads_in_flight as u64),
+            ("segment_bytes", o.segment_bytes),
+            ("segment_max_fragments", u64::from(o.segment_max_fragments)),
+            ("segment_max_age_ms", o.segment_max_age_ms),
+            ("read_ahead", o.read_ahead as u64),
+        ] {
+            anyhow::ensure!(v > 0, "wal_object.{key} must be at least 1");
+        }
+        if self.wal.storage == WalStorageKind::Object {
+            self.object_store.validate().map_err(anyhow::Error::msg)?;
+        }
         check_log_level(&self.log.level)?;
         let s = &self.server;
         anyhow::ensure!(
@@ -232,6 +321,10 @@ mod tests {
         assert!(Config::parse("[node]\npchannels = 0").is_err());
         assert!(Config::parse("[log]\nformat = \"xml\"").is_err());
         assert!(Config::parse("[wal_local]\nlayout = \"sharded\"").is_err());
+        assert!(Config::parse("[wal]\nstorage = \"s3\"").is_err());
+        assert!(Config::parse("[wal_object]\nmax_uploads_in_flight = 0").is_err());
+        let c = Config::parse("[wal]\nstorage = \"object\"\n[object_store]\nurl = \"s3://b/p\"").unwrap();
+        assert_eq!(c.wal.storage, WalStorageKind::Object);
         let e = Config::parse("[log]\nlevel = \"infoo\"").unwrap_err();
         assert!(format!("{e:#}").contains("not a level"), "{e:#}");
         assert!(Config::parse("[log]\nlevel = \"walden=debug,tower=warn,INFO\"").is_ok());

@@ -44,6 +44,17 @@ enum Command {
         /// A TOML config file (see walden.example.toml).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Where the WAL lives (`wal.storage`) [default: local].
+        #[arg(long, value_enum)]
+        wal_storage: Option<config::WalStorageKind>,
+        /// The object store for `--wal-storage object` (`object_store.url`): file:///abs/dir,
+        /// memory:// or s3://bucket/prefix.
+        #[arg(long)]
+        object_store: Option<String>,
+        /// An S3-compatible endpoint (`object_store.endpoint`); an http:// one given here also
+        /// sets `object_store.allow_http`.
+        #[arg(long)]
+        object_store_endpoint: Option<String>,
         /// Once serving, write the bound addresses here as JSON (`{"grpc":..,"http":..}`):
         /// with port 0 in --listen, how a script learns the port the kernel picked.
         #[arg(long)]
@@ -168,6 +179,9 @@ fn standalone_config(command: &Command) -> anyhow::Result<Option<config::Config>
         listen,
         metrics_listen,
         config,
+        wal_storage,
+        object_store,
+        object_store_endpoint,
         ..
     } = command
     else {
@@ -183,6 +197,17 @@ fn standalone_config(command: &Command) -> anyhow::Result<Option<config::Config>
     if let Some(m) = metrics_listen {
         cfg.server.metrics_listen = m.clone();
     }
+    if let Some(s) = wal_storage {
+        cfg.wal.storage = *s;
+    }
+    if let Some(u) = object_store {
+        cfg.object_store.url = u.clone();
+    }
+    if let Some(e) = object_store_endpoint {
+        cfg.object_store.endpoint = e.clone();
+        cfg.object_store.allow_http |= e.starts_with("http://");
+    }
+    cfg.validate()?;
     Ok(Some(cfg))
 }
 

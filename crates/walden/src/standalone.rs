@@ -17,7 +17,14 @@ use walden_streaming_node::{
 use walden_wal_api::WalStorage;
 use walden_wal_local::{LocalWalStorage, Reserve, SharedLogStorage};
 
-use crate::{auth, config::Config, listener, tls};
+use walden_object_store::StoreMetrics;
+use walden_wal_object::ObjectWalStorage;
+
+use crate::{
+    auth,
+    config::{Config, WalStorageKind},
+    listener, tls,
+};
 
 /// The coordinator's view of the node in the same process.
 #[derive(Debug)]
@@ -128,8 +135,22 @@ pub async fn run(config: Config, ready_file: Option<std::path::PathBuf>) -> anyh
         walden_metastore_embedded::open(&data_dir.join("meta.redb"))
             .context("opening the metastore (is another walden using this data dir?)")?,
     );
-    let storage = wal_storage(&data_dir.join("wal"), &config.wal_local)?;
     let metrics = Metrics::new();
+    let storage: Arc<dyn WalStorage> = match config.wal.storage {
+        WalStorageKind::Local => wal_storage(&data_dir.join("wal"), &config.wal_local)?,
+        WalStorageKind::Object => {
+            let store_metrics = StoreMetrics::new(&metrics.registry)
+                .context("registering the object store's metrics")?;
+            // Checked before recovery: a bad endpoint, key or bucket is one line naming the
+            // setting to fix.
+            let blobs = walden_object_store::open(&config.object_store, store_metrics)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))
+                .context("opening the object store for the WAL")?;
+            info!(url = %config.object_store.url, "WAL on object storage");
+            Arc::new(ObjectWalStorage::new(blobs, (&config.wal_object).into()))
+        }
+    };
     let manager = WalManager::start(storage, meta.clone(), config.node.clone(), metrics.clone())
         .await
         .context("opening the pchannels")?;
