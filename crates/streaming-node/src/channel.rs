@@ -71,6 +71,8 @@ struct State {
     slots: VecDeque<Slot>,
     /// Set by the first storage failure: every later append fails until the channel reopens.
     failed: Option<String>,
+    /// The failure was a fence: another writer owns the log now.
+    fenced: bool,
     /// Real messages were appended since the last TimeTick.
     dirty: bool,
     closed: bool,
@@ -132,6 +134,8 @@ impl ChannelMetrics {
 pub enum Health {
     Serving,
     Failed(String),
+    /// Another writer took the log over (its storage fenced this one): not to be reopened here.
+    Fenced(String),
     Closed,
 }
 
@@ -242,6 +246,7 @@ impl Channel {
                 dedup: Dedup::new(config.dedup_window, config.dedup_max_producers),
                 slots: VecDeque::new(),
                 failed: None,
+                fenced: false,
                 dirty: false,
                 closed: false,
                 shards: Shards::new(shard::SealPolicy::from_config(&config)),
@@ -577,6 +582,12 @@ impl Channel {
             return Err(self.closed_error());
         }
         if let Some(why) = &st.failed {
+            if st.fenced {
+                return Err(NodeError::Fenced {
+                    pchannel: self.name.clone(),
+                    why: why.clone(),
+                });
+            }
             return Err(NodeError::ChannelClosed(format!("{}: {why}", self.name)));
         }
         // A retry is answered before admission: its original was admitted, whatever
@@ -783,9 +794,16 @@ impl Channel {
                 && st.failed.is_none()
             {
                 st.failed = Some(e.to_string());
-                drop(st);
-                warn!(pchannel = %self.name, error = %e, "append failed; the channel must reopen");
-                self.health.send_replace(Health::Failed(e.to_string()));
+                if e.code() == walden_common::ErrorCode::ChannelFenced {
+                    st.fenced = true;
+                    drop(st);
+                    warn!(pchannel = %self.name, error = %e, "another writer took the pchannel over");
+                    self.health.send_replace(Health::Fenced(e.to_string()));
+                } else {
+                    drop(st);
+                    warn!(pchannel = %self.name, error = %e, "append failed; the channel must reopen");
+                    self.health.send_replace(Health::Failed(e.to_string()));
+                }
             }
             slot
         };
@@ -880,6 +898,7 @@ impl Channel {
         match &*self.health.borrow() {
             Health::Serving => {}
             Health::Failed(why) => return ("failed", why.clone()),
+            Health::Fenced(why) => return ("fenced", why.clone()),
             Health::Closed => return ("closed", String::new()),
         }
         let damaged = self.wal.damaged();

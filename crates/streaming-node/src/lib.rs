@@ -47,6 +47,9 @@ pub enum NodeError {
     MessageTooLarge { size: usize, limit: usize },
     #[error("pchannel {0} is closing or being reopened")]
     ChannelClosed(String),
+    /// Another writer took the pchannel's log over; this node does not reopen it.
+    #[error("pchannel {pchannel} was taken over by another writer: {why}")]
+    Fenced { pchannel: String, why: String },
     #[error("the node is shutting down")]
     ShuttingDown,
     #[error("{0}")]
@@ -90,6 +93,7 @@ impl HasErrorCode for NodeError {
             Self::InvalidArgument(_) => ErrorCode::InvalidArgument,
             Self::MessageTooLarge { .. } => ErrorCode::MessageTooLarge,
             Self::ChannelClosed(_) => ErrorCode::StorageUnavailable,
+            Self::Fenced { .. } => ErrorCode::ChannelFenced,
             Self::ShuttingDown => ErrorCode::OnShutdown,
             Self::InvalidSequence(_) => ErrorCode::InvalidRequestSequence,
             Self::Wal(e) => e.code(),

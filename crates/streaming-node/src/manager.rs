@@ -286,6 +286,13 @@ async fn supervise(
                     }
                     Health::Closed => return,
                     Health::Failed(why) => break why,
+                    // Reopening would take the log back from its new owner, who would take it
+                    // back in turn: the pchannel stays down here (state `fenced`) until an
+                    // operator (or, in a cluster, the coordinator) decides.
+                    Health::Fenced(why) => {
+                        error!(pchannel = %name, reason = %why, "pchannel taken over by another writer; not reopening");
+                        return;
+                    }
                 }
             };
             warn!(pchannel = %name, reason = %why, "reopening the pchannel");

@@ -19,6 +19,9 @@ use crate::{
     unavailable,
 };
 
+/// Fragment keys fenced at once when taking a segment over.
+const FENCE_WINDOW: u64 = 32;
+
 /// Manifests and fragment headers fetched at once during an open.
 const OPEN_PARALLELISM: usize = 16;
 
@@ -324,14 +327,25 @@ async fn fence_and_seal(
         term: term.0,
     }
     .encode();
+    // A writer still uploading fills the next keys as fast as one fence could chase them, so
+    // fences go to a window of keys at once: the segment ends at the first key the fence won.
+    // Fragments the old writer lands past that key are never acknowledged (one below them
+    // failed) and never read (the manifest ends before them).
     loop {
-        let key = keys.fragment(seg, n);
-        match create(blobs, &key, fence.clone()).await {
-            Ok(Created::Mine) => break,
-            Ok(Created::Taken(b)) => {
-                match decode_at_fragment_key(&b) {
+        let creates: Vec<_> = (n..n + FENCE_WINDOW)
+            .map(|k| {
+                let key = keys.fragment(seg, k);
+                let fence = fence.clone();
+                async move { (create(blobs, &key, fence).await, key) }
+            })
+            .collect();
+        let mut end = None;
+        for (k, (r, key)) in (n..).zip(futures::future::join_all(creates).await) {
+            match r {
+                Ok(Created::Mine) => {}
+                Ok(Created::Taken(b)) => match decode_at_fragment_key(&b) {
                     // The previous writer's upload landed first: it belongs to the segment.
-                    Ok(AtFragmentKey::Fragment(_)) => n += 1,
+                    Ok(AtFragmentKey::Fragment(_)) => continue,
                     Ok(AtFragmentKey::Fence(f)) if f.epoch > epoch => {
                         return Err(WalError::Superseded {
                             pchannel: pchannel.to_owned(),
@@ -340,11 +354,20 @@ async fn fence_and_seal(
                         });
                     }
                     // An older opener's fence: the segment ends there too.
-                    Ok(AtFragmentKey::Fence(_)) => break,
+                    Ok(AtFragmentKey::Fence(_)) => {}
                     Err(d) => return Err(corrupted(pchannel, &key, d)),
-                }
+                },
+                Err(e) => return Err(unavailable(pchannel, "writing a fence", &e)),
             }
-            Err(e) => return Err(unavailable(pchannel, "writing a fence", &e)),
+            end = Some(k);
+            break;
+        }
+        match end {
+            Some(k) => {
+                n = k;
+                break;
+            }
+            None => n += FENCE_WINDOW,
         }
     }
     // Every fragment below the fence, its header read to learn its ids. The segment ends at

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use serde::Deserialize;
-use walden_streaming_node::NodeConfig;
 use walden_object_store::ObjectStoreConfig;
+use walden_streaming_node::NodeConfig;
 use walden_wal_local::LocalWalConfig;
 use walden_wal_object::ObjectWalConfig;
 
@@ -323,7 +323,8 @@ mod tests {
         assert!(Config::parse("[wal_local]\nlayout = \"sharded\"").is_err());
         assert!(Config::parse("[wal]\nstorage = \"s3\"").is_err());
         assert!(Config::parse("[wal_object]\nmax_uploads_in_flight = 0").is_err());
-        let c = Config::parse("[wal]\nstorage = \"object\"\n[object_store]\nurl = \"s3://b/p\"").unwrap();
+        let c = Config::parse("[wal]\nstorage = \"object\"\n[object_store]\nurl = \"s3://b/p\"")
+            .unwrap();
         assert_eq!(c.wal.storage, WalStorageKind::Object);
         let e = Config::parse("[log]\nlevel = \"infoo\"").unwrap_err();
         assert!(format!("{e:#}").contains("not a level"), "{e:#}");
