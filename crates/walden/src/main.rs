@@ -1,7 +1,6 @@
 //! The `walden` command: server roles, client commands and the benchmark.
 
 mod auth;
-mod bench;
 mod cli;
 mod collections_cli;
 mod config;
@@ -113,7 +112,7 @@ enum Command {
         json: bool,
     },
     /// Measure throughput and latency.
-    Bench(bench::BenchArgs),
+    Bench(walden_bench::BenchArgs),
     /// Create, describe, list and drop collections.
     #[command(subcommand)]
     Collection(collections_cli::CollectionCmd),
@@ -286,7 +285,7 @@ async fn run(cli: Cli, standalone: Option<config::Config>) -> anyhow::Result<()>
         Command::Status { conn, json } => cli::status(&conn, json).await,
         Command::Bench(args) => {
             init_logging("warn", false);
-            bench::run(args).await
+            walden_bench::run(args).await
         }
         Command::Collection(cmd) => collections_cli::collection(cmd).await,
         Command::Partition(cmd) => collections_cli::partition(cmd).await,
