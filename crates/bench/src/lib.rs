@@ -16,6 +16,7 @@
 //! `walden standalone` itself on a fresh data dir.
 
 mod disk;
+mod objstore;
 mod redis;
 mod server;
 
@@ -61,6 +62,9 @@ enum Workload {
     Recovery(Args),
     /// Raw write + fdatasync rate of this machine's disk.
     Disk(DiskArgs),
+    /// Raw create-if-absent PUTs (and GETs) of an object store, 1 and N in flight: the
+    /// object-storage WAL's limit.
+    Objstore(objstore::ObjStoreArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -134,6 +138,21 @@ struct Args {
     /// pchannel) or `per_pchannel`.
     #[arg(long, default_value = "shared")]
     wal_layout: String,
+    /// Where the server the bench starts keeps its WAL.
+    #[arg(long, value_enum, default_value = "local")]
+    wal_storage: WalStorage,
+    /// With `--wal-storage object`: file:///abs/dir or s3://bucket/prefix.
+    #[arg(long)]
+    object_store: Option<String>,
+    /// An S3-compatible endpoint for `--object-store` (http:// allowed).
+    #[arg(long)]
+    object_store_endpoint: Option<String>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum WalStorage {
+    Local,
+    Object,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -181,6 +200,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Workload::E2e(a) => compare(a, Kind::E2e).await,
         Workload::Catchup(a) => compare(a, Kind::Catchup).await,
         Workload::Recovery(a) => compare(a, Kind::Recovery).await,
+        Workload::Objstore(o) => objstore::run(o).await,
         Workload::Disk(d) => {
             let dir = d.dir.clone().unwrap_or_else(|| PathBuf::from("."));
             let r = disk_probe(&dir, d.size, d.duration)?;
@@ -208,6 +228,8 @@ struct RunResult {
     cpu_server_s: Option<f64>,
     cpu_client_s: f64,
     syncs: Option<u64>,
+    /// Object-storage WAL: fragment uploads and their bytes over the run.
+    puts: Option<(u64, u64)>,
     /// The node's own enqueue-to-durable time over the run (`walden_append_latency_seconds`):
     /// (sum in seconds, count). Tells the log's share of the latency from the rest.
     node_append: Option<(f64, u64)>,
@@ -229,6 +251,7 @@ impl RunResult {
             cpu_server_s: None,
             cpu_client_s: 0.0,
             syncs: None,
+            puts: None,
             node_append: None,
         }
     }
@@ -853,6 +876,26 @@ fn human_mib(b: u64) -> String {
     format!("{:.0} MiB", b as f64 / (1 << 20) as f64)
 }
 
+/// The config of the server the bench starts.
+fn server_config(a: &Args) -> anyhow::Result<String> {
+    let mut c = format!(
+        "[node]\npchannels = {}\n[wal_local]\nlayout = \"{}\"\n",
+        a.pchannels, a.wal_layout
+    );
+    if a.wal_storage == WalStorage::Object {
+        let url = a
+            .object_store
+            .as_deref()
+            .context("--wal-storage object needs --object-store URL")?;
+        let s = objstore::store_config(url, a.object_store_endpoint.as_deref());
+        c.push_str(&format!(
+            "[wal]\nstorage = \"object\"\n[object_store]\nurl = {:?}\nendpoint = {:?}\nallow_http = {}\n",
+            s.url, s.endpoint, s.allow_http
+        ));
+    }
+    Ok(c)
+}
+
 async fn compare(a: Args, kind: Kind) -> anyhow::Result<()> {
     anyhow::ensure!(
         a.pchannels > 0 && a.inflight > 0 && a.runs > 0,
@@ -870,9 +913,9 @@ async fn compare(a: Args, kind: Kind) -> anyhow::Result<()> {
         .tempdir_in(&base)?;
     let mut walden = match &a.addr {
         Some(_) => None,
-        None => Some(
-            WaldenServer::start(a.pchannels, &a.wal_layout, &scratch.path().join("walden")).await?,
-        ),
+        None => {
+            Some(WaldenServer::start(&server_config(&a)?, &scratch.path().join("walden")).await?)
+        }
     };
     let walden_addr = a
         .addr
@@ -967,6 +1010,10 @@ async fn compare(a: Args, kind: Kind) -> anyhow::Result<()> {
                     a.append_sum_s - b.append_sum_s,
                     a.append_count.saturating_sub(b.append_count),
                 ));
+                r.puts = Some((
+                    a.puts.saturating_sub(b.puts),
+                    a.put_bytes.saturating_sub(b.put_bytes),
+                ));
             }
         }
         eprintln!("  run {} walden: {}", i + 1, r.table_row("").trim());
@@ -987,8 +1034,8 @@ async fn compare(a: Args, kind: Kind) -> anyhow::Result<()> {
     let w = median(&walden_runs, kind);
     let p = (!peer_runs.is_empty()).then(|| median(&peer_runs, kind));
 
-    // The machine's own limit at the commit size Walden used.
-    let disk = if kind == Kind::Append {
+    // The machine's own limit at the commit size Walden used (the store's, for the object WAL).
+    let disk = if kind == Kind::Append && a.wal_storage == WalStorage::Local {
         let commit = match w.syncs {
             Some(s) if s > 0 => ((w.bytes / s) as usize).max(512),
             _ => a.size,
@@ -999,11 +1046,13 @@ async fn compare(a: Args, kind: Kind) -> anyhow::Result<()> {
     };
     // With one message in flight, a round trip over loopback is part of every acknowledgement:
     // the floor is the disk's sync plus that.
-    let loopback = if kind == Kind::Append && a.inflight == 1 {
+    let loopback = if disk.is_some() && a.inflight == 1 {
         Some(loopback_probe(a.size, Duration::from_secs(2))?)
     } else {
         None
     };
+
+    let store = objstore_limit(&a, kind, &w, walden.as_ref()).await?;
 
     println!("\n{} (median of {} run(s))", kind.name(), a.runs);
     println!("{TABLE_HEADER}");
@@ -1046,6 +1095,22 @@ async fn compare(a: Args, kind: Kind) -> anyhow::Result<()> {
             w.ms(0.5) / floor.max(1e-9)
         );
     }
+    let ratio_to_store = store.as_ref().map(|s| {
+        let (what, r) = match (kind, a.inflight) {
+            (Kind::Append, 1) => ("ack p50 / raw PUT p50", w.ms(0.5) / s.ms(0.5).max(1e-9)),
+            (Kind::Catchup, _) => (
+                "catch-up MiB/s / raw GET MiB/s",
+                w.mib_per_s() / s.mib_per_s().max(1e-9),
+            ),
+            _ => (
+                "MiB/s / raw PUT MiB/s",
+                w.mib_per_s() / s.mib_per_s().max(1e-9),
+            ),
+        };
+        println!("{}", s.table_row());
+        println!("walden/objstore ({what}, {}): {r:.2}x", s.label());
+        (what, round(r))
+    });
     for (name, r) in std::iter::once(("walden", &w)).chain(p.as_ref().map(|p| ("redis", p))) {
         if !r.lateness.is_empty() {
             println!(
@@ -1102,8 +1167,49 @@ async fn compare(a: Args, kind: Kind) -> anyhow::Result<()> {
         })),
         "ratio_to_peer": ratio_to_peer.map(round),
         "ratio_to_disk": ratio_to_disk.map(round),
+        "objstore": store.as_ref().map(objstore::ProbeResult::to_json),
+        "ratio_to_objstore": ratio_to_store.map(|(what, r)| json!({ "what": what, "ratio": r })),
     });
     write_json(a.json.as_deref(), &report)
+}
+
+/// With the object-storage WAL: the store's own limit for what the run did (PUTs of the
+/// fragment size the node wrote, 1 in flight for one append in flight, else the WAL's 8
+/// upload slots; GETs of that size for a catch-up).
+async fn objstore_limit(
+    a: &Args,
+    kind: Kind,
+    w: &RunResult,
+    server: Option<&WaldenServer>,
+) -> anyhow::Result<Option<objstore::ProbeResult>> {
+    if a.wal_storage != WalStorage::Object || !matches!(kind, Kind::Append | Kind::Catchup) {
+        return Ok(None);
+    }
+    let (puts, bytes) = match (kind, w.puts, server) {
+        (Kind::Append, Some(p), _) => p,
+        // A catch-up reads what the preload wrote.
+        (_, _, Some(s)) => scrape_node(&s.metrics)
+            .await
+            .map(|c| (c.puts, c.put_bytes))
+            .unwrap_or_default(),
+        _ => (0, 0),
+    };
+    if puts == 0 {
+        return Ok(None);
+    }
+    let size = (bytes / puts) as usize;
+    let inflight = if kind == Kind::Append && a.inflight == 1 {
+        1
+    } else {
+        8
+    };
+    let config = objstore::store_config(
+        a.object_store.as_deref().unwrap_or_default(),
+        a.object_store_endpoint.as_deref(),
+    );
+    let store = objstore::open_store(&config).await?;
+    let (put, get) = objstore::probe(&store, size, inflight, Duration::from_secs(3)).await?;
+    Ok(Some(if kind == Kind::Catchup { get } else { put }))
 }
 
 /// A latency quantile in ms from a histogram of µs.

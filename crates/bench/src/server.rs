@@ -26,12 +26,9 @@ pub(super) fn free_addr() -> anyhow::Result<String> {
 }
 
 impl WaldenServer {
-    pub(super) async fn start(pchannels: u32, layout: &str, data: &Path) -> anyhow::Result<Self> {
+    pub(super) async fn start(config_text: &str, data: &Path) -> anyhow::Result<Self> {
         let config = data.with_extension("bench.toml");
-        std::fs::write(
-            &config,
-            format!("[node]\npchannels = {pchannels}\n[wal_local]\nlayout = \"{layout}\"\n"),
-        )?;
+        std::fs::write(&config, config_text)?;
         // Port 0 at first: the server's ready file says what it bound; restarts reuse it.
         let mut s = Self {
             child: None,
@@ -117,6 +114,9 @@ pub(super) struct NodeCounters {
     pub(super) syncs: u64,
     pub(super) append_sum_s: f64,
     pub(super) append_count: u64,
+    /// Object-storage WAL: fragment uploads and their bytes.
+    pub(super) puts: u64,
+    pub(super) put_bytes: u64,
 }
 
 pub(super) async fn scrape_node(metrics_addr: &str) -> Option<NodeCounters> {
@@ -148,5 +148,7 @@ pub(super) async fn scrape_node(metrics_addr: &str) -> Option<NodeCounters> {
         syncs,
         append_sum_s: sum_of("walden_append_latency_seconds_sum"),
         append_count: sum_of("walden_append_latency_seconds_count") as u64,
+        puts: sum_of("walden_object_store_requests_total{op=\"put_if_absent\"}") as u64,
+        put_bytes: sum_of("walden_object_store_bytes_total{op=\"put\"}") as u64,
     })
 }
