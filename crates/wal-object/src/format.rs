@@ -1,4 +1,4 @@
-//! The bytes of every object the object-storage WAL writes (also in `docs/design.md` §5.4).
+//! The bytes of every object the object-storage WAL writes (also in `docs/design.md` §3.4).
 //! All integers are little-endian; every object ends in (or its header holds) a crc32c.
 //!
 //! ```text

@@ -1,4 +1,4 @@
-//! Every object key of a pchannel's log, in one place (layout in `docs/design.md` §5.4).
+//! Every object key of a pchannel's log, in one place (layout in `docs/design.md` §3.4).
 //!
 //! ```text
 //! wal/{pchannel}/epoch/{epoch:020}           a writer's claim (create-if-absent)

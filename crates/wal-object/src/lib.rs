@@ -5,7 +5,7 @@
 //!
 //! A pchannel's log is a run of *segments*; a segment is a run of *fragment* objects numbered
 //! densely from 0, each holding many records behind a small header ([`format`]; keys in
-//! [`keys`]; both in `docs/design.md` §5.4). One *marker* object per segment names its first id,
+//! [`keys`]; both in `docs/design.md` §3.4). One *marker* object per segment names its first id,
 //! so an open lists the markers and the active segment only, never the whole history. A sealed
 //! segment has a *manifest* listing each fragment's record count and size.
 //!
