@@ -1122,7 +1122,11 @@ async fn compare(a: Args, kind: Kind) -> anyhow::Result<()> {
     }
     if let Some(s) = w.syncs.filter(|_| w.msgs > 0) {
         println!(
-            "walden fsyncs per message: {:.4}; CPU s: server {}, client {:.2}",
+            "walden {} per message: {:.4}; CPU s: server {}, client {:.2}",
+            match a.wal_storage {
+                WalStorage::Local => "fsyncs",
+                WalStorage::Object => "fragment PUTs",
+            },
             s as f64 / w.msgs as f64,
             w.cpu_server_s.map_or("n/a".into(), |c| format!("{c:.2}")),
             w.cpu_client_s

@@ -146,6 +146,7 @@ impl WalStorage for ObjectWalStorage {
                 epoch: r.epoch,
                 st: Mutex::new(State::new(&r)),
                 wake: Notify::new(),
+                uploads: Default::default(),
             });
             if let Some(prev) = lock(&self.open)
                 .insert(pchannel.to_owned(), Arc::downgrade(&shared))
@@ -264,6 +265,8 @@ pub(crate) struct Shared {
     pub st: Mutex<State>,
     /// Wakes the writer task: new appends, closing, failure.
     pub wake: Notify,
+    /// Fragments this handle made durable: its durability barriers.
+    pub uploads: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -416,6 +419,13 @@ impl Wal for ObjectWal {
 
     fn durable_end(&self) -> MessageId {
         MessageId(self.shared.lock().durable_end)
+    }
+
+    /// Fragment uploads: each is one durability barrier for the records in it.
+    fn sync_count(&self) -> u64 {
+        self.shared
+            .uploads
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn size_bytes(&self) -> u64 {

@@ -194,6 +194,9 @@ impl Writer {
                     break;
                 };
                 self.front_seq += 1;
+                self.shared
+                    .uploads
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 st.durable_end = f.first + u64::from(f.count);
                 if let Some(s) = st.segs.back_mut() {
                     s.frags.push((f.first, f.count));
