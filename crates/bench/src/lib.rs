@@ -230,6 +230,9 @@ struct RunResult {
     syncs: Option<u64>,
     /// Object-storage WAL: fragment uploads and their bytes over the run.
     puts: Option<(u64, u64)>,
+    /// Object-storage WAL: bytes the node read from the store over the run (the rest of a
+    /// catch-up came from its write-ahead buffer).
+    store_read_bytes: Option<u64>,
     /// The node's own enqueue-to-durable time over the run (`walden_append_latency_seconds`):
     /// (sum in seconds, count). Tells the log's share of the latency from the rest.
     node_append: Option<(f64, u64)>,
@@ -252,6 +255,7 @@ impl RunResult {
             cpu_client_s: 0.0,
             syncs: None,
             puts: None,
+            store_read_bytes: None,
             node_append: None,
         }
     }
@@ -286,6 +290,7 @@ impl RunResult {
             "cpu_server_s": self.cpu_server_s.map(round),
             "cpu_client_s": round(self.cpu_client_s),
             "fsyncs": self.syncs,
+            "store_read_mib": self.store_read_bytes.map(|b| round(b as f64 / (1 << 20) as f64)),
             "sender_lateness_ms": (!self.lateness.is_empty()).then(|| json!({
                 "p50": round(self.lateness.value_at_quantile(0.5) as f64 / 1000.0),
                 "p99": round(self.lateness.value_at_quantile(0.99) as f64 / 1000.0),
@@ -1014,6 +1019,7 @@ async fn compare(a: Args, kind: Kind) -> anyhow::Result<()> {
                     a.puts.saturating_sub(b.puts),
                     a.put_bytes.saturating_sub(b.put_bytes),
                 ));
+                r.store_read_bytes = Some(a.get_bytes.saturating_sub(b.get_bytes));
             }
         }
         eprintln!("  run {} walden: {}", i + 1, r.table_row("").trim());
@@ -1109,6 +1115,13 @@ async fn compare(a: Args, kind: Kind) -> anyhow::Result<()> {
         };
         println!("{}", s.table_row());
         println!("walden/objstore ({what}, {}): {r:.2}x", s.label());
+        if let Some(read) = w.store_read_bytes.filter(|_| kind == Kind::Catchup) {
+            println!(
+                "walden read {} of the {} it delivered from the store (the rest from its write-ahead buffer)",
+                human_mib(read),
+                human_mib(w.bytes)
+            );
+        }
         (what, round(r))
     });
     for (name, r) in std::iter::once(("walden", &w)).chain(p.as_ref().map(|p| ("redis", p))) {
@@ -1202,10 +1215,12 @@ async fn objstore_limit(
         return Ok(None);
     }
     let size = (bytes / puts) as usize;
-    let inflight = if kind == Kind::Append && a.inflight == 1 {
-        1
-    } else {
-        8
+    // Appends: one upload per message in flight, else the WAL's 8 upload slots. Catch-up: the
+    // node reads 8 fragments ahead on every pchannel.
+    let inflight = match kind {
+        Kind::Append if a.inflight == 1 => 1,
+        Kind::Append => 8,
+        _ => 8 * a.pchannels as usize,
     };
     let config = objstore::store_config(
         a.object_store.as_deref().unwrap_or_default(),

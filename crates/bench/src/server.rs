@@ -117,6 +117,9 @@ pub(super) struct NodeCounters {
     /// Object-storage WAL: fragment uploads and their bytes.
     pub(super) puts: u64,
     pub(super) put_bytes: u64,
+    /// Object-storage WAL: bytes read from the store (catch-up reads past the write-ahead
+    /// buffer, recovery).
+    pub(super) get_bytes: u64,
 }
 
 pub(super) async fn scrape_node(metrics_addr: &str) -> Option<NodeCounters> {
@@ -150,5 +153,6 @@ pub(super) async fn scrape_node(metrics_addr: &str) -> Option<NodeCounters> {
         append_count: sum_of("walden_append_latency_seconds_count") as u64,
         puts: sum_of("walden_object_store_requests_total{op=\"put_if_absent\"}") as u64,
         put_bytes: sum_of("walden_object_store_bytes_total{op=\"put\"}") as u64,
+        get_bytes: sum_of("walden_object_store_bytes_total{op=\"get\"}") as u64,
     })
 }
