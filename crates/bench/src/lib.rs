@@ -10,6 +10,9 @@
 //! * `catchup`: read throughput of consumers starting from the earliest message, after a preload.
 //! * `recovery`: time from process start to serving after kill -9, after a preload.
 //! * `disk`: `write` + `fdatasync` of one size in a loop: the limit any durable log lives under.
+//! * `objstore`: raw create-if-absent PUTs and GETs of an object store, 1 and N in flight: the
+//!   limit the object-storage WAL lives under. With `--wal-storage object`, the other workloads
+//!   run on that WAL and are set beside it.
 //!
 //! `--peer redis` runs the same workload against Redis Streams with `appendfsync always` (a reply
 //! means fsynced), alternating with Walden run by run. Without `--addr`, the bench starts
