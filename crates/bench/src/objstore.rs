@@ -167,6 +167,20 @@ pub(super) async fn probe(
             }
         })
         .await;
+    // Say what was written: the objects are gone, unless a delete failed.
+    let left = store
+        .list(&format!("{prefix}/"))
+        .await
+        .map_or(0, |l| l.len());
+    eprintln!(
+        "  objstore probe: created {n} objects of {size} B under {prefix}/, deleted {}{}",
+        n as usize - left.min(n as usize),
+        if left > 0 {
+            format!(" ({left} left behind)")
+        } else {
+            String::new()
+        }
+    );
     Ok((put, get))
 }
 

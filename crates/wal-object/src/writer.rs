@@ -75,13 +75,13 @@ impl Writer {
                 self.fail_inflight();
                 return;
             }
+            self.rolling = self.rolling || self.should_roll();
             if self.rolling && self.inflight.is_empty() {
                 if let Err(e) = self.roll().await {
                     self.shared.fail(e);
                 }
                 continue;
             }
-            self.rolling = self.rolling || self.should_roll();
             let mut timer = None;
             while !self.rolling && self.inflight.len() < self.shared.config.max_uploads_in_flight {
                 match self.cut() {
@@ -98,6 +98,11 @@ impl Writer {
                 if st.closing && st.pending.is_empty() && self.inflight.is_empty() {
                     return;
                 }
+            }
+            // An idle pchannel's segment still rolls by age, so truncation can reach it.
+            if !self.rolling && self.next_frag > 0 {
+                let due = self.seg_started + self.shared.config.segment_max_age;
+                timer = Some(timer.map_or(due, |t: Instant| t.min(due)));
             }
             tokio::select! {
                 Some((seq, r)) = self.uploads.next(), if !self.uploads.is_empty() => {
@@ -162,6 +167,10 @@ impl Writer {
         let data = b.finish(self.shared.epoch, first, self.entries.len() as u32);
         let seq = self.front_seq + self.inflight.len() as u64;
         let key = self.shared.keys.fragment(self.seg, self.next_frag);
+        if self.next_frag == 0 {
+            // A segment's age counts from its first fragment.
+            self.seg_started = Instant::now();
+        }
         self.next_frag += 1;
         self.seg_bytes += data.len() as u64;
         self.inflight.push_back(InFlight {

@@ -363,3 +363,32 @@ impl Blobs for Counting {
         self.inner.delete(key).await
     }
 }
+
+/// A segment rolls by age even when nothing more is appended, so that truncation can free an
+/// idle pchannel's log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_segment_rolls_by_age_and_can_then_be_truncated() {
+    let b = blobs("memory://").await;
+    let s = ObjectWalStorage::new(
+        b.clone(),
+        ObjectWalConfig {
+            segment_max_age: Duration::from_millis(200),
+            ..ObjectWalConfig::default()
+        },
+    );
+    let wal = s.open("idle", Term(1)).await.unwrap();
+    let id = wal.append(Bytes::from_static(b"only")).await.unwrap();
+    let manifest = Keys::new("idle").manifest(0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while b.get(&manifest).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the idle segment was never sealed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    wal.truncate(MessageId(id.0 + 1)).await.unwrap();
+    assert_eq!(wal.first_id(), MessageId(id.0 + 1));
+    let err = wal.read(ReadFrom::At(id)).unwrap_err();
+    assert!(matches!(err, WalError::Truncated { .. }), "{err:?}");
+}
