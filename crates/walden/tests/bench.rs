@@ -383,3 +383,90 @@ async fn append_against_a_running_server_lands_there_and_reports_no_server_cpu()
     assert!(report["walden"]["cpu_server_s"].is_null(), "{report}");
     assert!(report["walden"]["fsyncs"].is_null(), "{report}");
 }
+
+/// On the object WAL (`file://` here), an append report carries the store's own limit at the
+/// fragment size the node wrote, and its ratio agrees with the two numbers it is made of.
+#[test]
+fn object_wal_append_is_set_beside_the_store_limit_with_a_consistent_ratio() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    std::fs::create_dir(&store).unwrap();
+    let url = format!("file://{}", store.display());
+    let report = bench(
+        &[
+            "append",
+            "--pchannels",
+            "1",
+            "--inflight",
+            "1",
+            "--duration",
+            "1s",
+            "--warmup",
+            "0s",
+            "--wal-storage",
+            "object",
+            "--object-store",
+            &url,
+        ],
+        dir.path(),
+    );
+    check_system(&report, "walden", 1024.0);
+    let probe = &report["objstore"];
+    assert_eq!(probe["op"], "put", "{probe}");
+    assert_eq!(f(probe, &["inflight"]), 1.0);
+    // Fragments of one 1 KiB message (and a header) each.
+    let size = f(probe, &["size"]);
+    assert!((1024.0..2048.0).contains(&size), "{probe}");
+    let ratio = f(&report, &["ratio_to_objstore", "ratio"]);
+    let expected = f(&report, &["walden", "latency_ms", "p50"]) / f(probe, &["latency_ms", "p50"]);
+    assert!(
+        (ratio - expected).abs() <= expected * 0.01 + 0.01,
+        "{ratio} vs {expected}"
+    );
+    assert!(report["disk"].is_null(), "no disk limit for the object WAL");
+
+    // `bench objstore` alone: a PUT and a GET row per size and concurrency.
+    let json = dir.path().join("objstore.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_walden"))
+        .args(["bench", "objstore", "--object-store", &url])
+        .args([
+            "--sizes",
+            "1024,65536",
+            "--inflight",
+            "4",
+            "--duration",
+            "200ms",
+            "--json",
+        ])
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&std::fs::read(json).unwrap()).unwrap();
+    let rows = r["results"].as_array().unwrap();
+    assert_eq!(rows.len(), 8, "{r}");
+    for row in rows {
+        assert!(f(row, &["ops_per_s"]) > 0.0, "{row}");
+    }
+    // It leaves nothing behind, and says so.
+    assert!(String::from_utf8_lossy(&out.stderr).contains("deleted"));
+    let left: Vec<_> = walk(&store);
+    assert!(left.is_empty(), "probe objects left: {left:?}");
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else if p.to_string_lossy().contains("bench-probe") {
+            out.push(p);
+        }
+    }
+    out
+}
