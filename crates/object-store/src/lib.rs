@@ -349,13 +349,18 @@ fn s3(config: &ObjectStoreConfig, bucket: &str) -> Result<Arc<dyn ObjectStore>, 
     Ok(Arc::new(store))
 }
 
+/// What the start-time probe lists.
+const PROBE_PREFIX: &str = "walden-probe/";
+
 /// One list call at start, its failure turned into the key to fix.
 async fn probe(
     store: &Store,
     config: &ObjectStoreConfig,
     location: &Location,
 ) -> Result<(), ObjectStoreError> {
-    let e = match store.list("").await {
+    // A prefix that holds nothing: reaching it checks the endpoint, the credentials and the
+    // bucket as well as a full listing would, without listing a WAL's every object at start.
+    let e = match store.list(PROBE_PREFIX).await {
         Ok(_) => return Ok(()),
         Err(e) => e,
     };

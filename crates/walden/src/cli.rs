@@ -412,7 +412,7 @@ pub async fn status(conn: &ConnArgs, json_out: bool) -> anyhow::Result<()> {
         writeln!(out, "node {} (walden {})", s.node_id, s.version)?;
         writeln!(
             out,
-            "{:<16} {:>6} {:>20} {:>12} {:>12} {:>10} {:>10} {:<10}",
+            "{:<16} {:>6} {:>20} {:>12} {:>12} {:>10} {:>10} {:<7} {:<10}",
             "PCHANNEL",
             "TERM",
             "LAST_TICK",
@@ -420,12 +420,13 @@ pub async fn status(conn: &ConnArgs, json_out: bool) -> anyhow::Result<()> {
             "WAL_BYTES",
             "RECOVER_MS",
             "REPLAYED",
+            "WAL",
             "STATE"
         )?;
         for p in &s.pchannels {
             writeln!(
                 out,
-                "{:<16} {:>6} {:>20} {:>12} {:>12} {:>10} {:>10} {:<10}",
+                "{:<16} {:>6} {:>20} {:>12} {:>12} {:>10} {:>10} {:<7} {:<10}",
                 p.name,
                 p.term,
                 p.last_time_tick,
@@ -433,6 +434,7 @@ pub async fn status(conn: &ConnArgs, json_out: bool) -> anyhow::Result<()> {
                 p.wal_bytes,
                 p.recovery_ms,
                 p.replayed_messages,
+                p.wal_storage,
                 p.state
             )?;
             if !p.state_detail.is_empty() {
