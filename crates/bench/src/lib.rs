@@ -21,9 +21,11 @@
 mod disk;
 mod objstore;
 mod redis;
+mod report;
 mod server;
 
 use disk::*;
+use report::*;
 use server::*;
 
 use std::{
@@ -215,136 +217,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             )
         }
     }
-}
-
-// ------------------------------------------------------------------------------------------------
-// Results.
-
-#[derive(Debug, Clone)]
-struct RunResult {
-    msgs: u64,
-    bytes: u64,
-    elapsed: Duration,
-    /// Microseconds: per-message latency, or the recovery time for `recovery`.
-    hist: Histogram<u64>,
-    errors: u64,
-    cpu_server_s: Option<f64>,
-    cpu_client_s: f64,
-    syncs: Option<u64>,
-    /// Object-storage WAL: fragment uploads and their bytes over the run.
-    puts: Option<(u64, u64)>,
-    /// Object-storage WAL: bytes the node read from the store over the run (the rest of a
-    /// catch-up came from its write-ahead buffer).
-    store_read_bytes: Option<u64>,
-    /// The node's own enqueue-to-durable time over the run (`walden_append_latency_seconds`):
-    /// (sum in seconds, count). Tells the log's share of the latency from the rest.
-    node_append: Option<(f64, u64)>,
-    /// At a fixed rate: how late the bench itself sent each message (its timer has ~1 ms
-    /// resolution), in microseconds. Part of every latency above; reported so it can be told
-    /// apart from the system's.
-    lateness: Histogram<u64>,
-}
-
-impl RunResult {
-    fn new() -> Self {
-        Self {
-            msgs: 0,
-            bytes: 0,
-            elapsed: Duration::ZERO,
-            lateness: new_hist(),
-            hist: new_hist(),
-            errors: 0,
-            cpu_server_s: None,
-            cpu_client_s: 0.0,
-            syncs: None,
-            puts: None,
-            store_read_bytes: None,
-            node_append: None,
-        }
-    }
-    fn msgs_per_s(&self) -> f64 {
-        self.msgs as f64 / self.elapsed.as_secs_f64().max(1e-9)
-    }
-    fn mib_per_s(&self) -> f64 {
-        self.bytes as f64 / self.elapsed.as_secs_f64().max(1e-9) / (1 << 20) as f64
-    }
-    fn ms(&self, q: f64) -> f64 {
-        ms(&self.hist, q)
-    }
-    /// The number runs are ranked by to pick the median.
-    fn score(&self, kind: Kind) -> f64 {
-        match kind {
-            Kind::Append | Kind::Catchup => self.msgs_per_s(),
-            Kind::E2e => -self.ms(0.99),
-            Kind::Recovery => -self.ms(0.5),
-        }
-    }
-    fn to_json(&self) -> Value {
-        json!({
-            "msgs": self.msgs,
-            "msgs_per_s": round(self.msgs_per_s()),
-            "mib_per_s": round(self.mib_per_s()),
-            "errors": self.errors,
-            "latency_ms": {
-                "p50": round(self.ms(0.5)), "p90": round(self.ms(0.9)),
-                "p99": round(self.ms(0.99)), "p999": round(self.ms(0.999)),
-                "max": round(self.hist.max() as f64 / 1000.0),
-            },
-            "cpu_server_s": self.cpu_server_s.map(round),
-            "cpu_client_s": round(self.cpu_client_s),
-            "fsyncs": self.syncs,
-            "store_read_mib": self.store_read_bytes.map(|b| round(b as f64 / (1 << 20) as f64)),
-            "sender_lateness_ms": (!self.lateness.is_empty()).then(|| json!({
-                "p50": round(self.lateness.value_at_quantile(0.5) as f64 / 1000.0),
-                "p99": round(self.lateness.value_at_quantile(0.99) as f64 / 1000.0),
-            })),
-            "fsyncs_per_msg": self.syncs.map(|s| round(s as f64 / self.msgs.max(1) as f64)),
-            "node_append_ms_mean": self
-                .node_append
-                .filter(|(_, n)| *n > 0)
-                .map(|(sum, n)| round(sum * 1000.0 / n as f64)),
-            "commit_interval_ms": self
-                .syncs
-                .filter(|s| *s > 0)
-                .map(|s| round(self.elapsed.as_secs_f64() * 1000.0 / s as f64)),
-        })
-    }
-    fn table_row(&self, name: &str) -> String {
-        table_row(
-            name,
-            self.msgs_per_s(),
-            self.mib_per_s(),
-            &self.hist,
-            self.errors,
-        )
-    }
-}
-
-fn round(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
-}
-
-const TABLE_HEADER: &str =
-    "system        msgs/s     MiB/s   p50 ms   p90 ms   p99 ms  p999 ms   max ms  errors";
-
-fn new_hist() -> Histogram<u64> {
-    // 1 us .. 1 h at 3 significant digits; these bounds are valid, so creation cannot fail.
-    Histogram::new_with_bounds(1, 3_600_000_000, 3).unwrap_or_else(|_| unreachable!())
-}
-
-fn median(runs: &[RunResult], kind: Kind) -> RunResult {
-    let mut sorted = runs.to_vec();
-    sorted.sort_by(|x, y| x.score(kind).total_cmp(&y.score(kind)));
-    sorted[sorted.len() / 2].clone()
-}
-
-fn write_json(path: Option<&Path>, v: &Value) -> anyhow::Result<()> {
-    if let Some(p) = path {
-        let mut f =
-            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?;
-        writeln!(f, "{}", serde_json::to_string_pretty(v)?)?;
-    }
-    Ok(())
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -1061,7 +933,7 @@ async fn compare(a: Args, kind: Kind) -> anyhow::Result<()> {
         None
     };
 
-    let store = objstore_limit(&a, kind, &w, walden.as_ref()).await?;
+    let store = objstore::objstore_limit(&a, kind, &w, walden.as_ref()).await?;
 
     println!("\n{} (median of {} run(s))", kind.name(), a.runs);
     println!("{TABLE_HEADER}");
@@ -1191,47 +1063,6 @@ async fn compare(a: Args, kind: Kind) -> anyhow::Result<()> {
         "ratio_to_objstore": ratio_to_store.map(|(what, r)| json!({ "what": what, "ratio": r })),
     });
     write_json(a.json.as_deref(), &report)
-}
-
-/// With the object-storage WAL: the store's own limit for what the run did (PUTs of the
-/// fragment size the node wrote, 1 in flight for one append in flight, else the WAL's 8
-/// upload slots; GETs of that size for a catch-up).
-async fn objstore_limit(
-    a: &Args,
-    kind: Kind,
-    w: &RunResult,
-    server: Option<&WaldenServer>,
-) -> anyhow::Result<Option<objstore::ProbeResult>> {
-    if a.wal_storage != WalStorage::Object || !matches!(kind, Kind::Append | Kind::Catchup) {
-        return Ok(None);
-    }
-    let (puts, bytes) = match (kind, w.puts, server) {
-        (Kind::Append, Some(p), _) => p,
-        // A catch-up reads what the preload wrote.
-        (_, _, Some(s)) => scrape_node(&s.metrics)
-            .await
-            .map(|c| (c.puts, c.put_bytes))
-            .unwrap_or_default(),
-        _ => (0, 0),
-    };
-    if puts == 0 {
-        return Ok(None);
-    }
-    let size = (bytes / puts) as usize;
-    // Appends: one upload per message in flight, else the WAL's 8 upload slots. Catch-up: the
-    // node reads 8 fragments ahead on every pchannel.
-    let inflight = match kind {
-        Kind::Append if a.inflight == 1 => 1,
-        Kind::Append => 8,
-        _ => 8 * a.pchannels as usize,
-    };
-    let config = objstore::store_config(
-        a.object_store.as_deref().unwrap_or_default(),
-        a.object_store_endpoint.as_deref(),
-    );
-    let store = objstore::open_store(&config).await?;
-    let (put, get) = objstore::probe(&store, size, inflight, Duration::from_secs(3)).await?;
-    Ok(Some(if kind == Kind::Catchup { get } else { put }))
 }
 
 /// A latency quantile in ms from a histogram of µs.

@@ -195,6 +195,47 @@ fn rand_u64() -> u64 {
     h.finish()
 }
 
+/// With the object-storage WAL: the store's own limit for what the run did (PUTs of the
+/// fragment size the node wrote, 1 in flight for one append in flight, else the WAL's 8
+/// upload slots; GETs of that size for a catch-up).
+pub(super) async fn objstore_limit(
+    a: &Args,
+    kind: Kind,
+    w: &RunResult,
+    server: Option<&WaldenServer>,
+) -> anyhow::Result<Option<ProbeResult>> {
+    if a.wal_storage != WalStorage::Object || !matches!(kind, Kind::Append | Kind::Catchup) {
+        return Ok(None);
+    }
+    let (puts, bytes) = match (kind, w.puts, server) {
+        (Kind::Append, Some(p), _) => p,
+        // A catch-up reads what the preload wrote.
+        (_, _, Some(s)) => scrape_node(&s.metrics)
+            .await
+            .map(|c| (c.puts, c.put_bytes))
+            .unwrap_or_default(),
+        _ => (0, 0),
+    };
+    if puts == 0 {
+        return Ok(None);
+    }
+    let size = (bytes / puts) as usize;
+    // Appends: one upload per message in flight, else the WAL's 8 upload slots. Catch-up: the
+    // node reads 8 fragments ahead on every pchannel.
+    let inflight = match kind {
+        Kind::Append if a.inflight == 1 => 1,
+        Kind::Append => 8,
+        _ => 8 * a.pchannels as usize,
+    };
+    let config = store_config(
+        a.object_store.as_deref().unwrap_or_default(),
+        a.object_store_endpoint.as_deref(),
+    );
+    let store = open_store(&config).await?;
+    let (put, get) = probe(&store, size, inflight, Duration::from_secs(3)).await?;
+    Ok(Some(if kind == Kind::Catchup { get } else { put }))
+}
+
 /// `walden bench objstore`.
 pub(super) async fn run(a: ObjStoreArgs) -> anyhow::Result<()> {
     let config = store_config(&a.object_store, a.object_store_endpoint.as_deref());

@@ -296,19 +296,20 @@ async fn fence_and_seal(
         .list(&keys.segment(seg))
         .await
         .map_err(|e| unavailable(pchannel, "listing the active segment", &e))?;
-    let mut present: Vec<(u64, u64)> = listed
+    let mut present: Vec<u64> = listed
         .iter()
-        .filter_map(|o| keys.parse_fragment(seg, &o.key).map(|n| (n, o.size)))
+        .filter_map(|o| keys.parse_fragment(seg, &o.key))
         .collect();
     present.sort_unstable();
+    // The first fragment number missing from the listing.
     let mut n = present
         .iter()
-        .enumerate()
-        .find(|(i, (f, _))| *f != *i as u64)
-        .map_or(present.len(), |(i, _)| i) as u64;
+        .zip(0..)
+        .find(|(f, i)| **f != *i)
+        .map_or(present.len() as u64, |(_, i)| i);
     // Fragments past the gap were cut while the gap's upload was in flight, unless one says
     // the gap was already durable: then a fragment was lost.
-    for &(j, _) in present.iter().filter(|(j, _)| *j > n) {
+    for &j in present.iter().filter(|j| **j > n) {
         if let Some((_, _, _, durable_before)) =
             fragment_header(blobs, keys, pchannel, seg, j).await?
             && u64::from(durable_before) > n
