@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs on a fresh Debian machine. Idempotent.
 #
-# Walden's own protos compile with protox (pure Rust), so no protoc is needed. The standalone
-# tests start real `walden` processes; the object-store tests start SeaweedFS (`weed mini`)
-# on 127.0.0.1. Services added later (etcd for the cluster, brokers for other WAL backends)
-# are installed here too.
+# Every proto (Walden's and the slice of etcd's it speaks) compiles with protox (pure Rust), so
+# no protoc is needed. The standalone tests start real `walden` processes; the object-store tests start
+# SeaweedFS (`weed mini`) and the cluster tests etcd, all on 127.0.0.1.
 set -euo pipefail
 
 need=()
@@ -12,6 +11,7 @@ need=()
 declare -A packages=(
   [redis-server]=redis-server   # the peer of `walden bench --peer redis` (tests/bench.rs)
   [openssl]=openssl             # makes the certificates of tests/security.rs
+  [etcd]=etcd-server            # the cluster's metastore (3.4 on Debian 12)
 )
 for cmd in "${!packages[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || need+=("${packages[$cmd]}")

@@ -222,10 +222,11 @@ pub async fn leased_keys_vanish_when_the_lease_expires_or_is_revoked(store: &dyn
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(matches!(
-        store.keep_alive(short).await,
-        Err(MetaError::LeaseNotFound(_))
-    ));
+    let lapsed = store.keep_alive(short).await;
+    assert!(
+        matches!(lapsed, Err(MetaError::LeaseNotFound(_))),
+        "keep-alive of a lapsed lease: {lapsed:?}"
+    );
 
     let long = store.grant_lease(Duration::from_secs(60)).await.unwrap();
     store.put("lease/b", b("1"), Some(long)).await.unwrap();
