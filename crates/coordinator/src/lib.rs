@@ -30,11 +30,10 @@ use walden_schema::Schema;
 /// Most shards a collection may have.
 pub const MAX_SHARDS: u32 = 64;
 
-const COLLECTION_PREFIX: &str = "walden/coord/collection/";
-const ID_KEY: &str = "walden/coord/next_id";
+use walden_metastore_api::keys::{self, COLLECTION_PREFIX};
 
 fn collection_key(name: &str) -> String {
-    format!("{COLLECTION_PREFIX}{name}")
+    keys::collection(name)
 }
 
 /// A refusal or failure from the node that owns a pchannel.
@@ -224,7 +223,7 @@ impl Coordinator {
 
     /// A fresh id for collections and broadcast tasks (one counter for both).
     async fn next_id(&self) -> Result<u64, CoordError> {
-        Ok(walden_metastore_api::increment(&*self.meta, ID_KEY).await?)
+        Ok(walden_metastore_api::increment(&*self.meta, keys::COORD_NEXT_ID).await?)
     }
 
     /// Creates a collection with `shards` shards and returns it once every shard has it.

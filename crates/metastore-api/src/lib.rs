@@ -12,6 +12,7 @@
 //! * A watch sees every change under its prefix made after it was created, in revision order.
 //! * A key put with a lease is deleted when the lease expires or is revoked.
 
+pub mod keys;
 mod memory;
 
 #[cfg(feature = "conformance")]

@@ -17,6 +17,8 @@ use std::{
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
+use walden_metastore_api::keys::pchannel_checkpoint as checkpoint_key;
+use walden_tso::TickSource;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -34,7 +36,6 @@ use crate::{
     dedup::{Dedup, Lookup, Seen},
     metrics::Metrics,
     shard::{self, Shards},
-    tso::Tso,
     txn::{self, Role, Txns},
     wab::WriteAheadBuffer,
 };
@@ -145,7 +146,7 @@ pub struct Channel {
     name: String,
     term: Term,
     wal: Arc<dyn Wal>,
-    tso: Arc<Tso>,
+    tso: Arc<dyn TickSource>,
     meta: Arc<dyn MetaStore>,
     config: NodeConfig,
     metrics: Metrics,
@@ -178,11 +179,6 @@ pub struct Recovery {
     pub from: MessageId,
     /// Messages of idempotent producers put back into their windows.
     pub producer_messages: u64,
-}
-
-/// Metastore key of a pchannel's collection-state checkpoint.
-pub fn checkpoint_key(pchannel: &str) -> String {
-    format!("walden/pchannel/{pchannel}/checkpoint")
 }
 
 /// An append that was enqueued (or recognised as a retry); await it for the result.
@@ -222,7 +218,7 @@ impl Channel {
     /// [`Channel::write_first_time_tick`] before serving.
     pub fn start(
         wal: Arc<dyn Wal>,
-        tso: Arc<Tso>,
+        tso: Arc<dyn TickSource>,
         meta: Arc<dyn MetaStore>,
         config: NodeConfig,
         metrics: Metrics,
@@ -364,7 +360,7 @@ impl Channel {
             }
         }
         if let Some(t) = last_tick {
-            self.tso.observe(t, &*self.meta).await?;
+            self.tso.observe(t).await?;
         }
         self.metrics
             .growing_bytes
@@ -405,7 +401,7 @@ impl Channel {
                 }
             }
             if rollbacks.len() > 0 {
-                self.tso.extend(&*self.meta).await?;
+                self.tso.refill().await?;
             }
         }
         for p in pending {
@@ -477,7 +473,7 @@ impl Channel {
         cp.next_id = next_id.0;
         cp.time_tick = self.wab.last_tick().0;
         cp.term = self.term.0;
-        let term_key = crate::manager::term_key(&self.name);
+        let term_key = walden_metastore_api::keys::pchannel_term(&self.name);
         let txn = Txn {
             compare: vec![Compare {
                 key: term_key,
@@ -566,7 +562,7 @@ impl Channel {
                 return Ok(done);
             }
             // The oracle's window ran out: persist a new one, then retry.
-            self.tso.extend(&*self.meta).await?;
+            self.tso.refill().await?;
         }
     }
 
@@ -629,7 +625,7 @@ impl Channel {
         }
         let role = st
             .txns
-            .admit(msg, || TimeTick::compose(crate::tso::now_ms(), 0))?;
+            .admit(msg, || TimeTick::compose(walden_tso::now_ms(), 0))?;
         let mut pre = st.shards.admit(msg, checked)?;
         if role == Role::None && txn::is_exclusive(msg.message_type) {
             // Bodies of open transactions would land after the exclusive message: end them.
@@ -738,7 +734,7 @@ impl Channel {
     /// Writes what time calls for: RollbackTxn for expired transactions, and the Flush messages
     /// the seal policies ask for (full, idle, lifetime, node memory).
     pub fn seal_due(&self) -> Result<usize, NodeError> {
-        let now = TimeTick::compose(crate::tso::now_ms(), 0);
+        let now = TimeTick::compose(walden_tso::now_ms(), 0);
         let node_bytes = u64::try_from(self.metrics.growing_bytes.get()).unwrap_or(0);
         let memory = (
             self.config.growing_memory_high_bytes,

@@ -1,7 +1,8 @@
 //! The streaming node: hosts pchannel WALs and serves produce, consume and status.
 //!
-//! * [`manager::WalManager`] opens each pchannel under a new term (persisted in the metastore
-//!   first), recovers it and keeps it served.
+//! * [`manager::WalManager`] opens each pchannel it is assigned under the term it is given,
+//!   recovers it and serves it; [`assigner`] is standalone's assigner (the coordinator's job in
+//!   one process).
 //! * [`channel::Channel`] is one open pchannel: the append path (tick allocation and enqueue
 //!   under one lock, so id order is tick order), the ack bookkeeping that makes messages
 //!   visible strictly in tick order, TimeTick messages, and the write-ahead buffer.
@@ -9,6 +10,7 @@
 //!   tailing the write-ahead buffer, falling back to storage when the buffer has moved on.
 //! * [`service`] is the gRPC face of all this.
 
+pub mod assigner;
 pub mod channel;
 pub mod config;
 pub mod dedup;
@@ -17,7 +19,6 @@ pub mod metrics;
 pub mod scanner;
 pub mod service;
 pub mod shard;
-pub mod tso;
 pub mod txn;
 pub mod wab;
 
@@ -58,6 +59,8 @@ pub enum NodeError {
     Wal(#[from] WalError),
     #[error(transparent)]
     Meta(#[from] MetaError),
+    #[error(transparent)]
+    Tso(#[from] walden_tso::TsoError),
     #[error("stored message is malformed: {0}")]
     Decode(#[from] DecodeError),
     #[error("internal error: {0}")]
@@ -98,6 +101,7 @@ impl HasErrorCode for NodeError {
             Self::InvalidSequence(_) => ErrorCode::InvalidRequestSequence,
             Self::Wal(e) => e.code(),
             Self::Meta(e) => e.code(),
+            Self::Tso(e) => e.code(),
             Self::Decode(e) => e.code(),
             Self::Internal(_) => ErrorCode::Internal,
             Self::CollectionNotFound(_) => ErrorCode::CollectionNotFound,

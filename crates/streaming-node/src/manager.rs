@@ -1,48 +1,69 @@
-//! Opens the node's pchannels and keeps them served.
+//! The pchannels this node serves, each under the term it was assigned.
 //!
-//! Each open takes a new term: the term is incremented in the metastore with a compare-and-swap
-//! before the WAL is opened under it, so a term is never used twice, even across crashes. A
-//! channel whose storage fails is closed and reopened (recovering its WAL) under the next term.
+//! The manager never chooses a pchannel or a term: whoever assigns does (the coordinator in a
+//! cluster, [`crate::assigner`] in standalone). Opening under a term fences the storage with it
+//! (an older writer can no longer append), recovers the state, and writes the fence TimeTick;
+//! only then is the channel served. An assignment with a term below the one served is refused.
 
 use std::{
     collections::HashMap,
     sync::{Arc, RwLock},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
-use tracing::{error, info, warn};
+use tracing::{error, info};
 use walden_common::{HasErrorCode, Term};
-use walden_metastore_api::{MetaStore, increment};
+use walden_metastore_api::MetaStore;
+use walden_tso::TickSource;
 use walden_wal_api::WalStorage;
 
 use crate::{
     NodeConfig, NodeError,
     channel::{Channel, Health},
     metrics::Metrics,
-    tso::Tso,
 };
-
-/// Metastore key of a pchannel's last term.
-pub fn term_key(pchannel: &str) -> String {
-    format!("walden/pchannel/{pchannel}/term")
-}
 
 /// The pchannels this node serves.
 #[derive(Debug)]
 pub struct WalManager {
     storage: Arc<dyn WalStorage>,
     meta: Arc<dyn MetaStore>,
-    tso: Arc<Tso>,
+    ticks: Arc<dyn TickSource>,
     config: NodeConfig,
     metrics: Metrics,
     channels: RwLock<HashMap<String, Arc<Channel>>>,
-    /// Pchannels that could not be opened yet, with the last error (retried with backoff).
+    /// Pchannels assigned here that could not be opened, with the last error.
     unopened: RwLock<HashMap<String, String>>,
+    /// One open or close at a time per pchannel.
+    opening: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     shutting_down: std::sync::atomic::AtomicBool,
 }
 
 impl WalManager {
-    /// Opens every configured pchannel (recovering each) and starts supervising them.
+    /// A manager serving nothing yet; pchannels come with [`WalManager::assign`].
+    pub fn new(
+        storage: Arc<dyn WalStorage>,
+        meta: Arc<dyn MetaStore>,
+        ticks: Arc<dyn TickSource>,
+        config: NodeConfig,
+        metrics: Metrics,
+    ) -> Result<Arc<Self>, NodeError> {
+        config.validate().map_err(NodeError::InvalidArgument)?;
+        Ok(Arc::new(Self {
+            storage,
+            meta,
+            ticks,
+            config,
+            metrics,
+            channels: RwLock::new(HashMap::new()),
+            unopened: RwLock::new(HashMap::new()),
+            opening: std::sync::Mutex::new(HashMap::new()),
+            shutting_down: std::sync::atomic::AtomicBool::new(false),
+        }))
+    }
+
+    /// Standalone: a manager with its own timestamp oracle that serves every configured
+    /// pchannel, raising their terms itself ([`crate::assigner`]).
     pub async fn start(
         storage: Arc<dyn WalStorage>,
         meta: Arc<dyn MetaStore>,
@@ -50,55 +71,16 @@ impl WalManager {
         metrics: Metrics,
     ) -> Result<Arc<Self>, NodeError> {
         config.validate().map_err(NodeError::InvalidArgument)?;
-        let started = Instant::now();
-        let tso = Arc::new(Tso::open(&*meta, Duration::from_millis(config.tso_window_ms)).await?);
-        let manager = Arc::new(Self {
-            storage,
-            meta,
-            tso,
-            config,
-            metrics,
-            channels: RwLock::new(HashMap::new()),
-            unopened: RwLock::new(HashMap::new()),
-            shutting_down: std::sync::atomic::AtomicBool::new(false),
-        });
-        // One task per pchannel: replay is CPU work, and this way it uses every core.
-        let opens = manager.config.pchannel_names().into_iter().map(|name| {
-            let m = manager.clone();
-            tokio::spawn(async move { m.open_channel(&name).await })
-        });
-        let names = manager.config.pchannel_names();
-        let mut failed = 0;
-        // One pchannel that cannot open (damaged storage, a full disk) keeps only itself
-        // down: the others serve, and it is retried with backoff.
-        for (name, r) in names
-            .into_iter()
-            .zip(futures::future::join_all(opens).await)
-        {
-            let r = r.map_err(|e| NodeError::Internal(format!("opening a pchannel: {e}")));
-            match r.and_then(|r| r) {
-                Ok(channel) => {
-                    tokio::spawn(supervise(Arc::downgrade(&manager), Some(channel), name));
-                }
-                Err(e) => {
-                    failed += 1;
-                    error!(pchannel = %name, error = %e, "pchannel did not open; retrying");
-                    manager.set_unopened(&name, Some(e.to_string()));
-                    tokio::spawn(supervise(Arc::downgrade(&manager), None, name));
-                }
-            }
-        }
-        info!(
-            pchannels = manager.config.pchannels,
-            failed,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "pchannels opened"
-        );
-        tokio::spawn(extend_tso(Arc::downgrade(&manager)));
+        let window = std::time::Duration::from_millis(config.tso_window_ms);
+        let oracle = Arc::new(walden_tso::Oracle::open(meta.clone(), window).await?);
+        let ticks = Arc::new(walden_tso::LocalTicks::new(oracle));
+        let names = config.pchannel_names();
+        let manager = Self::new(storage, meta.clone(), ticks, config, metrics)?;
+        crate::assigner::serve_locally(&manager, meta, names).await;
         Ok(manager)
     }
 
-    fn set_unopened(&self, pchannel: &str, why: Option<String>) {
+    pub(crate) fn set_unopened(&self, pchannel: &str, why: Option<String>) {
         let mut u = self.unopened.write().unwrap_or_else(|e| e.into_inner());
         match why {
             Some(w) => {
@@ -143,17 +125,97 @@ impl WalManager {
         v
     }
 
-    async fn next_term(&self, pchannel: &str) -> Result<Term, NodeError> {
-        Ok(Term(increment(&*self.meta, &term_key(pchannel)).await?))
+    fn pchannel_lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.opening
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(name.to_owned())
+            .or_default()
+            .clone()
     }
 
-    async fn open_channel(self: &Arc<Self>, name: &str) -> Result<Arc<Channel>, NodeError> {
+    fn serving(&self, name: &str) -> Option<Arc<Channel>> {
+        self.channels
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    /// Serves `name` under `term`: a no-op if it is served under that term already; an older
+    /// incarnation here is closed first. Returns once the channel is ready (or failed to open,
+    /// which is also recorded for the status).
+    pub async fn assign(
+        self: &Arc<Self>,
+        name: &str,
+        term: Term,
+    ) -> Result<Arc<Channel>, NodeError> {
+        walden_common::validate_channel_name(name).map_err(NodeError::InvalidArgument)?;
+        if self.shutting_down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(NodeError::ShuttingDown);
+        }
+        let lock = self.pchannel_lock(name);
+        let _one = lock.lock().await;
+        if let Some(ch) = self.serving(name) {
+            let healthy = *ch.health().borrow() == Health::Serving;
+            if ch.term() == term && healthy {
+                return Ok(ch);
+            }
+            if ch.term() > term {
+                return Err(NodeError::TermMismatch {
+                    pchannel: name.to_owned(),
+                    requested: term,
+                    current: ch.term(),
+                });
+            }
+            self.take(name, &ch);
+            ch.close().await;
+        }
+        match self.open_channel(name, term).await {
+            Ok(ch) => {
+                self.set_unopened(name, None);
+                Ok(ch)
+            }
+            Err(e) => {
+                error!(pchannel = name, %term, error = %e, code = %e.code(), "pchannel did not open");
+                self.set_unopened(name, Some(e.to_string()));
+                Err(e)
+            }
+        }
+    }
+
+    /// Stops serving `name` if it is served under `term` or an older one (`None`: any term),
+    /// once what is queued is durable. Returns whether it was served.
+    pub async fn remove(&self, name: &str, term: Option<Term>) -> bool {
+        let lock = self.pchannel_lock(name);
+        let _one = lock.lock().await;
+        self.set_unopened(name, None);
+        let Some(ch) = self.serving(name) else {
+            return false;
+        };
+        if term.is_some_and(|t| ch.term() > t) {
+            return false;
+        }
+        self.take(name, &ch);
+        ch.close().await;
+        info!(pchannel = name, term = %ch.term(), "pchannel closed");
+        true
+    }
+
+    /// Removes `ch` from the served set if it is still the one served.
+    fn take(&self, name: &str, ch: &Arc<Channel>) {
+        let mut map = self.channels.write().unwrap_or_else(|e| e.into_inner());
+        if map.get(name).is_some_and(|c| Arc::ptr_eq(c, ch)) {
+            map.remove(name);
+        }
+    }
+
+    async fn open_channel(&self, name: &str, term: Term) -> Result<Arc<Channel>, NodeError> {
         let started = Instant::now();
-        let term = self.next_term(name).await?;
         let wal = self.storage.open(name, term).await?;
         let channel = Channel::start(
             wal,
-            self.tso.clone(),
+            self.ticks.clone(),
             self.meta.clone(),
             self.config.clone(),
             self.metrics.clone(),
@@ -165,16 +227,25 @@ impl WalManager {
             Err(e) if e.code() == walden_common::ErrorCode::Corrupted => {
                 error!(pchannel = name, %term, error = %e, "pchannel damaged: serving reads only");
                 channel.set_read_only(e.to_string());
-                self.channels
-                    .write()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(name.to_owned(), channel.clone());
+                self.insert(name, &channel);
                 return Ok(channel);
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                channel.close().await;
+                return Err(e);
+            }
         };
-        channel.write_first_time_tick().await?;
-        let rolled_back = channel.rollback_open_txns().await?;
+        let ready = async {
+            channel.write_first_time_tick().await?;
+            channel.rollback_open_txns().await
+        };
+        let rolled_back = match ready.await {
+            Ok(n) => n,
+            Err(e) => {
+                channel.close().await;
+                return Err(e);
+            }
+        };
         let took = started.elapsed();
         channel.set_recovery_time(took);
         info!(
@@ -187,11 +258,15 @@ impl WalManager {
             idempotent_messages_recognised = recovered.producer_messages,
             "pchannel ready"
         );
+        self.insert(name, &channel);
+        Ok(channel)
+    }
+
+    fn insert(&self, name: &str, channel: &Arc<Channel>) {
         self.channels
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(name.to_owned(), channel.clone());
-        Ok(channel)
     }
 
     pub fn config(&self) -> &NodeConfig {
@@ -204,11 +279,7 @@ impl WalManager {
             return Err(NodeError::ShuttingDown);
         }
         let ch = self
-            .channels
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(pchannel)
-            .cloned()
+            .serving(pchannel)
             .ok_or_else(|| NodeError::ChannelNotFound(pchannel.to_owned()))?;
         if term != 0 && Term(term) != ch.term() {
             return Err(NodeError::TermMismatch {
@@ -243,8 +314,14 @@ impl WalManager {
         v
     }
 
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Closes every channel once what is queued is durable.
     pub async fn shutdown(&self) {
+        self.shutting_down
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let channels: Vec<_> = self
             .channels
             .write()
@@ -252,85 +329,6 @@ impl WalManager {
             .drain()
             .map(|(_, c)| c)
             .collect();
-        self.shutting_down
-            .store(true, std::sync::atomic::Ordering::SeqCst);
         futures::future::join_all(channels.iter().map(|c| c.close_on_shutdown())).await;
-    }
-}
-
-/// A channel that fails sooner than this after opening counts as the same trouble: the backoff
-/// before the next reopen keeps growing instead of starting over, so a fault that every
-/// incarnation hits (a full disk, damage) cannot raise terms in a tight loop.
-const STABLE_AFTER: Duration = Duration::from_secs(30);
-
-/// Watches one pchannel; when its storage fails, closes it and reopens it (recovering the WAL)
-/// under a new term, with backoff, then goes on watching the new incarnation. Starts from
-/// `None` for a pchannel whose first open failed.
-async fn supervise(
-    manager: std::sync::Weak<WalManager>,
-    mut channel: Option<Arc<Channel>>,
-    name: String,
-) {
-    let mut backoff = Duration::from_millis(100);
-    let mut opened_at = Instant::now();
-    loop {
-        if let Some(ch) = channel.take() {
-            let mut health = ch.health();
-            let why = loop {
-                let state = health.borrow_and_update().clone();
-                match state {
-                    Health::Serving => {
-                        if health.changed().await.is_err() {
-                            return;
-                        }
-                    }
-                    Health::Closed => return,
-                    Health::Failed(why) => break why,
-                    // Reopening would take the log back from its new owner, who would take it
-                    // back in turn: the pchannel stays down here (state `fenced`) until an
-                    // operator (or, in a cluster, the coordinator) decides.
-                    Health::Fenced(why) => {
-                        error!(pchannel = %name, reason = %why, "pchannel taken over by another writer; not reopening");
-                        return;
-                    }
-                }
-            };
-            warn!(pchannel = %name, reason = %why, "reopening the pchannel");
-            ch.close().await;
-            if opened_at.elapsed() >= STABLE_AFTER {
-                backoff = Duration::from_millis(100);
-            }
-        }
-        loop {
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
-            let Some(m) = manager.upgrade() else { return };
-            match m.open_channel(&name).await {
-                Ok(c) => {
-                    m.set_unopened(&name, None);
-                    opened_at = Instant::now();
-                    channel = Some(c);
-                    break;
-                }
-                Err(e) => {
-                    warn!(pchannel = %name, error = %e, "reopen failed; retrying");
-                    m.set_unopened(&name, Some(e.to_string()));
-                }
-            }
-        }
-    }
-}
-
-/// Keeps the timestamp oracle's persisted window ahead of the clock.
-async fn extend_tso(manager: std::sync::Weak<WalManager>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
-    loop {
-        tick.tick().await;
-        let Some(m) = manager.upgrade() else { return };
-        if m.tso.wants_extension()
-            && let Err(e) = m.tso.extend(&*m.meta).await
-        {
-            warn!(error = %e, "extending the timestamp window failed");
-        }
     }
 }
