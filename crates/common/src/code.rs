@@ -51,6 +51,9 @@ pub enum ErrorCode {
     Unavailable = 20,
     /// The call carried no valid bearer token.
     Unauthenticated = 21,
+    /// This coordinator is a standby: the leader (named in the message, when known) does this;
+    /// retry there, or here once a leader is elected.
+    NotLeader = 22,
 }
 
 impl ErrorCode {
@@ -83,6 +86,7 @@ impl ErrorCode {
             19 => Self::TxnExpired,
             20 => Self::Unavailable,
             21 => Self::Unauthenticated,
+            22 => Self::NotLeader,
             _ => return None,
         })
     }
@@ -111,6 +115,7 @@ impl ErrorCode {
             Self::TxnExpired => "TXN_EXPIRED",
             Self::Unavailable => "UNAVAILABLE",
             Self::Unauthenticated => "UNAUTHENTICATED",
+            Self::NotLeader => "NOT_LEADER",
         }
     }
 
@@ -125,11 +130,12 @@ impl ErrorCode {
                 | Self::ResourceExhausted
                 | Self::ChannelNotFound
                 | Self::Unavailable
+                | Self::NotLeader
         )
     }
 
     /// Every code, for docs and tests.
-    pub const ALL: [ErrorCode; 21] = [
+    pub const ALL: [ErrorCode; 22] = [
         Self::ChannelNotFound,
         Self::ChannelFenced,
         Self::OnShutdown,
@@ -151,6 +157,7 @@ impl ErrorCode {
         Self::TxnExpired,
         Self::Unavailable,
         Self::Unauthenticated,
+        Self::NotLeader,
     ];
 }
 
