@@ -10,6 +10,7 @@
 //!   tailing the write-ahead buffer, falling back to storage when the buffer has moved on.
 //! * [`service`] is the gRPC face of all this.
 
+pub mod agent;
 pub mod assigner;
 pub mod channel;
 pub mod config;
