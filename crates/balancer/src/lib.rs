@@ -233,6 +233,14 @@ impl ClusterCoord {
         }
     }
 
+    /// Gives up leadership (on shutdown): the lease goes, so a standby leads at once instead
+    /// of after the TTL.
+    pub async fn resign(&self) {
+        if let Some(l) = self.leader_state() {
+            let _ = self.meta.revoke_lease(l.balancer.leadership().lease).await;
+        }
+    }
+
     /// Leader, nodes and pchannels as this coordinator sees them.
     pub async fn status(&self) -> ClusterStatusResponse {
         let leader = election::current_leader(&*self.meta).await.ok().flatten();

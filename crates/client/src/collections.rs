@@ -11,6 +11,7 @@ use arrow_array::RecordBatch;
 use bytes::Bytes;
 use prost::Message as _;
 use tonic::transport::Channel;
+use walden_common::HasErrorCode as _;
 use walden_message::{MessageType, MutableMessage};
 use walden_proto::v1::{
     CollectionInfo, CollectionName, CreateCollectionRequest, DdlResponse, DeleteIds,
@@ -19,6 +20,18 @@ use walden_proto::v1::{
 use walden_schema::Schema;
 
 use crate::{Client, ClientError, Producer, ProducerOptions};
+
+type CollectionsGrpc =
+    CollectionsClient<tonic::service::interceptor::InterceptedService<Channel, crate::Auth>>;
+
+fn collections_client(channel: Channel, auth: crate::Auth) -> CollectionsGrpc {
+    CollectionsClient::with_interceptor(channel, auth)
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20)
+}
+
+/// How long a DDL call follows leader changes (NOT_LEADER) before giving up.
+const LEADER_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Payload bytes aimed at per insert message (the node refuses messages over its
 /// `node.max_message_bytes`, 8 MiB by default).
@@ -35,7 +48,8 @@ pub struct WriteResult {
 /// first use and reused.
 #[derive(Debug)]
 pub struct Collections {
-    grpc: CollectionsClient<tonic::service::interceptor::InterceptedService<Channel, crate::Auth>>,
+    /// The coordinator that runs the catalog (the leader, in a cluster; followed on NOT_LEADER).
+    grpc: Mutex<CollectionsGrpc>,
     client: Client,
     producers: Mutex<HashMap<String, Producer>>,
     /// Collections described so far, by name: writes route by them without a describe call
@@ -47,12 +61,41 @@ pub struct Collections {
 impl Collections {
     pub(crate) fn new(client: Client, channel: Channel, auth: crate::Auth) -> Self {
         Self {
-            grpc: CollectionsClient::with_interceptor(channel, auth)
-                .max_decoding_message_size(64 << 20)
-                .max_encoding_message_size(64 << 20),
+            grpc: Mutex::new(collections_client(channel, auth)),
             client,
             producers: Mutex::new(HashMap::new()),
             described: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Runs one catalog call on the coordinator that leads; a standby's NOT_LEADER (or an
+    /// unreachable coordinator) moves the call to the leader, for up to [`LEADER_WAIT`].
+    async fn ddl<T, F, Fut>(&self, call: F) -> Result<T, ClientError>
+    where
+        F: Fn(CollectionsGrpc) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+        let mut backoff = std::time::Duration::from_millis(100);
+        loop {
+            let g = self.grpc.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let err = match call(g).await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(s) => ClientError::from(s),
+            };
+            let follow = matches!(
+                err.code(),
+                walden_common::ErrorCode::NotLeader | walden_common::ErrorCode::Unavailable
+            );
+            if !follow || tokio::time::Instant::now() >= deadline {
+                return Err(err);
+            }
+            if let Some((channel, auth)) = self.client.leader_channel().await {
+                *self.grpc.lock().unwrap_or_else(|e| e.into_inner()) =
+                    collections_client(channel, auth);
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
         }
     }
 
@@ -74,28 +117,28 @@ impl Collections {
             schema: Some(schema.proto().clone()),
             shards,
         };
-        Ok(self.grpc.clone().create_collection(req).await?.into_inner())
+        self.ddl(|mut g| {
+            let r = req.clone();
+            async move { g.create_collection(r).await }
+        })
+        .await
     }
 
     pub async fn describe(&self, name: &str) -> Result<CollectionInfo, ClientError> {
         check_name("collection", name)?;
         let req = CollectionName { name: name.into() };
-        Ok(self
-            .grpc
-            .clone()
-            .describe_collection(req)
-            .await?
-            .into_inner())
+        self.ddl(|mut g| {
+            let r = req.clone();
+            async move { g.describe_collection(r).await }
+        })
+        .await
     }
 
     pub async fn list(&self) -> Result<Vec<CollectionInfo>, ClientError> {
         let req = ListCollectionsRequest {};
         Ok(self
-            .grpc
-            .clone()
-            .list_collections(req)
+            .ddl(|mut g| async move { g.list_collections(req).await })
             .await?
-            .into_inner()
             .collections)
     }
 
@@ -103,7 +146,11 @@ impl Collections {
         check_name("collection", name)?;
         self.cache().remove(name);
         let req = CollectionName { name: name.into() };
-        Ok(self.grpc.clone().drop_collection(req).await?.into_inner())
+        self.ddl(|mut g| {
+            let r = req.clone();
+            async move { g.drop_collection(r).await }
+        })
+        .await
     }
 
     pub async fn create_partition(
@@ -117,7 +164,11 @@ impl Collections {
             collection: collection.into(),
             partition: partition.into(),
         };
-        Ok(self.grpc.clone().create_partition(req).await?.into_inner())
+        self.ddl(|mut g| {
+            let r = req.clone();
+            async move { g.create_partition(r).await }
+        })
+        .await
     }
 
     pub async fn drop_partition(
@@ -131,13 +182,21 @@ impl Collections {
             collection: collection.into(),
             partition: partition.into(),
         };
-        Ok(self.grpc.clone().drop_partition(req).await?.into_inner())
+        self.ddl(|mut g| {
+            let r = req.clone();
+            async move { g.drop_partition(r).await }
+        })
+        .await
     }
 
     /// Seals every growing segment of the collection.
     pub async fn flush(&self, name: &str) -> Result<DdlResponse, ClientError> {
         let req = CollectionName { name: name.into() };
-        Ok(self.grpc.clone().flush(req).await?.into_inner())
+        self.ddl(|mut g| {
+            let r = req.clone();
+            async move { g.flush(r).await }
+        })
+        .await
     }
 
     /// The collection and its checked schema (cached; see [`Collections`]).

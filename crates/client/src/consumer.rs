@@ -72,9 +72,13 @@ impl Drop for Consumer {
 }
 
 impl Consumer {
-    pub(crate) fn start(grpc: crate::Grpc, pchannel: String, options: ConsumerOptions) -> Self {
+    pub(crate) fn start(
+        route: crate::router::Route,
+        pchannel: String,
+        options: ConsumerOptions,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(options.buffer.div_ceil(FRAME_MESSAGES).max(2));
-        let task = tokio::spawn(run(grpc, pchannel, options, tx));
+        let task = tokio::spawn(run(route, pchannel, options, tx));
         Self {
             rx,
             ready: Vec::new().into_iter(),
@@ -145,7 +149,7 @@ fn request(
 }
 
 async fn run(
-    grpc: crate::Grpc,
+    route: crate::router::Route,
     pchannel: String,
     options: ConsumerOptions,
     tx: mpsc::Sender<Result<Vec<ImmutableMessage>, ClientError>>,
@@ -154,16 +158,22 @@ async fn run(
     let mut failing_since: Option<Instant> = None;
     let mut backoff = Duration::from_millis(50);
     loop {
-        let err = match stream(
-            &grpc,
-            &pchannel,
-            &options,
-            &mut resume,
-            &tx,
-            &mut failing_since,
-        )
-        .await
-        {
+        // The owner now: after a move, the stream resumes on the new one.
+        let result = match route.grpc(&pchannel, crate::OWNER_WAIT).await {
+            Ok(grpc) => {
+                stream(
+                    &grpc,
+                    &pchannel,
+                    &options,
+                    &mut resume,
+                    &tx,
+                    &mut failing_since,
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        let err = match result {
             Ok(()) => return,
             Err(e) => e,
         };

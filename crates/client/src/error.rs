@@ -9,6 +9,9 @@ pub enum ClientError {
     Connect { addr: String, detail: String },
     #[error("transport: {0}")]
     Transport(String),
+    /// The server does not offer this call (a coordinator asked for a node's status, say).
+    #[error("not offered by this server: {0}")]
+    Unsupported(String),
     /// A typed error from the node.
     #[error("{message} [{}]", code_name(*code))]
     Server {
@@ -81,6 +84,9 @@ impl From<tonic::Status> for ClientError {
                 message: s.message().to_owned(),
                 retryable: false,
             },
+            _ if s.code() == tonic::Code::Unimplemented => {
+                Self::Unsupported(format!("{}: {}", s.code(), s.message()))
+            }
             _ => Self::Transport(format!("{}: {}", s.code(), s.message())),
         }
     }
@@ -101,7 +107,7 @@ impl HasErrorCode for ClientError {
         match self {
             Self::Connect { .. } | Self::Transport(_) => ErrorCode::Unavailable,
             Self::Server { code, .. } => ErrorCode::from_u32(*code).unwrap_or(ErrorCode::Internal),
-            Self::InvalidArgument(_) => ErrorCode::InvalidArgument,
+            Self::InvalidArgument(_) | Self::Unsupported(_) => ErrorCode::InvalidArgument,
             Self::TooLarge { .. } => ErrorCode::MessageTooLarge,
             Self::Closed => ErrorCode::OnShutdown,
             Self::RetriesExhausted { last, .. } => last.code(),
@@ -114,6 +120,7 @@ impl HasErrorCode for ClientError {
             Self::Connect { .. } | Self::Transport(_) => true,
             Self::Server { retryable, .. } => *retryable,
             Self::InvalidArgument(_)
+            | Self::Unsupported(_)
             | Self::TooLarge { .. }
             | Self::Closed
             | Self::RetriesExhausted { .. }

@@ -31,16 +31,20 @@ mod collections;
 mod consumer;
 mod error;
 mod producer;
+mod router;
 mod txn;
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use tonic::{
     metadata::{Ascii, MetadataValue},
     service::interceptor::InterceptedService,
     transport::{Certificate, Channel, ClientTlsConfig, Endpoint},
 };
-use walden_proto::v1::{StatusRequest, StatusResponse, streaming_node_client::StreamingNodeClient};
+use walden_proto::v1::{
+    ClusterStatusRequest, ClusterStatusResponse, DrainNodeRequest, MovePChannelRequest,
+    StatusRequest, StatusResponse, streaming_node_client::StreamingNodeClient,
+};
 
 pub use collections::{Collections, WriteResult};
 pub use consumer::{Consumer, ConsumerOptions, DeliverFrom};
@@ -95,14 +99,26 @@ impl std::fmt::Debug for ConnectOptions {
     }
 }
 
-/// A connection to a Walden node. Cheap to clone.
+/// A connection to Walden: a standalone server, or a cluster's coordinators. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Client {
     grpc: Grpc,
     channel: Channel,
     auth: Auth,
     addr: String,
+    route: router::Route,
+    /// Every address given (a cluster's coordinators), and how to reach them.
+    addrs: Vec<String>,
+    options: ConnectOptions,
 }
+
+/// How long the first topology snapshot may take before `connect` gives up waiting for it
+/// (produce and consume then wait for their pchannel's owner themselves).
+const FIRST_SNAPSHOT: Duration = Duration::from_secs(5);
+
+/// How long one (re)connect of a producer or consumer waits for its pchannel to have a serving
+/// owner; the caller's retry budget bounds the whole wait.
+pub(crate) const OWNER_WAIT: Duration = Duration::from_secs(2);
 
 impl Client {
     /// Connects to `addr` (`http://host:port`, or `host:port`) without TLS or a token.
@@ -110,29 +126,62 @@ impl Client {
         Self::connect_with(addr, &ConnectOptions::default()).await
     }
 
-    /// Connects to `addr` with a token and/or TLS.
+    /// Connects to `addr`, one address or several comma-separated (a cluster's coordinators),
+    /// with a token and/or TLS. The client follows the topology and sends each produce and
+    /// consume to its pchannel's owner.
     pub async fn connect_with(addr: &str, options: &ConnectOptions) -> Result<Self, ClientError> {
-        let tls = options.tls_ca_pem.is_some();
-        let url = if addr.contains("://") {
-            addr.to_owned()
-        } else if tls {
-            format!("https://{addr}")
-        } else {
-            format!("http://{addr}")
+        let addrs: Vec<&str> = addr
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .collect();
+        let Some((first, _)) = addrs.split_first() else {
+            return Err(ClientError::InvalidArgument("no address given".into()));
         };
-        let mut endpoint = Endpoint::from_shared(url.clone())
-            .map_err(|e| ClientError::InvalidArgument(format!("address {addr:?}: {e}")))?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10));
-        if let Some(ca) = &options.tls_ca_pem {
-            // rustls cannot pick a crypto provider by itself when built with more than one;
-            // the process's choice stands if it made one.
-            let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
-            endpoint = endpoint
-                .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)))
-                .map_err(|e| ClientError::InvalidArgument(format!("TLS: {}", error::chain(&e))))?;
+        let mut last = None;
+        let mut this = None;
+        for a in &addrs {
+            match Self::connect_one(a, options).await {
+                Ok(c) => {
+                    this = Some(c);
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
         }
+        let Some(mut this) = this else {
+            return Err(
+                last.unwrap_or_else(|| ClientError::InvalidArgument(format!("address {first:?}")))
+            );
+        };
+        this.addrs = addrs.iter().map(|a| (*a).to_owned()).collect();
+        let mut clusters = vec![router::cluster_client(
+            this.channel.clone(),
+            this.auth.clone(),
+        )];
+        for a in addrs.iter().filter(|a| url_of(a, options) != this.addr) {
+            if let Ok(ep) = endpoint(a, options) {
+                clusters.push(router::cluster_client(ep.connect_lazy(), this.auth.clone()));
+            }
+        }
+        if let Some(stream) = router::open(&clusters).await? {
+            let opts = options.clone();
+            let auth = this.auth.clone();
+            let connector: router::Connector = Arc::new(move |a: &str| {
+                let ep = endpoint(a, &opts)?;
+                Ok(node_client(ep.connect_lazy(), auth.clone()))
+            });
+            let r = router::Router::new(this.grpc.clone(), connector);
+            tokio::spawn(router::follow(Arc::downgrade(&r), clusters, stream));
+            r.ready(FIRST_SNAPSHOT).await;
+            this.route = router::Route::Routed(r);
+        }
+        Ok(this)
+    }
+
+    async fn connect_one(addr: &str, options: &ConnectOptions) -> Result<Self, ClientError> {
+        let url = url_of(addr, options);
+        let endpoint = endpoint(addr, options)?;
         let auth = match &options.token {
             None => Auth(None),
             Some(t) => Auth(Some(format!("Bearer {t}").parse().map_err(|_| {
@@ -145,13 +194,15 @@ impl Client {
             addr: url.clone(),
             detail: error::chain(&e),
         })?;
+        let grpc = node_client(channel.clone(), auth.clone());
         Ok(Self {
-            channel: channel.clone(),
-            grpc: StreamingNodeClient::with_interceptor(channel, auth.clone())
-                .max_decoding_message_size(256 << 20)
-                .max_encoding_message_size(256 << 20),
+            channel,
+            route: router::Route::Direct(grpc.clone()),
+            grpc,
             auth,
             addr: url,
+            addrs: vec![addr.to_owned()],
+            options: options.clone(),
         })
     }
 
@@ -159,7 +210,7 @@ impl Client {
         &self.addr
     }
 
-    /// The node's pchannels, terms, ticks and sizes.
+    /// The node's pchannels, terms, ticks and sizes (the server connected to).
     pub async fn status(&self) -> Result<StatusResponse, ClientError> {
         Ok(self
             .grpc
@@ -169,9 +220,84 @@ impl Client {
             .into_inner())
     }
 
-    /// A producer on `pchannel`. It connects lazily, on the first send.
+    /// The status of the node that owns `pchannel` now.
+    pub async fn status_of(&self, pchannel: &str) -> Result<StatusResponse, ClientError> {
+        let grpc = self.route.grpc(pchannel, OWNER_WAIT).await?;
+        Ok(grpc.clone().status(StatusRequest {}).await?.into_inner())
+    }
+
+    /// Whether `pchannel` exists: in the topology when following one, else on the server.
+    pub async fn has_pchannel(&self, pchannel: &str) -> Result<bool, ClientError> {
+        match &self.route {
+            router::Route::Routed(r) => Ok(r.knows(pchannel)),
+            router::Route::Direct(_) => Ok(self
+                .status()
+                .await?
+                .pchannels
+                .iter()
+                .any(|p| p.name == pchannel)),
+        }
+    }
+
+    /// Leader, nodes and pchannels of the cluster (or of a standalone server, as one node).
+    pub async fn cluster_status(&self) -> Result<ClusterStatusResponse, ClientError> {
+        Ok(
+            router::cluster_client(self.channel.clone(), self.auth.clone())
+                .cluster_status(ClusterStatusRequest {})
+                .await?
+                .into_inner(),
+        )
+    }
+
+    /// A channel to the coordinator that leads now, asking each known coordinator.
+    pub(crate) async fn leader_channel(&self) -> Option<(Channel, Auth)> {
+        for a in &self.addrs {
+            let Ok(ep) = endpoint(a, &self.options) else {
+                continue;
+            };
+            let channel = ep.connect_lazy();
+            let status = router::cluster_client(channel.clone(), self.auth.clone())
+                .cluster_status(ClusterStatusRequest {})
+                .await;
+            if let Ok(s) = status
+                && let Some(l) = s.into_inner().leader
+            {
+                let ep = endpoint(&l.address, &self.options).ok()?;
+                return Some((ep.connect_lazy(), self.auth.clone()));
+            }
+        }
+        None
+    }
+
+    /// Moves `pchannel` to node `to` (an operator's move; the leader coordinator does it).
+    pub async fn move_pchannel(&self, pchannel: &str, to: u64) -> Result<String, ClientError> {
+        Ok(
+            router::cluster_client(self.channel.clone(), self.auth.clone())
+                .move_p_channel(MovePChannelRequest {
+                    pchannel: pchannel.to_owned(),
+                    to_node: to,
+                })
+                .await?
+                .into_inner()
+                .detail,
+        )
+    }
+
+    /// Drains node `id`: its pchannels move to the others.
+    pub async fn drain_node(&self, id: u64) -> Result<String, ClientError> {
+        Ok(
+            router::cluster_client(self.channel.clone(), self.auth.clone())
+                .drain_node(DrainNodeRequest { node_id: id })
+                .await?
+                .into_inner()
+                .detail,
+        )
+    }
+
+    /// A producer on `pchannel`. It connects lazily, on the first send, to the pchannel's
+    /// owner, and follows it when it moves.
     pub fn producer(&self, pchannel: &str, options: ProducerOptions) -> Producer {
-        Producer::start(self.grpc.clone(), pchannel.to_owned(), options)
+        Producer::start(self.route.clone(), pchannel.to_owned(), options)
     }
 
     /// The collections API (create, describe, insert, delete, flush, ...).
@@ -181,6 +307,41 @@ impl Client {
 
     /// A consumer of `pchannel`. It connects lazily, on the first `next`.
     pub fn consumer(&self, pchannel: &str, options: ConsumerOptions) -> Consumer {
-        Consumer::start(self.grpc.clone(), pchannel.to_owned(), options)
+        Consumer::start(self.route.clone(), pchannel.to_owned(), options)
     }
+}
+
+fn node_client(channel: Channel, auth: Auth) -> Grpc {
+    StreamingNodeClient::with_interceptor(channel, auth)
+        .max_decoding_message_size(256 << 20)
+        .max_encoding_message_size(256 << 20)
+}
+
+/// The endpoint for `addr` (`http://host:port`, `https://...`, or `host:port`).
+fn url_of(addr: &str, options: &ConnectOptions) -> String {
+    if addr.contains("://") {
+        addr.to_owned()
+    } else if options.tls_ca_pem.is_some() {
+        format!("https://{addr}")
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+fn endpoint(addr: &str, options: &ConnectOptions) -> Result<Endpoint, ClientError> {
+    let url = url_of(addr, options);
+    let mut endpoint = Endpoint::from_shared(url)
+        .map_err(|e| ClientError::InvalidArgument(format!("address {addr:?}: {e}")))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10));
+    if let Some(ca) = &options.tls_ca_pem {
+        // rustls cannot pick a crypto provider by itself when built with more than one; the
+        // process's choice stands if it made one.
+        let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
+        endpoint = endpoint
+            .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)))
+            .map_err(|e| ClientError::InvalidArgument(format!("TLS: {}", error::chain(&e))))?;
+    }
+    Ok(endpoint)
 }

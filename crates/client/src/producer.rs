@@ -85,14 +85,18 @@ fn random_producer_id() -> u64 {
 }
 
 impl Producer {
-    pub(crate) fn start(grpc: crate::Grpc, pchannel: String, options: ProducerOptions) -> Self {
+    pub(crate) fn start(
+        route: crate::router::Route,
+        pchannel: String,
+        options: ProducerOptions,
+    ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let window = Arc::new(Semaphore::new(options.max_in_flight.max(1)));
         let ident = options
             .idempotent
             .then(|| Arc::new(std::sync::Mutex::new((random_producer_id(), 1))));
         let max_message_bytes = options.max_message_bytes;
-        tokio::spawn(run(grpc, pchannel, options, rx));
+        tokio::spawn(run(route, pchannel, options, rx));
         Self {
             tx,
             window,
@@ -216,7 +220,7 @@ fn settle(
 /// Runs one producer: keeps a stream open, sends queued messages, matches results by request
 /// id, and on a break resends every unacknowledged message in order on a new stream.
 async fn run(
-    grpc: crate::Grpc,
+    route: crate::router::Route,
     pchannel: String,
     options: ProducerOptions,
     mut rx: mpsc::UnboundedReceiver<Queued>,
@@ -240,19 +244,26 @@ async fn run(
                 None => return,
             }
         }
-        let err = match session(
-            &grpc,
-            &pchannel,
-            &options,
-            &mut rx,
-            &mut unacked,
-            &mut next_id,
-            &mut app_done,
-            &mut failing_since,
-            &mut backoff,
-        )
-        .await
-        {
+        // The owner now: after a move, the stream resumes on the new one.
+        let owner = route.grpc(&pchannel, crate::OWNER_WAIT).await;
+        let result = match &owner {
+            Ok(grpc) => {
+                session(
+                    grpc,
+                    &pchannel,
+                    &options,
+                    &mut rx,
+                    &mut unacked,
+                    &mut next_id,
+                    &mut app_done,
+                    &mut failing_since,
+                    &mut backoff,
+                )
+                .await
+            }
+            Err(e) => Err(e.clone()),
+        };
+        let err = match result {
             Ok(()) => continue,
             Err(e) => e,
         };

@@ -112,6 +112,10 @@ async fn submit_one(
     }
 }
 
+fn is_retryable(r: &pb::ProduceResult) -> bool {
+    matches!(&r.outcome, Some(pb::produce_result::Outcome::Error(e)) if e.retryable)
+}
+
 fn client_message(m: Option<pb::MutableMessage>) -> Result<MutableMessage, NodeError> {
     let m = m.ok_or_else(|| NodeError::InvalidArgument("produce without a message".into()))?;
     let msg = MutableMessage::from_proto(m).map_err(NodeError::InvalidArgument)?;
@@ -168,17 +172,29 @@ async fn produce_loop(
         tokio::select! {
             msg = inbound.message(), if input_open => match msg {
                 Ok(Some(ProduceRequest { request: Some(produce_request::Request::Produce(p)) })) => {
-                    if let Some(refused) = submit_one(&channel, p, &mut pending).await
-                        && !send(results_response(vec![refused])).await
-                    {
-                        return;
+                    if let Some(refused) = submit_one(&channel, p, &mut pending).await {
+                        // After a refusal a retry can fix, nothing later is written: the
+                        // client resends it all in order on a new stream, and a later message
+                        // written before an earlier one would break the producer's order.
+                        input_open &= !is_retryable(&refused);
+                        if !send(results_response(vec![refused])).await {
+                            return;
+                        }
                     }
                 }
                 Ok(Some(ProduceRequest { request: Some(produce_request::Request::Batch(b)) })) => {
-                    let mut refused = Vec::new();
+                    let mut refused: Vec<pb::ProduceResult> = Vec::new();
                     for p in b.messages {
+                        if let Some(first) = refused.iter().find(|r| is_retryable(r)) {
+                            refused.push(pb::ProduceResult {
+                                request_id: p.request_id,
+                                ..first.clone()
+                            });
+                            continue;
+                        }
                         refused.extend(submit_one(&channel, p, &mut pending).await);
                     }
+                    input_open &= !refused.iter().any(is_retryable);
                     if !refused.is_empty() && !send(results_response(refused)).await {
                         return;
                     }

@@ -89,7 +89,20 @@ impl TickSource for BatchedTicks {
             }
             s.last.max(s.floor)
         };
-        let first = self.server.allocate(self.batch, above).await?;
+        let first = match self.server.allocate(self.batch, above).await {
+            Ok(f) => f,
+            Err(e) => {
+                // The oracle is away (a leader change): the rest of the batch is still unique
+                // and rising, only further from the clock; use it rather than refuse appends.
+                let mut s = self.lock();
+                if s.next < s.end {
+                    s.fetched = Instant::now();
+                    tracing::warn!(error = %e, left = s.end - s.next, "tick batch not refreshed; using the rest of it");
+                    return Ok(());
+                }
+                return Err(e);
+            }
+        };
         if first <= above {
             return Err(TsoError::Unavailable(format!(
                 "the oracle answered a batch at {first}, not above {above}"
@@ -195,6 +208,56 @@ mod tests {
         // The pchannel b wrote moves to a: a's old batch would go back.
         a.observe(written_by_b).await.unwrap();
         assert!(next(&a).await > written_by_b);
+    }
+
+    #[derive(Debug)]
+    struct Away;
+
+    #[async_trait]
+    impl TickServer for Away {
+        async fn allocate(&self, _: u32, _: TimeTick) -> Result<TimeTick, TsoError> {
+            Err(TsoError::Unavailable("leader gone".into()))
+        }
+    }
+
+    #[derive(Debug)]
+    struct Flaky {
+        inner: Arc<Local>,
+        up: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait]
+    impl TickServer for Flaky {
+        async fn allocate(&self, count: u32, above: TimeTick) -> Result<TimeTick, TsoError> {
+            if self.up.load(std::sync::atomic::Ordering::SeqCst) {
+                self.inner.allocate(count, above).await
+            } else {
+                Away.allocate(count, above).await
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn while_the_oracle_is_away_the_rest_of_the_batch_is_used_and_then_refused() {
+        let flaky = Arc::new(Flaky {
+            inner: server().await,
+            up: std::sync::atomic::AtomicBool::new(true),
+        });
+        let a = BatchedTicks::new(flaky.clone(), 10, Duration::from_millis(10));
+        let mut last = next(&a).await;
+        flaky.up.store(false, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // 9 ticks are left in the aged batch: they are handed out, still rising.
+        for _ in 0..9 {
+            let t = next(&a).await;
+            assert!(t > last);
+            last = t;
+        }
+        assert_eq!(a.allocate(), Err(Exhausted));
+        assert!(
+            a.refill().await.is_err(),
+            "an empty batch cannot be stretched"
+        );
     }
 
     #[tokio::test]

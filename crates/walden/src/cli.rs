@@ -51,12 +51,9 @@ pub async fn produce(
 ) -> anyhow::Result<()> {
     let client = connect(conn).await?;
     let addr = &conn.addr;
-    // The node's own limit, so that a line it would refuse is refused here without being
-    // buffered whole or sent.
-    let status = client.status().await?;
     // An unknown pchannel is refused at once, not after the producer's retries (a pchannel
-    // that is moving is still listed by its node).
-    if !status.pchannels.iter().any(|p| p.name == pchannel) {
+    // that is moving is still in the topology).
+    if !client.has_pchannel(pchannel).await? {
         return Err(CliError {
             code: ErrorCode::ChannelNotFound,
             message: format!(
@@ -66,7 +63,12 @@ pub async fn produce(
         }
         .into());
     }
-    let limit = status.max_message_bytes as usize;
+    // The owner's own limit, so that a line it would refuse is refused here without being
+    // buffered whole or sent.
+    let limit = match client.status_of(pchannel).await {
+        Ok(s) => s.max_message_bytes as usize,
+        Err(_) => 0, // moving: the default limit, and the producer waits for the owner
+    };
     if limit > 0 {
         options.max_message_bytes = limit;
     }
@@ -382,7 +384,12 @@ pub async fn consume(a: ConsumeArgs<'_>) -> anyhow::Result<()> {
 
 pub async fn status(conn: &ConnArgs, json_out: bool) -> anyhow::Result<()> {
     let client = connect(conn).await?;
-    let s = client.status().await?;
+    let s = match client.status().await {
+        Ok(s) => s,
+        // A coordinator serves no node status: show the cluster.
+        Err(ClientError::Unsupported(_)) => return cluster_status(&client, conn, json_out).await,
+        Err(e) => return Err(e.into()),
+    };
     let mut out = std::io::stdout().lock();
     if json_out {
         let pchannels: Vec<_> = s
@@ -442,6 +449,140 @@ pub async fn status(conn: &ConnArgs, json_out: bool) -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// The cluster as its coordinator sees it, with each pchannel's tick and size from its node.
+async fn cluster_status(client: &Client, conn: &ConnArgs, json_out: bool) -> anyhow::Result<()> {
+    use walden_proto::v1::AssignmentState;
+    let c = client.cluster_status().await?;
+    // Each node's own view of its pchannels (last tick, WAL bytes).
+    let mut live: std::collections::HashMap<String, walden_proto::v1::PChannelStatus> =
+        std::collections::HashMap::new();
+    for n in &c.nodes {
+        let Some(info) = &n.node else { continue };
+        let node_conn = ConnArgs {
+            addr: info.address.clone(),
+            ..conn.clone()
+        };
+        if let Ok(nc) = connect(&node_conn).await
+            && let Ok(s) = nc.status().await
+        {
+            for p in s.pchannels {
+                live.insert(p.name.clone(), p);
+            }
+        }
+    }
+    let state_name =
+        |s: i32| match AssignmentState::try_from(s).unwrap_or(AssignmentState::Unspecified) {
+            AssignmentState::Unassigned => "unassigned",
+            AssignmentState::Assigning => "assigning",
+            AssignmentState::Assigned => "assigned",
+            AssignmentState::Failed => "failed",
+            AssignmentState::Unspecified => "unknown",
+        };
+    let mut out = std::io::stdout().lock();
+    if json_out {
+        let nodes: Vec<_> = c
+            .nodes
+            .iter()
+            .filter_map(|n| {
+                let i = n.node.as_ref()?;
+                Some(json!({
+                    "id": i.id,
+                    "address": i.address,
+                    "state": if i.draining { "draining" } else { "up" },
+                    "pchannels": n.pchannels,
+                }))
+            })
+            .collect();
+        let pchannels: Vec<_> = c
+            .pchannels
+            .iter()
+            .map(|p| {
+                let l = live.get(&p.pchannel).filter(|l| l.term == p.term);
+                json!({
+                    "name": p.pchannel,
+                    "term": p.term,
+                    "node": p.node_id,
+                    "state": state_name(p.state),
+                    "detail": p.detail,
+                    "last_time_tick": l.map(|l| l.last_time_tick),
+                    "wal_bytes": l.map(|l| l.wal_bytes),
+                    "wal_storage": l.map(|l| l.wal_storage.clone()),
+                })
+            })
+            .collect();
+        let doc = json!({
+            "coordinator": {
+                "leader": c.leader.as_ref().map(|l| l.address.clone()),
+                "epoch": c.leader.as_ref().map(|l| l.epoch),
+                "answered_by": c.answered_by,
+            },
+            "nodes": nodes,
+            "pchannels": pchannels,
+        });
+        writeln!(out, "{doc}")?;
+        return Ok(());
+    }
+    match &c.leader {
+        Some(l) => writeln!(out, "coordinator leader {} (epoch {})", l.address, l.epoch)?,
+        None => writeln!(out, "coordinator: no leader elected")?,
+    }
+    writeln!(
+        out,
+        "{:<6} {:<28} {:<9} PCHANNELS",
+        "NODE", "ADDRESS", "STATE"
+    )?;
+    for n in &c.nodes {
+        let Some(i) = &n.node else { continue };
+        let state = if i.draining { "draining" } else { "up" };
+        writeln!(
+            out,
+            "{:<6} {:<28} {:<9} {}",
+            i.id,
+            i.address,
+            state,
+            n.pchannels.join(",")
+        )?;
+    }
+    writeln!(
+        out,
+        "{:<16} {:>6} {:>6} {:<10} {:>20} {:>12}",
+        "PCHANNEL", "TERM", "NODE", "STATE", "LAST_TICK", "WAL_BYTES"
+    )?;
+    for p in &c.pchannels {
+        let l = live.get(&p.pchannel).filter(|l| l.term == p.term);
+        writeln!(
+            out,
+            "{:<16} {:>6} {:>6} {:<10} {:>20} {:>12}",
+            p.pchannel,
+            p.term,
+            p.node_id,
+            state_name(p.state),
+            l.map_or_else(|| "-".into(), |l| l.last_time_tick.to_string()),
+            l.map_or_else(|| "-".into(), |l| l.wal_bytes.to_string()),
+        )?;
+        if !p.detail.is_empty() {
+            writeln!(out, "  {}: {}", p.pchannel, p.detail)?;
+        }
+    }
+    Ok(())
+}
+
+/// `walden balance move`: an operator's move of one pchannel.
+pub async fn move_pchannel(conn: &ConnArgs, pchannel: &str, to: u64) -> anyhow::Result<()> {
+    let client = connect(conn).await?;
+    let detail = client.move_pchannel(pchannel, to).await?;
+    println!("{detail}");
+    Ok(())
+}
+
+/// `walden node drain`: moves every pchannel off a node.
+pub async fn drain_node(conn: &ConnArgs, id: u64) -> anyhow::Result<()> {
+    let client = connect(conn).await?;
+    let detail = client.drain_node(id).await?;
+    println!("{detail}");
     Ok(())
 }
 

@@ -19,7 +19,51 @@ pub struct Config {
     pub wal_local: WalLocalConfig,
     pub wal_object: WalObjectConfig,
     pub object_store: ObjectStoreConfig,
+    pub cluster: ClusterConfig,
     pub log: LogConfig,
+}
+
+/// `[cluster]`: how `walden coord` and `walden node` find each other and behave. Standalone
+/// ignores it.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// etcd client URLs, comma-separated (also `--etcd`). Default `http://127.0.0.1:2379`.
+    pub etcd: String,
+    /// The address other processes and clients reach this one at; empty: the bound
+    /// `server.listen` (which must not then be a wildcard). Default empty.
+    pub advertise: String,
+    /// A node's registration lease: its pchannels move this long after it dies. Default 10 000.
+    pub node_lease_ttl_ms: u64,
+    /// The coordinator leader's lease: a standby leads this long after the leader dies.
+    /// Default 10 000.
+    pub coord_lease_ttl_ms: u64,
+    /// Assignments in flight at once over the whole cluster. Default 64.
+    pub max_moves_in_flight: usize,
+    /// An assignment a node has not confirmed by then is failed and placed again. Default 60 000.
+    pub open_timeout_ms: u64,
+    /// Ticks a node fetches from the leader at once... Default 4096.
+    pub tick_batch: u32,
+    /// ...and the longest it uses a batch, so ticks stay near the clock. Default 50.
+    pub tick_batch_max_age_ms: u64,
+    /// On SIGTERM a node waits at most this long for its pchannels to move. Default 60 000.
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            etcd: "http://127.0.0.1:2379".into(),
+            advertise: String::new(),
+            node_lease_ttl_ms: 10_000,
+            coord_lease_ttl_ms: 10_000,
+            max_moves_in_flight: 64,
+            open_timeout_ms: 60_000,
+            tick_batch: 4096,
+            tick_batch_max_age_ms: 50,
+            drain_timeout_ms: 60_000,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
@@ -257,6 +301,24 @@ impl Config {
             self.object_store.validate().map_err(anyhow::Error::msg)?;
         }
         check_log_level(&self.log.level)?;
+        let c = &self.cluster;
+        for (key, v) in [
+            ("node_lease_ttl_ms", c.node_lease_ttl_ms),
+            ("coord_lease_ttl_ms", c.coord_lease_ttl_ms),
+        ] {
+            anyhow::ensure!(
+                v >= 1000,
+                "cluster.{key} must be at least 1000 (etcd counts leases in seconds)"
+            );
+        }
+        for (key, v) in [
+            ("max_moves_in_flight", c.max_moves_in_flight as u64),
+            ("open_timeout_ms", c.open_timeout_ms),
+            ("tick_batch", u64::from(c.tick_batch)),
+            ("tick_batch_max_age_ms", c.tick_batch_max_age_ms),
+        ] {
+            anyhow::ensure!(v > 0, "cluster.{key} must be at least 1");
+        }
         let s = &self.server;
         anyhow::ensure!(
             s.max_connections > 0,

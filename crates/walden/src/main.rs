@@ -1,10 +1,16 @@
 //! The `walden` command: server roles, client commands and the benchmark.
 
 mod auth;
+mod backends;
 mod cli;
+mod cluster;
 mod collections_cli;
 mod config;
+mod coord;
 mod listener;
+mod local_cluster;
+mod node;
+mod server;
 mod standalone;
 mod tls;
 mod wal_cli;
@@ -28,36 +34,108 @@ struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+enum NodeAction {
+    /// Move every pchannel off a node (it stays up, serving nothing).
+    Drain {
+        /// The node's id (`walden status --addr COORD`).
+        id: u64,
+        #[command(flatten)]
+        conn: cli::ConnArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum BalanceCmd {
+    /// Move one pchannel to a node, under a new term.
+    Move {
+        #[arg(long)]
+        pchannel: String,
+        /// The node's id (`walden status --addr COORD`).
+        #[arg(long)]
+        to: u64,
+        #[command(flatten)]
+        conn: cli::ConnArgs,
+    },
+}
+
+/// Where a server listens and what it reads at start.
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    /// gRPC listen address [default: 127.0.0.1:19540].
+    #[arg(long)]
+    listen: Option<String>,
+    /// HTTP address for /metrics and /healthz ("" disables) [default: 127.0.0.1:19541].
+    #[arg(long)]
+    metrics_listen: Option<String>,
+    /// A TOML config file (see walden.example.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Once serving, write the bound addresses here as JSON (`{"grpc":..,"http":..}`):
+    /// with port 0 in --listen, how a script learns the port the kernel picked.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+}
+
+/// Where a server keeps its WAL.
+#[derive(clap::Args, Debug)]
+struct WalArgs {
+    /// Where the WAL and metastore live [default: ./walden-data].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Where the WAL lives (`wal.storage`) [default: local; a cluster node needs object].
+    #[arg(long, value_enum)]
+    wal_storage: Option<config::WalStorageKind>,
+    /// The object store for `--wal-storage object` (`object_store.url`): file:///abs/dir,
+    /// memory:// or s3://bucket/prefix.
+    #[arg(long)]
+    object_store: Option<String>,
+    /// An S3-compatible endpoint (`object_store.endpoint`); an http:// one given here also
+    /// sets `object_store.allow_http`.
+    #[arg(long)]
+    object_store_endpoint: Option<String>,
+}
+
+/// How a cluster role finds the others.
+#[derive(clap::Args, Debug)]
+struct ClusterArgs {
+    /// etcd client URLs, comma-separated, as etcd prints them (`cluster.etcd`)
+    /// [default: http://127.0.0.1:2379].
+    #[arg(long)]
+    etcd: Option<String>,
+    /// The address others reach this process at (`cluster.advertise`) [default: the bound
+    /// --listen address].
+    #[arg(long)]
+    advertise: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
 enum Command {
     /// Run every role in one process on embedded defaults (local WAL, embedded metastore).
     Standalone {
-        /// Where the WAL and metastore live [default: ./walden-data].
-        #[arg(long)]
-        data_dir: Option<PathBuf>,
-        /// gRPC listen address [default: 127.0.0.1:19540].
-        #[arg(long)]
-        listen: Option<String>,
-        /// HTTP address for /metrics and /healthz ("" disables) [default: 127.0.0.1:19541].
-        #[arg(long)]
-        metrics_listen: Option<String>,
-        /// A TOML config file (see walden.example.toml).
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Where the WAL lives (`wal.storage`) [default: local].
-        #[arg(long, value_enum)]
-        wal_storage: Option<config::WalStorageKind>,
-        /// The object store for `--wal-storage object` (`object_store.url`): file:///abs/dir,
-        /// memory:// or s3://bucket/prefix.
-        #[arg(long)]
-        object_store: Option<String>,
-        /// An S3-compatible endpoint (`object_store.endpoint`); an http:// one given here also
-        /// sets `object_store.allow_http`.
-        #[arg(long)]
-        object_store_endpoint: Option<String>,
-        /// Once serving, write the bound addresses here as JSON (`{"grpc":..,"http":..}`):
-        /// with port 0 in --listen, how a script learns the port the kernel picked.
-        #[arg(long)]
-        ready_file: Option<PathBuf>,
+        #[command(flatten)]
+        serve: ServeArgs,
+        #[command(flatten)]
+        wal: WalArgs,
+    },
+    /// Run a streaming coordinator of a cluster (one leads, the others stand by).
+    Coord {
+        #[command(flatten)]
+        serve: ServeArgs,
+        #[command(flatten)]
+        cluster: ClusterArgs,
+    },
+    /// Run a streaming node of a cluster: it serves the pchannels the coordinator assigns it.
+    /// (`walden node drain ID` drains a running one.)
+    #[command(args_conflicts_with_subcommands = true)]
+    Node {
+        #[command(subcommand)]
+        action: Option<NodeAction>,
+        #[command(flatten)]
+        serve: ServeArgs,
+        #[command(flatten)]
+        wal: WalArgs,
+        #[command(flatten)]
+        cluster: ClusterArgs,
     },
     /// Append one message per stdin line (the line is the payload).
     Produce {
@@ -111,6 +189,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Move pchannels between a cluster's nodes.
+    #[command(subcommand)]
+    Balance(BalanceCmd),
     /// Measure throughput and latency.
     Bench(walden_bench::BenchArgs),
     /// Create, describe, list and drop collections.
@@ -171,40 +252,49 @@ fn init_logging(level: &str, json: bool) {
     }
 }
 
-/// The standalone server's configuration: the file, then the command line over it.
-fn standalone_config(command: &Command) -> anyhow::Result<Option<config::Config>> {
-    let Command::Standalone {
-        data_dir,
-        listen,
-        metrics_listen,
-        config,
-        wal_storage,
-        object_store,
-        object_store_endpoint,
-        ..
-    } = command
-    else {
-        return Ok(None);
+/// A server role's configuration: the file, then the command line over it; `None` for the
+/// client commands.
+fn server_config(command: &Command) -> anyhow::Result<Option<config::Config>> {
+    let (serve, wal, cluster) = match command {
+        Command::Standalone { serve, wal } => (serve, Some(wal), None),
+        Command::Coord { serve, cluster } => (serve, None, Some(cluster)),
+        Command::Node {
+            action: None,
+            serve,
+            wal,
+            cluster,
+        } => (serve, Some(wal), Some(cluster)),
+        _ => return Ok(None),
     };
-    let mut cfg = config::Config::load(config.as_deref())?;
-    if let Some(d) = data_dir {
-        cfg.server.data_dir = d.clone();
-    }
-    if let Some(l) = listen {
+    let mut cfg = config::Config::load(serve.config.as_deref())?;
+    if let Some(l) = &serve.listen {
         cfg.server.listen = l.clone();
     }
-    if let Some(m) = metrics_listen {
+    if let Some(m) = &serve.metrics_listen {
         cfg.server.metrics_listen = m.clone();
     }
-    if let Some(s) = wal_storage {
-        cfg.wal.storage = *s;
+    if let Some(w) = wal {
+        if let Some(d) = &w.data_dir {
+            cfg.server.data_dir = d.clone();
+        }
+        if let Some(s) = w.wal_storage {
+            cfg.wal.storage = s;
+        }
+        if let Some(u) = &w.object_store {
+            cfg.object_store.url = u.clone();
+        }
+        if let Some(e) = &w.object_store_endpoint {
+            cfg.object_store.endpoint = e.clone();
+            cfg.object_store.allow_http |= e.starts_with("http://");
+        }
     }
-    if let Some(u) = object_store {
-        cfg.object_store.url = u.clone();
-    }
-    if let Some(e) = object_store_endpoint {
-        cfg.object_store.endpoint = e.clone();
-        cfg.object_store.allow_http |= e.starts_with("http://");
+    if let Some(c) = cluster {
+        if let Some(e) = &c.etcd {
+            cfg.cluster.etcd = e.clone();
+        }
+        if let Some(a) = &c.advertise {
+            cfg.cluster.advertise = a.clone();
+        }
     }
     cfg.validate()?;
     Ok(Some(cfg))
@@ -233,13 +323,30 @@ fn worker_threads(configured: usize) -> usize {
         .max(1)
 }
 
-async fn run(cli: Cli, standalone: Option<config::Config>) -> anyhow::Result<()> {
+async fn run(cli: Cli, server: Option<config::Config>) -> anyhow::Result<()> {
     match cli.command {
-        Command::Standalone { ready_file, .. } => {
-            // `main` read the config (it sizes the runtime); nothing is loaded twice.
-            let cfg = standalone.unwrap_or_default();
+        // `main` read the config (it sizes the runtime); nothing is loaded twice.
+        Command::Standalone { serve, .. } => {
+            let cfg = server.unwrap_or_default();
             init_logging(&cfg.log.level, cfg.log.format == config::LogFormat::Json);
-            standalone::run(cfg, ready_file).await
+            standalone::run(cfg, serve.ready_file).await
+        }
+        Command::Coord { serve, .. } => {
+            let cfg = server.unwrap_or_default();
+            init_logging(&cfg.log.level, cfg.log.format == config::LogFormat::Json);
+            coord::run(cfg, serve.ready_file).await
+        }
+        Command::Node {
+            action: Some(NodeAction::Drain { id, conn }),
+            ..
+        } => cli::drain_node(&conn, id).await,
+        Command::Balance(BalanceCmd::Move { pchannel, to, conn }) => {
+            cli::move_pchannel(&conn, &pchannel, to).await
+        }
+        Command::Node { serve, .. } => {
+            let cfg = server.unwrap_or_default();
+            init_logging(&cfg.log.level, cfg.log.format == config::LogFormat::Json);
+            node::run(cfg, serve.ready_file).await
         }
         Command::Produce {
             pchannel,
@@ -317,11 +424,11 @@ fn main() -> ExitCode {
     // one by itself and tonic's TLS panicked at the first handshake.
     let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
-    let standalone = match standalone_config(&cli.command) {
+    let server = match server_config(&cli.command) {
         Ok(c) => c,
         Err(e) => return failure(&e),
     };
-    let workers = worker_threads(standalone.as_ref().map_or(0, |c| c.server.worker_threads));
+    let workers = worker_threads(server.as_ref().map_or(0, |c| c.server.worker_threads));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .enable_all()
@@ -333,7 +440,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli, standalone)) {
+    match runtime.block_on(run(cli, server)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => failure(&e),
     }

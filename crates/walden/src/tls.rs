@@ -11,7 +11,7 @@ use tokio_rustls::{TlsAcceptor, rustls, server::TlsStream};
 
 /// The certificate chain and key, read and checked at start (a bad file is refused with the
 /// key to fix, not found at the first connection).
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct TlsFiles {
     pub cert_pem: Vec<u8>,
     pub key_pem: Vec<u8>,

@@ -1,0 +1,241 @@
+//! The glue between the cluster's roles, over gRPC: a node's clock (batches from the leader
+//! coordinator), the coordinator's appender for DDL (through the routed client), and the
+//! catalog service that only the leader runs.
+
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+use walden_common::TimeTick;
+use walden_coordinator::{AppendError, Appender, Coordinator, service::CollectionService};
+use walden_message::MutableMessage;
+use walden_metastore_api::MetaStore;
+use walden_proto::v1::{
+    AllocateTicksRequest, CollectionInfo, CollectionName, CreateCollectionRequest, DdlResponse,
+    ListCollectionsRequest, ListCollectionsResponse, PartitionRequest,
+    cluster_client::ClusterClient, collections_server::Collections,
+};
+use walden_tso::{TickServer, TsoError};
+
+/// A node's [`TickServer`]: the leader coordinator, found through etcd and asked again after a
+/// leader change.
+#[derive(Debug)]
+pub struct LeaderClock {
+    meta: Arc<dyn MetaStore>,
+    leader: Mutex<Option<(String, ClusterClient<tonic::transport::Channel>)>>,
+}
+
+impl LeaderClock {
+    pub fn new(meta: Arc<dyn MetaStore>) -> Self {
+        Self {
+            meta,
+            leader: Mutex::new(None),
+        }
+    }
+
+    async fn client(&self) -> Result<ClusterClient<tonic::transport::Channel>, TsoError> {
+        if let Some((_, c)) = self
+            .leader
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            return Ok(c.clone());
+        }
+        let leader = walden_balancer::election::current_leader(&*self.meta)
+            .await?
+            .ok_or_else(|| TsoError::Unavailable("no coordinator leader elected".into()))?;
+        let endpoint = tonic::transport::Endpoint::from_shared(leader.address.clone())
+            .map_err(|e| {
+                TsoError::Unavailable(format!("leader address {:?}: {e}", leader.address))
+            })?
+            .connect_timeout(std::time::Duration::from_secs(2))
+            .timeout(std::time::Duration::from_secs(5))
+            .tcp_nodelay(true);
+        let c = ClusterClient::new(endpoint.connect_lazy());
+        *self.leader.lock().unwrap_or_else(|e| e.into_inner()) = Some((leader.address, c.clone()));
+        Ok(c)
+    }
+}
+
+#[async_trait]
+impl TickServer for LeaderClock {
+    async fn allocate(&self, count: u32, above: TimeTick) -> Result<TimeTick, TsoError> {
+        let mut last = None;
+        for attempt in 0..4 {
+            if attempt > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(50 << attempt)).await;
+            }
+            let mut c = match self.client().await {
+                Ok(c) => c,
+                Err(e) => {
+                    last = Some(e);
+                    continue;
+                }
+            };
+            match c
+                .allocate_ticks(AllocateTicksRequest {
+                    count,
+                    above: above.0,
+                })
+                .await
+            {
+                Ok(r) => return Ok(TimeTick(r.into_inner().first)),
+                Err(s) => {
+                    // A new leader, or none reachable: look it up again.
+                    *self.leader.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    last = Some(TsoError::Unavailable(format!(
+                        "the leader's clock: {}",
+                        s.message()
+                    )));
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| TsoError::Unavailable("the leader's clock".into())))
+    }
+}
+
+/// The coordinator's appender: the routed client, on the coordinator's own topology.
+#[derive(Debug)]
+pub struct RoutedAppender {
+    pub client: walden_client::Client,
+    pub topology: Arc<walden_balancer::Topology>,
+}
+
+#[async_trait]
+impl Appender for RoutedAppender {
+    fn pchannels(&self) -> Vec<String> {
+        // The coordinator's own records, not what some node reports.
+        self.topology
+            .records()
+            .into_iter()
+            .map(|r| r.value.pchannel)
+            .collect()
+    }
+
+    async fn append(&self, pchannel: &str, msg: MutableMessage) -> Result<u64, AppendError> {
+        let producer = self
+            .client
+            .producer(pchannel, walden_client::ProducerOptions::default());
+        producer
+            .append(msg)
+            .await
+            .map(|r| r.tick.0)
+            .map_err(|e| AppendError {
+                code: walden_common::HasErrorCode::code(&e),
+                message: e.to_string(),
+            })
+    }
+}
+
+/// The `Collections` service of a `walden coord`: the catalog runs on the leader only; a
+/// standby answers NOT_LEADER, naming the leader.
+#[derive(Debug, Clone)]
+pub struct LeaderCatalog {
+    pub catalog: watch::Receiver<Option<Arc<Coordinator>>>,
+    pub meta: Arc<dyn MetaStore>,
+}
+
+impl LeaderCatalog {
+    async fn inner(&self) -> Result<CollectionService, Status> {
+        if let Some(c) = self.catalog.borrow().clone() {
+            return Ok(CollectionService::new(c));
+        }
+        let leader = walden_balancer::election::current_leader(&*self.meta)
+            .await
+            .ok()
+            .flatten()
+            .map(|l| l.address);
+        let e = walden_balancer::BalanceError::NotLeader { leader };
+        Err(walden_balancer::service::to_status(&e))
+    }
+}
+
+#[tonic::async_trait]
+impl Collections for LeaderCatalog {
+    async fn create_collection(
+        &self,
+        req: Request<CreateCollectionRequest>,
+    ) -> Result<Response<CollectionInfo>, Status> {
+        self.inner().await?.create_collection(req).await
+    }
+
+    async fn describe_collection(
+        &self,
+        req: Request<CollectionName>,
+    ) -> Result<Response<CollectionInfo>, Status> {
+        self.inner().await?.describe_collection(req).await
+    }
+
+    async fn list_collections(
+        &self,
+        req: Request<ListCollectionsRequest>,
+    ) -> Result<Response<ListCollectionsResponse>, Status> {
+        self.inner().await?.list_collections(req).await
+    }
+
+    async fn drop_collection(
+        &self,
+        req: Request<CollectionName>,
+    ) -> Result<Response<DdlResponse>, Status> {
+        self.inner().await?.drop_collection(req).await
+    }
+
+    async fn create_partition(
+        &self,
+        req: Request<PartitionRequest>,
+    ) -> Result<Response<DdlResponse>, Status> {
+        self.inner().await?.create_partition(req).await
+    }
+
+    async fn drop_partition(
+        &self,
+        req: Request<PartitionRequest>,
+    ) -> Result<Response<DdlResponse>, Status> {
+        self.inner().await?.drop_partition(req).await
+    }
+
+    async fn flush(&self, req: Request<CollectionName>) -> Result<Response<DdlResponse>, Status> {
+        self.inner().await?.flush(req).await
+    }
+}
+
+/// Runs the catalog while this coordinator leads: started (finishing any DDL task the last
+/// leader left) on each leadership, dropped when it ends.
+pub async fn run_catalog(
+    mut leading: watch::Receiver<Option<u64>>,
+    meta: Arc<dyn MetaStore>,
+    appender: Arc<RoutedAppender>,
+    catalog: watch::Sender<Option<Arc<Coordinator>>>,
+) {
+    loop {
+        let epoch = *leading.borrow_and_update();
+        match epoch {
+            Some(epoch) => {
+                // The topology must list the pchannels before shards can be placed on them.
+                let start = Coordinator::start(meta.clone(), appender.clone() as Arc<dyn Appender>);
+                tokio::select! {
+                    r = start => match r {
+                        Ok(c) => {
+                            tracing::info!(epoch, "catalog serving");
+                            catalog.send_replace(Some(c));
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "starting the catalog failed; retrying");
+                            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                            continue;
+                        }
+                    },
+                    _ = leading.changed() => continue,
+                }
+            }
+            None => {
+                catalog.send_replace(None);
+            }
+        }
+        if leading.changed().await.is_err() {
+            return;
+        }
+    }
+}

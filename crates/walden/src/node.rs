@@ -1,0 +1,116 @@
+//! `walden node`: a streaming node of a cluster. It serves the pchannels the coordinator
+//! assigns it, each under the coordinator's term, on the shared WAL storage; ticks come in
+//! batches from the leader coordinator. On SIGTERM it asks to be drained, waits for its
+//! pchannels to move, then exits.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use tracing::info;
+use walden_streaming_node::{
+    agent::{AgentConfig, NodeAgent},
+    manager::WalManager,
+    metrics::Metrics,
+    service::NodeService,
+};
+use walden_tso::BatchedTicks;
+
+use crate::{
+    backends,
+    cluster::LeaderClock,
+    config::{Config, WalStorageKind},
+    server::{self, GrpcServer},
+    standalone::http_app,
+};
+
+pub async fn run(config: Config, ready_file: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+    // A log on this node's disk could never move to another node.
+    anyhow::ensure!(
+        config.wal.storage == WalStorageKind::Object,
+        "wal.storage = \"local\" cannot be used by a cluster node: its pchannels could never move \
+         to another node; set wal.storage = \"object\" (--wal-storage object) with an object store \
+         every node reaches"
+    );
+    let bound = server::bind(&config.server).await?;
+    let addr = bound.addr;
+    let security = server::Security::load(&config.server, addr)?;
+    let advertise = server::advertised(&config.cluster.advertise, addr, &security)?;
+    let meta = backends::etcd(&config).await?;
+    let metrics = Metrics::new();
+    let storage = backends::wal_storage(&config, &metrics).await?;
+    let ms = std::time::Duration::from_millis;
+    let c = &config.cluster;
+    let ticks = Arc::new(BatchedTicks::new(
+        Arc::new(LeaderClock::new(meta.clone())),
+        c.tick_batch,
+        ms(c.tick_batch_max_age_ms),
+    ));
+    let manager = WalManager::new(
+        storage,
+        meta.clone(),
+        ticks,
+        config.node.clone(),
+        metrics.clone(),
+    )
+    .context("starting the WAL manager")?;
+    let http_addr = match bound.http {
+        Some(http) => {
+            let app = http_app(
+                manager.clone(),
+                metrics.clone(),
+                security.tokens.clone(),
+                config.server.public_healthz,
+            );
+            Some(server::spawn_http(http, app, &security)?)
+        }
+        None => None,
+    };
+    let routes = tonic::service::Routes::new(
+        NodeService::new(manager.clone(), format!("node@{advertise}")).into_server(),
+    );
+    let mut grpc = GrpcServer::start(
+        bound.grpc,
+        bound.max_connections,
+        &config.server,
+        &security,
+        routes,
+    )?;
+    // Serving before joining: the coordinator may assign at once.
+    let agent = NodeAgent::join(
+        manager.clone(),
+        meta,
+        AgentConfig {
+            address: advertise.clone(),
+            http_address: http_addr
+                .map(|a| format!("{}://{a}", security.scheme()))
+                .unwrap_or_default(),
+            lease_ttl: ms(c.node_lease_ttl_ms),
+        },
+    )
+    .await
+    .context("joining the cluster")?;
+    info!(%addr, advertise, node = agent.id(), "walden node ready");
+    if let Some(path) = &ready_file {
+        server::write_ready_file(
+            path,
+            addr,
+            http_addr,
+            serde_json::json!({ "node_id": agent.id() }),
+        )?;
+    }
+    tokio::select! {
+        r = &mut grpc.task => {
+            r.context("the gRPC server task")?.context("serving gRPC")?;
+        }
+        () = server::shutdown_signal() => {
+            info!(node = agent.id(), "draining: moving pchannels away before exiting");
+            let left = agent.drain(ms(c.drain_timeout_ms)).await;
+            if left > 0 {
+                tracing::warn!(left, "drain timed out; closing the rest");
+            }
+            grpc.stop().await;
+        }
+    }
+    manager.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,262 @@
+//! What every server role shares: binding the listeners first (a bad or busy address fails at
+//! once, before recovery or a campaign), TLS and tokens, the HTTP endpoints, the gRPC server
+//! with its admission control, the ready file, and the shutdown signal.
+
+use std::{net::SocketAddr, path::Path, time::Duration};
+
+use anyhow::Context;
+use axum::Router;
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tracing::info;
+
+use crate::{auth, config::ServerConfig, listener, tls};
+
+/// The bound listeners.
+#[derive(Debug)]
+pub struct Bound {
+    pub grpc: TcpListener,
+    pub addr: SocketAddr,
+    pub http: Option<TcpListener>,
+    pub max_connections: usize,
+}
+
+/// Binds `server.listen` and `server.metrics_listen`, and raises the open-file limit.
+pub async fn bind(config: &ServerConfig) -> anyhow::Result<Bound> {
+    let grpc = TcpListener::bind(&config.listen)
+        .await
+        .with_context(|| format!("binding server.listen {}", config.listen))?;
+    let addr = grpc.local_addr()?;
+    let http = if config.metrics_listen.is_empty() {
+        None
+    } else {
+        Some(
+            TcpListener::bind(&config.metrics_listen)
+                .await
+                .with_context(|| {
+                    format!("binding server.metrics_listen {}", config.metrics_listen)
+                })?,
+        )
+    };
+    let max_connections = match listener::raise_fd_limit() {
+        Ok((before, now)) => {
+            info!(soft_before = before, soft_now = now, "open-file limit");
+            listener::effective_max_connections(config.max_connections, now)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not raise the open-file limit");
+            config.max_connections
+        }
+    };
+    if max_connections < config.max_connections {
+        tracing::warn!(
+            configured = config.max_connections,
+            max_connections,
+            "server.max_connections lowered to what the open-file limit leaves"
+        );
+    }
+    Ok(Bound {
+        grpc,
+        addr,
+        http,
+        max_connections,
+    })
+}
+
+/// TLS and bearer tokens, read before anything else runs: a bad file is named at once.
+#[derive(Clone, Debug)]
+pub struct Security {
+    pub tls: Option<tls::TlsFiles>,
+    pub tokens: auth::Tokens,
+}
+
+impl Security {
+    pub fn load(config: &ServerConfig, addr: SocketAddr) -> anyhow::Result<Self> {
+        let tls = match (&config.tls_cert_file, &config.tls_key_file) {
+            (Some(cert), Some(key)) => Some(tls::load(cert, key)?),
+            _ => None,
+        };
+        let tokens = match &config.auth_token_file {
+            Some(path) => auth::Tokens::load(path)?,
+            None => auth::Tokens::off(),
+        };
+        tokens.reload_on_sighup();
+        if !addr.ip().is_loopback() && (tls.is_none() || !tokens.enabled()) {
+            tracing::warn!(
+                %addr,
+                tls = tls.is_some(),
+                auth = tokens.enabled(),
+                "listening beyond loopback without TLS and bearer tokens: anyone who reaches the \
+                 port can read, write and drop collections"
+            );
+        }
+        Ok(Self { tls, tokens })
+    }
+
+    /// `http` or `https`.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
+    }
+}
+
+/// Serves `app` on the HTTP listener (with the server's TLS, if on).
+pub fn spawn_http(
+    http: TcpListener,
+    app: Router,
+    security: &Security,
+) -> anyhow::Result<SocketAddr> {
+    let addr = http.local_addr()?;
+    match &security.tls {
+        Some(t) => {
+            let listener = tls::TlsListener::new(http, t.rustls.clone())?;
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, app).await {
+                    tracing::warn!(error = %e, "metrics server stopped");
+                }
+            });
+        }
+        None => {
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(http, app).await {
+                    tracing::warn!(error = %e, "metrics server stopped");
+                }
+            });
+        }
+    }
+    info!(%addr, "metrics and health on {}://{addr}/metrics, /healthz", security.scheme());
+    Ok(addr)
+}
+
+/// Writes the bound addresses as JSON (atomically), for scripts that started on port 0.
+pub fn write_ready_file(
+    path: &Path,
+    addr: SocketAddr,
+    http: Option<SocketAddr>,
+    extra: serde_json::Value,
+) -> anyhow::Result<()> {
+    let mut doc = serde_json::json!({
+        "grpc": addr.to_string(),
+        "http": http.map(|a| a.to_string()),
+    });
+    if let (Some(d), serde_json::Value::Object(e)) = (doc.as_object_mut(), extra) {
+        d.extend(e);
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, doc.to_string())
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .with_context(|| format!("writing --ready-file {}", path.display()))
+}
+
+/// How long open streams may take to finish after the server stops accepting.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// A running gRPC server.
+#[derive(Debug)]
+pub struct GrpcServer {
+    drain: Option<oneshot::Sender<()>>,
+    pub task: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl GrpcServer {
+    /// Serves `routes` on the bound listener, behind the token interceptor and admission control.
+    pub fn start(
+        bound_grpc: TcpListener,
+        max_connections: usize,
+        config: &ServerConfig,
+        security: &Security,
+        routes: tonic::service::Routes,
+    ) -> anyhow::Result<Self> {
+        let ms = Duration::from_millis;
+        let admission = listener::Admission {
+            max_connections,
+            handshake_timeout: ms(config.handshake_timeout_ms),
+        };
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(walden_proto::v1::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .context("building gRPC reflection")?;
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(t) = &security.tls {
+            builder = builder
+                .tls_config(tonic::transport::ServerTlsConfig::new().identity(
+                    tonic::transport::Identity::from_pem(&t.cert_pem, &t.key_pem),
+                ))
+                .context("server TLS")?;
+        }
+        let (drain_tx, drain_rx) = oneshot::channel::<()>();
+        let mut builder = builder
+            .layer(tonic::service::InterceptorLayer::new(
+                security.tokens.interceptor(),
+            ))
+            .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(ms(config.keepalive_interval_ms)))
+            .http2_keepalive_timeout(Some(ms(config.keepalive_timeout_ms)));
+        let server = builder
+            .add_routes(routes.add_service(reflection))
+            .serve_with_incoming_shutdown(listener::incoming(bound_grpc, admission), async {
+                let _ = drain_rx.await;
+            });
+        Ok(Self {
+            drain: Some(drain_tx),
+            task: tokio::spawn(server),
+        })
+    }
+
+    /// Stops accepting and waits for open streams, at most [`SHUTDOWN_GRACE`]. Open streams (a
+    /// tailing consumer, an idle producer) would hold a graceful drain forever; nothing
+    /// acknowledged is at risk: acknowledged means durable.
+    pub async fn stop(mut self) {
+        if let Some(d) = self.drain.take() {
+            let _ = d.send(());
+        }
+        if tokio::time::timeout(SHUTDOWN_GRACE, &mut self.task)
+            .await
+            .is_err()
+        {
+            info!("grace period over; closing with streams still open");
+        }
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+/// The address others reach this server at: `advertise` if set, else the bound address (a
+/// wildcard bind cannot be advertised: it is refused).
+pub fn advertised(
+    advertise: &str,
+    addr: SocketAddr,
+    security: &Security,
+) -> anyhow::Result<String> {
+    if !advertise.is_empty() {
+        return Ok(if advertise.contains("://") {
+            advertise.to_owned()
+        } else {
+            format!("{}://{advertise}", security.scheme())
+        });
+    }
+    anyhow::ensure!(
+        !addr.ip().is_unspecified(),
+        "server.listen {addr} is a wildcard address: set cluster.advertise to the address other \
+         processes reach this one at"
+    );
+    Ok(format!("{}://{addr}", security.scheme()))
+}
