@@ -11,6 +11,8 @@ use std::{
 
 use walden_client::Client;
 
+pub mod cluster;
+
 pub const WALDEN: &str = env!("CARGO_BIN_EXE_walden");
 
 /// A free port on 127.0.0.1 (bound and released; the server binds it next).

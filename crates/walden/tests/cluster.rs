@@ -1,0 +1,420 @@
+//! Walden as a cluster, with real processes: etcd, `walden coord` and `walden node` on
+//! 127.0.0.1, the WAL on a shared `file://` object store. Idempotent producers write through
+//! the coordinators' topology while nodes crash, freeze, move and drain, and the leader
+//! coordinator dies; every acknowledged message is read back exactly once, in order, and no
+//! tick is handed out twice or backwards.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use common::cluster::{Cluster, read_all};
+use walden_client::{Client, ProducerOptions};
+use walden_common::{ErrorCode, HasErrorCode, MessageId};
+use walden_message::{MessageType, MutableMessage};
+use walden_proto::v1::AssignmentState;
+
+const PCHANNELS: usize = 4;
+const PRODUCERS: usize = 8;
+
+type Acked = Arc<Mutex<HashMap<(usize, u64), (String, MessageId)>>>;
+
+fn pchannel(i: usize) -> String {
+    format!("walden-dml-{}", i % PCHANNELS)
+}
+
+/// Idempotent producers over every pchannel, through the coordinators.
+struct Load {
+    acked: Acked,
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<u64>>,
+}
+
+impl Load {
+    async fn start(addrs: String) -> Self {
+        let acked: Acked = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = (0..PRODUCERS)
+            .map(|i| tokio::spawn(produce(addrs.clone(), i, acked.clone(), stop.clone())))
+            .collect();
+        Self { acked, stop, tasks }
+    }
+
+    fn acked(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    /// Stops the producers; every message they sent must be acknowledged (they panic if not).
+    async fn finish(self) -> HashMap<(usize, u64), (String, MessageId)> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut sent = 0;
+        for t in self.tasks {
+            sent += t.await.expect("a producer failed");
+        }
+        let acked = self.acked.lock().unwrap().clone();
+        assert_eq!(
+            acked.len() as u64,
+            sent,
+            "every message sent is acknowledged"
+        );
+        acked
+    }
+}
+
+async fn produce(addrs: String, producer: usize, acked: Acked, stop: Arc<AtomicBool>) -> u64 {
+    let client = Client::connect(&addrs).await.unwrap();
+    let pchannel = pchannel(producer);
+    let p = client.producer(
+        &pchannel,
+        ProducerOptions {
+            max_in_flight: 8,
+            retry_timeout: Duration::from_secs(60),
+            ..ProducerOptions::default()
+        },
+    );
+    let mut window = std::collections::VecDeque::new();
+    let mut seq = 0u64;
+    let record = |s: u64, r: Result<walden_client::AppendResult, walden_client::ClientError>| {
+        let r = r.unwrap_or_else(|e| panic!("p{producer}-s{s} was never acknowledged: {e}"));
+        acked
+            .lock()
+            .unwrap()
+            .insert((producer, s), (pchannel.clone(), r.id));
+    };
+    while !stop.load(Ordering::Relaxed) {
+        let msg = MutableMessage::new(
+            MessageType::Data,
+            format!("v{producer}"),
+            Bytes::from(format!("p{producer}-s{seq}")),
+        );
+        window.push_back((seq, p.send(msg).await.unwrap()));
+        seq += 1;
+        if window.len() >= 8 {
+            let (s, f) = window.pop_front().unwrap();
+            record(s, f.await);
+        }
+        // A steady, modest rate: the point is correctness through the faults.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for (s, f) in window {
+        record(s, f.await);
+    }
+    seq
+}
+
+/// Reads every pchannel back: each acknowledged message exactly once, where it was
+/// acknowledged, in its producer's order; ticks strictly increase per pchannel and no tick
+/// appears twice anywhere (one clock for the cluster). Returns the payloads read.
+async fn verify(
+    client: &Client,
+    acked: &HashMap<(usize, u64), (String, MessageId)>,
+) -> HashSet<String> {
+    let mut seen: HashMap<(usize, u64), (String, MessageId)> = HashMap::new();
+    let mut ticks = HashSet::new();
+    let mut payloads = HashSet::new();
+    for pc in 0..PCHANNELS {
+        let name = pchannel(pc);
+        let mut last_tick = 0;
+        let mut last_seq: HashMap<usize, u64> = HashMap::new();
+        for m in read_all(client, &name).await {
+            let tick = m.time_tick().0;
+            assert!(
+                tick > last_tick,
+                "{name}: tick {tick} after {last_tick} at id {}",
+                m.id
+            );
+            assert!(
+                ticks.insert(tick),
+                "tick {tick} handed out twice ({name} id {})",
+                m.id
+            );
+            last_tick = tick;
+            if m.message_type() != MessageType::Data {
+                continue;
+            }
+            let text = String::from_utf8(m.payload.to_vec()).unwrap();
+            payloads.insert(text.clone());
+            let Some((p, s)) = text.strip_prefix('p').and_then(|t| t.split_once("-s")) else {
+                continue;
+            };
+            let (p, s): (usize, u64) = (p.parse().unwrap(), s.parse().unwrap());
+            assert_eq!(pchannel(p), name, "message on the wrong pchannel");
+            if let Some(prev) = seen.insert((p, s), (name.clone(), m.id)) {
+                panic!("p{p}-s{s} read twice: at {} and {}", prev.1, m.id);
+            }
+            if let Some(prev) = last_seq.insert(p, s) {
+                assert!(s > prev, "producer {p}: s{s} after s{prev}");
+            }
+        }
+    }
+    let lost: Vec<_> = acked.keys().filter(|k| !seen.contains_key(k)).collect();
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged messages lost, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
+    for (k, at) in acked {
+        assert_eq!(
+            &seen[k], at,
+            "{k:?} acknowledged at one place, read at another"
+        );
+    }
+    payloads
+}
+
+/// Waits until none of `pchannels` is on node `from` and all are assigned again.
+async fn moved_off(c: &Cluster, from: u64, pchannels: &[String], within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(s) = c.status().await
+            && pchannels.iter().all(|p| {
+                s.pchannels.iter().any(|r| {
+                    &r.pchannel == p && r.node_id != from && r.state() == AssignmentState::Assigned
+                })
+            })
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pchannels of node {from} did not move: {:?}",
+            c.status().await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The node with the most pchannels, and them.
+async fn busiest(c: &Cluster) -> (u64, Vec<String>) {
+    let s = c.status().await.unwrap();
+    let n = s.nodes.iter().max_by_key(|n| n.pchannels.len()).unwrap();
+    (n.node.as_ref().unwrap().id, n.pchannels.clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_under_load_loses_nothing_and_its_pchannels_serve_again_within_the_lease() {
+    let mut c = Cluster::start(1, 3, PCHANNELS, "").await;
+    let load = Load::start(c.addrs()).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (victim, moved) = busiest(&c).await;
+    let before = load.acked();
+    let killed = Instant::now();
+    c.node_by_id(victim).kill();
+    moved_off(&c, victim, &moved, Duration::from_secs(20)).await;
+    let took = killed.elapsed();
+    // Lease TTL (2 s) plus recovery; generous for a loaded 2-core machine.
+    eprintln!(
+        "node {victim} killed: its {} pchannels served again after {took:?}",
+        moved.len()
+    );
+    assert!(took < Duration::from_secs(10), "moved after {took:?}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(load.acked() > before, "producers carried on");
+    let acked = load.finish().await;
+    verify(&c.client().await, &acked).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_node_past_its_lease_is_fenced_and_nothing_it_writes_after_is_accepted() {
+    let mut c = Cluster::start(1, 3, PCHANNELS, "").await;
+    let load = Load::start(c.addrs()).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (victim, moved) = busiest(&c).await;
+    let zombie_addr = c.node_by_id(victim).addr.clone();
+    // The terms the frozen node holds: its writes are under them.
+    let s = c.status().await.unwrap();
+    let old_term: HashMap<String, u64> = s
+        .pchannels
+        .iter()
+        .map(|p| (p.pchannel.clone(), p.term))
+        .collect();
+    c.node_by_id(victim).signal("STOP");
+    moved_off(&c, victim, &moved, Duration::from_secs(20)).await;
+    c.node_by_id(victim).signal("CONT");
+    // A client still writing to the old owner under its term gets refused, never acknowledged.
+    // (The process itself rejoins as a new node and may be given pchannels again, under new
+    // terms: those are legitimate owners, not the zombie.)
+    let zombie = Client::connect(&zombie_addr).await.unwrap();
+    for p in &moved {
+        let producer = zombie.producer(
+            p,
+            ProducerOptions {
+                retry_timeout: Duration::from_secs(1),
+                term: old_term[p],
+                ..ProducerOptions::default()
+            },
+        );
+        let msg = MutableMessage::new(MessageType::Data, "zombie", Bytes::from("zombie-write"));
+        let e = match producer.append(msg).await {
+            Err(e) => e,
+            Ok(r) => panic!(
+                "the old owner acknowledged a write after the new owner's fence: {p} {r:?}; its log:\n{}",
+                c.node_by_id(victim).log()
+            ),
+        };
+        assert!(
+            matches!(
+                e.code(),
+                ErrorCode::ChannelFenced
+                    | ErrorCode::ChannelNotFound
+                    | ErrorCode::StorageUnavailable
+            ),
+            "{e}"
+        );
+    }
+    // The cluster's own clients moved on to the new owners without an error.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let acked = load.finish().await;
+    let payloads = verify(&c.client().await, &acked).await;
+    assert!(
+        !payloads.contains("zombie-write"),
+        "a write of the fenced node is readable"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_coordinator_killed_under_load_is_replaced_and_no_tick_repeats() {
+    let mut c = Cluster::start(2, 2, PCHANNELS, "").await;
+    let load = Load::start(c.addrs()).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let s = c.status().await.unwrap();
+    let leader = s.leader.clone().unwrap();
+    let i = c
+        .coords
+        .iter()
+        .position(|p| leader.address.ends_with(&p.addr))
+        .unwrap();
+    c.coords[i].kill();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(s) = c.status().await
+            && let Some(l) = s.leader
+            && l.epoch > leader.epoch
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no new leader");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let before = load.acked();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        load.acked() > before,
+        "producers carried on under the new leader"
+    );
+    // The new leader serves the catalog.
+    let client = c.client().await;
+    let schema = walden_schema::Schema::from_json(
+        r#"{"fields":[{"name":"id","type":"int64","primary_key":true},{"name":"v","type":"float_vector","dim":2}]}"#,
+    )
+    .unwrap();
+    client
+        .collections()
+        .create("after_failover", &schema, 2)
+        .await
+        .unwrap();
+    let acked = load.finish().await;
+    verify(&client, &acked).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manual_move_and_a_drain_under_load_cause_no_client_error() {
+    let c = Cluster::start(1, 3, PCHANNELS, "").await;
+    let load = Load::start(c.addrs()).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let client = c.client().await;
+    let s = c.status().await.unwrap();
+    let p0 = s
+        .pchannels
+        .iter()
+        .find(|p| p.pchannel == "walden-dml-0")
+        .unwrap();
+    let to = s
+        .nodes
+        .iter()
+        .map(|n| n.node.as_ref().unwrap().id)
+        .find(|id| *id != p0.node_id)
+        .unwrap();
+    client.move_pchannel("walden-dml-0", to).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = c.status().await.unwrap();
+        if s.pchannels.iter().any(|p| {
+            p.pchannel == "walden-dml-0"
+                && p.node_id == to
+                && p.state() == AssignmentState::Assigned
+        }) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the move did not happen");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (drained, moved) = busiest(&c).await;
+    client.drain_node(drained).await.unwrap();
+    moved_off(&c, drained, &moved, Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let acked = load.finish().await;
+    verify(&client, &acked).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_started_before_the_coordinator_and_an_etcd_restart_converge() {
+    let mut c = Cluster::start(0, 2, PCHANNELS, "").await;
+    // Nodes wait for assignments; the coordinator arrives later.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.add_coord().await;
+    c.converged(PCHANNELS, Duration::from_secs(30)).await;
+    c.etcd.restart().unwrap();
+    c.converged(PCHANNELS, Duration::from_secs(30)).await;
+    let client = c.client().await;
+    let p = client.producer("walden-dml-1", ProducerOptions::default());
+    let r = p
+        .append(MutableMessage::new(
+            MessageType::Data,
+            "v",
+            Bytes::from("after-restart"),
+        ))
+        .await
+        .unwrap();
+    let read = read_all(&client, "walden-dml-1").await;
+    assert!(
+        read.iter()
+            .any(|m| m.id == r.id && m.payload == Bytes::from("after-restart"))
+    );
+}
+
+#[tokio::test]
+async fn a_node_on_the_local_wal_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(common::WALDEN)
+        .args([
+            "node",
+            "--etcd",
+            "http://127.0.0.1:1",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("wal.storage") && err.contains("could never move"),
+        "{err}"
+    );
+}
