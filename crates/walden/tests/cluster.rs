@@ -390,7 +390,7 @@ async fn nodes_started_before_the_coordinator_and_an_etcd_restart_converge() {
     let read = read_all(&client, "walden-dml-1").await;
     assert!(
         read.iter()
-            .any(|m| m.id == r.id && m.payload == Bytes::from("after-restart"))
+            .any(|m| m.id == r.id && m.payload == "after-restart")
     );
 }
 
