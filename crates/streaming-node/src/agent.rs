@@ -89,8 +89,8 @@ impl NodeAgent {
         self.reg.borrow().id
     }
 
-    /// Asks to be drained and waits until no pchannel is assigned here (at most `within`),
-    /// then leaves the cluster. Returns how many pchannels were still here at the end.
+    /// Asks to be drained and waits until no pchannel is assigned here and the new owners
+    /// serve what moved (at most `within`), then leaves the cluster. Returns how many pchannels were still here at the end.
     pub async fn drain(&self, within: Duration) -> usize {
         self.draining
             .store(true, std::sync::atomic::Ordering::SeqCst);
@@ -123,10 +123,15 @@ impl NodeAgent {
     async fn assigned_here(&self) -> usize {
         let id = self.id();
         match self.meta.range(keys::ASSIGNMENT_PREFIX).await {
+            // Here, or moved from here and not yet confirmed by the new owner.
             Ok(kvs) => kvs
                 .iter()
                 .filter_map(|kv| PChannelAssignment::decode(kv.value.as_ref()).ok())
-                .filter(|r| r.node_id == id)
+                .filter(|r| {
+                    r.node_id == id
+                        || (r.state() != AssignmentState::Assigned
+                            && r.history.last().is_some_and(|h| h.node_id == id))
+                })
                 .count()
                 .max(self.manager.channels().len()),
             Err(_) => self.manager.channels().len(),

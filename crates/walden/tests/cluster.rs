@@ -418,3 +418,32 @@ async fn a_node_on_the_local_wal_is_refused_at_start() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_stopped_with_sigterm_hands_its_pchannels_over_before_it_exits() {
+    let mut c = Cluster::start(1, 3, PCHANNELS, "").await;
+    let load = Load::start(c.addrs()).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (id, moved) = busiest(&c).await;
+    let stopped = Instant::now();
+    let status = c
+        .node_by_id(id)
+        .stop(Duration::from_secs(30))
+        .expect("the node exits after its drain");
+    assert!(status.success(), "{status}");
+    // Its pchannels were moved before the exit, not recovered after a lease expiry.
+    let s = c.status().await.unwrap();
+    for p in &moved {
+        let r = s.pchannels.iter().find(|r| &r.pchannel == p).unwrap();
+        assert_ne!(r.node_id, id, "{p} still on the stopped node");
+        assert_eq!(
+            r.state(),
+            AssignmentState::Assigned,
+            "{p} not served at the exit"
+        );
+    }
+    eprintln!("node {id} drained and exited in {:?}", stopped.elapsed());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let acked = load.finish().await;
+    verify(&c.client().await, &acked).await;
+}
