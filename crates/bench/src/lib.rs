@@ -19,6 +19,7 @@
 //! `walden standalone` itself on a fresh data dir.
 
 mod disk;
+mod failover;
 mod objstore;
 mod redis;
 mod report;
@@ -70,6 +71,9 @@ enum Workload {
     /// Raw create-if-absent PUTs (and GETs) of an object store, 1 and N in flight: the
     /// object-storage WAL's limit.
     Objstore(objstore::ObjStoreArgs),
+    /// Time from a planned move or a node's kill -9 to the first append acknowledged by each
+    /// moved pchannel's new owner, on a cluster the bench starts (etcd, a coordinator, nodes).
+    Failover(failover::FailoverArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -206,6 +210,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Workload::Catchup(a) => compare(a, Kind::Catchup).await,
         Workload::Recovery(a) => compare(a, Kind::Recovery).await,
         Workload::Objstore(o) => objstore::run(o).await,
+        Workload::Failover(f) => failover::run(f).await,
         Workload::Disk(d) => {
             let dir = d.dir.clone().unwrap_or_else(|| PathBuf::from("."));
             let r = disk_probe(&dir, d.size, d.duration)?;
