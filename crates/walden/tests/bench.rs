@@ -470,3 +470,39 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// `walden bench failover` starts its own cluster and reports one sample per planned move and
+/// one per pchannel of each killed node, every one of them positive.
+#[test]
+fn failover_reports_a_sample_for_every_move_and_every_pchannel_of_a_killed_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = bench(
+        &[
+            "failover",
+            "--nodes",
+            "2",
+            "--pchannels",
+            "4",
+            "--moves",
+            "10",
+            "--kills",
+            "1",
+            "--lease-ttl-ms",
+            "2000",
+        ],
+        dir.path(),
+    );
+    let planned = report["planned_ms"].as_array().unwrap();
+    let crash = report["crash_ms"].as_array().unwrap();
+    assert_eq!(planned.len(), 10);
+    // Two nodes share four pchannels evenly: the killed one held two.
+    assert_eq!(crash.len(), 2, "{report}");
+    for v in planned.iter().chain(crash) {
+        assert!(v.as_f64().unwrap() > 0.0, "{report}");
+    }
+    // A crash is noticed only when the lease ends: no sample can be shorter than that.
+    for v in crash {
+        assert!(v.as_f64().unwrap() >= 1000.0, "crash sample below the lease: {report}");
+    }
+    assert!(report["appends"].as_u64().unwrap() > 0);
+}
