@@ -502,7 +502,10 @@ fn failover_reports_a_sample_for_every_move_and_every_pchannel_of_a_killed_node(
     }
     // A crash is noticed only when the lease ends: no sample can be shorter than that.
     for v in crash {
-        assert!(v.as_f64().unwrap() >= 1000.0, "crash sample below the lease: {report}");
+        assert!(
+            v.as_f64().unwrap() >= 1000.0,
+            "crash sample below the lease: {report}"
+        );
     }
     assert!(report["appends"].as_u64().unwrap() > 0);
 }

@@ -33,11 +33,42 @@ fn pchannel(i: usize) -> String {
     format!("walden-dml-{}", i % PCHANNELS)
 }
 
-/// Idempotent producers over every pchannel, through the coordinators.
+/// Idempotent producers over every pchannel, and a tailing consumer of each, through the
+/// coordinators.
 struct Load {
     acked: Acked,
     stop: Arc<AtomicBool>,
     tasks: Vec<tokio::task::JoinHandle<u64>>,
+    tails: Vec<tokio::task::JoinHandle<Vec<MessageId>>>,
+}
+
+/// What a run left: the acknowledgements and what each pchannel's tail delivered, in order.
+struct Outcome {
+    acked: HashMap<(usize, u64), (String, MessageId)>,
+    tailed: Vec<Vec<MessageId>>,
+}
+
+/// Consumes one pchannel from the start, following it through every move, until told to stop.
+async fn tail(addrs: String, pc: usize, stop: Arc<AtomicBool>) -> Vec<MessageId> {
+    let client = Client::connect(&addrs).await.unwrap();
+    let mut consumer = client.consumer(
+        &pchannel(pc),
+        walden_client::ConsumerOptions {
+            from: walden_client::DeliverFrom::All,
+            retry_timeout: Duration::from_secs(60),
+            ..walden_client::ConsumerOptions::default()
+        },
+    );
+    let mut ids = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        match tokio::time::timeout(Duration::from_millis(100), consumer.next()).await {
+            Ok(Some(Ok(m))) => ids.push(m.id),
+            Ok(Some(Err(e))) => panic!("the consumer of {} gave up: {e}", pchannel(pc)),
+            Ok(None) => panic!("the consumer of {} ended", pchannel(pc)),
+            Err(_) => {}
+        }
+    }
+    ids
 }
 
 impl Load {
@@ -47,19 +78,32 @@ impl Load {
         let tasks = (0..PRODUCERS)
             .map(|i| tokio::spawn(produce(addrs.clone(), i, acked.clone(), stop.clone())))
             .collect();
-        Self { acked, stop, tasks }
+        let tails = (0..PCHANNELS)
+            .map(|pc| tokio::spawn(tail(addrs.clone(), pc, stop.clone())))
+            .collect();
+        Self {
+            acked,
+            stop,
+            tasks,
+            tails,
+        }
     }
 
     fn acked(&self) -> usize {
         self.acked.lock().unwrap().len()
     }
 
-    /// Stops the producers; every message they sent must be acknowledged (they panic if not).
-    async fn finish(self) -> HashMap<(usize, u64), (String, MessageId)> {
+    /// Stops the producers and tails; every message sent must be acknowledged (the producers
+    /// panic if not), and no consumer may give up.
+    async fn finish(self) -> Outcome {
         self.stop.store(true, Ordering::Relaxed);
         let mut sent = 0;
         for t in self.tasks {
             sent += t.await.expect("a producer failed");
+        }
+        let mut tailed = Vec::new();
+        for t in self.tails {
+            tailed.push(t.await.expect("a consumer failed"));
         }
         let acked = self.acked.lock().unwrap().clone();
         assert_eq!(
@@ -67,7 +111,7 @@ impl Load {
             sent,
             "every message sent is acknowledged"
         );
-        acked
+        Outcome { acked, tailed }
     }
 }
 
@@ -115,10 +159,8 @@ async fn produce(addrs: String, producer: usize, acked: Acked, stop: Arc<AtomicB
 /// Reads every pchannel back: each acknowledged message exactly once, where it was
 /// acknowledged, in its producer's order; ticks strictly increase per pchannel and no tick
 /// appears twice anywhere (one clock for the cluster). Returns the payloads read.
-async fn verify(
-    client: &Client,
-    acked: &HashMap<(usize, u64), (String, MessageId)>,
-) -> HashSet<String> {
+async fn verify(client: &Client, outcome: &Outcome) -> HashSet<String> {
+    let acked = &outcome.acked;
     let mut seen: HashMap<(usize, u64), (String, MessageId)> = HashMap::new();
     let mut ticks = HashSet::new();
     let mut payloads = HashSet::new();
@@ -126,7 +168,19 @@ async fn verify(
         let name = pchannel(pc);
         let mut last_tick = 0;
         let mut last_seq: HashMap<usize, u64> = HashMap::new();
-        for m in read_all(client, &name).await {
+        let log = read_all(client, &name).await;
+        // The tail that followed the pchannel through every move delivered exactly the log's
+        // beginning: nothing skipped, nothing twice, same order.
+        let delivered = &outcome.tailed[pc];
+        let ids: Vec<MessageId> = log.iter().map(|m| m.id).collect();
+        assert!(
+            delivered.len() <= ids.len() && delivered[..] == ids[..delivered.len()],
+            "{name}: the tailing consumer diverged from the log (delivered {}, log {})",
+            delivered.len(),
+            ids.len()
+        );
+        assert!(!delivered.is_empty(), "{name}: the tail delivered nothing");
+        for m in log {
             let tick = m.time_tick().0;
             assert!(
                 tick > last_tick,
@@ -221,8 +275,8 @@ async fn a_node_killed_under_load_loses_nothing_and_its_pchannels_serve_again_wi
     assert!(took < Duration::from_secs(10), "moved after {took:?}");
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(load.acked() > before, "producers carried on");
-    let acked = load.finish().await;
-    verify(&c.client().await, &acked).await;
+    let outcome = load.finish().await;
+    verify(&c.client().await, &outcome).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -275,8 +329,8 @@ async fn a_frozen_node_past_its_lease_is_fenced_and_nothing_it_writes_after_is_a
     }
     // The cluster's own clients moved on to the new owners without an error.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let acked = load.finish().await;
-    let payloads = verify(&c.client().await, &acked).await;
+    let outcome = load.finish().await;
+    let payloads = verify(&c.client().await, &outcome).await;
     assert!(
         !payloads.contains("zombie-write"),
         "a write of the fenced node is readable"
@@ -324,8 +378,8 @@ async fn the_leader_coordinator_killed_under_load_is_replaced_and_no_tick_repeat
         .create("after_failover", &schema, 2)
         .await
         .unwrap();
-    let acked = load.finish().await;
-    verify(&client, &acked).await;
+    let outcome = load.finish().await;
+    verify(&client, &outcome).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -364,8 +418,8 @@ async fn a_manual_move_and_a_drain_under_load_cause_no_client_error() {
     client.drain_node(drained).await.unwrap();
     moved_off(&c, drained, &moved, Duration::from_secs(20)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let acked = load.finish().await;
-    verify(&client, &acked).await;
+    let outcome = load.finish().await;
+    verify(&client, &outcome).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -444,6 +498,6 @@ async fn a_node_stopped_with_sigterm_hands_its_pchannels_over_before_it_exits() 
     }
     eprintln!("node {id} drained and exited in {:?}", stopped.elapsed());
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let acked = load.finish().await;
-    verify(&c.client().await, &acked).await;
+    let outcome = load.finish().await;
+    verify(&c.client().await, &outcome).await;
 }
