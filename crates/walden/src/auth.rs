@@ -71,6 +71,16 @@ impl Tokens {
         self.inner.is_some()
     }
 
+    /// The token this process presents to the other processes of its cluster (the first in its
+    /// file: a cluster shares one token file).
+    pub fn own(&self) -> Option<String> {
+        let f = self.inner.as_ref()?;
+        let tokens = f.tokens.read().unwrap_or_else(|e| e.into_inner());
+        tokens
+            .first()
+            .map(|t| String::from_utf8_lossy(t).into_owned())
+    }
+
     /// Reads the file again; on failure the tokens loaded before stay in force.
     pub fn reload(&self) {
         let Some(f) = &self.inner else { return };

@@ -18,23 +18,48 @@ use walden_proto::v1::{
 };
 use walden_tso::{TickServer, TsoError};
 
+/// Adds this process's bearer token, when the cluster uses tokens, to its calls to the others.
+#[derive(Clone, Debug)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl Bearer {
+    pub fn new(token: Option<String>) -> Self {
+        Self(token.and_then(|t| format!("Bearer {t}").parse().ok()))
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+type ClockClient = ClusterClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>,
+>;
+
 /// A node's [`TickServer`]: the leader coordinator, found through etcd and asked again after a
 /// leader change.
 #[derive(Debug)]
 pub struct LeaderClock {
     meta: Arc<dyn MetaStore>,
-    leader: Mutex<Option<(String, ClusterClient<tonic::transport::Channel>)>>,
+    bearer: Bearer,
+    leader: Mutex<Option<(String, ClockClient)>>,
 }
 
 impl LeaderClock {
-    pub fn new(meta: Arc<dyn MetaStore>) -> Self {
+    pub fn new(meta: Arc<dyn MetaStore>, bearer: Bearer) -> Self {
         Self {
             meta,
+            bearer,
             leader: Mutex::new(None),
         }
     }
 
-    async fn client(&self) -> Result<ClusterClient<tonic::transport::Channel>, TsoError> {
+    async fn client(&self) -> Result<ClockClient, TsoError> {
         if let Some((_, c)) = self
             .leader
             .lock()
@@ -53,7 +78,7 @@ impl LeaderClock {
             .connect_timeout(std::time::Duration::from_secs(2))
             .timeout(std::time::Duration::from_secs(5))
             .tcp_nodelay(true);
-        let c = ClusterClient::new(endpoint.connect_lazy());
+        let c = ClusterClient::with_interceptor(endpoint.connect_lazy(), self.bearer.clone());
         *self.leader.lock().unwrap_or_else(|e| e.into_inner()) = Some((leader.address, c.clone()));
         Ok(c)
     }

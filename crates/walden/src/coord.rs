@@ -74,9 +74,15 @@ pub async fn run(config: Config, ready_file: Option<std::path::PathBuf>) -> anyh
         None => None,
     };
     // The catalog appends through the routed client, following this coordinator's own topology.
-    let client = walden_client::Client::connect(&advertise)
-        .await
-        .context("connecting the catalog's client to this coordinator")?;
+    let client = walden_client::Client::connect_with(
+        &advertise,
+        &walden_client::ConnectOptions {
+            token: security.tokens.own(),
+            tls_ca_pem: None,
+        },
+    )
+    .await
+    .context("connecting the catalog's client to this coordinator")?;
     let appender = Arc::new(RoutedAppender {
         client,
         topology: coord.topology().clone(),

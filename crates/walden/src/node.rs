@@ -17,7 +17,7 @@ use walden_tso::BatchedTicks;
 
 use crate::{
     backends,
-    cluster::LeaderClock,
+    cluster::{Bearer, LeaderClock},
     config::{Config, WalStorageKind},
     server::{self, GrpcServer},
     standalone::http_app,
@@ -41,7 +41,10 @@ pub async fn run(config: Config, ready_file: Option<std::path::PathBuf>) -> anyh
     let ms = std::time::Duration::from_millis;
     let c = &config.cluster;
     let ticks = Arc::new(BatchedTicks::new(
-        Arc::new(LeaderClock::new(meta.clone())),
+        Arc::new(LeaderClock::new(
+            meta.clone(),
+            Bearer::new(security.tokens.own()),
+        )),
         c.tick_batch,
         ms(c.tick_batch_max_age_ms),
     ));

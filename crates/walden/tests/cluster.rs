@@ -501,3 +501,58 @@ async fn a_node_stopped_with_sigterm_hands_its_pchannels_over_before_it_exits() 
     let outcome = load.finish().await;
     verify(&c.client().await, &outcome).await;
 }
+
+/// With bearer tokens on, the cluster's own calls (a node's ticks from the leader, the
+/// catalog's appends) carry the cluster's token, and a caller without one is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_bearer_tokens_the_cluster_works_for_callers_with_one_and_refuses_the_rest() {
+    let tokens = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(tokens.path(), "cluster-secret\n").unwrap();
+    let extra = format!(
+        "[server]\nauth_token_file = {:?}\n",
+        tokens.path().display().to_string()
+    );
+    let with = walden_client::ConnectOptions {
+        token: Some("cluster-secret".into()),
+        tls_ca_pem: None,
+    };
+    let c = Cluster::start_with(1, 2, PCHANNELS, &extra, with).await;
+    let client = c.client().await;
+    let r = client
+        .producer("walden-dml-0", ProducerOptions::default())
+        .append(MutableMessage::new(
+            MessageType::Data,
+            "v",
+            Bytes::from("x"),
+        ))
+        .await
+        .unwrap();
+    assert!(r.tick.0 > 0);
+    let schema = walden_schema::Schema::from_json(
+        r#"{"fields":[{"name":"id","type":"int64","primary_key":true},{"name":"v","type":"float_vector","dim":2}]}"#,
+    )
+    .unwrap();
+    client
+        .collections()
+        .create("secured", &schema, 2)
+        .await
+        .unwrap();
+
+    let anonymous = Client::connect(&c.addrs()).await.unwrap();
+    let e = anonymous
+        .producer(
+            "walden-dml-0",
+            ProducerOptions {
+                retry_timeout: Duration::from_secs(1),
+                ..ProducerOptions::default()
+            },
+        )
+        .append(MutableMessage::new(
+            MessageType::Data,
+            "v",
+            Bytes::from("y"),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), ErrorCode::Unauthenticated, "{e}");
+}

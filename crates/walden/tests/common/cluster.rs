@@ -77,6 +77,8 @@ pub struct Cluster {
     pub coords: Vec<Proc>,
     pub nodes: Vec<Proc>,
     pub config: PathBuf,
+    /// How clients reach it (a token, when the config turns tokens on).
+    pub connect: walden_client::ConnectOptions,
     started: usize,
 }
 
@@ -95,6 +97,17 @@ impl Cluster {
     /// Starts etcd, `coords` coordinators and `nodes` nodes, and waits until every pchannel is
     /// served.
     pub async fn start(coords: usize, nodes: usize, pchannels: usize, extra: &str) -> Self {
+        Self::start_with(coords, nodes, pchannels, extra, Default::default()).await
+    }
+
+    /// Like [`Cluster::start`], with clients connecting as `connect` says.
+    pub async fn start_with(
+        coords: usize,
+        nodes: usize,
+        pchannels: usize,
+        extra: &str,
+        connect: walden_client::ConnectOptions,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::create_dir(dir.path().join("store")).expect("store dir");
         let config = dir.path().join("cluster.toml");
@@ -106,6 +119,7 @@ impl Cluster {
             coords: Vec::new(),
             nodes: Vec::new(),
             config,
+            connect,
             started: 0,
         };
         for _ in 0..coords {
@@ -187,7 +201,7 @@ impl Cluster {
     }
 
     pub async fn client(&self) -> Client {
-        Client::connect(&self.addrs())
+        Client::connect_with(&self.addrs(), &self.connect)
             .await
             .expect("connect to the coordinators")
     }
@@ -195,7 +209,7 @@ impl Cluster {
     /// The cluster as a live coordinator sees it.
     pub async fn status(&self) -> Option<ClusterStatusResponse> {
         for c in self.coords.iter().filter(|c| c.child.is_some()) {
-            if let Ok(client) = Client::connect(&c.addr).await
+            if let Ok(client) = Client::connect_with(&c.addr, &self.connect).await
                 && let Ok(s) = client.cluster_status().await
             {
                 return Some(s);
