@@ -150,7 +150,9 @@ enum Command {
         #[arg(long, default_value_t = 64)]
         in_flight: usize,
         /// Seconds to keep retrying through retryable errors (node restarting, channel moving).
-        #[arg(long, default_value_t = 5.0)]
+        /// (30 s, like the client's default: a pchannel whose node died moves within the
+        /// node lease, 10 s by default, plus recovery.)
+        #[arg(long, default_value_t = 30.0)]
         retry_timeout: f64,
         #[command(flatten)]
         conn: cli::ConnArgs,
