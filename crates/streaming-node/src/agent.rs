@@ -178,7 +178,12 @@ impl NodeAgent {
             .remove(&pchannel);
         match result {
             Ok(ch) => {
-                self.report(&pchannel, term, None).await;
+                if !self.report(&pchannel, term, None).await {
+                    // Moved elsewhere while it was opening: the new owner fences the storage
+                    // anyway, but nothing is served here that is not assigned here.
+                    self.manager.remove(&pchannel, Some(Term(term))).await;
+                    return;
+                }
                 // A channel that fails later (storage, fenced) is reported, so it moves.
                 let mut health = ch.health();
                 drop(ch);
@@ -211,13 +216,13 @@ impl NodeAgent {
     }
 
     /// Confirms (`failure` None) or fails an assignment, if the record still gives `pchannel`
-    /// to this node under `term`.
-    async fn report(&self, pchannel: &str, term: u64, failure: Option<String>) {
+    /// to this node under `term`; returns whether it does.
+    async fn report(&self, pchannel: &str, term: u64, failure: Option<String>) -> bool {
         let key = keys::assignment(pchannel);
         for _ in 0..20 {
             let kv = match self.meta.get(&key).await {
                 Ok(Some(kv)) => kv,
-                Ok(None) => return,
+                Ok(None) => return false,
                 Err(e) => {
                     warn!(pchannel, error = %e, "reading the assignment failed; retrying");
                     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -225,13 +230,13 @@ impl NodeAgent {
                 }
             };
             let Ok(mut r) = PChannelAssignment::decode(kv.value.as_ref()) else {
-                return;
+                return false;
             };
             if r.term != term || r.node_id != self.id() {
-                return; // superseded meanwhile: nothing to confirm
+                return false; // superseded meanwhile: nothing to confirm
             }
             match &failure {
-                None if r.state() == AssignmentState::Assigned => return,
+                None if r.state() == AssignmentState::Assigned => return true,
                 None => {
                     r.state = AssignmentState::Assigned as i32;
                     r.failures = 0;
@@ -257,7 +262,7 @@ impl NodeAgent {
                 })
                 .await;
             match resp {
-                Ok(t) if t.succeeded => return,
+                Ok(t) if t.succeeded => return true,
                 Ok(_) => {} // changed meanwhile: look again
                 Err(e) => {
                     warn!(pchannel, error = %e, "reporting the assignment failed; retrying");
@@ -265,6 +270,9 @@ impl NodeAgent {
                 }
             }
         }
+        // etcd unreachable all along: keep serving; the coordinator times the assignment out
+        // and the next record says what to do.
+        true
     }
 }
 
