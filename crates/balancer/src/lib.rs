@@ -233,6 +233,12 @@ impl ClusterCoord {
         }
     }
 
+    /// The comparison every write of this leadership must carry (`None` unless leading): wrap
+    /// the store in [`walden_metastore_api::Fenced`] with it.
+    pub fn fence(&self) -> Option<walden_metastore_api::Compare> {
+        self.leader_state().map(|l| l.balancer.leadership().fence())
+    }
+
     /// Gives up leadership (on shutdown): the lease goes, so a standby leads at once instead
     /// of after the TTL.
     pub async fn resign(&self) {

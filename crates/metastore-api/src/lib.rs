@@ -12,6 +12,7 @@
 //! * A watch sees every change under its prefix made after it was created, in revision order.
 //! * A key put with a lease is deleted when the lease expires or is revoked.
 
+mod fenced;
 pub mod keys;
 mod memory;
 
@@ -26,6 +27,7 @@ use thiserror::Error;
 use tokio::sync::mpsc;
 use walden_common::{ErrorCode, HasErrorCode};
 
+pub use fenced::Fenced;
 pub use memory::{MemoryMetaStore, Mutation, Persistence, Snapshot};
 
 /// A store-wide revision number. Revisions start at 1.
@@ -149,6 +151,9 @@ pub enum MetaError {
     Corrupted(String),
     #[error("invalid metastore request: {0}")]
     InvalidArgument(String),
+    /// A fenced write whose fence no longer holds: a newer leader wrote `{0}`.
+    #[error("write refused: the fence on {0} no longer holds (this writer was superseded)")]
+    FenceLost(String),
 }
 
 impl HasErrorCode for MetaError {
@@ -157,6 +162,7 @@ impl HasErrorCode for MetaError {
             Self::Unavailable { .. } => ErrorCode::StorageUnavailable,
             Self::LeaseNotFound(_) | Self::InvalidArgument(_) => ErrorCode::InvalidArgument,
             Self::Corrupted(_) => ErrorCode::Corrupted,
+            Self::FenceLost(_) => ErrorCode::NotLeader,
         }
     }
 }

@@ -227,19 +227,22 @@ impl Collections for LeaderCatalog {
 }
 
 /// Runs the catalog while this coordinator leads: started (finishing any DDL task the last
-/// leader left) on each leadership, dropped when it ends.
+/// leader left) on each leadership, dropped when it ends. Its writes carry the leadership's
+/// fence, so a deposed leader's catalog cannot change a record.
 pub async fn run_catalog(
-    mut leading: watch::Receiver<Option<u64>>,
+    coord: Arc<walden_balancer::ClusterCoord>,
     meta: Arc<dyn MetaStore>,
     appender: Arc<RoutedAppender>,
     catalog: watch::Sender<Option<Arc<Coordinator>>>,
 ) {
+    let mut leading = coord.leading();
     loop {
         let epoch = *leading.borrow_and_update();
-        match epoch {
-            Some(epoch) => {
-                // The topology must list the pchannels before shards can be placed on them.
-                let start = Coordinator::start(meta.clone(), appender.clone() as Arc<dyn Appender>);
+        match (epoch, coord.fence()) {
+            (Some(epoch), Some(fence)) => {
+                let fenced: Arc<dyn MetaStore> =
+                    Arc::new(walden_metastore_api::Fenced::new(meta.clone(), fence));
+                let start = Coordinator::start(fenced, appender.clone() as Arc<dyn Appender>);
                 tokio::select! {
                     r = start => match r {
                         Ok(c) => {
@@ -255,7 +258,7 @@ pub async fn run_catalog(
                     _ = leading.changed() => continue,
                 }
             }
-            None => {
+            _ => {
                 catalog.send_replace(None);
             }
         }

@@ -87,7 +87,7 @@ pub async fn run(config: Config, ready_file: Option<std::path::PathBuf>) -> anyh
         client,
         topology: coord.topology().clone(),
     });
-    tokio::spawn(run_catalog(coord.leading(), meta, appender, catalog_tx));
+    tokio::spawn(run_catalog(coord.clone(), meta, appender, catalog_tx));
     info!(%addr, advertise, "walden coord ready");
     if let Some(path) = &ready_file {
         server::write_ready_file(path, addr, http_addr, serde_json::json!({}))?;
