@@ -3,10 +3,9 @@
 
 use std::{pin::Pin, sync::Arc};
 
-use prost::Message as _;
 use tokio_stream::{Stream, StreamExt, wrappers::BroadcastStream};
 use tonic::{Request, Response, Status};
-use walden_common::{ErrorCode, HasErrorCode, TimeTick};
+use walden_common::TimeTick;
 use walden_proto::v1::{
     self as pb, AllocateTicksRequest, AllocateTicksResponse, AssignmentUpdate, ClusterAck,
     ClusterStatusRequest, ClusterStatusResponse, DrainNodeRequest, MovePChannelRequest,
@@ -33,20 +32,7 @@ impl ClusterService {
 
 /// The gRPC status for an error: a coarse gRPC code, and the typed error in the details.
 pub fn to_status(e: &BalanceError) -> Status {
-    let code = e.code();
-    let grpc = match code {
-        ErrorCode::InvalidArgument => tonic::Code::InvalidArgument,
-        ErrorCode::ChannelNotFound => tonic::Code::NotFound,
-        c if c.is_retryable() => tonic::Code::Unavailable,
-        _ => tonic::Code::Internal,
-    };
-    let message = walden_common::truncate_message(e.to_string(), 2048);
-    let detail = pb::Error {
-        code: code.as_u32(),
-        message: message.clone(),
-        retryable: code.is_retryable(),
-    };
-    Status::with_details(grpc, message, detail.encode_to_vec().into())
+    walden_proto::status::of(e)
 }
 
 type UpdateStream = Pin<Box<dyn Stream<Item = Result<AssignmentUpdate, Status>> + Send>>;

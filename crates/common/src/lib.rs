@@ -52,15 +52,18 @@ pub fn quote_short(s: &str) -> String {
     }
 }
 
-/// Cuts an error text to at most `max` bytes (at a character boundary), saying so.
+/// Cuts an error text to at most `max` bytes (at a character boundary; `max` should exceed the
+/// 9-byte marker), saying so.
 pub fn truncate_message(mut s: String, max: usize) -> String {
+    const CUT: &str = "... (cut)";
     if s.len() > max {
-        let mut cut = max;
+        // The marker counts toward `max` too.
+        let mut cut = max.saturating_sub(CUT.len());
         while !s.is_char_boundary(cut) {
             cut -= 1;
         }
         s.truncate(cut);
-        s.push_str("... (cut)");
+        s.push_str(CUT);
     }
     s
 }
@@ -136,6 +139,10 @@ mod tests {
         assert!(e.contains("100000 bytes"), "{e}");
         let e = validate_channel_name(&format!("{name}/")).unwrap_err();
         assert!(e.len() < 200, "{} bytes", e.len());
-        assert_eq!(truncate_message("é".repeat(10), 5), "éé... (cut)");
+        // At most `max` bytes, the marker included, cut at a character boundary.
+        let cut = truncate_message("é".repeat(10), 14);
+        assert_eq!(cut, "éé... (cut)");
+        assert!(cut.len() <= 14);
+        assert_eq!(truncate_message("short".into(), 14), "short");
     }
 }

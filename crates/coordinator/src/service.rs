@@ -3,9 +3,7 @@
 
 use std::sync::Arc;
 
-use prost::Message as _;
 use tonic::{Request, Response, Status};
-use walden_common::{ErrorCode, HasErrorCode};
 use walden_proto::v1::{
     self as pb, CollectionInfo, CollectionName, CreateCollectionRequest, DdlResponse,
     ListCollectionsRequest, ListCollectionsResponse, PartitionRequest,
@@ -30,28 +28,9 @@ impl CollectionService {
     }
 }
 
-/// Longest error text sent back.
-const MAX_ERROR_MESSAGE: usize = 2048;
-
 /// The gRPC status for an error: a coarse gRPC code, and the typed error in the details.
 pub fn to_status(e: &CoordError) -> Status {
-    let code = e.code();
-    let grpc = match code {
-        ErrorCode::CollectionNotFound | ErrorCode::PartitionNotFound => tonic::Code::NotFound,
-        ErrorCode::CollectionExists | ErrorCode::PartitionExists => tonic::Code::AlreadyExists,
-        ErrorCode::InvalidArgument | ErrorCode::SchemaMismatch => tonic::Code::InvalidArgument,
-        ErrorCode::ResourceExhausted => tonic::Code::Unavailable,
-        c if c.is_retryable() => tonic::Code::Unavailable,
-        _ => tonic::Code::Internal,
-    };
-    // Bounded: the text travels twice in HTTP/2 headers (grpc-message and the details).
-    let message = walden_common::truncate_message(e.to_string(), MAX_ERROR_MESSAGE);
-    let detail = pb::Error {
-        code: code.as_u32(),
-        message: message.clone(),
-        retryable: code.is_retryable(),
-    };
-    Status::with_details(grpc, message, detail.encode_to_vec().into())
+    walden_proto::status::of(e)
 }
 
 fn ddl(r: Result<DdlResult, CoordError>) -> Result<Response<DdlResponse>, Status> {

@@ -2,6 +2,7 @@
 #![allow(missing_docs, clippy::all, missing_debug_implementations)]
 
 pub mod codec;
+pub mod status;
 
 pub mod v1 {
     tonic::include_proto!("walden.v1");

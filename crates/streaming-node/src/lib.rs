@@ -121,11 +121,6 @@ impl HasErrorCode for NodeError {
 impl NodeError {
     /// The wire form.
     pub fn to_proto(&self) -> walden_proto::v1::Error {
-        let code = self.code();
-        walden_proto::v1::Error {
-            code: code.as_u32(),
-            message: self.to_string(),
-            retryable: code.is_retryable(),
-        }
+        walden_proto::status::error(self.code(), self.to_string())
     }
 }

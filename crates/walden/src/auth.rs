@@ -143,18 +143,9 @@ impl Tokens {
 /// The refusal of a call without a valid token: gRPC `UNAUTHENTICATED` with Walden's typed
 /// error (code 21) in its details, like every other typed refusal.
 pub fn unauthenticated() -> tonic::Status {
-    use prost::Message as _;
-    let code = walden_common::ErrorCode::Unauthenticated;
-    let message = "a valid bearer token is required (authorization: Bearer TOKEN)";
-    let detail = walden_proto::v1::Error {
-        code: code.as_u32(),
-        message: message.into(),
-        retryable: false,
-    };
-    tonic::Status::with_details(
-        tonic::Code::Unauthenticated,
-        message,
-        detail.encode_to_vec().into(),
+    walden_proto::status::status(
+        walden_common::ErrorCode::Unauthenticated,
+        "a valid bearer token is required (authorization: Bearer TOKEN)".into(),
     )
 }
 
