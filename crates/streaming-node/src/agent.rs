@@ -23,7 +23,11 @@ use walden_metastore_api::{
 };
 use walden_proto::v1::{AssignmentState, NodeInfo, PChannelAssignment};
 
-use crate::{NodeError, channel::Health, manager::WalManager};
+use crate::{
+    NodeError,
+    channel::{Channel, Health},
+    manager::WalManager,
+};
 
 /// How a node joins a cluster.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -40,6 +44,7 @@ pub struct AgentConfig {
 struct Registration {
     id: u64,
     lease: LeaseId,
+    started_ms: u64,
 }
 
 /// The node's side of the cluster.
@@ -65,7 +70,7 @@ impl NodeAgent {
         meta: Arc<dyn MetaStore>,
         config: AgentConfig,
     ) -> Result<Arc<Self>, NodeError> {
-        let reg = register(&*meta, &config, false).await?;
+        let reg = register(&*meta, &config).await?;
         info!(
             node = reg.id,
             address = config.address,
@@ -95,7 +100,7 @@ impl NodeAgent {
         self.draining
             .store(true, std::sync::atomic::Ordering::SeqCst);
         let reg = *self.reg.borrow();
-        let info = self.info(reg.id, true);
+        let info = node_info(&self.config, &reg, true);
         if let Err(e) = self
             .meta
             .put(
@@ -136,10 +141,6 @@ impl NodeAgent {
                 .max(self.manager.channels().len()),
             Err(_) => self.manager.channels().len(),
         }
-    }
-
-    fn info(&self, id: u64, draining: bool) -> NodeInfo {
-        node_info(&self.config, id, draining)
     }
 
     /// Acts on one record.
@@ -185,21 +186,13 @@ impl NodeAgent {
                     return;
                 }
                 // A channel that fails later (storage, fenced) is reported, so it moves.
-                let mut health = ch.health();
+                let health = ch.health();
                 drop(ch);
                 let agent = Arc::downgrade(&self);
                 tokio::spawn(async move {
-                    let why = loop {
-                        let state = health.borrow_and_update().clone();
-                        match state {
-                            Health::Serving => {
-                                if health.changed().await.is_err() {
-                                    return;
-                                }
-                            }
-                            Health::Closed => return,
-                            Health::Failed(why) | Health::Fenced(why) => break why,
-                        }
+                    let why = match Channel::until_unhealthy(health).await {
+                        Some(Health::Failed(why) | Health::Fenced(why)) => why,
+                        _ => return,
                     };
                     if let Some(a) = agent.upgrade() {
                         warn!(pchannel, term, reason = %why, "pchannel failed; reporting it");
@@ -276,31 +269,30 @@ impl NodeAgent {
     }
 }
 
-fn node_info(config: &AgentConfig, id: u64, draining: bool) -> NodeInfo {
+fn node_info(config: &AgentConfig, reg: &Registration, draining: bool) -> NodeInfo {
     NodeInfo {
-        id,
+        id: reg.id,
         address: config.address.clone(),
         http_address: config.http_address.clone(),
         draining,
-        started_ms: now_ms(),
+        started_ms: reg.started_ms,
     }
 }
 
-async fn register(
-    meta: &dyn MetaStore,
-    config: &AgentConfig,
-    draining: bool,
-) -> Result<Registration, MetaError> {
-    let id = increment(meta, keys::NODE_NEXT_ID).await?;
-    let lease = meta.grant_lease(config.lease_ttl).await?;
-    let info = node_info(config, id, draining);
+async fn register(meta: &dyn MetaStore, config: &AgentConfig) -> Result<Registration, MetaError> {
+    let reg = Registration {
+        id: increment(meta, keys::NODE_NEXT_ID).await?,
+        lease: meta.grant_lease(config.lease_ttl).await?,
+        started_ms: now_ms(),
+    };
+    let info = node_info(config, &reg, false);
     meta.put(
-        &keys::node(id),
+        &keys::node(reg.id),
         Bytes::from(info.encode_to_vec()),
-        Some(lease),
+        Some(reg.lease),
     )
     .await?;
-    Ok(Registration { id, lease })
+    Ok(reg)
 }
 
 /// Keeps the lease alive at a third of its TTL. A lost lease means the coordinator is moving
@@ -341,7 +333,7 @@ async fn keep_registered(agent: Weak<NodeAgent>) {
             a.manager.remove(ch.name(), None).await;
         }
         loop {
-            match register(&*a.meta, &a.config, false).await {
+            match register(&*a.meta, &a.config).await {
                 Ok(r) => {
                     info!(node = r.id, "registered again");
                     a.reg.send_replace(r);

@@ -12,7 +12,11 @@ use tracing::{error, info, warn};
 use walden_common::Term;
 use walden_metastore_api::{MetaStore, increment, keys};
 
-use crate::{NodeError, channel::Health, manager::WalManager};
+use crate::{
+    NodeError,
+    channel::{Channel, Health},
+    manager::WalManager,
+};
 
 /// The next term of `pchannel`, persisted before it is used.
 pub async fn next_term(meta: &dyn MetaStore, pchannel: &str) -> Result<Term, NodeError> {
@@ -92,27 +96,19 @@ async fn supervise(
             let Some(ch) = manager.upgrade().and_then(|m| m.get(&name, 0).ok()) else {
                 return;
             };
-            let mut health = ch.health();
+            let health = ch.health();
             let term = ch.term();
             drop(ch);
-            let why = loop {
-                let state = health.borrow_and_update().clone();
-                match state {
-                    Health::Serving => {
-                        if health.changed().await.is_err() {
-                            return;
-                        }
-                    }
-                    Health::Closed => return,
-                    Health::Failed(why) => break why,
-                    // Reopening would take the log back from its new owner, who would take it
-                    // back in turn: the pchannel stays down here (state `fenced`) until an
-                    // operator decides.
-                    Health::Fenced(why) => {
-                        error!(pchannel = %name, reason = %why, "pchannel taken over by another writer; not reopening");
-                        return;
-                    }
+            let why = match Channel::until_unhealthy(health).await {
+                Some(Health::Failed(why)) => why,
+                // Reopening would take the log back from its new owner, who would take it back
+                // in turn: the pchannel stays down here (state `fenced`) until an operator
+                // decides.
+                Some(Health::Fenced(why)) => {
+                    error!(pchannel = %name, reason = %why, "pchannel taken over by another writer; not reopening");
+                    return;
                 }
+                _ => return,
             };
             warn!(pchannel = %name, reason = %why, "reopening the pchannel");
             if let Some(m) = manager.upgrade() {

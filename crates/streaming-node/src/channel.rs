@@ -285,6 +285,20 @@ impl Channel {
         self.health.subscribe()
     }
 
+    /// Waits until the channel behind `health` stops serving: `Some` with the failure
+    /// ([`Health::Failed`] or [`Health::Fenced`]), `None` once it closed or is gone. Takes the
+    /// receiver, not the channel, so the waiter does not keep the channel alive.
+    pub async fn until_unhealthy(mut health: watch::Receiver<Health>) -> Option<Health> {
+        loop {
+            let state = health.borrow_and_update().clone();
+            match state {
+                Health::Serving => health.changed().await.ok()?,
+                Health::Closed => return None,
+                failed => return Some(failed),
+            }
+        }
+    }
+
     pub fn set_recovery_time(&self, d: Duration) {
         self.recovery.lock().unwrap_or_else(|e| e.into_inner()).took = d;
     }
