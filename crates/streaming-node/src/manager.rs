@@ -37,6 +37,8 @@ pub struct WalManager {
     /// One open or close at a time per pchannel.
     opening: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     shutting_down: std::sync::atomic::AtomicBool,
+    /// Bumped whenever the served set or a pchannel's open failure changes.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl WalManager {
@@ -59,6 +61,7 @@ impl WalManager {
             unopened: RwLock::new(HashMap::new()),
             opening: std::sync::Mutex::new(HashMap::new()),
             shutting_down: std::sync::atomic::AtomicBool::new(false),
+            changes: tokio::sync::watch::channel(0).0,
         }))
     }
 
@@ -82,14 +85,24 @@ impl WalManager {
 
     pub(crate) fn set_unopened(&self, pchannel: &str, why: Option<String>) {
         let mut u = self.unopened.write().unwrap_or_else(|e| e.into_inner());
-        match why {
-            Some(w) => {
-                u.insert(pchannel.to_owned(), w);
-            }
-            None => {
-                u.remove(pchannel);
-            }
+        let changed = match why {
+            Some(w) => u.insert(pchannel.to_owned(), w).is_none(),
+            None => u.remove(pchannel).is_some(),
+        };
+        drop(u);
+        if changed {
+            self.changed();
         }
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    /// Resolves at each change of what this node serves (a pchannel opened, closed, or failed
+    /// to open), so a watcher need not poll [`WalManager::statuses`].
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// Every pchannel's status, those that could not be opened included (state `failed`).
@@ -207,6 +220,8 @@ impl WalManager {
         let mut map = self.channels.write().unwrap_or_else(|e| e.into_inner());
         if map.get(name).is_some_and(|c| Arc::ptr_eq(c, ch)) {
             map.remove(name);
+            drop(map);
+            self.changed();
         }
     }
 
@@ -267,6 +282,7 @@ impl WalManager {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(name.to_owned(), channel.clone());
+        self.changed();
     }
 
     pub fn config(&self) -> &NodeConfig {
@@ -329,6 +345,7 @@ impl WalManager {
             .drain()
             .map(|(_, c)| c)
             .collect();
+        self.changed();
         futures::future::join_all(channels.iter().map(|c| c.close_on_shutdown())).await;
     }
 }

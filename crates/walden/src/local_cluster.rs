@@ -1,9 +1,9 @@
 //! Standalone's `Cluster` service: the topology of a one-node cluster, so that clients route
 //! the same way against standalone as against a cluster. Every pchannel is on this node (an
 //! empty `node_address` means "the address you connected to"); the snapshot is sent again
-//! whenever a term or state changes. Moves, drains and the cluster clock need a cluster.
+//! whenever the node's served set changes. Moves, drains and the cluster clock need a cluster.
 
-use std::{pin::Pin, sync::Arc, time::Duration};
+use std::{pin::Pin, sync::Arc};
 
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -68,10 +68,14 @@ impl Cluster for LocalCluster {
         _req: Request<WatchAssignmentsRequest>,
     ) -> Result<Response<Self::WatchAssignmentsStream>, Status> {
         let this = self.clone();
+        let changes = self.manager.changes();
+        // A snapshot at the start and after every change of what the node serves (a term
+        // raised by a reopen is an open); nothing is polled.
         let stream = futures::stream::unfold(
-            (this, Vec::<PChannelAssignment>::new(), 0u64),
-            |(this, last, version)| async move {
+            (this, changes, Vec::<PChannelAssignment>::new(), 0u64),
+            |(this, mut changes, last, version)| async move {
                 loop {
+                    changes.borrow_and_update();
                     let now = this.assignments();
                     if version == 0 || now != last {
                         // Versions rise across restarts too (a client keeps the highest it saw).
@@ -82,9 +86,9 @@ impl Cluster for LocalCluster {
                             assignments: now.clone(),
                             removed: Vec::new(),
                         };
-                        return Some((Ok(update), (this, now, version)));
+                        return Some((Ok(update), (this, changes, now, version)));
                     }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    changes.changed().await.ok()?;
                 }
             },
         );

@@ -10,6 +10,7 @@ mod coord;
 mod listener;
 mod local_cluster;
 mod node;
+mod node_http;
 mod server;
 mod standalone;
 mod tls;

@@ -19,8 +19,8 @@ use crate::{
     backends,
     cluster::{Bearer, LeaderClock},
     config::{Config, WalStorageKind},
+    node_http,
     server::{self, GrpcServer},
-    standalone::http_app,
 };
 
 pub async fn run(config: Config, ready_file: Option<std::path::PathBuf>) -> anyhow::Result<()> {
@@ -56,18 +56,7 @@ pub async fn run(config: Config, ready_file: Option<std::path::PathBuf>) -> anyh
         metrics.clone(),
     )
     .context("starting the WAL manager")?;
-    let http_addr = match bound.http {
-        Some(http) => {
-            let app = http_app(
-                manager.clone(),
-                metrics.clone(),
-                security.tokens.clone(),
-                config.server.public_healthz,
-            );
-            Some(server::spawn_http(http, app, &security)?)
-        }
-        None => None,
-    };
+    let http_addr = node_http::spawn(bound.http, &manager, &metrics, &security, &config.server)?;
     let routes = tonic::service::Routes::new(
         NodeService::new(manager.clone(), format!("node@{advertise}")).into_server(),
     );

@@ -4,7 +4,6 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use axum::{Router, http::StatusCode, routing::get};
 use tracing::info;
 use walden_common::HasErrorCode;
 use walden_coordinator::{AppendError, Appender, Coordinator, service::CollectionService};
@@ -16,9 +15,10 @@ use walden_streaming_node::{
 use walden_wal_local::Reserve;
 
 use crate::{
-    auth, backends,
+    backends,
     config::Config,
     local_cluster::LocalCluster,
+    node_http,
     server::{self, GrpcServer},
 };
 
@@ -95,18 +95,7 @@ pub async fn run(config: Config, ready_file: Option<std::path::PathBuf>) -> anyh
     .context("starting the coordinator")?;
     reserve.ensure();
 
-    let http_addr = match bound.http {
-        Some(http) => {
-            let app = http_app(
-                manager.clone(),
-                metrics.clone(),
-                security.tokens.clone(),
-                config.server.public_healthz,
-            );
-            Some(server::spawn_http(http, app, &security)?)
-        }
-        None => None,
-    };
+    let http_addr = node_http::spawn(bound.http, &manager, &metrics, &security, &config.server)?;
     let node_id = format!("standalone@{addr}");
     let routes =
         tonic::service::Routes::new(NodeService::new(manager.clone(), node_id).into_server())
@@ -139,74 +128,6 @@ pub async fn run(config: Config, ready_file: Option<std::path::PathBuf>) -> anyh
     info!("closing pchannels");
     manager.shutdown().await;
     Ok(())
-}
-
-/// `/metrics` and `/healthz`; with tokens on, both need one (`/healthz` not with
-/// `public_healthz`), else 401.
-pub fn http_app(
-    manager: Arc<WalManager>,
-    metrics: Metrics,
-    tokens: auth::Tokens,
-    public_healthz: bool,
-) -> Router {
-    use axum::http::{HeaderMap, header::AUTHORIZATION};
-    let allowed = move |headers: &HeaderMap, public: bool| {
-        public || tokens.accepts(headers.get(AUTHORIZATION).map(|v| v.as_bytes()))
-    };
-    let denied = || {
-        (
-            StatusCode::UNAUTHORIZED,
-            "a valid bearer token is required\n".to_owned(),
-        )
-    };
-    let m2 = manager.clone();
-    let a2 = allowed.clone();
-    Router::new()
-        .route(
-            "/metrics",
-            get(move |headers: HeaderMap| {
-                let manager = manager.clone();
-                let metrics = metrics.clone();
-                async move {
-                    if !allowed(&headers, false) {
-                        return denied();
-                    }
-                    manager.refresh_metrics();
-                    (StatusCode::OK, metrics.render())
-                }
-            }),
-        )
-        .route(
-            "/healthz",
-            get(move |headers: HeaderMap| {
-                let manager = m2.clone();
-                async move {
-                    if !a2(&headers, public_healthz) {
-                        return denied();
-                    }
-                    health(&manager)
-                }
-            }),
-        )
-}
-
-/// 200 when every pchannel serves reads and writes; else 503 with each one that does not
-/// (failed, read-only, corrupted), and why.
-pub fn health(manager: &WalManager) -> (StatusCode, String) {
-    let all = manager.statuses();
-    let bad: Vec<String> = all
-        .iter()
-        .filter(|p| p.state != "serving")
-        .map(|p| format!("{} {}: {}", p.name, p.state, p.state_detail))
-        .collect();
-    if all.is_empty() || !bad.is_empty() {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not serving: {}\n", bad.join("; ")),
-        )
-    } else {
-        (StatusCode::OK, format!("ok: {} pchannels\n", all.len()))
-    }
 }
 
 #[cfg(test)]

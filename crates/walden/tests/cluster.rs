@@ -18,7 +18,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use common::cluster::{Cluster, read_all};
+use common::{cluster::Cluster, read_to_end};
 use walden_client::{Client, ProducerOptions};
 use walden_common::{ErrorCode, HasErrorCode, MessageId};
 use walden_message::{MessageType, MutableMessage};
@@ -168,7 +168,7 @@ async fn verify(client: &Client, outcome: &Outcome) -> HashSet<String> {
         let name = pchannel(pc);
         let mut last_tick = 0;
         let mut last_seq: HashMap<usize, u64> = HashMap::new();
-        let log = read_all(client, &name).await;
+        let log = read_to_end(client, &name).await;
         // The tail that followed the pchannel through every move delivered exactly the log's
         // beginning: nothing skipped, nothing twice, same order.
         let delivered = &outcome.tailed[pc];
@@ -441,7 +441,7 @@ async fn nodes_started_before_the_coordinator_and_an_etcd_restart_converge() {
         ))
         .await
         .unwrap();
-    let read = read_all(&client, "walden-dml-1").await;
+    let read = read_to_end(&client, "walden-dml-1").await;
     assert!(
         read.iter()
             .any(|m| m.id == r.id && m.payload == "after-restart")

@@ -247,30 +247,3 @@ impl Cluster {
             .expect("node with that id")
     }
 }
-
-/// Every message of `pchannel` through the last one its owner reports now, in order.
-pub async fn read_all(client: &Client, pchannel: &str) -> Vec<walden_message::ImmutableMessage> {
-    let last = client
-        .status_of(pchannel)
-        .await
-        .unwrap()
-        .pchannels
-        .into_iter()
-        .find(|p| p.name == pchannel)
-        .unwrap_or_else(|| panic!("{pchannel} is not served"))
-        .last_message_id;
-    let mut consumer = client.consumer(pchannel, walden_client::ConsumerOptions::default());
-    let mut out = Vec::new();
-    loop {
-        let m = tokio::time::timeout(Duration::from_secs(20), consumer.next())
-            .await
-            .unwrap_or_else(|_| panic!("{pchannel}: no message within 20 s"))
-            .expect("consumer open")
-            .expect("message");
-        let done = m.id.0 >= last;
-        out.push(m);
-        if done {
-            return out;
-        }
-    }
-}

@@ -227,11 +227,11 @@ pub fn metric(body: &str, prefix: &str) -> f64 {
         .sum()
 }
 
-/// Every message of `pchannel` from the first through the last one the node reports in its
-/// status now, in delivery order.
+/// Every message of `pchannel` from the first through the last one its owner (a standalone
+/// server, or a cluster node) reports in its status now, in delivery order.
 pub async fn read_to_end(client: &Client, pchannel: &str) -> Vec<walden_message::ImmutableMessage> {
     let last = client
-        .status()
+        .status_of(pchannel)
         .await
         .unwrap()
         .pchannels
