@@ -60,41 +60,35 @@ pub fn plan(nodes: &[NodeView], pchannels: &[PChannelView], max_moves: usize) ->
             .map(|(id, _)| *id)
     };
     let mut out = Vec::new();
-    // 1. Pchannels without a live owner, heaviest first (they are the hardest to fit later).
-    let mut orphans: Vec<&PChannelView> = pchannels
+    // Places each of `group` (heaviest first: the hardest to fit later) on the least loaded
+    // node; false once the move bound is reached.
+    let mut place = |mut group: Vec<&PChannelView>, planned: bool, out: &mut Vec<Placement>| {
+        group.sort_by(|a, b| b.weight.cmp(&a.weight).then_with(|| a.name.cmp(&b.name)));
+        for p in group {
+            if out.len() >= max_moves {
+                return false;
+            }
+            let Some(to) = least(&load) else { break };
+            *load.entry(to).or_default() += p.weight;
+            out.push(Placement {
+                pchannel: p.name.clone(),
+                node: to,
+                planned,
+            });
+        }
+        true
+    };
+    // 1. Pchannels without a live owner; 2. pchannels on draining nodes.
+    let orphans = pchannels
         .iter()
         .filter(|p| p.needs_node || p.node.is_none())
         .collect();
-    orphans.sort_by(|a, b| b.weight.cmp(&a.weight).then_with(|| a.name.cmp(&b.name)));
-    for p in orphans {
-        if out.len() >= max_moves {
-            return out;
-        }
-        let Some(to) = least(&load) else { break };
-        *load.entry(to).or_default() += p.weight;
-        out.push(Placement {
-            pchannel: p.name.clone(),
-            node: to,
-            planned: false,
-        });
-    }
-    // 2. Pchannels on draining nodes.
-    let mut leaving: Vec<&PChannelView> = pchannels
+    let leaving = pchannels
         .iter()
         .filter(|p| p.movable && !p.needs_node && p.node.is_some_and(|n| draining.contains(&n)))
         .collect();
-    leaving.sort_by(|a, b| b.weight.cmp(&a.weight).then_with(|| a.name.cmp(&b.name)));
-    for p in leaving {
-        if out.len() >= max_moves {
-            return out;
-        }
-        let Some(to) = least(&load) else { break };
-        *load.entry(to).or_default() += p.weight;
-        out.push(Placement {
-            pchannel: p.name.clone(),
-            node: to,
-            planned: true,
-        });
+    if !place(orphans, false, &mut out) || !place(leaving, true, &mut out) {
+        return out;
     }
     // 3. Balance: the lightest pchannel of the most loaded node moves to the least loaded one
     //    while that narrows the gap (load(from) - load(to) > weight).
