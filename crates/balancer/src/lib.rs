@@ -26,7 +26,7 @@ use tracing::warn;
 use walden_common::{ErrorCode, HasErrorCode, TimeTick};
 use walden_metastore_api::{MetaError, MetaStore};
 use walden_proto::v1::{ClusterNodeStatus, ClusterStatusResponse, CoordinatorInfo};
-use walden_tso::{Exhausted, LocalTicks, Oracle, TsoError};
+use walden_tso::{LocalTicks, Oracle, TsoError};
 
 pub use balance::{Balancer, BalancerConfig};
 pub use topology::Topology;
@@ -210,13 +210,7 @@ impl ClusterCoord {
         let Some(l) = self.leader_state() else {
             return Err(self.not_leader().await);
         };
-        let oracle = l.ticks.oracle();
-        loop {
-            match oracle.allocate_batch(count, above) {
-                Ok((first, _)) => return Ok(first),
-                Err(Exhausted) => oracle.extend().await?,
-            }
-        }
+        Ok(walden_tso::TickServer::allocate(&**l.ticks.oracle(), count, above).await?)
     }
 
     pub async fn move_pchannel(&self, pchannel: &str, to: u64) -> Result<String, BalanceError> {

@@ -5,35 +5,27 @@
 
 use std::{sync::Arc, time::Duration};
 
-use async_trait::async_trait;
 use bytes::Bytes;
 use walden_common::{ErrorCode, HasErrorCode, Term, TimeTick};
 use walden_message::{MessageType, MutableMessage};
 use walden_metastore_api::{MemoryMetaStore, MetaStore};
 use walden_streaming_node::{NodeConfig, NodeError, manager::WalManager, metrics::Metrics};
-use walden_tso::{BatchedTicks, Exhausted, Oracle, TickServer, TsoError};
+use walden_tso::{BatchedTicks, Oracle};
 use walden_wal_api::{WalStorage, memory::MemoryWalStorage};
 
-/// The coordinator's oracle, in-process.
-#[derive(Debug)]
-struct Coordinator(Oracle);
-
-#[async_trait]
-impl TickServer for Coordinator {
-    async fn allocate(&self, count: u32, above: TimeTick) -> Result<TimeTick, TsoError> {
-        loop {
-            match self.0.allocate_batch(count, above) {
-                Ok((first, _)) => return Ok(first),
-                Err(Exhausted) => self.0.extend().await?,
-            }
-        }
-    }
+/// The coordinator's oracle, in-process (it serves batches itself).
+async fn oracle(meta: &MemoryMetaStore) -> Arc<Oracle> {
+    Arc::new(
+        Oracle::open(Arc::new(meta.clone()), Duration::from_secs(3))
+            .await
+            .unwrap(),
+    )
 }
 
 fn node(
     storage: &MemoryWalStorage,
     meta: &MemoryMetaStore,
-    oracle: &Arc<Coordinator>,
+    oracle: &Arc<Oracle>,
 ) -> Arc<WalManager> {
     // A large batch held for long: the case where a node's batch is older than another's log.
     let ticks = Arc::new(BatchedTicks::new(
@@ -62,11 +54,7 @@ fn insert(i: usize) -> MutableMessage {
 async fn a_moved_pchannel_fences_its_old_owner_and_ticks_keep_rising_on_the_new_one() {
     let storage = MemoryWalStorage::new();
     let meta = MemoryMetaStore::new();
-    let oracle = Arc::new(Coordinator(
-        Oracle::open(Arc::new(meta.clone()), Duration::from_secs(3))
-            .await
-            .unwrap(),
-    ));
+    let oracle = oracle(&meta).await;
     let a = node(&storage, &meta, &oracle);
     let b = node(&storage, &meta, &oracle);
     // b takes its batch first, so a's batch is above it; the pchannel then moves from a to b.
@@ -102,11 +90,7 @@ async fn a_moved_pchannel_fences_its_old_owner_and_ticks_keep_rising_on_the_new_
 async fn a_node_opens_only_what_it_is_assigned() {
     let storage = MemoryWalStorage::new();
     let meta = MemoryMetaStore::new();
-    let oracle = Arc::new(Coordinator(
-        Oracle::open(Arc::new(meta.clone()), Duration::from_secs(3))
-            .await
-            .unwrap(),
-    ));
+    let oracle = oracle(&meta).await;
     let a = node(&storage, &meta, &oracle);
     assert!(a.channels().is_empty());
     assert!(

@@ -140,26 +140,9 @@ mod tests {
     use super::*;
     use crate::Oracle;
 
-    #[derive(Debug)]
-    struct Local(Oracle);
-
-    #[async_trait]
-    impl TickServer for Local {
-        async fn allocate(&self, count: u32, above: TimeTick) -> Result<TimeTick, TsoError> {
-            loop {
-                match self.0.allocate_batch(count, above) {
-                    Ok((first, _)) => return Ok(first),
-                    Err(Exhausted) => self.0.extend().await?,
-                }
-            }
-        }
-    }
-
-    async fn server() -> Arc<Local> {
+    async fn server() -> Arc<Oracle> {
         let meta: Arc<dyn MetaStore> = Arc::new(MemoryMetaStore::new());
-        Arc::new(Local(
-            Oracle::open(meta, Duration::from_secs(3)).await.unwrap(),
-        ))
+        Arc::new(Oracle::open(meta, Duration::from_secs(3)).await.unwrap())
     }
 
     async fn next(t: &BatchedTicks) -> TimeTick {
@@ -222,7 +205,7 @@ mod tests {
 
     #[derive(Debug)]
     struct Flaky {
-        inner: Arc<Local>,
+        inner: Arc<Oracle>,
         up: std::sync::atomic::AtomicBool,
     }
 
@@ -230,7 +213,7 @@ mod tests {
     impl TickServer for Flaky {
         async fn allocate(&self, count: u32, above: TimeTick) -> Result<TimeTick, TsoError> {
             if self.up.load(std::sync::atomic::Ordering::SeqCst) {
-                self.inner.allocate(count, above).await
+                TickServer::allocate(&*self.inner, count, above).await
             } else {
                 Away.allocate(count, above).await
             }

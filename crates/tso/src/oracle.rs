@@ -179,6 +179,20 @@ impl Oracle {
     }
 }
 
+/// The oracle serves batches itself: this is what the leader coordinator answers nodes with.
+#[async_trait]
+impl crate::TickServer for Oracle {
+    async fn allocate(&self, count: u32, above: TimeTick) -> Result<TimeTick, TsoError> {
+        loop {
+            match self.allocate_batch(count, above) {
+                Ok((first, _)) => return Ok(first),
+                // A superseded oracle fails to extend: the error ends the loop.
+                Err(Exhausted) => self.extend().await?,
+            }
+        }
+    }
+}
+
 /// An oracle in the same process, as a [`TickSource`]; a background task keeps its window
 /// ahead of the clock.
 #[derive(Debug, Clone)]
