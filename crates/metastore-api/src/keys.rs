@@ -16,6 +16,18 @@ pub fn pchannel_checkpoint(pchannel: &str) -> String {
     format!("walden/pchannel/{pchannel}/checkpoint")
 }
 
+/// Prefix of one collection's manifest: one key per vchannel (its flushed segments, delete
+/// logs and flushed-through position), written by the owner of the vchannel's pchannel under
+/// its term.
+pub fn manifest_prefix(collection_id: u64) -> String {
+    format!("walden/manifest/{collection_id:020}/")
+}
+
+/// One vchannel's manifest.
+pub fn manifest(collection_id: u64, vchannel: &str) -> String {
+    format!("{}{vchannel}", manifest_prefix(collection_id))
+}
+
 /// Decimal: the last collection or broadcast id handed out.
 pub const COORD_NEXT_ID: &str = "walden/coord/next_id";
 

@@ -130,6 +130,10 @@ impl Faulty {
 
 #[async_trait]
 impl Blobs for Faulty {
+    fn url(&self, key: &str) -> String {
+        self.inner.url(key)
+    }
+
     async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<(), ObjectStoreError> {
         self.write("put_if_absent", key, self.inner.put_if_absent(key, data))
             .await

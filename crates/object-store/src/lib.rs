@@ -60,6 +60,11 @@ pub trait Blobs: Send + Sync + fmt::Debug {
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, ObjectStoreError>;
     /// Deletes `key`; an absent key is not an error.
     async fn delete(&self, key: &str) -> Result<(), ObjectStoreError>;
+    /// The object's full URL (`file:///dir/key`, `s3://bucket/prefix/key`), for readers
+    /// outside Walden.
+    fn url(&self, key: &str) -> String {
+        key.to_owned()
+    }
 }
 
 /// What a resolved create-if-absent found.
@@ -160,6 +165,10 @@ impl Store {
 
 #[async_trait]
 impl Blobs for Store {
+    fn url(&self, key: &str) -> String {
+        format!("{}/{key}", self.label.trim_end_matches('/'))
+    }
+
     async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<(), ObjectStoreError> {
         let n = data.len() as u64;
         let opts = PutOptions {

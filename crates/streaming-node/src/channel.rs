@@ -166,6 +166,12 @@ pub struct Channel {
     /// Set when the replay met damaged records: the collection state past them is unknown,
     /// so every write is refused (CORRUPTED) while intact records are still read.
     read_only: Mutex<Option<String>>,
+    /// The `next_id` of the last checkpoint known durable: the WAL may be truncated up to
+    /// here, never past it (a relaxed checkpoint lost in a crash would leave the replay's
+    /// start truncated away: Milvus #47802).
+    durable_checkpoint: std::sync::atomic::AtomicU64,
+    /// What the flusher reports as its lag (status `flush_lag_ms`).
+    flush_lag_ms: std::sync::atomic::AtomicU64,
 }
 
 /// What opening the channel took.
@@ -258,6 +264,8 @@ impl Channel {
             recovery: Mutex::new(Recovery::default()),
             checkpoint_due: Arc::new(tokio::sync::Notify::new()),
             read_only: Mutex::new(None),
+            durable_checkpoint: std::sync::atomic::AtomicU64::new(0),
+            flush_lag_ms: std::sync::atomic::AtomicU64::new(0),
             shutting_down: std::sync::atomic::AtomicBool::new(false),
         });
         tokio::spawn(complete_in_order(Arc::downgrade(&channel), rx));
@@ -297,6 +305,37 @@ impl Channel {
                 failed => return Some(failed),
             }
         }
+    }
+
+    /// The `next_id` of the last durable checkpoint: the highest point the WAL may be
+    /// truncated to.
+    pub fn durable_checkpoint_id(&self) -> MessageId {
+        MessageId(
+            self.durable_checkpoint
+                .load(std::sync::atomic::Ordering::Acquire),
+        )
+    }
+
+    /// The collections of this pchannel's vchannels, as of the last enqueued message.
+    pub fn collections(&self) -> Vec<crate::shard::CollectionOf> {
+        self.lock().shards.collections()
+    }
+
+    /// A tick no message of this pchannel has or will have: names that must be unique on the
+    /// pchannel (a compacted segment's id, like a segment's, is a tick).
+    pub async fn fresh_tick(&self) -> Result<TimeTick, NodeError> {
+        loop {
+            if let Ok(t) = self.tso.allocate() {
+                return Ok(t);
+            }
+            self.tso.refill().await?;
+        }
+    }
+
+    /// Set by the flusher; shown in status.
+    pub fn set_flush_lag_ms(&self, ms: u64) {
+        self.flush_lag_ms
+            .store(ms, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn set_recovery_time(&self, d: Duration) {
@@ -387,6 +426,9 @@ impl Channel {
             st.since_checkpoint = replayed;
             st.since_durable = replayed;
         }
+        // What was loaded survived a restart (or a move): durable.
+        self.durable_checkpoint
+            .store(from.0, std::sync::atomic::Ordering::Release);
         let r = Recovery {
             took: Duration::ZERO,
             replayed,
@@ -515,6 +557,10 @@ impl Channel {
             )));
         }
         debug!(pchannel = %self.name, next_id = %next_id, "checkpoint saved");
+        if durable {
+            self.durable_checkpoint
+                .fetch_max(next_id.0, std::sync::atomic::Ordering::AcqRel);
+        }
         Ok(())
     }
 
@@ -965,6 +1011,8 @@ impl Channel {
             state_detail: self.state().1,
             // The manager, which knows the storage, fills it in.
             wal_storage: String::new(),
+            truncation_point: self.wal.first_id().0,
+            flush_lag_ms: self.flush_lag_ms.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 }

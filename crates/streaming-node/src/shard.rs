@@ -58,6 +58,15 @@ struct Segment {
     last_write: TimeTick,
 }
 
+/// One vchannel's collection, as [`Shards::collections`] reports it.
+#[derive(Clone, Debug)]
+pub struct CollectionOf {
+    pub vchannel: String,
+    pub info: CollectionInfo,
+    pub schema: Arc<Schema>,
+    pub dropped: bool,
+}
+
 /// Seal limits, from the node's configuration.
 #[derive(Clone, Copy, Debug)]
 pub struct SealPolicy {
@@ -117,6 +126,21 @@ impl Shards {
     /// Payload bytes in this pchannel's growing segments.
     pub fn growing_bytes(&self) -> u64 {
         self.growing_bytes
+    }
+
+    /// Every vchannel that received a CreateCollection: its catalog record, schema, and
+    /// whether it was dropped since. The flusher reads schemas here (it may start reading the
+    /// log after the CreateCollection).
+    pub fn collections(&self) -> Vec<CollectionOf> {
+        self.vchannels
+            .iter()
+            .map(|(name, vc)| CollectionOf {
+                vchannel: name.clone(),
+                info: vc.info.clone(),
+                schema: vc.schema.clone(),
+                dropped: vc.dropped,
+            })
+            .collect()
     }
 
     /// Number of growing segments.
