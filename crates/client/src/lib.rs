@@ -43,7 +43,8 @@ use tonic::{
 };
 use walden_proto::v1::{
     ClusterStatusRequest, ClusterStatusResponse, DrainNodeRequest, MovePChannelRequest,
-    StatusRequest, StatusResponse, streaming_node_client::StreamingNodeClient,
+    StatusRequest, StatusResponse, storage_client::StorageClient,
+    streaming_node_client::StreamingNodeClient,
 };
 
 pub use collections::{Collections, WriteResult};
@@ -77,8 +78,28 @@ impl tonic::service::Interceptor for Auth {
     }
 }
 
-/// The node's gRPC client as every part of this crate uses it.
-pub(crate) type Grpc = StreamingNodeClient<InterceptedService<Channel, Auth>>;
+type Intercepted = InterceptedService<Channel, Auth>;
+
+/// A node's gRPC clients as every part of this crate uses them: the streaming node's (what it
+/// derefs to) and the storage service's, over one connection.
+#[derive(Clone, Debug)]
+pub(crate) struct Grpc {
+    node: StreamingNodeClient<Intercepted>,
+    pub(crate) storage: StorageClient<Intercepted>,
+}
+
+impl std::ops::Deref for Grpc {
+    type Target = StreamingNodeClient<Intercepted>;
+    fn deref(&self) -> &Self::Target {
+        &self.node
+    }
+}
+
+impl std::ops::DerefMut for Grpc {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.node
+    }
+}
 
 /// How to reach a node beyond its address.
 #[derive(Clone, Default)]
@@ -312,9 +333,13 @@ impl Client {
 }
 
 fn node_client(channel: Channel, auth: Auth) -> Grpc {
-    StreamingNodeClient::with_interceptor(channel, auth)
-        .max_decoding_message_size(256 << 20)
-        .max_encoding_message_size(256 << 20)
+    Grpc {
+        node: StreamingNodeClient::with_interceptor(channel.clone(), auth.clone())
+            .max_decoding_message_size(256 << 20)
+            .max_encoding_message_size(256 << 20),
+        storage: StorageClient::with_interceptor(channel, auth)
+            .max_decoding_message_size(256 << 20),
+    }
 }
 
 /// The endpoint for `addr` (`http://host:port`, `https://...`, or `host:port`).
@@ -344,4 +369,91 @@ fn endpoint(addr: &str, options: &ConnectOptions) -> Result<Endpoint, ClientErro
             .map_err(|e| ClientError::InvalidArgument(format!("TLS: {}", error::chain(&e))))?;
     }
     Ok(endpoint)
+}
+
+/// A collection's segments, as [`Client::segments`] returns them.
+#[derive(Clone, Debug, Default)]
+pub struct CollectionSegments {
+    pub segments: Vec<walden_proto::v1::SegmentInfo>,
+    /// Per vchannel: the last Flush committed and the flushed-through position.
+    pub vchannels: Vec<walden_proto::v1::VChannelFlushState>,
+}
+
+impl Client {
+    /// Every segment of `collection`: growing and sealed ones as the flushers of their
+    /// pchannels' owners hold them, flushed and compacted ones (and delete logs) as their
+    /// manifests name them, each file with its full URL.
+    pub async fn segments(&self, collection: &str) -> Result<CollectionSegments, ClientError> {
+        let info = self.collections().describe(collection).await?;
+        self.segments_of(&info.vchannels).await
+    }
+
+    async fn segments_of(
+        &self,
+        vchannels: &[walden_proto::v1::VChannelInfo],
+    ) -> Result<CollectionSegments, ClientError> {
+        let mut by_pchannel: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
+        for v in vchannels {
+            by_pchannel
+                .entry(v.pchannel.as_str())
+                .or_default()
+                .push(v.name.clone());
+        }
+        let mut out = CollectionSegments::default();
+        for (pchannel, names) in by_pchannel {
+            let grpc = self.route.grpc(pchannel, OWNER_WAIT).await?;
+            let r = grpc
+                .storage
+                .clone()
+                .segments(walden_proto::v1::SegmentsRequest { vchannels: names })
+                .await?
+                .into_inner();
+            out.segments.extend(r.segments);
+            out.vchannels.extend(r.vchannels);
+        }
+        out.segments
+            .sort_by(|a, b| (&a.vchannel, a.segment_id).cmp(&(&b.vchannel, b.segment_id)));
+        Ok(out)
+    }
+
+    /// Seals every growing segment of `collection` and waits until each sealed one is
+    /// flushed and in its manifest (at most `timeout`).
+    pub async fn flush_and_wait(
+        &self,
+        collection: &str,
+        timeout: Duration,
+    ) -> Result<CollectionSegments, ClientError> {
+        let info = self.collections().describe(collection).await?;
+        let flushed = self.collections().flush(collection).await?;
+        let started = std::time::Instant::now();
+        loop {
+            let s = self.segments_of(&info.vchannels).await?;
+            let done = info
+                .vchannels
+                .iter()
+                .zip(&flushed.time_ticks)
+                .all(|(v, t)| {
+                    s.vchannels
+                        .iter()
+                        .any(|f| f.vchannel == v.name && f.flushed_tick >= *t)
+                });
+            if done {
+                return Ok(s);
+            }
+            if started.elapsed() >= timeout {
+                return Err(ClientError::RetriesExhausted {
+                    seconds: started.elapsed().as_secs_f64(),
+                    last: Box::new(ClientError::Server {
+                        code: walden_common::ErrorCode::StorageUnavailable.as_u32(),
+                        message: format!(
+                            "collection {} was sealed but not every segment is flushed yet",
+                            walden_common::quote_short(collection)
+                        ),
+                        retryable: true,
+                    }),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }

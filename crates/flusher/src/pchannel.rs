@@ -570,6 +570,8 @@ impl Flusher {
         self.save_checkpoints().await?;
         self.truncate().await?;
         self.report_lag();
+        // Growing segments' row counts move with every insert: shown as of this round.
+        self.publish_all();
         if self
             .last_gc
             .is_none_or(|t| t.elapsed() >= Duration::from_millis(config.gc_interval_ms))
@@ -665,10 +667,11 @@ impl Flusher {
         if self.ch.durable_checkpoint_id() < point
             && self
                 .last_checkpoint_request
-                .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+                .is_none_or(|t| t.elapsed() >= self.ctx.config.checkpoint_interval() * 5)
         {
             // The replay must start at or above the log's start: make the checkpoint that
-            // holds truncation back durable (at most every 10 s).
+            // holds truncation back durable (at most every 5 checkpoint intervals: each is an
+            // fsync of the metastore).
             self.last_checkpoint_request = Some(Instant::now());
             if let Err(e) = self.ch.checkpoint().await {
                 debug!(pchannel = self.ch.name(), error = %e, "checkpoint for truncation");

@@ -10,7 +10,8 @@ use serde::Deserialize;
 #[serde(default, deny_unknown_fields)]
 pub struct ObjectStoreConfig {
     /// `file:///abs/dir` (a directory that exists), `memory://` (this process only, for
-    /// tests) or `s3://bucket/optional/prefix`. Default `memory://`.
+    /// tests) or `s3://bucket/optional/prefix`. Default empty: the server uses
+    /// `file://<server.data_dir>/objects`.
     pub url: String,
     /// An S3-compatible endpoint (`http://127.0.0.1:8333`); empty: AWS itself (or
     /// `AWS_ENDPOINT_URL`). Default empty.
@@ -35,7 +36,7 @@ pub struct ObjectStoreConfig {
 impl Default for ObjectStoreConfig {
     fn default() -> Self {
         Self {
-            url: "memory://".into(),
+            url: String::new(),
             endpoint: String::new(),
             region: String::new(),
             access_key_id: String::new(),

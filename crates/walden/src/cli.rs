@@ -410,6 +410,8 @@ pub async fn status(conn: &ConnArgs, json_out: bool) -> anyhow::Result<()> {
                     "state": p.state,
                     "state_detail": p.state_detail,
                     "wal_storage": p.wal_storage,
+                    "truncation_point": p.truncation_point,
+                    "flush_lag_ms": p.flush_lag_ms,
                 })
             })
             .collect();
@@ -510,6 +512,8 @@ async fn cluster_status(client: &Client, conn: &ConnArgs, json_out: bool) -> any
                     "last_time_tick": l.map(|l| l.last_time_tick),
                     "wal_bytes": l.map(|l| l.wal_bytes),
                     "wal_storage": l.map(|l| l.wal_storage.clone()),
+                    "truncation_point": l.map(|l| l.truncation_point),
+                    "flush_lag_ms": l.map(|l| l.flush_lag_ms),
                 })
             })
             .collect();

@@ -8,7 +8,7 @@ use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 use walden_client::{ClientError, Collections, WriteResult};
 use walden_common::HasErrorCode;
-use walden_proto::v1::{CollectionInfo, CollectionState};
+use walden_proto::v1::{CollectionInfo, CollectionState, FileKind, SegmentInfo, SegmentState};
 use walden_schema::Schema;
 
 use crate::cli::connect;
@@ -284,13 +284,98 @@ pub async fn delete(
     Ok(())
 }
 
-pub async fn flush(collection: &str, common: &Common) -> anyhow::Result<()> {
-    let r = api(&common.conn).await?.flush(collection).await?;
+pub async fn flush(
+    collection: &str,
+    wait: Option<std::time::Duration>,
+    common: &Common,
+) -> anyhow::Result<()> {
+    let Some(timeout) = wait else {
+        let r = api(&common.conn).await?.flush(collection).await?;
+        print(
+            common,
+            json!({"flushed": collection, "time_ticks": r.time_ticks}),
+            || format!("sealed {collection} (not waiting for the files: --wait)"),
+        );
+        return Ok(());
+    };
+    let s = connect(&common.conn)
+        .await?
+        .flush_and_wait(collection, timeout)
+        .await?;
+    let flushed = s.segments.iter().filter(|x| is_flushed(x.state())).count();
     print(
         common,
-        json!({"flushed": collection, "time_ticks": r.time_ticks}),
-        || format!("flushed {collection}"),
+        json!({"flushed": collection, "segments": segments_json(&s.segments)}),
+        || format!("flushed {collection}: {flushed} segment(s) in the manifest"),
     );
+    Ok(())
+}
+
+fn is_flushed(s: SegmentState) -> bool {
+    matches!(s, SegmentState::Flushed | SegmentState::Compacted)
+}
+
+fn segment_state(s: SegmentState) -> &'static str {
+    match s {
+        SegmentState::Growing => "growing",
+        SegmentState::Sealed => "sealed",
+        SegmentState::Flushed => "flushed",
+        SegmentState::Compacted => "compacted",
+        SegmentState::Unspecified => "unknown",
+    }
+}
+
+fn segments_json(segments: &[SegmentInfo]) -> Vec<Value> {
+    segments
+        .iter()
+        .map(|s| {
+            json!({
+                "id": s.segment_id,
+                "vchannel": s.vchannel,
+                "partition": s.partition,
+                "state": segment_state(s.state()),
+                "rows": s.rows,
+                "deleted_rows": s.deleted_rows,
+                "files": s.files.iter().map(|f| json!({
+                    "url": f.url,
+                    "kind": if f.kind() == FileKind::Delta { "delta" } else { "data" },
+                    "rows": f.rows,
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect()
+}
+
+/// `walden segments --collection C`.
+pub async fn segments(collection: &str, common: &Common) -> anyhow::Result<()> {
+    let s = connect(&common.conn).await?.segments(collection).await?;
+    if common.json {
+        println!("{}", json!({"segments": segments_json(&s.segments)}));
+        return Ok(());
+    }
+    println!(
+        "{:<22} {:<28} {:<12} {:<10} {:>10} {:>8} files",
+        "id", "vchannel", "partition", "state", "rows", "deleted"
+    );
+    for x in &s.segments {
+        println!(
+            "{:<22} {:<28} {:<12} {:<10} {:>10} {:>8} {}",
+            x.segment_id,
+            x.vchannel,
+            if x.partition.is_empty() {
+                "-"
+            } else {
+                &x.partition
+            },
+            segment_state(x.state()),
+            x.rows,
+            x.deleted_rows,
+            x.files.len()
+        );
+        for f in &x.files {
+            println!("    {} ({} rows)", f.url, f.rows);
+        }
+    }
     Ok(())
 }
 

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use serde::Deserialize;
+use walden_flusher::{FlushConfig, RetentionConfig};
 use walden_object_store::ObjectStoreConfig;
 use walden_streaming_node::NodeConfig;
 use walden_wal_local::LocalWalConfig;
@@ -19,6 +20,7 @@ pub struct Config {
     pub wal_local: WalLocalConfig,
     pub wal_object: WalObjectConfig,
     pub object_store: ObjectStoreConfig,
+    pub flush: FlushConfig,
     pub cluster: ClusterConfig,
     pub log: LogConfig,
 }
@@ -71,6 +73,8 @@ impl Default for ClusterConfig {
 pub struct WalConfig {
     /// Default `local`.
     pub storage: WalStorageKind,
+    /// `[wal.retention]`: what the WAL keeps after it is flushed (defaults: 10 min, 0 bytes).
+    pub retention: RetentionConfig,
 }
 
 /// Where the WAL keeps the pchannels' logs.
@@ -297,9 +301,10 @@ impl Config {
         ] {
             anyhow::ensure!(v > 0, "wal_object.{key} must be at least 1");
         }
-        if self.wal.storage == WalStorageKind::Object {
+        if !self.object_store.url.is_empty() {
             self.object_store.validate().map_err(anyhow::Error::msg)?;
         }
+        self.flush.validate().map_err(anyhow::Error::msg)?;
         check_log_level(&self.log.level)?;
         let c = &self.cluster;
         for (key, v) in [

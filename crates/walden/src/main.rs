@@ -222,8 +222,22 @@ enum Command {
     /// Offline tools for the local WAL: check it, skip damaged records.
     #[command(subcommand)]
     Wal(wal_cli::WalCmd),
-    /// Seal every growing segment of a collection.
+    /// Seal every growing segment of a collection (and, with --wait, wait until they are
+    /// flushed to Parquet and in the manifest).
     Flush {
+        #[arg(long)]
+        collection: String,
+        /// Return once every segment this sealed is flushed and committed.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up after this many seconds.
+        #[arg(long, default_value_t = 300.0)]
+        wait_timeout: f64,
+        #[command(flatten)]
+        common: collections_cli::Common,
+    },
+    /// A collection's segments: growing, sealed, flushed and compacted, with their files.
+    Segments {
         #[arg(long)]
         collection: String,
         #[command(flatten)]
@@ -407,7 +421,20 @@ async fn run(cli: Cli, server: Option<config::Config>) -> anyhow::Result<()> {
             partition,
             common,
         } => collections_cli::delete(&collection, &ids, partition.as_deref(), &common).await,
-        Command::Flush { collection, common } => collections_cli::flush(&collection, &common).await,
+        Command::Flush {
+            collection,
+            wait,
+            wait_timeout,
+            common,
+        } => {
+            let wait = wait
+                .then(|| seconds("--wait-timeout", wait_timeout))
+                .transpose()?;
+            collections_cli::flush(&collection, wait, &common).await
+        }
+        Command::Segments { collection, common } => {
+            collections_cli::segments(&collection, &common).await
+        }
         Command::Wal(cmd) => wal_cli::run(cmd),
     }
 }

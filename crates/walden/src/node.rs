@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use tracing::info;
+use walden_flusher::service::StorageService;
 use walden_streaming_node::{
     agent::{AgentConfig, NodeAgent},
     manager::WalManager,
@@ -35,9 +36,14 @@ pub async fn run(config: Config, ready_file: Option<std::path::PathBuf>) -> anyh
     let addr = bound.addr;
     let security = server::Security::load(&config.server, addr)?;
     let advertise = server::advertised(&config.cluster.advertise, addr, &security)?;
+    anyhow::ensure!(
+        !config.object_store.url.is_empty(),
+        "object_store.url must be set for a cluster node: an object store every node reaches"
+    );
     let meta = backends::etcd(&config).await?;
     let metrics = Metrics::new();
-    let storage = backends::wal_storage(&config, &metrics).await?;
+    let blobs = backends::object_store(&config, &metrics).await?;
+    let storage = backends::wal_storage(&config, &blobs)?;
     let ms = std::time::Duration::from_millis;
     let c = &config.cluster;
     let ticks = Arc::new(BatchedTicks::new(
@@ -56,10 +62,13 @@ pub async fn run(config: Config, ready_file: Option<std::path::PathBuf>) -> anyh
         metrics.clone(),
     )
     .context("starting the WAL manager")?;
+    let flushers = backends::flushers(&config, &meta, &blobs, &metrics)?;
+    flushers.follow(manager.clone());
     let http_addr = node_http::spawn(bound.http, &manager, &metrics, &security, &config.server)?;
     let routes = tonic::service::Routes::new(
         NodeService::new(manager.clone(), format!("node@{advertise}")).into_server(),
-    );
+    )
+    .add_service(StorageService::new(flushers).into_server());
     let mut grpc = GrpcServer::start(
         bound.grpc,
         bound.max_connections,

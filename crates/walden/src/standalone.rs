@@ -7,6 +7,7 @@ use anyhow::Context;
 use tracing::info;
 use walden_common::HasErrorCode;
 use walden_coordinator::{AppendError, Appender, Coordinator, service::CollectionService};
+use walden_flusher::service::StorageService;
 use walden_message::MutableMessage;
 use walden_metastore_api::MetaStore;
 use walden_streaming_node::{
@@ -80,10 +81,13 @@ pub async fn run(config: Config, ready_file: Option<std::path::PathBuf>) -> anyh
             .context("opening the metastore (is another walden using this data dir?)")?,
     );
     let metrics = Metrics::new();
-    let storage = backends::wal_storage(&config, &metrics).await?;
+    let blobs = backends::object_store(&config, &metrics).await?;
+    let storage = backends::wal_storage(&config, &blobs)?;
     let manager = WalManager::start(storage, meta.clone(), config.node.clone(), metrics.clone())
         .await
         .context("opening the pchannels")?;
+    let flushers = backends::flushers(&config, &meta, &blobs, &metrics)?;
+    flushers.follow(manager.clone());
     let coordinator = Coordinator::start(
         meta,
         Arc::new(LocalNode {
@@ -100,6 +104,7 @@ pub async fn run(config: Config, ready_file: Option<std::path::PathBuf>) -> anyh
     let routes =
         tonic::service::Routes::new(NodeService::new(manager.clone(), node_id).into_server())
             .add_service(CollectionService::new(coordinator).into_server())
+            .add_service(StorageService::new(flushers).into_server())
             .add_service(
                 LocalCluster::new(manager.clone(), format!("{}://{addr}", security.scheme()))
                     .into_server(),
