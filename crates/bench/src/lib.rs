@@ -14,12 +14,16 @@
 //!   limit the object-storage WAL lives under. With `--wal-storage object`, the other workloads
 //!   run on that WAL and are set beside it.
 //!
+//! * `flush`: sealed segments to Parquet under a steady insert load: rows/s, MiB/s, flush
+//!   latency and lag, WAL bytes over time.
+//!
 //! `--peer redis` runs the same workload against Redis Streams with `appendfsync always` (a reply
 //! means fsynced), alternating with Walden run by run. Without `--addr`, the bench starts
 //! `walden standalone` itself on a fresh data dir.
 
 mod disk;
 mod failover;
+mod flush;
 mod objstore;
 mod redis;
 mod report;
@@ -74,6 +78,9 @@ enum Workload {
     /// Time from a planned move or a node's kill -9 to the first append acknowledged by each
     /// moved pchannel's new owner, on a cluster the bench starts (etcd, a coordinator, nodes).
     Failover(failover::FailoverArgs),
+    /// Rows/s and MiB/s flushed to Parquet, flush latency and lag under a steady insert load,
+    /// and WAL bytes over time.
+    Flush(flush::FlushArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -211,6 +218,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Workload::Recovery(a) => compare(a, Kind::Recovery).await,
         Workload::Objstore(o) => objstore::run(o).await,
         Workload::Failover(f) => failover::run(f).await,
+        Workload::Flush(f) => flush::run(f).await,
         Workload::Disk(d) => {
             let dir = d.dir.clone().unwrap_or_else(|| PathBuf::from("."));
             let r = disk_probe(&dir, d.size, d.duration)?;

@@ -122,7 +122,8 @@ pub(super) struct NodeCounters {
     pub(super) get_bytes: u64,
 }
 
-pub(super) async fn scrape_node(metrics_addr: &str) -> Option<NodeCounters> {
+/// The text of a server's `/metrics`.
+pub(super) async fn scrape(metrics_addr: &str) -> Option<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(metrics_addr).await.ok()?;
     stream
@@ -131,6 +132,11 @@ pub(super) async fn scrape_node(metrics_addr: &str) -> Option<NodeCounters> {
         .ok()?;
     let mut body = String::new();
     stream.read_to_string(&mut body).await.ok()?;
+    Some(body)
+}
+
+pub(super) async fn scrape_node(metrics_addr: &str) -> Option<NodeCounters> {
+    let body = scrape(metrics_addr).await?;
     let value = |l: &str| l.rsplit(' ').next()?.parse::<f64>().ok();
     let sum_of = |prefix: &str| -> f64 {
         body.lines()

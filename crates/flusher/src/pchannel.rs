@@ -698,14 +698,28 @@ impl Flusher {
             .set(self.ch.wal().size_bytes() as i64);
     }
 
+    /// The flush lag: the age of the oldest sealed segment not yet committed, or, while the
+    /// flusher has not read up to the log's end (a Flush it has not met yet), the age of the
+    /// last message it read.
     fn report_lag(&self) {
-        let oldest = self
+        let oldest_sealed = self
             .vchannels
             .values()
             .flat_map(|v| v.pending.values().filter_map(|p| p.sealed))
             .map(|t| t.physical_ms())
             .min();
-        let lag = oldest.map_or(0, |t| now_ms().saturating_sub(t));
+        let reading = self
+            .samples
+            .end()
+            .filter(|(next, _)| *next < self.ch.wal().durable_end())
+            .map(|(_, t)| t.physical_ms());
+        let now = now_ms();
+        let lag = oldest_sealed
+            .into_iter()
+            .chain(reading)
+            .map(|t| now.saturating_sub(t))
+            .max()
+            .unwrap_or(0);
         self.ch.set_flush_lag_ms(lag);
         self.ctx
             .metrics

@@ -83,6 +83,11 @@ impl Samples {
         best
     }
 
+    /// One past the last id read, and the last tick read.
+    pub fn end(&self) -> Option<(MessageId, TimeTick)> {
+        self.end
+    }
+
     /// Forgets samples below `id` (truncated).
     pub fn forget_below(&mut self, id: MessageId) {
         while self.samples.len() > 1 && self.samples.get(1).is_some_and(|s| s.id <= id) {
