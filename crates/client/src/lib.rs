@@ -218,7 +218,7 @@ impl Client {
         let grpc = node_client(channel.clone(), auth.clone());
         Ok(Self {
             channel,
-            route: router::Route::Direct(grpc.clone()),
+            route: router::Route::Direct(Box::new(grpc.clone())),
             grpc,
             auth,
             addr: url,

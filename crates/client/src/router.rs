@@ -23,7 +23,7 @@ use crate::{ClientError, Grpc};
 #[derive(Clone, Debug)]
 pub(crate) enum Route {
     /// One server that answered no topology: every pchannel is there.
-    Direct(Grpc),
+    Direct(Box<Grpc>),
     Routed(Arc<Router>),
 }
 
@@ -31,7 +31,7 @@ impl Route {
     /// The owner of `pchannel` now, waiting up to `wait` for one to be ready.
     pub(crate) async fn grpc(&self, pchannel: &str, wait: Duration) -> Result<Grpc, ClientError> {
         match self {
-            Self::Direct(g) => Ok(g.clone()),
+            Self::Direct(g) => Ok(Grpc::clone(g)),
             Self::Routed(r) => r.owner(pchannel, wait).await,
         }
     }

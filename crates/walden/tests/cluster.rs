@@ -556,3 +556,76 @@ async fn with_bearer_tokens_the_cluster_works_for_callers_with_one_and_refuses_t
         .unwrap_err();
     assert_eq!(e.code(), ErrorCode::Unauthenticated, "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_held_by_a_killed_nodes_flusher_are_flushed_by_the_new_owner_exactly_once() {
+    let mut c = Cluster::start(1, 2, 2, "[flush]\ncheckpoint_interval_ms = 100\n").await;
+    let client = c.client().await;
+    let schema = walden_schema::Schema::from_json(
+        r#"{"fields":[{"name":"id","type":"int64","primary_key":true},
+                      {"name":"emb","type":"float_vector","dim":2}]}"#,
+    )
+    .unwrap();
+    client
+        .collections()
+        .create("docs", &schema, 2)
+        .await
+        .unwrap();
+    let insert = |ids: std::ops::Range<i64>| {
+        let rows: Vec<serde_json::Value> = ids
+            .map(|i| serde_json::json!({"id": i, "emb": [i as f64, 1.0]}))
+            .collect();
+        let batch = schema.rows_from_json(&rows).unwrap();
+        let client = client.clone();
+        async move {
+            client
+                .collections()
+                .insert("docs", None, &[batch])
+                .await
+                .unwrap()
+        }
+    };
+    insert(0..300).await;
+    client
+        .flush_and_wait("docs", Duration::from_secs(60))
+        .await
+        .unwrap();
+    // Growing rows only the killed node's flusher held in memory.
+    insert(300..400).await;
+    let (victim, pchannels) = busiest(&c).await;
+    c.node_by_id(victim).kill();
+    moved_off(&c, victim, &pchannels, Duration::from_secs(30)).await;
+    insert(400..600).await;
+    client
+        .flush_and_wait("docs", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let out = std::process::Command::new(common::WALDEN)
+        .args([
+            "segments",
+            "--collection",
+            "docs",
+            "--json",
+            "--addr",
+            &c.addrs(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let segments: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let got = common::parquet_rows(&segments, "id");
+    let ids: Vec<i64> = got["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, (0..600).collect::<Vec<_>>());
+    for (id, n) in got["row_copies"].as_object().unwrap() {
+        assert_eq!(n.as_u64(), Some(1), "row {id} is in the files {n} times");
+    }
+}

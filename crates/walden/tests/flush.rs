@@ -8,7 +8,6 @@ mod common;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    io::Write as _,
     process::{Command, Output, Stdio},
     time::{Duration, Instant},
 };
@@ -31,8 +30,6 @@ const SCHEMA: &str = r#"{"fields":[
   {"name":"weight","type":"double"},
   {"name":"ok","type":"bool","nullable":true}]}"#;
 
-const PY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/parquet_rows.py");
-
 fn walden(args: &[&str]) -> Output {
     Command::new(WALDEN)
         .args(args)
@@ -51,29 +48,8 @@ fn ok_json(args: &[&str]) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-/// What pyarrow finds in the files `walden segments --json` names.
 fn pyarrow_rows(segments: &Value) -> Value {
-    let mut child = Command::new("python3")
-        .arg(PY)
-        .arg("id")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python3 (scripts/install-test-deps.sh installs pyarrow)");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(segments.to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "parquet_rows.py failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    common::parquet_rows(segments, "id")
 }
 
 /// One row of the test schema; every value exact in float32.
@@ -115,17 +91,19 @@ fn assert_rows_equal(got: &Value, want: &BTreeMap<i64, Value>) {
     }
 }
 
+/// Small segments so that rows seal into several; compaction (once enabled) merges them and
+/// applies every delete log.
+const FLUSH_CONFIG: &str = "[node]\npchannels = 4\nsegment_max_rows = 120\n\
+     [flush]\ncheckpoint_interval_ms = 100\n\
+     [flush.compaction]\ninterval_ms = 300\nmin_segments = 3\nmax_delete_logs = 1\n";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn flushed_files_read_by_pyarrow_hold_the_inserted_rows_minus_the_deleted_field_by_field() {
     let dir = tempfile::tempdir().unwrap();
     // Small segments so that rows seal into several; compaction merges some of them.
-    let server = Server::start(
+    let mut server = Server::start(
         &dir.path().join("data"),
-        Some(
-            "[node]\npchannels = 4\nsegment_max_rows = 120\n\
-             [flush]\ncheckpoint_interval_ms = 100\n\
-             [flush.compaction]\ninterval_ms = 300\nmin_segments = 3\n",
-        ),
+        Some(&format!("{FLUSH_CONFIG}enabled = false\n")),
     )
     .await;
     let addr = server.addr.clone();
@@ -264,6 +242,51 @@ async fn flushed_files_read_by_pyarrow_hold_the_inserted_rows_minus_the_deleted_
     assert_eq!(got["types"]["score"], "float");
     assert_eq!(got["types"]["weight"], "double");
     assert_rows_equal(&got, &want);
+    // With compaction on, it merges the small segments and applies the delete logs (the
+    // deletes and the upserts'): the same rows, with no delete log left to apply. The files
+    // read above are still there (the grace period).
+    drop(api);
+    drop(producer);
+    drop(client);
+    server.stop();
+    std::fs::write(server.data_dir.with_extension("toml"), FLUSH_CONFIG).unwrap();
+    server.restart().await;
+    let addr = server.addr.clone();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let compacted = loop {
+        let segments = ok_json(&[
+            "segments",
+            "--collection",
+            "docs",
+            "--addr",
+            &addr,
+            "--json",
+        ]);
+        let list = segments["segments"].as_array().unwrap();
+        let deleted: u64 = list
+            .iter()
+            .filter(|s| s["state"] == "compacted")
+            .map(|s| s["deleted_rows"].as_u64().unwrap())
+            .sum();
+        let deltas = list
+            .iter()
+            .flat_map(|s| s["files"].as_array().unwrap())
+            .filter(|f| f["kind"] == "delta")
+            .count();
+        if deltas == 0 && deleted > 0 {
+            break segments;
+        }
+        assert!(Instant::now() < deadline, "never compacted: {segments}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let after = pyarrow_rows(&compacted);
+    assert_rows_equal(&after, &want);
+    assert_eq!(
+        pyarrow_rows(&segments)["rows"],
+        got["rows"],
+        "the old files still read"
+    );
+    let got = after;
     // Each row is in the files once, however many segments were merged.
     for (id, copies) in got["row_copies"].as_object().unwrap() {
         let id: i64 = id.parse().unwrap();
@@ -619,4 +642,85 @@ async fn under_a_steady_insert_load_the_wal_stays_bounded() {
     );
     // Without truncation the WAL would hold everything written.
     assert!(written > 6 * BOUND);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_the_object_wal_truncation_deletes_the_wal_segments_behind_flushed_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // Tiny WAL segments (4 fragments each), so that truncation has whole segments to delete.
+    let server = Server::start(
+        &data,
+        Some(
+            "[node]\npchannels = 1\n\
+             [wal]\nstorage = \"object\"\n[wal.retention]\ntime_ms = 0\n\
+             [wal_object]\nsegment_max_fragments = 4\n\
+             [flush]\ncheckpoint_interval_ms = 100\n",
+        ),
+    )
+    .await;
+    let schema_file = dir.path().join("schema.json");
+    std::fs::write(&schema_file, SCHEMA).unwrap();
+    ok_json(&[
+        "collection",
+        "create",
+        "docs",
+        "--schema",
+        schema_file.to_str().unwrap(),
+        "--shards",
+        "1",
+        "--addr",
+        &server.addr,
+        "--json",
+    ]);
+    let client = server.client().await;
+    let (_, schema) = client.collections().schema("docs").await.unwrap();
+    for chunk in (0..1000i64).collect::<Vec<_>>().chunks(50) {
+        let rows: Vec<Value> = chunk.iter().map(|i| row(*i, 0)).collect();
+        client
+            .collections()
+            .insert("docs", None, &[schema.rows_from_json(&rows).unwrap()])
+            .await
+            .unwrap();
+    }
+    let markers = || {
+        std::fs::read_dir(data.join("objects/wal/walden-dml-0/segs"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    let before = markers();
+    assert!(before >= 4, "{before} WAL segments");
+    ok_json(&[
+        "flush",
+        "--collection",
+        "docs",
+        "--wait",
+        "--addr",
+        &server.addr,
+        "--json",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = pchannel_status(&client).await.remove(0);
+        if s.truncation_point > 0 && markers() < before / 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "WAL segments not deleted: {} of {before}, {s:?}",
+            markers()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Everything is in the files, nothing in the WAL is needed for it.
+    let segments = ok_json(&[
+        "segments",
+        "--collection",
+        "docs",
+        "--addr",
+        &server.addr,
+        "--json",
+    ]);
+    let got = pyarrow_rows(&segments);
+    assert_eq!(got["rows"].as_array().unwrap().len(), 1000);
 }

@@ -352,6 +352,12 @@ impl Writer {
             for loc in ix.locs.drain(..drop_n) {
                 chan.size.fetch_sub(u64::from(loc.len), Ordering::Relaxed);
             }
+            // The index is 24 bytes per record: give back what a burst left, so memory
+            // follows what is retained rather than the largest backlog ever held.
+            let kept = ix.locs.len();
+            if ix.locs.capacity() > 4 * kept + 4096 {
+                ix.locs.shrink_to(2 * kept);
+            }
             ix.first_id = below;
         }
         self.delete_unused(&log);

@@ -15,6 +15,36 @@ pub mod cluster;
 
 pub const WALDEN: &str = env!("CARGO_BIN_EXE_walden");
 
+/// The pyarrow reader of flushed files (see the script's docs).
+const PARQUET_ROWS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/parquet_rows.py");
+
+/// What pyarrow finds in the files `walden segments --json` names: the live rows, sorted by
+/// the primary key `pk`, and how often each key is in the data files.
+pub fn parquet_rows(segments: &serde_json::Value, pk: &str) -> serde_json::Value {
+    use std::io::Write as _;
+    let mut child = Command::new("python3")
+        .arg(PARQUET_ROWS)
+        .arg(pk)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 (scripts/install-test-deps.sh installs pyarrow)");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(segments.to_string().as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("python3");
+    assert!(
+        out.status.success(),
+        "parquet_rows.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("its JSON")
+}
+
 /// A free port on 127.0.0.1 (bound and released; the server binds it next).
 pub fn free_addr() -> String {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
