@@ -80,6 +80,30 @@ fn batch_of(
     Ok(schema.conform(&batch)?)
 }
 
+/// The machine's own limit for this work: rows of the same shape encoded to Parquet (Snappy,
+/// as the flusher writes them) by one thread in this process, with no server, WAL or network.
+/// Returns rows/s and Parquet MiB/s.
+fn parquet_encode_limit(schema: &Schema, batch: usize, dim: usize) -> anyhow::Result<(f64, f64)> {
+    let batches: Vec<RecordBatch> = (0..40)
+        .map(|k| batch_of(schema, (k * batch) as i64, batch, dim))
+        .collect::<anyhow::Result<_>>()?;
+    let props = parquet::file::properties::WriterProperties::builder()
+        .set_compression(parquet::basic::Compression::SNAPPY)
+        .build();
+    let started = Instant::now();
+    let mut out = Vec::new();
+    let mut w = parquet::arrow::ArrowWriter::try_new(&mut out, batches[0].schema(), Some(props))?;
+    for b in &batches {
+        w.write(b)?;
+    }
+    w.close()?;
+    let s = started.elapsed().as_secs_f64();
+    Ok((
+        (40 * batch) as f64 / s,
+        out.len() as f64 / (1 << 20) as f64 / s,
+    ))
+}
+
 /// A sample of the server, every second.
 #[derive(Clone, Copy, Debug, Default)]
 struct Sample {
@@ -140,9 +164,11 @@ fn histogram_quantile(body: &str, name: &str, q: f64) -> Option<f64> {
 }
 
 pub async fn run(a: FlushArgs) -> anyhow::Result<()> {
+    let base = a.data_dir.clone().unwrap_or_else(|| PathBuf::from("."));
+    std::fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
     let scratch = tempfile::Builder::new()
         .prefix("walden-bench-flush.")
-        .tempdir_in(a.data_dir.clone().unwrap_or_else(|| PathBuf::from(".")))?;
+        .tempdir_in(&base)?;
     let config = format!(
         "[node]\npchannels = {}\nsegment_max_rows = {}\n\
          [wal_local]\nsegment_bytes = {}\n\
@@ -163,6 +189,7 @@ pub async fn run(a: FlushArgs) -> anyhow::Result<()> {
         .collections()
         .create("bench", &schema, a.shards)
         .await?;
+    let (limit_rows, limit_mib) = parquet_encode_limit(&schema, a.batch, a.dim)?;
     let template_bytes = schema
         .encode_ipc(&batch_of(&schema, 0, a.batch, a.dim)?)?
         .len() as u64;
@@ -242,6 +269,7 @@ pub async fn run(a: FlushArgs) -> anyhow::Result<()> {
         .await?;
     let drain_s = drain_started.elapsed().as_secs_f64();
     let body = scrape(&server.metrics).await.unwrap_or_default();
+    let flushed_total = metric_sum(&body, "walden_flush_rows_total");
     let p50 = histogram_quantile(&body, "walden_flush_latency_seconds", 0.5);
     let p99 = histogram_quantile(&body, "walden_flush_latency_seconds", 0.99);
     let max_lag = samples.iter().map(|s| s.flush_lag_ms).max().unwrap_or(0);
@@ -254,6 +282,7 @@ pub async fn run(a: FlushArgs) -> anyhow::Result<()> {
         "insert_rows_per_s": round(rows as f64 / elapsed),
         "insert_mib_per_s": round(mib(during.inserted_bytes as f64) / elapsed),
         "rows_flushed_during_run": during.flushed_rows,
+        "rows_flushed_total": flushed_total as u64,
         "flush_rows_per_s": round(during.flushed_rows / elapsed),
         "parquet_mib_per_s": round(mib(during.flushed_bytes) / elapsed),
         "flush_latency_p50_s": p50.map(round),
@@ -263,6 +292,9 @@ pub async fn run(a: FlushArgs) -> anyhow::Result<()> {
         "wal_bytes_max": max_wal,
         "wal_bytes_end": during.wal_bytes,
         "server_cpu_us_per_row": round(cpu * 1e6 / rows.max(1) as f64),
+        "parquet_encode_limit_rows_per_s": round(limit_rows),
+        "parquet_encode_limit_mib_per_s": round(limit_mib),
+        "flush_vs_encode_limit": round(during.flushed_rows / elapsed / limit_rows),
         "samples": samples.iter().map(|s| json!({
             "t": round(s.t),
             "inserted_rows": s.inserted_rows,

@@ -509,3 +509,44 @@ fn failover_reports_a_sample_for_every_move_and_every_pchannel_of_a_killed_node(
     }
     assert!(report["appends"].as_u64().unwrap() > 0);
 }
+
+/// `walden bench flush` starts a server, inserts for the run, and reports what it flushed: every
+/// inserted row is flushed by the end (the drain), the Parquet rate is positive, and the WAL
+/// samples are over the run.
+#[test]
+fn flush_reports_rows_and_parquet_rates_beside_the_encode_limit_and_the_wal_over_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = bench(
+        &[
+            "flush",
+            "--duration",
+            "3s",
+            "--dim",
+            "8",
+            "--batch",
+            "200",
+            "--inserters",
+            "2",
+            "--shards",
+            "2",
+            "--segment-rows",
+            "2000",
+        ],
+        dir.path(),
+    );
+    let rows = report["rows_inserted"].as_u64().unwrap();
+    assert!(rows > 0, "{report}");
+    assert_eq!(
+        report["rows_flushed_total"].as_u64(),
+        Some(rows),
+        "{report}"
+    );
+    assert!(f(&report, &["parquet_mib_per_s"]) > 0.0, "{report}");
+    assert!(
+        f(&report, &["parquet_encode_limit_rows_per_s"]) > 0.0,
+        "{report}"
+    );
+    let samples = report["samples"].as_array().unwrap();
+    assert!(samples.len() >= 2, "{report}");
+    assert!(samples.iter().all(|s| s["wal_mib"].as_f64().is_some()));
+}
