@@ -13,6 +13,7 @@
 //! (after a restart or a move) and stops when it closes. [`service`] answers what the
 //! flushers know (`walden segments`, `walden flush --wait`).
 
+mod compact;
 mod config;
 mod error;
 pub mod files;

@@ -25,8 +25,8 @@ use walden_message::{ImmutableMessage, MessageType};
 use walden_metastore_api::MetaStore;
 use walden_object_store::Blobs;
 use walden_proto::v1::{
-    DeleteIds, DeltaLog, FileKind, FlushInfo, FlushedSegment, RetiredSegment, SegmentFile,
-    SegmentInfo, SegmentState, VChannelManifest,
+    DeleteIds, DeltaLog, FileKind, FlushInfo, FlushedSegment, SegmentFile, SegmentInfo,
+    SegmentState, VChannelManifest,
 };
 use walden_schema::Schema;
 use walden_streaming_node::{
@@ -66,35 +66,35 @@ pub fn vchannel_prefix(collection_id: u64, vchannel: &str) -> String {
 
 /// Rows of one segment the flusher holds (growing, or sealed and being written).
 #[derive(Debug)]
-struct Pending {
-    partition: String,
-    create_id: MessageId,
+pub(crate) struct Pending {
+    pub(crate) partition: String,
+    pub(crate) create_id: MessageId,
     /// Re-reading from here sees every row of the segment (transactions included).
-    start_lc: MessageId,
-    rows: u64,
-    batches: Vec<RecordBatch>,
-    min_tick: u64,
-    max_tick: u64,
+    pub(crate) start_lc: MessageId,
+    pub(crate) rows: u64,
+    pub(crate) batches: Vec<RecordBatch>,
+    pub(crate) min_tick: u64,
+    pub(crate) max_tick: u64,
     /// The tick of the Flush that sealed it.
-    sealed: Option<TimeTick>,
+    pub(crate) sealed: Option<TimeTick>,
 }
 
 #[derive(Debug)]
-struct VState {
-    schema: Arc<Schema>,
-    data_schema: SchemaRef,
-    delta_schema: SchemaRef,
-    pk: String,
-    stored: Stored,
-    pending: BTreeMap<u64, Pending>,
-    deletes: Vec<(Pk, u64)>,
-    deletes_lc: Option<MessageId>,
-    deletes_since: Option<Instant>,
-    last_checkpoint: Option<Instant>,
+pub(crate) struct VState {
+    pub(crate) schema: Arc<Schema>,
+    pub(crate) data_schema: SchemaRef,
+    pub(crate) delta_schema: SchemaRef,
+    pub(crate) pk: String,
+    pub(crate) stored: Stored,
+    pub(crate) pending: BTreeMap<u64, Pending>,
+    pub(crate) deletes: Vec<(Pk, u64)>,
+    pub(crate) deletes_lc: Option<MessageId>,
+    pub(crate) deletes_since: Option<Instant>,
+    pub(crate) last_checkpoint: Option<Instant>,
 }
 
 impl VState {
-    fn dropped(&self) -> bool {
+    pub(crate) fn dropped(&self) -> bool {
         self.stored.manifest.dropped
     }
 
@@ -135,20 +135,20 @@ impl VState {
 }
 
 pub(crate) struct Flusher {
-    ch: Arc<Channel>,
-    ctx: Arc<Ctx>,
-    view: Arc<View>,
-    vchannels: BTreeMap<String, VState>,
+    pub(crate) ch: Arc<Channel>,
+    pub(crate) ctx: Arc<Ctx>,
+    pub(crate) view: Arc<View>,
+    pub(crate) vchannels: BTreeMap<String, VState>,
     /// Vchannels that are not a collection's (or whose collection is unknown here).
-    others: HashSet<String>,
+    pub(crate) others: HashSet<String>,
     /// The last-confirmed id of the last message read: nothing below it is needed again by
     /// what was read so far.
-    position: MessageId,
-    samples: Samples,
-    unreferenced: HashMap<String, Instant>,
-    last_gc: Option<Instant>,
-    last_compaction: Instant,
-    last_checkpoint_request: Option<Instant>,
+    pub(crate) position: MessageId,
+    pub(crate) samples: Samples,
+    pub(crate) unreferenced: HashMap<String, Instant>,
+    pub(crate) last_gc: Option<Instant>,
+    pub(crate) last_compaction: Instant,
+    pub(crate) last_checkpoint_request: Option<Instant>,
 }
 
 impl std::fmt::Debug for Flusher {
@@ -444,25 +444,15 @@ impl Flusher {
             if p.rows == 0 {
                 continue;
             }
-            let mut segment_files = Vec::new();
-            let groups = files::split(p.batches.clone(), ctx.config.max_file_bytes);
-            for (n, group) in groups.iter().enumerate() {
-                let data = files::encode(&v.data_schema, group)?;
-                let key = format!(
-                    "{prefix}{id:020}/data-{n:04}-{:016x}.parquet",
-                    rand::random::<u64>()
-                );
-                let size = data.len() as u64;
-                blobs.put_if_absent(&key, data).await?;
-                segment_files.push(SegmentFile {
-                    key,
-                    kind: FileKind::Data as i32,
-                    rows: group.iter().map(|b| b.num_rows() as u64).sum(),
-                    bytes: size,
-                    url: String::new(),
-                });
-                bytes += size;
-            }
+            let segment_files = write_data_files(
+                blobs,
+                &format!("{prefix}{id:020}/"),
+                &v.data_schema,
+                p.batches.clone(),
+                ctx.config.max_file_bytes,
+            )
+            .await?;
+            bytes += segment_files.iter().map(|f| f.bytes).sum::<u64>();
             rows += p.rows;
             next.segments.push(FlushedSegment {
                 segment_id: *id,
@@ -769,7 +759,7 @@ impl Flusher {
         Ok(())
     }
 
-    fn publish(&self, vchannel: &str) {
+    pub(crate) fn publish(&self, vchannel: &str) {
         if let Some(v) = self.vchannels.get(vchannel) {
             self.view
                 .vchannels
@@ -840,7 +830,33 @@ fn dml(
     Ok(())
 }
 
-/// Reads every file of `segment`'s kind `kind`.
+/// Writes `batches` as data files under `dir` (one per `max_bytes` of rows), each with
+/// create-if-absent under a key no other write uses.
+pub(crate) async fn write_data_files(
+    blobs: &dyn Blobs,
+    dir: &str,
+    schema: &SchemaRef,
+    batches: Vec<RecordBatch>,
+    max_bytes: u64,
+) -> Result<Vec<SegmentFile>, FlushError> {
+    let mut out = Vec::new();
+    for (n, group) in files::split(batches, max_bytes).iter().enumerate() {
+        let data = files::encode(schema, group)?;
+        let key = format!("{dir}data-{n:04}-{:016x}.parquet", rand::random::<u64>());
+        let bytes = data.len() as u64;
+        blobs.put_if_absent(&key, data).await?;
+        out.push(SegmentFile {
+            key,
+            kind: FileKind::Data as i32,
+            rows: group.iter().map(|b| b.num_rows() as u64).sum(),
+            bytes,
+            url: String::new(),
+        });
+    }
+    Ok(out)
+}
+
+/// Reads every batch of `files`.
 pub(crate) async fn read_files(
     blobs: &dyn Blobs,
     files: &[SegmentFile],
@@ -851,278 +867,4 @@ pub(crate) async fn read_files(
         out.extend(files::decode(bytes)?);
     }
     Ok(out)
-}
-
-pub(crate) mod compaction {
-    //! Compaction plans: which segments to merge and which delete logs can go.
-
-    use walden_proto::v1::VChannelManifest;
-
-    use crate::config::CompactionConfig;
-
-    #[derive(Debug, Default, PartialEq, Eq)]
-    pub struct Plan {
-        /// Segments to rewrite, by id.
-        pub inputs: Vec<u64>,
-        /// Delete logs to drop once applied, by id.
-        pub drop_deltas: Vec<u64>,
-    }
-
-    /// `pending_min_tick`: the lowest row tick of segments the flusher still holds (rows
-    /// that a delete log may yet remove once they are flushed).
-    pub fn plan(m: &VChannelManifest, c: &CompactionConfig, pending_min_tick: u64) -> Option<Plan> {
-        let mut inputs: Vec<u64> = Vec::new();
-        // Small segments of one partition.
-        let mut by_partition: std::collections::BTreeMap<
-            &str,
-            Vec<&walden_proto::v1::FlushedSegment>,
-        > = Default::default();
-        for s in &m.segments {
-            if s.rows < c.small_rows {
-                by_partition
-                    .entry(s.partition.as_str())
-                    .or_default()
-                    .push(s);
-            }
-        }
-        if let Some(small) = by_partition.values().find(|v| v.len() >= c.min_segments) {
-            let mut rows = 0;
-            for s in small {
-                if rows + s.rows > c.max_input_rows && !inputs.is_empty() {
-                    break;
-                }
-                rows += s.rows;
-                inputs.push(s.segment_id);
-            }
-        }
-        // Too many delete logs: rewrite every segment one of them may touch.
-        if m.deltas.len() >= c.max_delete_logs {
-            let max = m.deltas.iter().map(|d| d.max_tick).max().unwrap_or(0);
-            let mut rows: u64 = m
-                .segments
-                .iter()
-                .filter(|s| inputs.contains(&s.segment_id))
-                .map(|s| s.rows)
-                .sum();
-            for s in &m.segments {
-                if s.min_tick < max && !inputs.contains(&s.segment_id) {
-                    if rows + s.rows > c.max_input_rows && !inputs.is_empty() {
-                        break;
-                    }
-                    rows += s.rows;
-                    inputs.push(s.segment_id);
-                }
-            }
-        }
-        // A delete log goes once every segment it may touch is rewritten with it and no
-        // held segment has rows older than it.
-        let drop_deltas: Vec<u64> = m
-            .deltas
-            .iter()
-            .filter(|d| {
-                d.max_tick < pending_min_tick
-                    && m.segments
-                        .iter()
-                        .filter(|s| s.min_tick < d.max_tick)
-                        .all(|s| inputs.contains(&s.segment_id))
-            })
-            .map(|d| d.id)
-            .collect();
-        if inputs.is_empty() && drop_deltas.is_empty() {
-            return None;
-        }
-        Some(Plan {
-            inputs,
-            drop_deltas,
-        })
-    }
-}
-
-impl Flusher {
-    /// Compacts `vchannel` if its manifest calls for it: writes the merged segments (deletes
-    /// applied) as new files, then swaps them into the manifest in one commit. The old files
-    /// are left to [`Flusher::collect_garbage`], after the grace period.
-    async fn compact(&mut self, vchannel: &str) -> Result<bool, FlushError> {
-        let Some(v) = self.vchannels.get(vchannel) else {
-            return Ok(false);
-        };
-        if v.dropped() {
-            return Ok(false);
-        }
-        let pending_min = v
-            .pending
-            .values()
-            .filter(|p| p.rows > 0)
-            .map(|p| p.min_tick)
-            .min()
-            .unwrap_or(u64::MAX);
-        let Some(plan) =
-            compaction::plan(&v.stored.manifest, &self.ctx.config.compaction, pending_min)
-        else {
-            return Ok(false);
-        };
-        let ctx = self.ctx.clone();
-        let blobs = ctx.blobs.as_ref();
-        let m = v.stored.manifest.clone();
-        let mut deletes = files::Deletes::new();
-        for d in &m.deltas {
-            if let Some(f) = &d.file {
-                files::read_deletes(blobs.get(&f.key).await?, &mut deletes)?;
-            }
-        }
-        let prefix = vchannel_prefix(m.collection_id, vchannel);
-        let mut partitions: BTreeMap<String, Vec<&FlushedSegment>> = BTreeMap::new();
-        for s in m
-            .segments
-            .iter()
-            .filter(|s| plan.inputs.contains(&s.segment_id))
-        {
-            partitions.entry(s.partition.clone()).or_default().push(s);
-        }
-        let mut outputs = Vec::new();
-        for (partition, inputs) in partitions {
-            let (mut kept, mut removed) = (Vec::new(), 0u64);
-            for s in &inputs {
-                for b in read_files(blobs, &s.files).await? {
-                    let (b, r) = files::apply_deletes(&b, &v.pk, &deletes)?;
-                    removed += r;
-                    if b.num_rows() > 0 {
-                        kept.push(b);
-                    }
-                }
-            }
-            let id = self.ch.fresh_tick().await.map_err(FlushError::from)?.0;
-            let rows: u64 = kept.iter().map(|b| b.num_rows() as u64).sum();
-            let (mut min_tick, mut max_tick) = (u64::MAX, 0);
-            for b in &kept {
-                for t in files::ticks_of(b, files::TICK_COLUMN)?.values() {
-                    min_tick = min_tick.min(*t);
-                    max_tick = max_tick.max(*t);
-                }
-            }
-            let mut segment_files = Vec::new();
-            for (n, group) in files::split(kept, ctx.config.max_file_bytes)
-                .iter()
-                .enumerate()
-            {
-                let data = files::encode(&v.data_schema, group)?;
-                let key = format!(
-                    "{prefix}{id:020}/data-{n:04}-{:016x}.parquet",
-                    rand::random::<u64>()
-                );
-                let size = data.len() as u64;
-                blobs.put_if_absent(&key, data).await?;
-                segment_files.push(SegmentFile {
-                    key,
-                    kind: FileKind::Data as i32,
-                    rows: group.iter().map(|b| b.num_rows() as u64).sum(),
-                    bytes: size,
-                    url: String::new(),
-                });
-            }
-            ctx.metrics.compacted_rows.inc_by(rows);
-            outputs.push(FlushedSegment {
-                segment_id: id,
-                partition,
-                state: SegmentState::Compacted as i32,
-                rows,
-                deleted_rows: removed + inputs.iter().map(|s| s.deleted_rows).sum::<u64>(),
-                files: segment_files,
-                min_tick: if rows == 0 { 0 } else { min_tick },
-                max_tick,
-                compacted_from: inputs.iter().map(|s| s.segment_id).collect(),
-                create_id: 0,
-            });
-        }
-        let mut next = m.clone();
-        for s in next
-            .segments
-            .iter()
-            .filter(|s| plan.inputs.contains(&s.segment_id))
-        {
-            next.retired.push(RetiredSegment {
-                segment_id: s.segment_id,
-                create_id: s.create_id,
-            });
-        }
-        next.segments
-            .retain(|s| !plan.inputs.contains(&s.segment_id));
-        // A merge that deleted every row leaves no segment.
-        next.segments
-            .extend(outputs.into_iter().filter(|s| s.rows > 0));
-        next.deltas.retain(|d| !plan.drop_deltas.contains(&d.id));
-        let pchannel = self.ch.name().to_owned();
-        let term = self.ch.term().0;
-        let v = self
-            .vchannels
-            .get_mut(vchannel)
-            .ok_or_else(|| FlushError::NotServed(vchannel.to_owned()))?;
-        manifest::commit(ctx.meta.as_ref(), &pchannel, term, &mut v.stored, next).await?;
-        info!(
-            %vchannel,
-            merged = plan.inputs.len(),
-            delete_logs_dropped = plan.drop_deltas.len(),
-            "compacted"
-        );
-        self.publish(vchannel);
-        Ok(true)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::compaction::plan;
-    use crate::config::CompactionConfig;
-    use walden_proto::v1::{DeltaLog, FlushedSegment, VChannelManifest};
-
-    fn seg(id: u64, rows: u64, min_tick: u64) -> FlushedSegment {
-        FlushedSegment {
-            segment_id: id,
-            partition: "_default".into(),
-            rows,
-            min_tick,
-            max_tick: min_tick + 1,
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn small_segments_of_a_partition_are_merged_once_there_are_enough() {
-        let c = CompactionConfig::default();
-        let mut m = VChannelManifest {
-            segments: (1..=3).map(|i| seg(i, 10, i * 10)).collect(),
-            ..Default::default()
-        };
-        assert_eq!(plan(&m, &c, u64::MAX), None);
-        m.segments.push(seg(4, 10, 40));
-        m.segments.push(seg(5, 1_000_000, 50));
-        let p = plan(&m, &c, u64::MAX).expect("a plan");
-        assert_eq!(p.inputs, vec![1, 2, 3, 4]);
-    }
-
-    #[test]
-    fn a_delete_log_is_dropped_only_when_everything_it_may_touch_is_rewritten() {
-        let c = CompactionConfig {
-            max_delete_logs: 2,
-            ..Default::default()
-        };
-        let delta = |id, max_tick| DeltaLog {
-            id,
-            max_tick,
-            min_tick: max_tick,
-            file: None,
-        };
-        let m = VChannelManifest {
-            segments: vec![seg(1, 1_000_000, 10), seg(2, 1_000_000, 100)],
-            deltas: vec![delta(7, 50), delta(8, 60)],
-            ..Default::default()
-        };
-        let p = plan(&m, &c, u64::MAX).expect("a plan");
-        // Segment 2's rows are all newer than every delete: untouched.
-        assert_eq!(p.inputs, vec![1]);
-        assert_eq!(p.drop_deltas, vec![7, 8]);
-        // A held segment with rows older than a delete keeps that delete log.
-        let p = plan(&m, &c, 55).expect("a plan");
-        assert_eq!(p.drop_deltas, vec![7]);
-    }
 }

@@ -8,7 +8,7 @@ mod common;
 
 use std::{
     collections::{BTreeMap, HashMap},
-    process::{Command, Output, Stdio},
+    process::{Command, Stdio},
     sync::Arc,
     time::Duration,
 };
@@ -18,7 +18,7 @@ use arrow_array::{
     types::Float64Type,
 };
 use bytes::Bytes;
-use common::{Server, WALDEN, read_to_end};
+use common::{Server, WALDEN, ok_json, read_to_end, walden};
 use rand::Rng;
 use serde_json::Value;
 use walden_client::{Client, ProducerOptions};
@@ -26,25 +26,6 @@ use walden_common::ErrorCode;
 use walden_message::{ImmutableMessage, MessageType, MutableMessage};
 
 const SCHEMA: &str = r#"{"fields":[{"name":"id","type":"int64","primary_key":true},{"name":"emb","type":"float_vector","dim":4},{"name":"title","type":"string"}]}"#;
-
-fn walden(args: &[&str]) -> Output {
-    Command::new(WALDEN)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
-
-/// Runs a command that must succeed and print one JSON document.
-fn ok_json(args: &[&str]) -> Value {
-    let out = walden(args);
-    assert!(
-        out.status.success(),
-        "walden {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
 
 /// Runs a command that must fail with one line on stderr naming `code`.
 fn fails_with(args: &[&str], code: ErrorCode) {

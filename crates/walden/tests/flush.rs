@@ -8,11 +8,10 @@ mod common;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    process::{Command, Output, Stdio},
     time::{Duration, Instant},
 };
 
-use common::{Server, WALDEN};
+use common::{Server, ok_json};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde_json::{Value, json};
 use walden_client::{Client, ConsumerOptions, DeliverFrom, ProducerOptions};
@@ -30,26 +29,40 @@ const SCHEMA: &str = r#"{"fields":[
   {"name":"weight","type":"double"},
   {"name":"ok","type":"bool","nullable":true}]}"#;
 
-fn walden(args: &[&str]) -> Output {
-    Command::new(WALDEN)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
-
-fn ok_json(args: &[&str]) -> Value {
-    let out = walden(args);
-    assert!(
-        out.status.success(),
-        "walden {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 fn pyarrow_rows(segments: &Value) -> Value {
     common::parquet_rows(segments, "id")
+}
+
+/// Creates collection `docs` of [`SCHEMA`] with the CLI, as a user would.
+fn create_docs(dir: &std::path::Path, addr: &str, shards: u32) {
+    let schema_file = dir.join("schema.json");
+    std::fs::write(&schema_file, SCHEMA).unwrap();
+    let shards = shards.to_string();
+    let file = schema_file.to_str().unwrap();
+    ok_json(&[
+        "collection",
+        "create",
+        "docs",
+        "--schema",
+        file,
+        "--shards",
+        &shards,
+        "--addr",
+        addr,
+        "--json",
+    ]);
+}
+
+/// Inserts the rows `ids` (version 0) in batches of `per`.
+async fn insert_rows(client: &Client, schema: &Schema, ids: std::ops::Range<i64>, per: usize) {
+    for chunk in ids.collect::<Vec<_>>().chunks(per) {
+        let rows: Vec<Value> = chunk.iter().map(|i| row(*i, 0)).collect();
+        client
+            .collections()
+            .insert("docs", None, &[schema.rows_from_json(&rows).unwrap()])
+            .await
+            .unwrap();
+    }
 }
 
 /// One row of the test schema; every value exact in float32.
@@ -107,20 +120,7 @@ async fn flushed_files_read_by_pyarrow_hold_the_inserted_rows_minus_the_deleted_
     )
     .await;
     let addr = server.addr.clone();
-    let schema_file = dir.path().join("schema.json");
-    std::fs::write(&schema_file, SCHEMA).unwrap();
-    ok_json(&[
-        "collection",
-        "create",
-        "docs",
-        "--schema",
-        schema_file.to_str().unwrap(),
-        "--shards",
-        "2",
-        "--addr",
-        &addr,
-        "--json",
-    ]);
+    create_docs(dir.path(), &addr, 2);
     ok_json(&[
         "partition",
         "create",
@@ -352,20 +352,7 @@ async fn kill_9_while_flushing_and_compacting_leaves_every_row_in_the_files_exac
                   [flush]\ncheckpoint_interval_ms = 50\ngc_grace_ms = 0\ngc_interval_ms = 200\n\
                   [flush.compaction]\ninterval_ms = 200\nmin_segments = 2\nsmall_rows = 100000\n";
     let mut server = Server::start(&data, Some(config)).await;
-    let schema_file = dir.path().join("schema.json");
-    std::fs::write(&schema_file, SCHEMA).unwrap();
-    ok_json(&[
-        "collection",
-        "create",
-        "docs",
-        "--schema",
-        schema_file.to_str().unwrap(),
-        "--shards",
-        "2",
-        "--addr",
-        &server.addr,
-        "--json",
-    ]);
+    create_docs(dir.path(), &server.addr, 2);
     ok_json(&[
         "partition",
         "create",
@@ -478,30 +465,10 @@ async fn the_wal_is_truncated_behind_flushed_data_after_a_restart_with_no_writes
         Some(&format!("{base}[wal.retention]\ntime_ms = 3600000\n")),
     )
     .await;
-    let schema_file = dir.path().join("schema.json");
-    std::fs::write(&schema_file, SCHEMA).unwrap();
-    ok_json(&[
-        "collection",
-        "create",
-        "docs",
-        "--schema",
-        schema_file.to_str().unwrap(),
-        "--shards",
-        "1",
-        "--addr",
-        &server.addr,
-        "--json",
-    ]);
+    create_docs(dir.path(), &server.addr, 1);
     let client = server.client().await;
     let (_, schema) = client.collections().schema("docs").await.unwrap();
-    for chunk in (0..3000i64).collect::<Vec<_>>().chunks(100) {
-        let rows: Vec<Value> = chunk.iter().map(|i| row(*i, 0)).collect();
-        client
-            .collections()
-            .insert("docs", None, &[schema.rows_from_json(&rows).unwrap()])
-            .await
-            .unwrap();
-    }
+    insert_rows(&client, &schema, 0..3000, 100).await;
     ok_json(&[
         "flush",
         "--collection",
@@ -587,20 +554,7 @@ async fn under_a_steady_insert_load_the_wal_stays_bounded() {
         ),
     )
     .await;
-    let schema_file = dir.path().join("schema.json");
-    std::fs::write(&schema_file, SCHEMA).unwrap();
-    ok_json(&[
-        "collection",
-        "create",
-        "docs",
-        "--schema",
-        schema_file.to_str().unwrap(),
-        "--shards",
-        "2",
-        "--addr",
-        &server.addr,
-        "--json",
-    ]);
+    create_docs(dir.path(), &server.addr, 2);
     let client = server.client().await;
     let (_, schema) = client.collections().schema("docs").await.unwrap();
     // The bound: a few WAL segments per pchannel (flush lag, the durable checkpoint's lag,
@@ -659,30 +613,10 @@ async fn on_the_object_wal_truncation_deletes_the_wal_segments_behind_flushed_da
         ),
     )
     .await;
-    let schema_file = dir.path().join("schema.json");
-    std::fs::write(&schema_file, SCHEMA).unwrap();
-    ok_json(&[
-        "collection",
-        "create",
-        "docs",
-        "--schema",
-        schema_file.to_str().unwrap(),
-        "--shards",
-        "1",
-        "--addr",
-        &server.addr,
-        "--json",
-    ]);
+    create_docs(dir.path(), &server.addr, 1);
     let client = server.client().await;
     let (_, schema) = client.collections().schema("docs").await.unwrap();
-    for chunk in (0..1000i64).collect::<Vec<_>>().chunks(50) {
-        let rows: Vec<Value> = chunk.iter().map(|i| row(*i, 0)).collect();
-        client
-            .collections()
-            .insert("docs", None, &[schema.rows_from_json(&rows).unwrap()])
-            .await
-            .unwrap();
-    }
+    insert_rows(&client, &schema, 0..1000, 50).await;
     let markers = || {
         std::fs::read_dir(data.join("objects/wal/walden-dml-0/segs"))
             .map(|d| d.count())

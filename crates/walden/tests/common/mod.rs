@@ -15,6 +15,26 @@ pub mod cluster;
 
 pub const WALDEN: &str = env!("CARGO_BIN_EXE_walden");
 
+/// Runs the CLI with no stdin.
+pub fn walden(args: &[&str]) -> std::process::Output {
+    Command::new(WALDEN)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run walden")
+}
+
+/// Runs a command that must succeed and print one JSON document.
+pub fn ok_json(args: &[&str]) -> serde_json::Value {
+    let out = walden(args);
+    assert!(
+        out.status.success(),
+        "walden {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON document")
+}
+
 /// The pyarrow reader of flushed files (see the script's docs).
 const PARQUET_ROWS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/parquet_rows.py");
 
