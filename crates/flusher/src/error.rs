@@ -27,6 +27,8 @@ pub enum FlushError {
     Format(String),
     #[error(transparent)]
     Schema(#[from] walden_schema::SchemaError),
+    #[error(transparent)]
+    File(#[from] walden_segment_format::FormatError),
     #[error("vchannel {0:?} is not served by this node")]
     NotServed(String),
 }
@@ -48,6 +50,7 @@ impl HasErrorCode for FlushError {
             Self::Conflict(_) => ErrorCode::ChannelFenced,
             Self::Format(_) => ErrorCode::Corrupted,
             Self::Schema(e) => e.code(),
+            Self::File(e) => e.code(),
             Self::NotServed(_) => ErrorCode::ChannelNotFound,
         }
     }

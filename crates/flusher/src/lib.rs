@@ -16,7 +16,6 @@
 mod compact;
 mod config;
 mod error;
-pub mod files;
 pub mod manifest;
 mod metrics;
 mod pchannel;
@@ -42,6 +41,8 @@ pub use config::{CompactionConfig, FlushConfig, RetentionConfig};
 pub use error::FlushError;
 pub use metrics::Metrics;
 pub use pchannel::vchannel_prefix;
+/// The file format the flusher writes.
+pub use walden_segment_format as files;
 
 use pchannel::{Ctx, View};
 

@@ -508,8 +508,9 @@ std::thread_local! {
 
 /// Runs `f`, turning a panic into its message, without the panic hook printing it: refusing a
 /// malformed payload is not a crash, and a panic message on a server's stderr reads like one.
-/// Panics anywhere else still reach the hook that was installed before.
-fn quietly<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe) -> Result<T, String> {
+/// Panics anywhere else still reach the hook that was installed before. For readers of
+/// untrusted bytes whose library may panic (Arrow IPC here, Parquet in the segment format).
+pub fn quietly<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe) -> Result<T, String> {
     static HOOK: std::sync::Once = std::sync::Once::new();
     HOOK.call_once(|| {
         let earlier = std::panic::take_hook();

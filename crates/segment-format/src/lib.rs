@@ -1,4 +1,5 @@
-//! The Parquet files of historical data.
+//! The Parquet files of historical data: what the flusher writes and compaction rewrites, and
+//! what any reader (pyarrow, a query node) opens.
 //!
 //! * A **data file** holds a segment's rows: the collection's fields with their Arrow types
 //!   exactly (vectors `FixedSizeList<Float32>`, nullable fields nullable, JSON as UTF-8), then
@@ -22,10 +23,25 @@ use parquet::{
     basic::Compression,
     file::properties::WriterProperties,
 };
+use thiserror::Error;
+use walden_common::{ErrorCode, HasErrorCode};
 use walden_proto::v1::{DataType, DeleteIds};
 use walden_schema::Schema;
 
-use crate::{FlushError, error::format};
+/// A file or batch that does not have the shape this format says.
+#[derive(Debug, Error)]
+#[error("{0}")]
+pub struct FormatError(pub String);
+
+impl HasErrorCode for FormatError {
+    fn code(&self) -> ErrorCode {
+        ErrorCode::Corrupted
+    }
+}
+
+fn format(what: &str, e: impl std::fmt::Display) -> FormatError {
+    FormatError(format!("{what}: {e}"))
+}
 
 /// The tick column of data files. `$` cannot start a field name, so it never collides.
 pub const TICK_COLUMN: &str = "$tick";
@@ -72,7 +88,7 @@ pub fn data_batch(
     target: &SchemaRef,
     batch: &RecordBatch,
     tick: u64,
-) -> Result<RecordBatch, FlushError> {
+) -> Result<RecordBatch, FormatError> {
     let mut columns: Vec<ArrayRef> = Vec::with_capacity(target.fields().len());
     for field in schema.arrow().fields() {
         let col = batch
@@ -111,7 +127,7 @@ pub fn delete_keys(ids: &DeleteIds) -> impl Iterator<Item = Pk> + '_ {
 }
 
 /// The primary keys of a batch's rows (`column` is the key column).
-pub fn keys_of(batch: &RecordBatch, column: &str) -> Result<Vec<Pk>, FlushError> {
+pub fn keys_of(batch: &RecordBatch, column: &str) -> Result<Vec<Pk>, FormatError> {
     let col = batch
         .column_by_name(column)
         .ok_or_else(|| format("rows", format!("no primary key column {column:?}")))?;
@@ -131,7 +147,7 @@ pub fn keys_of(batch: &RecordBatch, column: &str) -> Result<Vec<Pk>, FlushError>
 }
 
 /// A delta batch of `deletes` (key, tick).
-pub fn delta_batch(target: &SchemaRef, deletes: &[(Pk, u64)]) -> Result<RecordBatch, FlushError> {
+pub fn delta_batch(target: &SchemaRef, deletes: &[(Pk, u64)]) -> Result<RecordBatch, FormatError> {
     let pk: ArrayRef = match target.field(0).data_type() {
         ArrowType::Int64 => Arc::new(Int64Array::from_iter_values(deletes.iter().map(
             |(k, _)| match k {
@@ -153,7 +169,7 @@ pub fn delta_batch(target: &SchemaRef, deletes: &[(Pk, u64)]) -> Result<RecordBa
 }
 
 /// Reads the deletes of a delta file into `into` (highest tick per key).
-pub fn read_deletes(bytes: Bytes, into: &mut Deletes) -> Result<u64, FlushError> {
+pub fn read_deletes(bytes: Bytes, into: &mut Deletes) -> Result<u64, FormatError> {
     let mut n = 0;
     for batch in decode(bytes)? {
         let keys = keys_of(&batch, "pk")?;
@@ -167,7 +183,7 @@ pub fn read_deletes(bytes: Bytes, into: &mut Deletes) -> Result<u64, FlushError>
     Ok(n)
 }
 
-pub fn ticks_of<'a>(batch: &'a RecordBatch, column: &str) -> Result<&'a UInt64Array, FlushError> {
+pub fn ticks_of<'a>(batch: &'a RecordBatch, column: &str) -> Result<&'a UInt64Array, FormatError> {
     batch
         .column_by_name(column)
         .and_then(|c| c.as_any().downcast_ref::<UInt64Array>())
@@ -195,7 +211,7 @@ pub fn split(batches: Vec<RecordBatch>, max_bytes: u64) -> Vec<Vec<RecordBatch>>
 }
 
 /// One Parquet file of `batches` (all of `schema`).
-pub fn encode(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Bytes, FlushError> {
+pub fn encode(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Bytes, FormatError> {
     let props = WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
         .build();
@@ -209,8 +225,14 @@ pub fn encode(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Bytes, Flus
     Ok(Bytes::from(out))
 }
 
-/// Every batch of a Parquet file.
-pub fn decode(bytes: Bytes) -> Result<Vec<RecordBatch>, FlushError> {
+/// Every batch of a Parquet file. A malformed file is an error, never a panic (the Parquet
+/// reader is not hardened against every input; `fuzz/fuzz_targets/segment_files.rs`).
+pub fn decode(bytes: Bytes) -> Result<Vec<RecordBatch>, FormatError> {
+    walden_schema::quietly(|| decode_unguarded(bytes))
+        .map_err(|why| FormatError(format!("parquet file: the reader gave up: {why}")))?
+}
+
+fn decode_unguarded(bytes: Bytes) -> Result<Vec<RecordBatch>, FormatError> {
     let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
         .map_err(|e| format("parquet file", e))?
         .build()
@@ -226,7 +248,7 @@ pub fn apply_deletes(
     batch: &RecordBatch,
     pk: &str,
     deletes: &Deletes,
-) -> Result<(RecordBatch, u64), FlushError> {
+) -> Result<(RecordBatch, u64), FormatError> {
     if deletes.is_empty() {
         return Ok((batch.clone(), 0));
     }
