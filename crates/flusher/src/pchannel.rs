@@ -472,7 +472,7 @@ impl Flusher {
             let min_tick = v.deletes.iter().map(|d| d.1).min().unwrap_or(0);
             let max_tick = v.deletes.iter().map(|d| d.1).max().unwrap_or(0);
             let batch = files::delta_batch(&v.delta_schema, &v.deletes)?;
-            let data = files::encode(&v.delta_schema, &[batch])?;
+            let data = encode(v.delta_schema.clone(), vec![batch]).await?;
             let key = format!(
                 "{prefix}delta/{max_tick:020}-{:016x}.parquet",
                 rand::random::<u64>()
@@ -840,20 +840,30 @@ pub(crate) async fn write_data_files(
     max_bytes: u64,
 ) -> Result<Vec<SegmentFile>, FlushError> {
     let mut out = Vec::new();
-    for (n, group) in files::split(batches, max_bytes).iter().enumerate() {
-        let data = files::encode(schema, group)?;
+    for (n, group) in files::split(batches, max_bytes).into_iter().enumerate() {
+        let rows = group.iter().map(|b| b.num_rows() as u64).sum();
+        let data = encode(schema.clone(), group).await?;
         let key = format!("{dir}data-{n:04}-{:016x}.parquet", rand::random::<u64>());
         let bytes = data.len() as u64;
         blobs.put_if_absent(&key, data).await?;
         out.push(SegmentFile {
             key,
             kind: FileKind::Data as i32,
-            rows: group.iter().map(|b| b.num_rows() as u64).sum(),
+            rows,
             bytes,
             url: String::new(),
         });
     }
     Ok(out)
+}
+
+/// Encodes a Parquet file off the async workers: a segment takes a few hundred ms, and the
+/// node's appends and acknowledgements share those workers (one, on two cores).
+async fn encode(schema: SchemaRef, batches: Vec<RecordBatch>) -> Result<Bytes, FlushError> {
+    tokio::task::spawn_blocking(move || files::encode(&schema, &batches))
+        .await
+        .map_err(|e| FlushError::Format(format!("encoding task: {e}")))?
+        .map_err(FlushError::from)
 }
 
 /// Reads every batch of `files`.
@@ -864,7 +874,10 @@ pub(crate) async fn read_files(
     let mut out = Vec::new();
     for f in files {
         let bytes: Bytes = blobs.get(&f.key).await?;
-        out.extend(files::decode(bytes)?);
+        let batches = tokio::task::spawn_blocking(move || files::decode(bytes))
+            .await
+            .map_err(|e| FlushError::Format(format!("decoding task: {e}")))??;
+        out.extend(batches);
     }
     Ok(out)
 }
