@@ -39,18 +39,6 @@ pub async fn load(
     }
 }
 
-/// Every manifest of a collection.
-pub async fn load_collection(
-    meta: &dyn MetaStore,
-    collection_id: u64,
-) -> Result<Vec<VChannelManifest>, FlushError> {
-    meta.range(&keys::manifest_prefix(collection_id))
-        .await?
-        .into_iter()
-        .map(|kv| VChannelManifest::decode(kv.value.as_ref()).map_err(|e| format("manifest", e)))
-        .collect()
-}
-
 /// Replaces `stored` with `next` if the pchannel is still at `term` and the manifest is still
 /// the one `stored` holds.
 pub async fn commit(

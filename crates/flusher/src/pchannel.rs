@@ -34,6 +34,7 @@ use walden_streaming_node::{
     channel::{Channel, Health},
     scanner::{self, DeliverPolicy, Filters, Sink},
 };
+use walden_tso::now_ms;
 
 use crate::{
     FlushConfig, FlushError, Metrics, RetentionConfig,
@@ -158,13 +159,6 @@ impl std::fmt::Debug for Flusher {
             .field("position", &self.position)
             .finish()
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Frames of messages from the scan to the flusher.
@@ -560,8 +554,9 @@ impl Flusher {
         self.save_checkpoints().await?;
         self.truncate().await?;
         self.report_lag();
-        // Growing segments' row counts move with every insert: shown as of this round.
-        self.publish_all();
+        // Growing segments' row counts move with every insert: shown as of this round (the
+        // manifests are republished only when they change).
+        self.publish_held();
         if self
             .last_gc
             .is_none_or(|t| t.elapsed() >= Duration::from_millis(config.gc_interval_ms))
@@ -769,6 +764,23 @@ impl Flusher {
                     vchannel.to_owned(),
                     (v.stored.manifest.clone(), v.infos(vchannel)),
                 );
+        }
+    }
+
+    /// Republishes what each vchannel holds, keeping the published manifest.
+    fn publish_held(&self) {
+        let mut view = self
+            .view
+            .vchannels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for (name, v) in &self.vchannels {
+            match view.get_mut(name) {
+                Some(entry) => entry.1 = v.infos(name),
+                None => {
+                    view.insert(name.clone(), (v.stored.manifest.clone(), v.infos(name)));
+                }
+            }
         }
     }
 

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 use walden_common::ErrorCode;
 use walden_proto::v1::{
-    self as pb, FileKind, SegmentInfo, SegmentState, SegmentsRequest, SegmentsResponse,
-    VChannelFlushState, storage_server::Storage,
+    self as pb, SegmentInfo, SegmentState, SegmentsRequest, SegmentsResponse, VChannelFlushState,
+    storage_server::Storage,
 };
 
 use crate::Flushers;
@@ -87,11 +87,6 @@ impl Storage for StorageService {
                 checkpoint_id: m.checkpoint_id,
             });
         }
-        debug_assert!(out.segments.iter().all(|s| {
-            s.files
-                .iter()
-                .all(|f| f.kind != FileKind::Unspecified as i32)
-        }));
         Ok(Response::new(out))
     }
 }
