@@ -600,23 +600,15 @@ async fn rows_held_by_a_killed_nodes_flusher_are_flushed_by_the_new_owner_exactl
         .flush_and_wait("docs", Duration::from_secs(60))
         .await
         .unwrap();
-    let out = std::process::Command::new(common::WALDEN)
-        .args([
-            "segments",
-            "--collection",
-            "docs",
-            "--json",
-            "--addr",
-            &c.addrs(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let segments: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let addrs = c.addrs();
+    let segments = common::ok_json(&[
+        "segments",
+        "--collection",
+        "docs",
+        "--json",
+        "--addr",
+        &addrs,
+    ]);
     let got = common::parquet_rows(&segments, "id");
     let ids: Vec<i64> = got["rows"]
         .as_array()
