@@ -1,0 +1,527 @@
+//! The filter language's grammar: a hand-written lexer and recursive-descent parser.
+//!
+//! ```text
+//! expr      := and (("or" | "||") and)*
+//! and       := unary (("and" | "&&") unary)*
+//! unary     := ("not" | "!") unary | "(" expr ")" | predicate
+//! predicate := field cmp literal | literal cmp field
+//!            | field ["not"] "in" "[" [literal ("," literal)*] "]"
+//!            | field ["not"] "like" string
+//!            | field "is" ["not"] "null"
+//!            | field                       (a bool field that is true)
+//! cmp       := "==" | "!=" | "<" | "<=" | ">" | ">="
+//! literal   := ["-"] integer | ["-"] float | string | "true" | "false"
+//! ```
+//!
+//! Keywords are case-insensitive. Strings are quoted with `'` or `"`; `\` escapes the next
+//! character.
+
+use crate::{ExprError, MAX_DEPTH, MAX_LEN};
+
+/// A comparison operator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CmpOp {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+impl CmpOp {
+    /// The operator with its operands swapped (`1 < x` is `x > 1`).
+    fn mirrored(self) -> Self {
+        match self {
+            Self::Lt => Self::Gt,
+            Self::Le => Self::Ge,
+            Self::Gt => Self::Lt,
+            Self::Ge => Self::Le,
+            o => o,
+        }
+    }
+}
+
+/// A constant in an expression.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Literal {
+    Int(i64),
+    Float(f64),
+    Str(String),
+    Bool(bool),
+}
+
+/// A parsed filter, before it is checked against a schema.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Expr {
+    Cmp {
+        field: String,
+        op: CmpOp,
+        value: Literal,
+    },
+    In {
+        field: String,
+        values: Vec<Literal>,
+        negated: bool,
+    },
+    Like {
+        field: String,
+        pattern: String,
+        negated: bool,
+    },
+    IsNull {
+        field: String,
+        negated: bool,
+    },
+    /// Every operand holds (flat: a long chain never nests deeply).
+    And(Vec<Expr>),
+    /// Some operand holds.
+    Or(Vec<Expr>),
+    Not(Box<Expr>),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum Tok {
+    Ident(String),
+    Lit(Literal),
+    Op(CmpOp),
+    LParen,
+    RParen,
+    LBracket,
+    RBracket,
+    Comma,
+    AndOp,
+    OrOp,
+    Bang,
+}
+
+fn syntax(at: usize, msg: impl Into<String>) -> ExprError {
+    ExprError::Syntax {
+        at,
+        message: msg.into(),
+    }
+}
+
+fn lex(src: &str) -> Result<Vec<(usize, Tok)>, ExprError> {
+    let b = src.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        let start = i;
+        let two = |s: &[u8]| b[i..].starts_with(s);
+        let tok = match c {
+            b' ' | b'\t' | b'\n' | b'\r' => {
+                i += 1;
+                continue;
+            }
+            b'(' => Tok::LParen,
+            b')' => Tok::RParen,
+            b'[' => Tok::LBracket,
+            b']' => Tok::RBracket,
+            b',' => Tok::Comma,
+            _ if two(b"==") => Tok::Op(CmpOp::Eq),
+            _ if two(b"!=") => Tok::Op(CmpOp::Ne),
+            _ if two(b"<=") => Tok::Op(CmpOp::Le),
+            _ if two(b">=") => Tok::Op(CmpOp::Ge),
+            _ if two(b"&&") => Tok::AndOp,
+            _ if two(b"||") => Tok::OrOp,
+            b'<' => Tok::Op(CmpOp::Lt),
+            b'>' => Tok::Op(CmpOp::Gt),
+            b'!' => Tok::Bang,
+            b'\'' | b'"' => {
+                let mut s = String::new();
+                i += 1;
+                loop {
+                    let Some(ch) = src[i..].chars().next() else {
+                        return Err(syntax(start, "unterminated string"));
+                    };
+                    i += ch.len_utf8();
+                    if ch as u32 == u32::from(c) {
+                        break;
+                    }
+                    if ch == '\\' {
+                        let Some(esc) = src[i..].chars().next() else {
+                            return Err(syntax(start, "unterminated string"));
+                        };
+                        i += esc.len_utf8();
+                        // Keep the backslash before a LIKE wildcard: the pattern needs it.
+                        if esc == '%' || esc == '_' || esc == '\\' {
+                            s.push('\\');
+                        }
+                        s.push(esc);
+                    } else {
+                        s.push(ch);
+                    }
+                }
+                out.push((start, Tok::Lit(Literal::Str(s))));
+                continue;
+            }
+            b'0'..=b'9' | b'-' | b'.' => {
+                i += 1;
+                while i < b.len()
+                    && (b[i].is_ascii_alphanumeric()
+                        || b[i] == b'.'
+                        || ((b[i] == b'-' || b[i] == b'+') && matches!(b[i - 1], b'e' | b'E')))
+                {
+                    i += 1;
+                }
+                let text = &src[start..i];
+                let lit = if let Ok(v) = text.parse::<i64>() {
+                    Literal::Int(v)
+                } else if let Ok(v) = text.parse::<f64>()
+                    && v.is_finite()
+                    && !text.contains(|c: char| c.is_ascii_alphabetic() && c != 'e' && c != 'E')
+                {
+                    Literal::Float(v)
+                } else {
+                    return Err(syntax(start, format!("not a number: {text:?}")));
+                };
+                out.push((start, Tok::Lit(lit)));
+                continue;
+            }
+            c if c.is_ascii_alphabetic() || c == b'_' => {
+                while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_') {
+                    i += 1;
+                }
+                let word = &src[start..i];
+                let tok = match word.to_ascii_lowercase().as_str() {
+                    "and" => Tok::AndOp,
+                    "or" => Tok::OrOp,
+                    "true" => Tok::Lit(Literal::Bool(true)),
+                    "false" => Tok::Lit(Literal::Bool(false)),
+                    _ => Tok::Ident(word.to_owned()),
+                };
+                out.push((start, tok));
+                continue;
+            }
+            _ => {
+                let ch = src[i..].chars().next().unwrap_or('?');
+                return Err(syntax(i, format!("unexpected character {ch:?}")));
+            }
+        };
+        i += match tok {
+            Tok::Op(CmpOp::Lt | CmpOp::Gt) | Tok::Bang => 1,
+            Tok::Op(_) | Tok::AndOp | Tok::OrOp => 2,
+            _ => 1,
+        };
+        out.push((start, tok));
+    }
+    Ok(out)
+}
+
+struct Parser {
+    toks: Vec<(usize, Tok)>,
+    pos: usize,
+    end: usize,
+    depth: usize,
+}
+
+impl Parser {
+    fn peek(&self) -> Option<&Tok> {
+        self.toks.get(self.pos).map(|t| &t.1)
+    }
+
+    fn at(&self) -> usize {
+        self.toks.get(self.pos).map_or(self.end, |t| t.0)
+    }
+
+    fn next(&mut self) -> Option<Tok> {
+        let t = self.toks.get(self.pos).map(|t| t.1.clone());
+        self.pos += 1;
+        t
+    }
+
+    fn keyword(&self, word: &str) -> bool {
+        matches!(self.peek(), Some(Tok::Ident(w)) if w.eq_ignore_ascii_case(word))
+    }
+
+    fn expect(&mut self, want: &Tok, what: &str) -> Result<(), ExprError> {
+        let at = self.at();
+        match self.next() {
+            Some(t) if &t == want => Ok(()),
+            _ => Err(syntax(at, format!("expected {what}"))),
+        }
+    }
+
+    fn descend(&mut self) -> Result<(), ExprError> {
+        self.depth += 1;
+        if self.depth > MAX_DEPTH {
+            return Err(syntax(
+                self.at(),
+                format!("nested deeper than {MAX_DEPTH} levels"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn or(&mut self) -> Result<Expr, ExprError> {
+        self.descend()?;
+        let mut terms = vec![self.and()?];
+        while self.peek() == Some(&Tok::OrOp) {
+            self.pos += 1;
+            terms.push(self.and()?);
+        }
+        self.depth -= 1;
+        Ok(if terms.len() == 1 {
+            terms.remove(0)
+        } else {
+            Expr::Or(terms)
+        })
+    }
+
+    fn and(&mut self) -> Result<Expr, ExprError> {
+        let mut terms = vec![self.unary()?];
+        while self.peek() == Some(&Tok::AndOp) {
+            self.pos += 1;
+            terms.push(self.unary()?);
+        }
+        Ok(if terms.len() == 1 {
+            terms.remove(0)
+        } else {
+            Expr::And(terms)
+        })
+    }
+
+    fn unary(&mut self) -> Result<Expr, ExprError> {
+        if self.peek() == Some(&Tok::Bang) || self.keyword("not") {
+            self.pos += 1;
+            self.descend()?;
+            let e = Expr::Not(Box::new(self.unary()?));
+            self.depth -= 1;
+            return Ok(e);
+        }
+        if self.peek() == Some(&Tok::LParen) {
+            self.pos += 1;
+            let e = self.or()?;
+            self.expect(&Tok::RParen, "')'")?;
+            return Ok(e);
+        }
+        self.predicate()
+    }
+
+    fn literal(&mut self) -> Result<Literal, ExprError> {
+        let at = self.at();
+        match self.next() {
+            Some(Tok::Lit(l)) => Ok(l),
+            _ => Err(syntax(
+                at,
+                "expected a value (number, string, true or false)",
+            )),
+        }
+    }
+
+    fn predicate(&mut self) -> Result<Expr, ExprError> {
+        let at = self.at();
+        match self.next() {
+            Some(Tok::Lit(value)) => {
+                // `literal cmp field`
+                let at = self.at();
+                let Some(Tok::Op(op)) = self.next() else {
+                    return Err(syntax(at, "expected a comparison after a value"));
+                };
+                let at = self.at();
+                let Some(Tok::Ident(field)) = self.next() else {
+                    return Err(syntax(at, "expected a field name"));
+                };
+                Ok(Expr::Cmp {
+                    field,
+                    op: op.mirrored(),
+                    value,
+                })
+            }
+            Some(Tok::Ident(field)) => {
+                let negated = self.keyword("not");
+                if negated {
+                    self.pos += 1;
+                }
+                let at = self.at();
+                if self.keyword("in") {
+                    self.pos += 1;
+                    self.expect(&Tok::LBracket, "'[' after in")?;
+                    let mut values = Vec::new();
+                    if self.peek() != Some(&Tok::RBracket) {
+                        loop {
+                            values.push(self.literal()?);
+                            if self.peek() == Some(&Tok::Comma) {
+                                self.pos += 1;
+                                continue;
+                            }
+                            break;
+                        }
+                    }
+                    self.expect(&Tok::RBracket, "']' or ','")?;
+                    return Ok(Expr::In {
+                        field,
+                        values,
+                        negated,
+                    });
+                }
+                if self.keyword("like") {
+                    self.pos += 1;
+                    let at = self.at();
+                    let Literal::Str(pattern) = self.literal()? else {
+                        return Err(syntax(at, "like takes a string pattern"));
+                    };
+                    return Ok(Expr::Like {
+                        field,
+                        pattern,
+                        negated,
+                    });
+                }
+                if negated {
+                    return Err(syntax(at, "expected in or like after not"));
+                }
+                if self.keyword("is") {
+                    self.pos += 1;
+                    let negated = self.keyword("not");
+                    if negated {
+                        self.pos += 1;
+                    }
+                    let at = self.at();
+                    if !self.keyword("null") {
+                        return Err(syntax(at, "expected null"));
+                    }
+                    self.pos += 1;
+                    return Ok(Expr::IsNull { field, negated });
+                }
+                if matches!(
+                    self.peek(),
+                    None | Some(Tok::AndOp | Tok::OrOp | Tok::RParen)
+                ) {
+                    // A bare field is a bool field that is true.
+                    return Ok(Expr::Cmp {
+                        field,
+                        op: CmpOp::Eq,
+                        value: Literal::Bool(true),
+                    });
+                }
+                let Some(Tok::Op(op)) = self.next() else {
+                    return Err(syntax(
+                        at,
+                        format!("expected a comparison, in, like or is after {field:?}"),
+                    ));
+                };
+                let value = self.literal()?;
+                Ok(Expr::Cmp { field, op, value })
+            }
+            None => Err(syntax(at, "unexpected end of expression")),
+            Some(_) => Err(syntax(at, "expected a field, a value, not or '('")),
+        }
+    }
+}
+
+/// Parses `src` into an expression.
+pub fn parse(src: &str) -> Result<Expr, ExprError> {
+    if src.len() > MAX_LEN {
+        return Err(syntax(0, format!("longer than {MAX_LEN} bytes")));
+    }
+    let toks = lex(src)?;
+    let mut p = Parser {
+        toks,
+        pos: 0,
+        end: src.len(),
+        depth: 0,
+    };
+    let e = p.or()?;
+    if p.pos < p.toks.len() {
+        return Err(syntax(p.at(), "unexpected text after the expression"));
+    }
+    Ok(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cmp(field: &str, op: CmpOp, value: Literal) -> Expr {
+        Expr::Cmp {
+            field: field.into(),
+            op,
+            value,
+        }
+    }
+
+    #[test]
+    fn precedence_is_not_then_and_then_or() {
+        let e = parse("a == 1 or not b < 2.5 and c != 'x'").expect("parse");
+        assert_eq!(
+            e,
+            Expr::Or(vec![
+                cmp("a", CmpOp::Eq, Literal::Int(1)),
+                Expr::And(vec![
+                    Expr::Not(Box::new(cmp("b", CmpOp::Lt, Literal::Float(2.5)))),
+                    cmp("c", CmpOp::Ne, Literal::Str("x".into())),
+                ]),
+            ])
+        );
+    }
+
+    #[test]
+    fn a_value_on_the_left_is_mirrored() {
+        assert_eq!(
+            parse("10 < age").expect("parse"),
+            cmp("age", CmpOp::Gt, Literal::Int(10))
+        );
+        assert_eq!(
+            parse("-3 >= x").expect("parse"),
+            cmp("x", CmpOp::Le, Literal::Int(-3))
+        );
+    }
+
+    #[test]
+    fn in_like_and_null_forms() {
+        assert_eq!(
+            parse("id not in [1, -2, 3]").expect("parse"),
+            Expr::In {
+                field: "id".into(),
+                values: vec![Literal::Int(1), Literal::Int(-2), Literal::Int(3)],
+                negated: true,
+            }
+        );
+        assert_eq!(
+            parse(r#"name LIKE "ab\_c%""#).expect("parse"),
+            Expr::Like {
+                field: "name".into(),
+                pattern: r"ab\_c%".into(),
+                negated: false,
+            }
+        );
+        assert_eq!(
+            parse("note is not null").expect("parse"),
+            Expr::IsNull {
+                field: "note".into(),
+                negated: true,
+            }
+        );
+        assert!(matches!(parse("x in []"), Ok(Expr::In { values, .. }) if values.is_empty()));
+    }
+
+    #[test]
+    fn errors_name_the_position() {
+        for (src, at) in [
+            ("a ==", 4),
+            ("a == 1 and", 10),
+            ("(a == 1", 7),
+            ("a = 1", 2),
+            ("a == 'x", 5),
+            ("a == 1 b", 7),
+            ("a not == 1", 6),
+            ("a == 1e999", 5),
+            ("", 0),
+        ] {
+            match parse(src) {
+                Err(ExprError::Syntax { at: got, .. }) => assert_eq!(got, at, "{src:?}"),
+                other => panic!("{src:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_not_a_stack_overflow() {
+        let deep = format!("{}a == 1{}", "(".repeat(10_000), ")".repeat(10_000));
+        assert!(matches!(parse(&deep), Err(ExprError::Syntax { .. })));
+        let nots = format!("{}a == 1", "not ".repeat(10_000));
+        assert!(matches!(parse(&nots), Err(ExprError::Syntax { .. })));
+    }
+}
