@@ -1,0 +1,333 @@
+//! A segment's rows in memory: Arrow batches in the data-file shape (the collection's fields,
+//! then `$tick`), the primary-key index that deletes go through, and the deleted-row bitmap.
+//! Growing segments take batches as they are read from the WAL; sealed ones are built once
+//! from their files.
+
+use std::collections::{BinaryHeap, HashMap};
+
+use arrow_array::{Array, FixedSizeListArray, Float32Array, RecordBatch};
+use walden_expr::Filter;
+use walden_segment_format::{Deletes, Pk, TICK_COLUMN, keys_of, ticks_of};
+
+use crate::{Metric, QueryError};
+
+/// The rows holding one primary key (almost always one).
+#[derive(Clone, Debug)]
+enum Rows {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+/// One segment's rows.
+#[derive(Debug)]
+pub struct Segment {
+    id: u64,
+    partition: String,
+    pk: String,
+    batches: Vec<RecordBatch>,
+    /// The first row of each batch.
+    starts: Vec<u32>,
+    ticks: Vec<u64>,
+    deleted: Vec<bool>,
+    deleted_rows: u32,
+    keys: HashMap<Pk, Rows>,
+    bytes: usize,
+}
+
+/// A row of a segment found by a search: its reported distance and where it is.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Hit {
+    pub distance: f32,
+    /// The segment's id.
+    pub segment: u64,
+    pub row: u32,
+}
+
+/// What a search asks of each segment.
+#[derive(Debug)]
+pub struct SearchParams<'a> {
+    /// The vector field searched.
+    pub field: &'a str,
+    pub queries: &'a [Vec<f32>],
+    pub k: usize,
+    pub metric: Metric,
+    pub filter: Option<&'a Filter>,
+}
+
+/// A candidate in a bounded max-heap on the key (the worst of the best k on top).
+#[derive(Clone, Copy, Debug)]
+struct Cand {
+    key: f32,
+    hit: Hit,
+}
+
+impl PartialEq for Cand {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == std::cmp::Ordering::Equal
+    }
+}
+impl Eq for Cand {}
+impl PartialOrd for Cand {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Cand {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        // Ties break on position, so results do not depend on the order segments are visited.
+        self.key
+            .total_cmp(&other.key)
+            .then(self.hit.segment.cmp(&other.hit.segment))
+            .then(self.hit.row.cmp(&other.hit.row))
+    }
+}
+
+/// Keeps the `k` nearest of what it is offered.
+#[derive(Debug)]
+pub struct TopK {
+    k: usize,
+    metric: Metric,
+    heap: BinaryHeap<Cand>,
+}
+
+impl TopK {
+    pub fn new(k: usize, metric: Metric) -> Self {
+        Self {
+            k,
+            metric,
+            heap: BinaryHeap::with_capacity(k + 1),
+        }
+    }
+
+    pub fn offer(&mut self, hit: Hit) {
+        if self.k == 0 {
+            return;
+        }
+        let c = Cand {
+            key: self.metric.key(hit.distance),
+            hit,
+        };
+        if self.heap.len() < self.k {
+            self.heap.push(c);
+        } else if self.heap.peek().is_some_and(|worst| c < *worst) {
+            self.heap.pop();
+            self.heap.push(c);
+        }
+    }
+
+    /// The hits, nearest first.
+    pub fn into_sorted(self) -> Vec<Hit> {
+        self.heap
+            .into_sorted_vec()
+            .into_iter()
+            .map(|c| c.hit)
+            .collect()
+    }
+}
+
+fn vectors<'a>(batch: &'a RecordBatch, field: &str) -> Result<(&'a [f32], usize), QueryError> {
+    let col = batch
+        .column_by_name(field)
+        .and_then(|c| c.as_any().downcast_ref::<FixedSizeListArray>())
+        .ok_or_else(|| QueryError::InvalidArgument(format!("{field:?} is not a vector field")))?;
+    let dim = usize::try_from(col.value_length()).unwrap_or(0);
+    let values = col
+        .values()
+        .as_any()
+        .downcast_ref::<Float32Array>()
+        .ok_or_else(|| QueryError::Data(format!("{field:?} does not hold float32 vectors")))?;
+    let values = values.values().as_ref();
+    if values.len() != dim * col.len() {
+        return Err(QueryError::Data(format!(
+            "{field:?}: {} values for {} vectors of {dim}",
+            values.len(),
+            col.len()
+        )));
+    }
+    Ok((values, dim))
+}
+
+impl Segment {
+    pub fn new(id: u64, partition: &str, pk: &str) -> Self {
+        Self {
+            id,
+            partition: partition.to_owned(),
+            pk: pk.to_owned(),
+            batches: Vec::new(),
+            starts: Vec::new(),
+            ticks: Vec::new(),
+            deleted: Vec::new(),
+            deleted_rows: 0,
+            keys: HashMap::new(),
+            bytes: 0,
+        }
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn partition(&self) -> &str {
+        &self.partition
+    }
+
+    pub fn rows(&self) -> u32 {
+        self.ticks.len() as u32
+    }
+
+    /// Rows no delete has removed.
+    pub fn live_rows(&self) -> u32 {
+        self.rows() - self.deleted_rows
+    }
+
+    /// Memory held by the rows' columns.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Adds rows in the data-file shape, removing at once those `deletes` already covers.
+    pub fn append(&mut self, batch: RecordBatch, deletes: &Deletes) -> Result<(), QueryError> {
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        let keys = keys_of(&batch, &self.pk).map_err(|e| QueryError::Data(e.to_string()))?;
+        let ticks = ticks_of(&batch, TICK_COLUMN).map_err(|e| QueryError::Data(e.to_string()))?;
+        let start = self.rows();
+        for (i, (key, tick)) in keys.into_iter().zip(ticks.values().iter()).enumerate() {
+            let row = start + i as u32;
+            let gone = deletes.get(&key).is_some_and(|d| *d > *tick);
+            self.deleted.push(gone);
+            self.deleted_rows += u32::from(gone);
+            self.ticks.push(*tick);
+            match self.keys.get_mut(&key) {
+                None => {
+                    self.keys.insert(key, Rows::One(row));
+                }
+                Some(Rows::One(r)) => {
+                    let first = *r;
+                    self.keys.insert(key, Rows::Many(vec![first, row]));
+                }
+                Some(Rows::Many(v)) => v.push(row),
+            }
+        }
+        self.bytes += batch.get_array_memory_size();
+        self.starts.push(start);
+        self.batches.push(batch);
+        Ok(())
+    }
+
+    /// Removes the rows with key `pk` written below `tick`; returns how many it removed.
+    pub fn delete(&mut self, pk: &Pk, tick: u64) -> u32 {
+        let rows: &[u32] = match self.keys.get(pk) {
+            None => return 0,
+            Some(Rows::One(r)) => std::slice::from_ref(r),
+            Some(Rows::Many(v)) => v,
+        };
+        let mut n = 0;
+        for &r in rows {
+            let r = r as usize;
+            if !self.deleted[r] && self.ticks[r] < tick {
+                self.deleted[r] = true;
+                n += 1;
+            }
+        }
+        self.deleted_rows += n;
+        n
+    }
+
+    /// Applies every delete of `deletes`.
+    pub fn apply(&mut self, deletes: &Deletes) -> u32 {
+        deletes.iter().map(|(pk, t)| self.delete(pk, *t)).sum()
+    }
+
+    /// Whether the segment holds a row with key `pk` (deleted or not).
+    pub fn may_contain(&self, pk: &Pk) -> bool {
+        self.keys.contains_key(pk)
+    }
+
+    /// The live rows of each batch that match `filter`.
+    fn live(&self, b: usize, filter: Option<&Filter>) -> Result<Vec<bool>, QueryError> {
+        let start = self.starts[b] as usize;
+        let n = self.batches[b].num_rows();
+        let mut keep: Vec<bool> = self.deleted[start..start + n].iter().map(|d| !d).collect();
+        if let Some(f) = filter {
+            for (k, m) in keep.iter_mut().zip(f.evaluate(&self.batches[b])?) {
+                *k &= m;
+            }
+        }
+        Ok(keep)
+    }
+
+    /// Offers every live row matching the filter to each query's top-k (`tops[i]` for
+    /// `params.queries[i]`): filters apply before the top-k is taken.
+    pub fn search(&self, params: &SearchParams<'_>, tops: &mut [TopK]) -> Result<(), QueryError> {
+        for (b, batch) in self.batches.iter().enumerate() {
+            let keep = self.live(b, params.filter)?;
+            if !keep.iter().any(|k| *k) {
+                continue;
+            }
+            let (values, dim) = vectors(batch, params.field)?;
+            for (q, top) in params.queries.iter().zip(tops.iter_mut()) {
+                if q.len() != dim {
+                    return Err(QueryError::InvalidArgument(format!(
+                        "a query vector has {} dimensions; {:?} has {dim}",
+                        q.len(),
+                        params.field
+                    )));
+                }
+                for (i, v) in values.chunks_exact(dim).enumerate() {
+                    if keep[i] {
+                        top.offer(Hit {
+                            distance: params.metric.distance(q, v),
+                            segment: self.id,
+                            row: self.starts[b] + i as u32,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The live rows matching `filter`, at most `limit`.
+    pub fn matching(&self, filter: Option<&Filter>, limit: usize) -> Result<Vec<u32>, QueryError> {
+        let mut out = Vec::new();
+        for b in 0..self.batches.len() {
+            if out.len() >= limit {
+                break;
+            }
+            let start = self.starts[b];
+            for (i, k) in self.live(b, filter)?.into_iter().enumerate() {
+                if k {
+                    out.push(start + i as u32);
+                    if out.len() >= limit {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// How many live rows match `filter`.
+    pub fn count(&self, filter: Option<&Filter>) -> Result<u64, QueryError> {
+        if filter.is_none() {
+            return Ok(u64::from(self.live_rows()));
+        }
+        let mut n = 0;
+        for b in 0..self.batches.len() {
+            n += self.live(b, filter)?.iter().filter(|k| **k).count() as u64;
+        }
+        Ok(n)
+    }
+
+    /// The batch holding `row`, and the row's index in it.
+    pub(crate) fn locate(&self, row: u32) -> (usize, usize) {
+        let b = self.starts.partition_point(|s| *s <= row) - 1;
+        (b, (row - self.starts[b]) as usize)
+    }
+
+    pub(crate) fn batches(&self) -> &[RecordBatch] {
+        &self.batches
+    }
+}

@@ -1,0 +1,182 @@
+use arrow_array::{Array, Int64Array, StringArray};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use walden_expr::Filter;
+use walden_schema::Schema;
+use walden_segment_format::{Deletes, Pk, data_batch, data_schema};
+
+use super::*;
+
+fn schema() -> Schema {
+    Schema::from_json(
+        r#"{"fields":[{"name":"id","type":"int64","primary_key":true},
+            {"name":"v","type":"float_vector","dim":4},
+            {"name":"tag","type":"string","nullable":true}]}"#,
+    )
+    .expect("schema")
+}
+
+/// Rows `ids` with random vectors, tagged "even"/"odd", written at `tick`.
+fn batch(s: &Schema, ids: &[i64], tick: u64, rng: &mut StdRng) -> (RecordBatch, Vec<Vec<f32>>) {
+    let vecs: Vec<Vec<f32>> = ids
+        .iter()
+        .map(|_| (0..4).map(|_| rng.random_range(-1.0..1.0)).collect())
+        .collect();
+    let json: Vec<serde_json::Value> = ids
+        .iter()
+        .zip(&vecs)
+        .map(|(i, v)| {
+            serde_json::json!({"id": i, "v": v, "tag": if i % 2 == 0 {"even"} else {"odd"}})
+        })
+        .collect();
+    let rows = s.rows_from_json(&json).expect("rows");
+    (
+        data_batch(s, &data_schema(s), &rows, tick).expect("data batch"),
+        vecs,
+    )
+}
+
+fn search(segs: &[&Segment], q: &[f32], k: usize, m: Metric, f: Option<&Filter>) -> Vec<Hit> {
+    let queries = vec![q.to_vec()];
+    let params = SearchParams {
+        field: "v",
+        queries: &queries,
+        k,
+        metric: m,
+        filter: f,
+    };
+    let mut tops = vec![TopK::new(k, m)];
+    for s in segs {
+        s.search(&params, &mut tops).expect("search");
+    }
+    tops.pop().expect("one").into_sorted()
+}
+
+fn ids_of(segs: &[&Segment], hits: &[Hit]) -> Vec<i64> {
+    let rows: Vec<(u64, u32)> = hits.iter().map(|h| (h.segment, h.row)).collect();
+    let b = gather(segs, &rows, &["id".to_owned()]).expect("gather");
+    if b.num_columns() == 0 {
+        return Vec::new();
+    }
+    let col = b
+        .column(0)
+        .as_any()
+        .downcast_ref::<Int64Array>()
+        .expect("ids");
+    col.values().to_vec()
+}
+
+#[test]
+fn search_over_segments_matches_brute_force_with_filters_and_deletes() {
+    let s = schema();
+    let mut rng = StdRng::seed_from_u64(7);
+    let mut all: Vec<(i64, Vec<f32>)> = Vec::new();
+    let mut a = Segment::new(1, "_default", "id");
+    let mut b = Segment::new(2, "_default", "id");
+    let none = Deletes::new();
+    for chunk in 0..6 {
+        let ids: Vec<i64> = (chunk * 50..chunk * 50 + 50).collect();
+        let (batch, vecs) = batch(&s, &ids, 10 + chunk as u64, &mut rng);
+        all.extend(ids.iter().copied().zip(vecs));
+        if chunk % 2 == 0 { &mut a } else { &mut b }
+            .append(batch, &none)
+            .expect("append");
+    }
+    // Deletes after every row: ids divisible by 7 go.
+    for id in (0..300).filter(|i| i % 7 == 0) {
+        a.delete(&Pk::Int(id), 100);
+        b.delete(&Pk::Int(id), 100);
+    }
+    assert_eq!(a.live_rows() + b.live_rows(), 300 - 43);
+    let filter = Filter::new("tag == 'even' and id > 20", &s).expect("filter");
+    for m in [Metric::L2, Metric::Ip, Metric::Cosine] {
+        for _ in 0..20 {
+            let q: Vec<f32> = (0..4).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let mut want: Vec<(f32, i64)> = all
+                .iter()
+                .filter(|(id, _)| id % 7 != 0 && id % 2 == 0 && *id > 20)
+                .map(|(id, v)| (m.key(m.distance(&q, v)), *id))
+                .collect();
+            want.sort_by(|x, y| x.0.total_cmp(&y.0));
+            let want: Vec<i64> = want.iter().take(10).map(|w| w.1).collect();
+            let hits = search(&[&a, &b], &q, 10, m, Some(&filter));
+            assert_eq!(ids_of(&[&a, &b], &hits), want, "{m:?}");
+            assert!(
+                hits.windows(2)
+                    .all(|w| m.key(w[0].distance) <= m.key(w[1].distance)),
+                "nearest first"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_delete_spares_rows_written_at_or_after_its_tick() {
+    let s = schema();
+    let mut rng = StdRng::seed_from_u64(1);
+    let mut seg = Segment::new(1, "_default", "id");
+    seg.append(batch(&s, &[1, 2], 10, &mut rng).0, &Deletes::new())
+        .expect("append");
+    // An upsert of 1 at 20: its delete at 20, then its row at 20.
+    assert_eq!(seg.delete(&Pk::Int(1), 20), 1);
+    seg.append(batch(&s, &[1], 20, &mut rng).0, &Deletes::new())
+        .expect("append");
+    assert_eq!(seg.delete(&Pk::Int(1), 20), 0, "the upserted row stays");
+    assert_eq!(seg.live_rows(), 2);
+    // Rows appended after a delete they predate are removed on arrival (a sealed segment
+    // loaded late, say).
+    let late: Deletes = [(Pk::Int(9), 50)].into_iter().collect();
+    seg.append(batch(&s, &[9], 40, &mut rng).0, &late)
+        .expect("append");
+    assert_eq!(seg.live_rows(), 2);
+    assert_eq!(seg.count(None).expect("count"), 2);
+}
+
+#[test]
+fn query_count_and_gather_output_fields() {
+    let s = schema();
+    let mut rng = StdRng::seed_from_u64(3);
+    let mut seg = Segment::new(4, "p1", "id");
+    seg.append(batch(&s, &[1, 2, 3, 4, 5], 10, &mut rng).0, &Deletes::new())
+        .expect("append");
+    seg.delete(&Pk::Int(2), 11);
+    let f = Filter::new("tag like 'ev%'", &s).expect("filter");
+    assert_eq!(seg.count(Some(&f)).expect("count"), 1);
+    let rows = seg.matching(None, 3).expect("matching");
+    assert_eq!(rows, vec![0, 2, 3]);
+    let rows: Vec<(u64, u32)> = rows.into_iter().map(|r| (4, r)).collect();
+    let b = gather(&[&seg], &rows, &["tag".into(), "id".into()]).expect("gather");
+    let tags = b
+        .column(0)
+        .as_any()
+        .downcast_ref::<StringArray>()
+        .expect("tags");
+    assert_eq!(
+        tags.iter().collect::<Vec<_>>(),
+        vec![Some("odd"), Some("odd"), Some("even")]
+    );
+    assert!(matches!(
+        gather(&[&seg], &rows, &["nope".into()]),
+        Err(QueryError::InvalidArgument(_))
+    ));
+}
+
+#[test]
+fn a_query_of_the_wrong_dimension_is_refused() {
+    let s = schema();
+    let mut rng = StdRng::seed_from_u64(5);
+    let mut seg = Segment::new(1, "_default", "id");
+    seg.append(batch(&s, &[1], 10, &mut rng).0, &Deletes::new())
+        .expect("append");
+    let queries = vec![vec![0.0; 3]];
+    let params = SearchParams {
+        field: "v",
+        queries: &queries,
+        k: 1,
+        metric: Metric::L2,
+        filter: None,
+    };
+    let err = seg
+        .search(&params, &mut [TopK::new(1, Metric::L2)])
+        .expect_err("dimension");
+    assert!(err.to_string().contains("3 dimensions"), "{err}");
+}
