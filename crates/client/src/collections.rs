@@ -289,6 +289,7 @@ impl Collections {
             .send_all(&info, MessageType::Delete, partition, messages)
             .await;
         let tick = self.forget_if_gone(collection, sent)?;
+        self.client.note_write(tick);
         Ok(WriteResult {
             rows,
             time_tick: tick,
@@ -330,6 +331,7 @@ impl Collections {
         }
         let sent = self.send_all(&info, t, partition, messages).await;
         let tick = self.forget_if_gone(collection, sent)?;
+        self.client.note_write(tick);
         Ok(WriteResult {
             rows,
             time_tick: tick,

@@ -35,6 +35,9 @@ pub enum ClientError {
     },
     #[error("the producer or consumer was closed")]
     Closed,
+    /// The server's answer does not have the shape the protocol gives it.
+    #[error("malformed answer from the server: {0}")]
+    Protocol(String),
     #[error("gave up after retrying for {seconds:.1} s: {last}")]
     RetriesExhausted {
         seconds: f64,
@@ -110,6 +113,7 @@ impl HasErrorCode for ClientError {
             Self::InvalidArgument(_) | Self::Unsupported(_) => ErrorCode::InvalidArgument,
             Self::TooLarge { .. } => ErrorCode::MessageTooLarge,
             Self::Closed => ErrorCode::OnShutdown,
+            Self::Protocol(_) => ErrorCode::Internal,
             Self::RetriesExhausted { last, .. } => last.code(),
             Self::PartialWrite { cause, .. } => cause.code(),
         }
@@ -123,6 +127,7 @@ impl HasErrorCode for ClientError {
             | Self::Unsupported(_)
             | Self::TooLarge { .. }
             | Self::Closed
+            | Self::Protocol(_)
             | Self::RetriesExhausted { .. }
             | Self::PartialWrite { .. } => false,
         }

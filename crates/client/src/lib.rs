@@ -32,6 +32,7 @@ mod consumer;
 mod error;
 mod producer;
 mod router;
+mod search;
 mod txn;
 
 use std::{sync::Arc, time::Duration};
@@ -43,7 +44,7 @@ use tonic::{
 };
 use walden_proto::v1::{
     ClusterStatusRequest, ClusterStatusResponse, DrainNodeRequest, MovePChannelRequest,
-    StatusRequest, StatusResponse, storage_client::StorageClient,
+    StatusRequest, StatusResponse, query_client::QueryClient, storage_client::StorageClient,
     streaming_node_client::StreamingNodeClient,
 };
 
@@ -52,6 +53,7 @@ pub use consumer::{Consumer, ConsumerOptions, DeliverFrom};
 pub use error::ClientError;
 
 pub use producer::{AppendResult, DEFAULT_MAX_MESSAGE_BYTES, Producer, ProducerOptions};
+pub use search::{Consistency, QueryOptions, QueryRows, SearchHit, SearchOptions};
 pub use txn::Txn;
 
 /// Adds the bearer token, when there is one, to every call.
@@ -86,6 +88,7 @@ type Intercepted = InterceptedService<Channel, Auth>;
 pub(crate) struct Grpc {
     node: StreamingNodeClient<Intercepted>,
     pub(crate) storage: StorageClient<Intercepted>,
+    pub(crate) query: QueryClient<Intercepted>,
 }
 
 impl std::ops::Deref for Grpc {
@@ -131,6 +134,8 @@ pub struct Client {
     /// Every address given (a cluster's coordinators), and how to reach them.
     addrs: Vec<String>,
     options: ConnectOptions,
+    /// The highest tick of this client's acknowledged writes (`session` reads wait for it).
+    last_write: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// How long the first topology snapshot may take before `connect` gives up waiting for it
@@ -224,6 +229,7 @@ impl Client {
             addr: url,
             addrs: vec![addr.to_owned()],
             options: options.clone(),
+            last_write: Default::default(),
         })
     }
 
@@ -337,8 +343,11 @@ fn node_client(channel: Channel, auth: Auth) -> Grpc {
         node: StreamingNodeClient::with_interceptor(channel.clone(), auth.clone())
             .max_decoding_message_size(256 << 20)
             .max_encoding_message_size(256 << 20),
-        storage: StorageClient::with_interceptor(channel, auth)
+        storage: StorageClient::with_interceptor(channel.clone(), auth.clone())
             .max_decoding_message_size(256 << 20),
+        query: QueryClient::with_interceptor(channel, auth)
+            .max_decoding_message_size(256 << 20)
+            .max_encoding_message_size(256 << 20),
     }
 }
 

@@ -54,6 +54,9 @@ pub enum ErrorCode {
     /// This coordinator is a standby: the leader (named in the message, when known) does this;
     /// retry there, or here once a leader is elected.
     NotLeader = 22,
+    /// A read's consistency level needs data the shard has not read yet, and it did not catch
+    /// up within `query.max_wait_ms`; retry later or with a weaker level.
+    LagTooLarge = 23,
 }
 
 impl ErrorCode {
@@ -87,6 +90,7 @@ impl ErrorCode {
             20 => Self::Unavailable,
             21 => Self::Unauthenticated,
             22 => Self::NotLeader,
+            23 => Self::LagTooLarge,
             _ => return None,
         })
     }
@@ -116,6 +120,7 @@ impl ErrorCode {
             Self::Unavailable => "UNAVAILABLE",
             Self::Unauthenticated => "UNAUTHENTICATED",
             Self::NotLeader => "NOT_LEADER",
+            Self::LagTooLarge => "LAG_TOO_LARGE",
         }
     }
 
@@ -131,11 +136,12 @@ impl ErrorCode {
                 | Self::ChannelNotFound
                 | Self::Unavailable
                 | Self::NotLeader
+                | Self::LagTooLarge
         )
     }
 
     /// Every code, for docs and tests.
-    pub const ALL: [ErrorCode; 22] = [
+    pub const ALL: [ErrorCode; 23] = [
         Self::ChannelNotFound,
         Self::ChannelFenced,
         Self::OnShutdown,
@@ -158,6 +164,7 @@ impl ErrorCode {
         Self::Unavailable,
         Self::Unauthenticated,
         Self::NotLeader,
+        Self::LagTooLarge,
     ];
 }
 

@@ -18,7 +18,6 @@ use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
 use bytes::Bytes;
 use prost::Message as _;
-use tokio::sync::mpsc;
 use tracing::{debug, info};
 use walden_common::{MessageId, TimeTick};
 use walden_message::{ImmutableMessage, MessageType};
@@ -32,7 +31,7 @@ use walden_schema::Schema;
 use walden_streaming_node::{
     NodeError,
     channel::{Channel, Health},
-    scanner::{self, DeliverPolicy, Filters, Sink},
+    scanner::{self, DeliverPolicy, Filters, Frames},
 };
 use walden_tso::now_ms;
 
@@ -161,35 +160,6 @@ impl std::fmt::Debug for Flusher {
     }
 }
 
-/// Frames of messages from the scan to the flusher.
-struct Frames {
-    tx: mpsc::Sender<Result<Vec<ImmutableMessage>, NodeError>>,
-    buf: Vec<ImmutableMessage>,
-}
-
-impl Sink for Frames {
-    async fn push(&mut self, msg: ImmutableMessage) -> bool {
-        self.buf.push(msg);
-        if self.buf.len() >= 512 {
-            return self.flush().await;
-        }
-        true
-    }
-    async fn flush(&mut self) -> bool {
-        if self.buf.is_empty() {
-            return !self.tx.is_closed();
-        }
-        self.tx
-            .send(Ok(std::mem::take(&mut self.buf)))
-            .await
-            .is_ok()
-    }
-    async fn fail(&mut self, e: NodeError) {
-        let _ = self.flush().await;
-        let _ = self.tx.send(Err(e)).await;
-    }
-}
-
 /// Runs the flusher of `ch` until the channel stops serving (Ok) or something fails.
 pub(crate) async fn run(
     ch: Arc<Channel>,
@@ -198,15 +168,12 @@ pub(crate) async fn run(
 ) -> Result<(), FlushError> {
     let mut f = Flusher::start(ch.clone(), ctx, view).await?;
     info!(pchannel = ch.name(), from = %f.position, "flusher started");
-    let (tx, mut rx) = mpsc::channel(4);
+    let (frames, mut rx) = Frames::channel(4);
     let scan = tokio::spawn(scanner::scan(
         ch.clone(),
         DeliverPolicy::StartFrom(f.position),
         Filters::default(),
-        Frames {
-            tx,
-            buf: Vec::new(),
-        },
+        frames,
     ));
     struct AbortOnDrop(tokio::task::JoinHandle<()>);
     impl Drop for AbortOnDrop {

@@ -180,3 +180,38 @@ fn a_query_of_the_wrong_dimension_is_refused() {
         .expect_err("dimension");
     assert!(err.to_string().contains("3 dimensions"), "{err}");
 }
+
+#[test]
+fn merging_keeps_the_nearest_k_with_their_fields() {
+    let fields = |names: &[&str]| {
+        RecordBatch::try_from_iter(vec![(
+            "tag",
+            Arc::new(StringArray::from(names.to_vec())) as arrow_array::ArrayRef,
+        )])
+        .expect("batch")
+    };
+    let a = Hits {
+        keys: vec![Pk::Int(1), Pk::Int(2)],
+        distances: vec![0.9, 0.5],
+        fields: Some(fields(&["a1", "a2"])),
+    };
+    let b = Hits {
+        keys: vec![Pk::Int(3), Pk::Int(4)],
+        distances: vec![0.7, 0.1],
+        fields: Some(fields(&["b3", "b4"])),
+    };
+    let m = merge(vec![a.clone(), b.clone()], 3, Metric::Ip).expect("merge");
+    assert_eq!(m.keys, vec![Pk::Int(1), Pk::Int(3), Pk::Int(2)]);
+    let tags = m.fields.expect("fields");
+    let tags = tags
+        .column(0)
+        .as_any()
+        .downcast_ref::<StringArray>()
+        .expect("tags");
+    assert_eq!(
+        tags.iter().flatten().collect::<Vec<_>>(),
+        vec!["a1", "b3", "a2"]
+    );
+    let l2 = merge(vec![a, b], 2, Metric::L2).expect("merge");
+    assert_eq!(l2.keys, vec![Pk::Int(4), Pk::Int(2)]);
+}

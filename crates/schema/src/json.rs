@@ -241,3 +241,84 @@ fn downcast<'a, T: 'static>(col: &'a ArrayRef, f: &FieldSchema) -> Result<&'a T,
         .downcast_ref::<T>()
         .ok_or_else(|| mismatch(format!("field {:?}: unreadable column", f.name)))
 }
+
+/// The rows of `batch` (any subset of the schema's fields, in any order) as JSON objects.
+/// JSON fields are parsed back into values; float vectors become arrays.
+pub(crate) fn batch_to_rows(
+    schema: &Schema,
+    batch: &RecordBatch,
+) -> Result<Vec<serde_json::Map<String, Value>>, SchemaError> {
+    use arrow_array::Array;
+    let mut rows = vec![serde_json::Map::new(); batch.num_rows()];
+    for (field, col) in batch.schema().fields().iter().zip(batch.columns()) {
+        let name = field.name();
+        let kind = schema
+            .proto()
+            .fields
+            .iter()
+            .find(|f| &f.name == name)
+            .map(|f| f.data_type())
+            .ok_or_else(|| mismatch(format!("{name:?} is not in the schema")))?;
+        let wrong = || mismatch(format!("column {name:?} does not have its field's type"));
+        for (i, row) in rows.iter_mut().enumerate() {
+            let v = if col.is_null(i) {
+                Value::Null
+            } else {
+                match kind {
+                    DataType::Bool => Value::Bool(
+                        col.as_any()
+                            .downcast_ref::<BooleanArray>()
+                            .ok_or_else(wrong)?
+                            .value(i),
+                    ),
+                    DataType::Int64 => Value::from(
+                        col.as_any()
+                            .downcast_ref::<Int64Array>()
+                            .ok_or_else(wrong)?
+                            .value(i),
+                    ),
+                    DataType::Float => Value::from(f64::from(
+                        col.as_any()
+                            .downcast_ref::<Float32Array>()
+                            .ok_or_else(wrong)?
+                            .value(i),
+                    )),
+                    DataType::Double => Value::from(
+                        col.as_any()
+                            .downcast_ref::<Float64Array>()
+                            .ok_or_else(wrong)?
+                            .value(i),
+                    ),
+                    DataType::String | DataType::Unspecified => Value::from(
+                        col.as_any()
+                            .downcast_ref::<StringArray>()
+                            .ok_or_else(wrong)?
+                            .value(i),
+                    ),
+                    DataType::Json => {
+                        let s = col
+                            .as_any()
+                            .downcast_ref::<StringArray>()
+                            .ok_or_else(wrong)?
+                            .value(i);
+                        serde_json::from_str(s).unwrap_or_else(|_| Value::from(s))
+                    }
+                    DataType::FloatVector => {
+                        let l = col
+                            .as_any()
+                            .downcast_ref::<FixedSizeListArray>()
+                            .ok_or_else(wrong)?;
+                        let item = l.value(i);
+                        let f = item
+                            .as_any()
+                            .downcast_ref::<Float32Array>()
+                            .ok_or_else(wrong)?;
+                        Value::from(f.values().iter().map(|x| f64::from(*x)).collect::<Vec<_>>())
+                    }
+                }
+            };
+            row.insert(name.clone(), v);
+        }
+    }
+    Ok(rows)
+}

@@ -381,6 +381,15 @@ impl Schema {
         json::rows_to_batch(self, rows)
     }
 
+    /// The rows of `batch` (any of the schema's fields) as JSON objects: the inverse of
+    /// [`Schema::rows_from_json`], for search and query results.
+    pub fn rows_to_json(
+        &self,
+        batch: &RecordBatch,
+    ) -> Result<Vec<serde_json::Map<String, serde_json::Value>>, SchemaError> {
+        json::batch_to_rows(self, batch)
+    }
+
     /// Splits `batch` into one batch per shard by primary key (see [`shard_of_pk`]); shards
     /// with no rows get `None`.
     pub fn split_by_shard(
@@ -492,6 +501,16 @@ fn read_batches(payload: &[u8]) -> Result<Vec<RecordBatch>, SchemaError> {
     reader
         .collect::<Result<Vec<_>, ArrowError>>()
         .map_err(|e| SchemaError::Malformed(e.to_string()))
+}
+
+/// Encodes any batch as an Arrow IPC stream (search and query results).
+pub fn batch_to_ipc(batch: &RecordBatch) -> Result<Bytes, SchemaError> {
+    let mut out = Vec::with_capacity(batch.get_array_memory_size() + 1024);
+    let mut w = StreamWriter::try_new(&mut out, &batch.schema()).map_err(internal)?;
+    w.write(batch).map_err(internal)?;
+    w.finish().map_err(internal)?;
+    drop(w);
+    Ok(Bytes::from(out))
 }
 
 /// Reads every batch of an Arrow IPC stream (an insert payload) without checking a schema.

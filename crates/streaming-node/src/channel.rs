@@ -332,6 +332,12 @@ impl Channel {
         }
     }
 
+    /// The tick of the last message readers can see: every write acknowledged so far has a
+    /// tick at or below it (what a strong read must wait for when the WAL is local).
+    pub fn last_tick(&self) -> TimeTick {
+        self.wab.last_tick()
+    }
+
     /// Set by the flusher; shown in status.
     pub fn set_flush_lag_ms(&self, ms: u64) {
         self.flush_lag_ms

@@ -132,6 +132,58 @@ pub trait Sink: Send {
     fn fail(&mut self, e: NodeError) -> impl Future<Output = ()> + Send;
 }
 
+/// Frames of up to [`Frames::MAX`] messages over a channel: for readers inside the node (the
+/// flusher, the delegator) that handle messages in batches.
+#[derive(Debug)]
+pub struct Frames {
+    tx: mpsc::Sender<Result<Vec<ImmutableMessage>, NodeError>>,
+    buf: Vec<ImmutableMessage>,
+}
+
+impl Frames {
+    pub const MAX: usize = 512;
+
+    /// A sink and the receiver of its frames (`depth` frames in flight).
+    pub fn channel(
+        depth: usize,
+    ) -> (
+        Self,
+        mpsc::Receiver<Result<Vec<ImmutableMessage>, NodeError>>,
+    ) {
+        let (tx, rx) = mpsc::channel(depth);
+        (
+            Self {
+                tx,
+                buf: Vec::new(),
+            },
+            rx,
+        )
+    }
+}
+
+impl Sink for Frames {
+    async fn push(&mut self, msg: ImmutableMessage) -> bool {
+        self.buf.push(msg);
+        if self.buf.len() >= Self::MAX {
+            return self.flush().await;
+        }
+        true
+    }
+    async fn flush(&mut self) -> bool {
+        if self.buf.is_empty() {
+            return !self.tx.is_closed();
+        }
+        self.tx
+            .send(Ok(std::mem::take(&mut self.buf)))
+            .await
+            .is_ok()
+    }
+    async fn fail(&mut self, e: NodeError) {
+        let _ = self.flush().await;
+        let _ = self.tx.send(Err(e)).await;
+    }
+}
+
 /// A channel of single messages (tests, embedding).
 impl Sink for mpsc::Sender<Result<ImmutableMessage, NodeError>> {
     async fn push(&mut self, msg: ImmutableMessage) -> bool {

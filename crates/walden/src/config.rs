@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use serde::Deserialize;
+use walden_delegator::QueryConfig;
 use walden_flusher::{FlushConfig, RetentionConfig};
 use walden_object_store::ObjectStoreConfig;
 use walden_streaming_node::NodeConfig;
@@ -21,6 +22,7 @@ pub struct Config {
     pub wal_object: WalObjectConfig,
     pub object_store: ObjectStoreConfig,
     pub flush: FlushConfig,
+    pub query: QueryConfig,
     pub cluster: ClusterConfig,
     pub log: LogConfig,
 }

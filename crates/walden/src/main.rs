@@ -11,6 +11,7 @@ mod listener;
 mod local_cluster;
 mod node;
 mod node_http;
+mod search_cli;
 mod server;
 mod standalone;
 mod tls;
@@ -243,6 +244,14 @@ enum Command {
         #[command(flatten)]
         common: collections_cli::Common,
     },
+    /// The nearest rows to query vectors, over growing and flushed data.
+    Search(search_cli::SearchArgs),
+    /// Rows matching a filter.
+    Query(search_cli::QueryArgs),
+    /// Rows by primary key.
+    Get(search_cli::GetArgs),
+    /// How many rows match a filter.
+    Count(search_cli::CountArgs),
 }
 
 fn seconds(flag: &str, s: f64) -> anyhow::Result<Duration> {
@@ -435,6 +444,10 @@ async fn run(cli: Cli, server: Option<config::Config>) -> anyhow::Result<()> {
         Command::Segments { collection, common } => {
             collections_cli::segments(&collection, &common).await
         }
+        Command::Search(a) => search_cli::search(a).await,
+        Command::Query(a) => search_cli::query(a).await,
+        Command::Get(a) => search_cli::get(a).await,
+        Command::Count(a) => search_cli::count(a).await,
         Command::Wal(cmd) => wal_cli::run(cmd),
     }
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use tracing::info;
+use walden_delegator::{Delegators, service::QueryService};
 use walden_flusher::service::StorageService;
 use walden_streaming_node::{
     agent::{AgentConfig, NodeAgent},
@@ -64,11 +65,14 @@ pub async fn run(config: Config, ready_file: Option<std::path::PathBuf>) -> anyh
     .context("starting the WAL manager")?;
     let flushers = backends::flushers(&config, &meta, &blobs, &metrics)?;
     flushers.follow(manager.clone());
+    let delegators = Delegators::new(meta.clone(), blobs.clone(), config.query.clone());
+    delegators.follow(manager.clone());
     let http_addr = node_http::spawn(bound.http, &manager, &metrics, &security, &config.server)?;
     let routes = tonic::service::Routes::new(
         NodeService::new(manager.clone(), format!("node@{advertise}")).into_server(),
     )
-    .add_service(StorageService::new(flushers).into_server());
+    .add_service(StorageService::new(flushers).into_server())
+    .add_service(QueryService::new(delegators).into_server());
     let mut grpc = GrpcServer::start(
         bound.grpc,
         bound.max_connections,

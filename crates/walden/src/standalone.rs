@@ -7,6 +7,7 @@ use anyhow::Context;
 use tracing::info;
 use walden_common::HasErrorCode;
 use walden_coordinator::{AppendError, Appender, Coordinator, service::CollectionService};
+use walden_delegator::{Delegators, service::QueryService};
 use walden_flusher::service::StorageService;
 use walden_message::MutableMessage;
 use walden_metastore_api::MetaStore;
@@ -88,6 +89,8 @@ pub async fn run(config: Config, ready_file: Option<std::path::PathBuf>) -> anyh
         .context("opening the pchannels")?;
     let flushers = backends::flushers(&config, &meta, &blobs, &metrics)?;
     flushers.follow(manager.clone());
+    let delegators = Delegators::new(meta.clone(), blobs.clone(), config.query.clone());
+    delegators.follow(manager.clone());
     let coordinator = Coordinator::start(
         meta,
         Arc::new(LocalNode {
@@ -105,6 +108,7 @@ pub async fn run(config: Config, ready_file: Option<std::path::PathBuf>) -> anyh
         tonic::service::Routes::new(NodeService::new(manager.clone(), node_id).into_server())
             .add_service(CollectionService::new(coordinator).into_server())
             .add_service(StorageService::new(flushers).into_server())
+            .add_service(QueryService::new(delegators).into_server())
             .add_service(
                 LocalCluster::new(manager.clone(), format!("{}://{addr}", security.scheme()))
                     .into_server(),

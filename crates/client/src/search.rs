@@ -1,0 +1,385 @@
+//! Search and query: each pchannel's owner answers for the vchannels on it, and the client
+//! merges their answers (the top-k over every shard; rows up to the limit).
+
+use std::{collections::BTreeMap, sync::atomic::Ordering, time::Duration};
+
+use serde_json::{Map, Value};
+use walden_common::{ErrorCode, HasErrorCode};
+use walden_proto::v1::{
+    CollectionInfo, ConsistencyLevel, FloatVector, MetricType, QueryRequest, ReadOptions,
+    SearchRequest,
+};
+use walden_query::{Hits, Metric, merge};
+use walden_schema::Schema;
+use walden_segment_format::Pk;
+
+use crate::{Client, ClientError, OWNER_WAIT};
+
+/// How fresh a read must be.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Consistency {
+    /// Sees every write acknowledged before the read started (read your writes).
+    Strong,
+    /// Sees writes older than the server's staleness bound (`query.bounded_staleness_ms`).
+    #[default]
+    Bounded,
+    /// Sees this client's own acknowledged writes.
+    Session,
+    /// Sees what the shards have read; never waits.
+    Eventually,
+}
+
+impl Consistency {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "strong" => Some(Self::Strong),
+            "bounded" => Some(Self::Bounded),
+            "session" => Some(Self::Session),
+            "eventually" => Some(Self::Eventually),
+            _ => None,
+        }
+    }
+}
+
+/// A search's options beyond the collection and the query vectors.
+#[derive(Clone, Debug)]
+pub struct SearchOptions {
+    /// The vector field (may be empty when the collection has one).
+    pub field: String,
+    pub top_k: u32,
+    /// A boolean expression over scalar fields (docs/design.md §14.3); empty: every row.
+    pub filter: String,
+    pub output_fields: Vec<String>,
+    pub consistency: Consistency,
+    /// L2 when `None`.
+    pub metric: Option<Metric>,
+    pub partitions: Vec<String>,
+}
+
+impl Default for SearchOptions {
+    fn default() -> Self {
+        Self {
+            field: String::new(),
+            top_k: 10,
+            filter: String::new(),
+            output_fields: Vec::new(),
+            consistency: Consistency::default(),
+            metric: None,
+            partitions: Vec::new(),
+        }
+    }
+}
+
+/// A query's options.
+#[derive(Clone, Debug, Default)]
+pub struct QueryOptions {
+    pub filter: String,
+    pub output_fields: Vec<String>,
+    /// At most this many rows (0: the server's `query.max_rows`).
+    pub limit: u64,
+    pub consistency: Consistency,
+    pub partitions: Vec<String>,
+}
+
+/// One row found by a search.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SearchHit {
+    /// The primary key.
+    pub id: Value,
+    /// Squared L2 distance (smaller is nearer), or inner product / cosine similarity
+    /// (larger is nearer).
+    pub distance: f32,
+    /// The output fields asked for (and the primary key).
+    pub fields: Map<String, Value>,
+}
+
+/// What a query found.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct QueryRows {
+    pub rows: Vec<Map<String, Value>>,
+    /// More rows matched than the limit.
+    pub truncated: bool,
+}
+
+fn protocol(e: impl std::fmt::Display) -> ClientError {
+    ClientError::Protocol(e.to_string())
+}
+
+fn pk_json(pk: &Pk) -> Value {
+    match pk {
+        Pk::Int(i) => Value::from(*i),
+        Pk::Str(s) => Value::from(s.as_str()),
+    }
+}
+
+/// How long a read follows moves and restarts (retryable errors other than LAG_TOO_LARGE)
+/// before it reports the last error.
+const READ_RETRY: Duration = Duration::from_secs(15);
+
+impl Client {
+    /// Records a write's tick for `session` reads.
+    pub(crate) fn note_write(&self, tick: u64) {
+        self.last_write.fetch_max(tick, Ordering::Relaxed);
+    }
+
+    /// The highest tick of this client's acknowledged writes.
+    pub fn last_write_tick(&self) -> u64 {
+        self.last_write.load(Ordering::Relaxed)
+    }
+
+    fn read_options(&self, c: Consistency, partitions: &[String]) -> ReadOptions {
+        ReadOptions {
+            consistency: match c {
+                Consistency::Strong => ConsistencyLevel::Strong,
+                Consistency::Bounded => ConsistencyLevel::Bounded,
+                Consistency::Session => ConsistencyLevel::Session,
+                Consistency::Eventually => ConsistencyLevel::Eventually,
+            } as i32,
+            guarantee_tick: self.last_write_tick(),
+            partitions: partitions.to_vec(),
+        }
+    }
+
+    /// Runs `call` once per pchannel owner with its vchannels, retrying the whole read while
+    /// an owner moves or restarts.
+    async fn per_owner<T, F, Fut>(
+        &self,
+        info: &CollectionInfo,
+        call: F,
+    ) -> Result<Vec<T>, ClientError>
+    where
+        F: Fn(crate::Grpc, Vec<String>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        let mut by_pchannel: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for v in &info.vchannels {
+            by_pchannel
+                .entry(v.pchannel.as_str())
+                .or_default()
+                .push(v.name.clone());
+        }
+        let started = tokio::time::Instant::now();
+        let mut backoff = Duration::from_millis(50);
+        'again: loop {
+            let mut out = Vec::with_capacity(by_pchannel.len());
+            for (pchannel, names) in &by_pchannel {
+                let attempt = async {
+                    let grpc = self.route.grpc(pchannel, OWNER_WAIT).await?;
+                    Ok::<_, ClientError>(call(grpc, names.clone()).await?)
+                };
+                match attempt.await {
+                    Ok(r) => out.push(r),
+                    Err(e) => {
+                        let again = e.is_retryable()
+                            && e.code() != ErrorCode::LagTooLarge
+                            && started.elapsed() < READ_RETRY;
+                        if !again {
+                            return Err(e);
+                        }
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                        continue 'again;
+                    }
+                }
+            }
+            return Ok(out);
+        }
+    }
+
+    /// The `top_k` nearest rows to each of `vectors`, nearest first.
+    pub async fn search(
+        &self,
+        collection: &str,
+        vectors: &[Vec<f32>],
+        options: &SearchOptions,
+    ) -> Result<Vec<Vec<SearchHit>>, ClientError> {
+        let info = self.collections().describe(collection).await?;
+        let schema = Schema::new(info.schema.clone().unwrap_or_default()).map_err(protocol)?;
+        let metric = options.metric.unwrap_or(Metric::L2);
+        let request = SearchRequest {
+            collection: collection.to_owned(),
+            vchannels: Vec::new(),
+            field: options.field.clone(),
+            vectors: vectors
+                .iter()
+                .map(|v| FloatVector { values: v.clone() })
+                .collect(),
+            top_k: options.top_k,
+            filter: options.filter.clone(),
+            output_fields: options.output_fields.clone(),
+            metric: match metric {
+                Metric::L2 => MetricType::L2,
+                Metric::Ip => MetricType::Ip,
+                Metric::Cosine => MetricType::Cosine,
+            } as i32,
+            options: Some(self.read_options(options.consistency, &options.partitions)),
+        };
+        let answers = self
+            .per_owner(&info, |grpc, vchannels| {
+                let mut r = request.clone();
+                r.vchannels = vchannels;
+                async move { Ok(grpc.query.clone().search(r).await?.into_inner()) }
+            })
+            .await?;
+        let mut per_query: Vec<Vec<Hits>> = vec![Vec::new(); vectors.len()];
+        for a in answers {
+            for (q, h) in a.results.into_iter().enumerate() {
+                let Some(slot) = per_query.get_mut(q) else {
+                    return Err(ClientError::Protocol(
+                        "a search answer has more result lists than query vectors".into(),
+                    ));
+                };
+                slot.push(from_proto(h)?);
+            }
+        }
+        let mut out = Vec::with_capacity(per_query.len());
+        for parts in per_query {
+            let merged = merge(parts, options.top_k as usize, metric).map_err(protocol)?;
+            let rows = match &merged.fields {
+                Some(b) => schema.rows_to_json(b).map_err(protocol)?,
+                None => vec![Map::new(); merged.len()],
+            };
+            out.push(
+                merged
+                    .keys
+                    .iter()
+                    .zip(&merged.distances)
+                    .zip(rows)
+                    .map(|((k, d), fields)| SearchHit {
+                        id: pk_json(k),
+                        distance: *d,
+                        fields,
+                    })
+                    .collect(),
+            );
+        }
+        Ok(out)
+    }
+
+    /// The rows matching `options.filter` (primary key first, then the output fields).
+    pub async fn query(
+        &self,
+        collection: &str,
+        options: &QueryOptions,
+    ) -> Result<QueryRows, ClientError> {
+        let info = self.collections().describe(collection).await?;
+        let schema = Schema::new(info.schema.clone().unwrap_or_default()).map_err(protocol)?;
+        let request = QueryRequest {
+            collection: collection.to_owned(),
+            vchannels: Vec::new(),
+            filter: options.filter.clone(),
+            output_fields: options.output_fields.clone(),
+            limit: options.limit,
+            count_only: false,
+            options: Some(self.read_options(options.consistency, &options.partitions)),
+        };
+        let answers = self
+            .per_owner(&info, |grpc, vchannels| {
+                let mut r = request.clone();
+                r.vchannels = vchannels;
+                async move { Ok(grpc.query.clone().query(r).await?.into_inner()) }
+            })
+            .await?;
+        let mut out = QueryRows::default();
+        for a in answers {
+            out.truncated |= a.truncated;
+            if a.rows.is_empty() {
+                continue;
+            }
+            for b in walden_schema::decode_ipc(&a.rows).map_err(protocol)? {
+                out.rows.extend(schema.rows_to_json(&b).map_err(protocol)?);
+            }
+        }
+        if options.limit > 0 && out.rows.len() as u64 > options.limit {
+            out.rows.truncate(options.limit as usize);
+            out.truncated = true;
+        }
+        Ok(out)
+    }
+
+    /// The rows with these primary keys.
+    pub async fn get(
+        &self,
+        collection: &str,
+        ids: &[Value],
+        output_fields: &[String],
+        consistency: Consistency,
+    ) -> Result<QueryRows, ClientError> {
+        let info = self.collections().describe(collection).await?;
+        let schema = Schema::new(info.schema.clone().unwrap_or_default()).map_err(protocol)?;
+        let pk = &schema.primary_key().name;
+        let list: Vec<String> = ids.iter().map(Value::to_string).collect();
+        self.query(
+            collection,
+            &QueryOptions {
+                filter: format!("{pk} in [{}]", list.join(", ")),
+                output_fields: output_fields.to_vec(),
+                limit: 0,
+                consistency,
+                partitions: Vec::new(),
+            },
+        )
+        .await
+    }
+
+    /// How many live rows match `filter` (every row when empty).
+    pub async fn count(
+        &self,
+        collection: &str,
+        filter: &str,
+        consistency: Consistency,
+    ) -> Result<u64, ClientError> {
+        let info = self.collections().describe(collection).await?;
+        let request = QueryRequest {
+            collection: collection.to_owned(),
+            vchannels: Vec::new(),
+            filter: filter.to_owned(),
+            output_fields: Vec::new(),
+            limit: 0,
+            count_only: true,
+            options: Some(self.read_options(consistency, &[])),
+        };
+        let answers = self
+            .per_owner(&info, |grpc, vchannels| {
+                let mut r = request.clone();
+                r.vchannels = vchannels;
+                async move { Ok(grpc.query.clone().query(r).await?.into_inner()) }
+            })
+            .await?;
+        Ok(answers.iter().map(|a| a.count).sum())
+    }
+}
+
+fn from_proto(h: walden_proto::v1::SearchHits) -> Result<Hits, ClientError> {
+    let keys: Vec<Pk> = h
+        .int_ids
+        .into_iter()
+        .map(Pk::Int)
+        .chain(h.str_ids.into_iter().map(Pk::Str))
+        .collect();
+    if keys.len() != h.distances.len() {
+        return Err(ClientError::Protocol(format!(
+            "a search answer has {} ids for {} distances",
+            keys.len(),
+            h.distances.len()
+        )));
+    }
+    let fields = if h.fields.is_empty() {
+        None
+    } else {
+        let batches = walden_schema::decode_ipc(&h.fields).map_err(protocol)?;
+        match batches.as_slice() {
+            [one] => Some(one.clone()),
+            [] => None,
+            _ => {
+                let schema = batches[0].schema();
+                Some(arrow_select::concat::concat_batches(&schema, &batches).map_err(protocol)?)
+            }
+        }
+    };
+    Ok(Hits {
+        keys,
+        distances: h.distances,
+        fields,
+    })
+}

@@ -1,0 +1,425 @@
+//! One pchannel's delegator task: reads the pchannel from the lowest checkpoint of its
+//! vchannels' manifests, keeps each vchannel's growing rows and deletes, and swaps in flushed
+//! segments as their manifests commit them.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
+
+use prost::Message as _;
+use tokio::sync::mpsc;
+use tracing::{debug, info};
+use walden_common::MessageId;
+use walden_message::{ImmutableMessage, MessageType};
+use walden_metastore_api::{EventKind, keys};
+use walden_proto::v1::{DeleteIds, FlushedSegment, VChannelManifest};
+use walden_query::Segment;
+use walden_segment_format::{self as files, Deletes, Pk};
+use walden_streaming_node::{
+    channel::{Channel, Health},
+    scanner::{self, DeliverPolicy, Filters, Frames},
+};
+
+use crate::{Ctx, DelegatorError, Shard};
+
+/// What the loader read for a manifest: the segments and delete logs not loaded before.
+struct Loaded {
+    vchannel: String,
+    revision: i64,
+    manifest: VChannelManifest,
+    segments: Vec<Segment>,
+    deletes: Vec<(String, Deletes)>,
+}
+
+struct Follower {
+    ch: Arc<Channel>,
+    ctx: Arc<Ctx>,
+    shards: HashMap<String, Arc<Shard>>,
+    /// Vchannels that are not a collection's.
+    others: HashSet<String>,
+}
+
+fn format(what: &str, e: impl std::fmt::Display) -> DelegatorError {
+    DelegatorError::Format(format!("{what}: {e}"))
+}
+
+async fn read_manifest(
+    ctx: &Ctx,
+    collection_id: u64,
+    vchannel: &str,
+) -> Result<Option<(VChannelManifest, i64)>, DelegatorError> {
+    let Some(kv) = ctx
+        .meta
+        .get(&keys::manifest(collection_id, vchannel))
+        .await?
+    else {
+        return Ok(None);
+    };
+    let m = VChannelManifest::decode(kv.value.as_ref())
+        .map_err(|e| format(&format!("manifest of {vchannel}"), e))?;
+    Ok(Some((m, kv.mod_revision)))
+}
+
+/// Reads the segments and delete logs of `manifest` that `have` does not hold, off the async
+/// workers (decoding Parquet takes a while).
+async fn load(
+    ctx: &Ctx,
+    shard: &Shard,
+    manifest: VChannelManifest,
+    revision: i64,
+    have: &HashSet<u64>,
+    have_deltas: &HashSet<String>,
+) -> Result<Loaded, DelegatorError> {
+    let mut files_to_read: Vec<(FlushedSegment, Vec<bytes::Bytes>)> = Vec::new();
+    for s in manifest
+        .segments
+        .iter()
+        .filter(|s| !have.contains(&s.segment_id))
+    {
+        let mut data = Vec::new();
+        for f in &s.files {
+            data.push(ctx.blobs.get(&f.key).await?);
+        }
+        files_to_read.push((s.clone(), data));
+    }
+    let mut delta_files = Vec::new();
+    for d in &manifest.deltas {
+        if let Some(f) = &d.file
+            && !have_deltas.contains(&f.key)
+        {
+            delta_files.push((f.key.clone(), ctx.blobs.get(&f.key).await?));
+        }
+    }
+    let pk = shard.pk.clone();
+    let (segments, deletes) = tokio::task::spawn_blocking(move || {
+        let mut segments = Vec::new();
+        let none = Deletes::new();
+        for (s, data) in files_to_read {
+            let mut seg = Segment::new(s.segment_id, &s.partition, &pk);
+            for bytes in data {
+                for batch in files::decode(bytes)? {
+                    seg.append(batch, &none)?;
+                }
+            }
+            segments.push(seg);
+        }
+        let mut deletes = Vec::new();
+        for (key, bytes) in delta_files {
+            let mut d = Deletes::new();
+            files::read_deletes(bytes, &mut d)?;
+            deletes.push((key, d));
+        }
+        Ok::<_, DelegatorError>((segments, deletes))
+    })
+    .await
+    .map_err(|e| DelegatorError::Format(format!("loading segments: {e}")))??;
+    Ok(Loaded {
+        vchannel: shard.vchannel.clone(),
+        revision,
+        manifest,
+        segments,
+        deletes,
+    })
+}
+
+/// Makes `loaded` the shard's flushed data in one step: new segments in (with every known
+/// delete applied), replaced ones and the growing rows they hold out.
+fn install(shard: &Shard, loaded: Loaded) {
+    let mut st = shard.write();
+    if loaded.revision <= st.revision {
+        return;
+    }
+    st.revision = loaded.revision;
+    for (key, d) in loaded.deletes {
+        for (pk, t) in d {
+            let e = st.deletes.entry(pk).or_insert(0);
+            *e = (*e).max(t);
+        }
+        st.delta_keys.insert(key);
+    }
+    let m = &loaded.manifest;
+    let mut committed: HashSet<u64> = m.segments.iter().map(|s| s.segment_id).collect();
+    committed.extend(m.retired.iter().map(|r| r.segment_id));
+    committed.extend(
+        m.segments
+            .iter()
+            .flat_map(|s| s.compacted_from.iter().copied()),
+    );
+    let live: HashSet<u64> = m.segments.iter().map(|s| s.segment_id).collect();
+    st.sealed.retain(|id, _| live.contains(id));
+    for mut seg in loaded.segments {
+        seg.apply(&st.deletes);
+        st.sealed.insert(seg.id(), seg);
+    }
+    // Delete logs may be new: apply every known delete to what was already sealed.
+    let deletes = std::mem::take(&mut st.deletes);
+    for seg in st.sealed.values_mut() {
+        seg.apply(&deletes);
+    }
+    st.deletes = deletes;
+    st.growing.retain(|id, _| !committed.contains(id));
+    st.committed = committed;
+    st.dropped |= m.dropped;
+    debug!(
+        vchannel = shard.vchannel,
+        revision = st.revision,
+        sealed = st.sealed.len(),
+        growing = st.growing.len(),
+        "flushed segments swapped in"
+    );
+}
+
+/// Runs the delegator of `ch` until the channel stops serving (Ok) or something fails.
+pub(crate) async fn run(ch: Arc<Channel>, ctx: Arc<Ctx>) -> Result<(), DelegatorError> {
+    // Watch before the first read, so no commit between the two is missed.
+    let mut manifests = ctx.meta.watch("walden/manifest/").await?;
+    let mut f = Follower {
+        ch: ch.clone(),
+        ctx: ctx.clone(),
+        shards: HashMap::new(),
+        others: HashSet::new(),
+    };
+    let first = ch.wal().first_id();
+    let mut start: Option<MessageId> = None;
+    for c in ch.collections() {
+        if c.dropped {
+            continue;
+        }
+        if let Some(at) = f.add(&c.vchannel).await? {
+            start = Some(start.map_or(at, |s| s.min(at)));
+        } else {
+            start = Some(first);
+        }
+    }
+    let start = start.unwrap_or(first).max(first);
+    info!(pchannel = ch.name(), from = %start, shards = f.shards.len(), "delegator started");
+
+    let (frames, mut rx) = Frames::channel(4);
+    let scan = tokio::spawn(scanner::scan(
+        ch.clone(),
+        DeliverPolicy::StartFrom(start),
+        Filters::default(),
+        frames,
+    ));
+    let _scan = AbortOnDrop(scan);
+    // One loader at a time, in manifest order.
+    let (load_tx, mut load_rx) = mpsc::unbounded_channel::<(Arc<Shard>, VChannelManifest, i64)>();
+    let (done_tx, mut done_rx) = mpsc::channel::<Result<Loaded, DelegatorError>>(4);
+    let loader = {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            while let Some((shard, m, rev)) = load_rx.recv().await {
+                let (have, have_deltas) = {
+                    let st = shard.read();
+                    (
+                        st.sealed.keys().copied().collect::<HashSet<u64>>(),
+                        st.delta_keys.clone(),
+                    )
+                };
+                let r = load(&ctx, &shard, m, rev, &have, &have_deltas).await;
+                if done_tx.send(r).await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    let _loader = AbortOnDrop(loader);
+    loop {
+        tokio::select! {
+            frame = rx.recv() => match frame {
+                Some(Ok(msgs)) => {
+                    let last = msgs.last().map(|m| m.time_tick().0);
+                    for m in msgs {
+                        f.handle(m).await?;
+                    }
+                    if let Some(t) = last {
+                        for s in f.shards.values() {
+                            s.set_served(t);
+                        }
+                    }
+                }
+                Some(Err(e)) => {
+                    if *ch.health().borrow() != Health::Serving {
+                        return Ok(());
+                    }
+                    return Err(e.into());
+                }
+                None => return Ok(()),
+            },
+            event = manifests.recv() => {
+                let Some(event) = event else {
+                    return Err(DelegatorError::Format("the manifest watch ended".into()));
+                };
+                if event.kind != EventKind::Put {
+                    continue;
+                }
+                let Some(shard) = f.shards.values().find(|s| {
+                    event.kv.key == keys::manifest(s.collection_id, &s.vchannel)
+                }) else {
+                    continue;
+                };
+                let m = VChannelManifest::decode(event.kv.value.as_ref())
+                    .map_err(|e| format("manifest", e))?;
+                let _ = load_tx.send((shard.clone(), m, event.kv.mod_revision));
+            }
+            Some(loaded) = done_rx.recv() => {
+                let loaded = loaded?;
+                if let Some(shard) = f.shards.get(&loaded.vchannel) {
+                    install(shard, loaded);
+                }
+            }
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Follower {
+    /// Starts holding `vchannel` if it is a collection's: loads its manifest's segments and
+    /// makes it findable. Returns where its reading must start (None: from the log's start).
+    async fn add(&mut self, vchannel: &str) -> Result<Option<MessageId>, DelegatorError> {
+        if self.shards.contains_key(vchannel) || self.others.contains(vchannel) {
+            return Ok(None);
+        }
+        let Some(c) = self
+            .ch
+            .collections()
+            .into_iter()
+            .find(|c| c.vchannel == vchannel)
+        else {
+            self.others.insert(vchannel.to_owned());
+            return Ok(None);
+        };
+        let shard = Arc::new(Shard::new(
+            self.ch.clone(),
+            vchannel,
+            &c.info.name,
+            c.info.collection_id,
+            c.schema.clone(),
+        ));
+        let mut start = None;
+        if let Some((m, rev)) = read_manifest(&self.ctx, c.info.collection_id, vchannel).await? {
+            start = Some(MessageId(m.checkpoint_id));
+            let loaded = load(&self.ctx, &shard, m, rev, &HashSet::new(), &HashSet::new()).await?;
+            install(&shard, loaded);
+        }
+        if c.dropped {
+            shard.write().dropped = true;
+        }
+        self.ctx
+            .shards
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(vchannel.to_owned(), shard.clone());
+        self.shards.insert(vchannel.to_owned(), shard);
+        Ok(start)
+    }
+
+    async fn handle(&mut self, m: ImmutableMessage) -> Result<(), DelegatorError> {
+        let t = m.message_type();
+        if t == MessageType::TimeTick || m.vchannel().is_empty() {
+            return Ok(());
+        }
+        let vchannel = m.vchannel().to_owned();
+        if !self.shards.contains_key(&vchannel) {
+            self.add(&vchannel).await?;
+        }
+        let Some(shard) = self.shards.get(&vchannel) else {
+            return Ok(());
+        };
+        let tick = m.time_tick().0;
+        match t {
+            MessageType::CreateSegment => {
+                let mut st = shard.write();
+                let id = m.header.segment_id;
+                if !st.committed.contains(&id) {
+                    st.growing
+                        .entry(id)
+                        .or_insert_with(|| Segment::new(id, &m.header.partition, &shard.pk));
+                }
+            }
+            MessageType::Insert | MessageType::Upsert | MessageType::Delete => {
+                dml(shard, &m, tick)?;
+            }
+            MessageType::Txn => {
+                let bodies = m
+                    .txn_messages()
+                    .map_err(|e| format("transaction payload", e))?;
+                for body in bodies {
+                    if matches!(
+                        body.message_type(),
+                        MessageType::Insert | MessageType::Upsert | MessageType::Delete
+                    ) {
+                        // A transaction's rows and deletes take effect at its commit.
+                        dml(shard, &body, tick)?;
+                    }
+                }
+            }
+            MessageType::DropCollection => {
+                let mut st = shard.write();
+                st.dropped = true;
+                st.growing.clear();
+                st.sealed.clear();
+                st.deletes.clear();
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+fn dml(shard: &Shard, m: &ImmutableMessage, tick: u64) -> Result<(), DelegatorError> {
+    let t = m.message_type();
+    let mut st = shard.write();
+    if st.dropped {
+        return Ok(());
+    }
+    let delete = |st: &mut crate::shard::State, keys: Vec<Pk>| {
+        for k in keys {
+            for seg in st.growing.values_mut().chain(st.sealed.values_mut()) {
+                seg.delete(&k, tick);
+            }
+            let e = st.deletes.entry(k).or_insert(0);
+            *e = (*e).max(tick);
+        }
+    };
+    match t {
+        MessageType::Delete => {
+            let ids =
+                DeleteIds::decode(m.payload.as_ref()).map_err(|e| format("delete payload", e))?;
+            delete(&mut st, files::delete_keys(&ids).collect());
+        }
+        MessageType::Insert | MessageType::Upsert => {
+            let batches = walden_schema::decode_ipc(&m.payload)?;
+            if t == MessageType::Upsert {
+                let mut keys = Vec::new();
+                for b in &batches {
+                    keys.extend(files::keys_of(b, &shard.pk)?);
+                }
+                delete(&mut st, keys);
+            }
+            let id = m.header.segment_id;
+            if st.committed.contains(&id) {
+                return Ok(());
+            }
+            let st = &mut *st;
+            let seg = st
+                .growing
+                .entry(id)
+                .or_insert_with(|| Segment::new(id, &m.header.partition, &shard.pk));
+            for b in &batches {
+                let b = files::data_batch(&shard.schema, &shard.data_schema, b, tick)?;
+                seg.append(b, &st.deletes)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}

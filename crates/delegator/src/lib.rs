@@ -1,0 +1,263 @@
+//! The query delegator (docs/design.md §14).
+//!
+//! For every pchannel a node serves, one task reads the pchannel like any consumer and keeps,
+//! per vchannel of a collection, a [`shard::Shard`]:
+//!
+//! * **Growing rows.** Rows of segments not yet in the manifest, as Arrow, searched exactly.
+//! * **Flushed segments.** Loaded from the manifest's Parquet files (the standalone query node,
+//!   in process), swapped in for the growing rows they replace once loaded, in one step under
+//!   the shard's lock, so a search never sees a row twice or misses one.
+//! * **Deletes.** Every delete read (and every delete log of the manifest) applies to every
+//!   segment, growing or flushed, and to segments loaded later.
+//! * **Served tick.** The tick of the last message read; a read at a consistency level waits
+//!   until it reaches the level's guarantee tick.
+//!
+//! After a restart or a move it starts again from the manifests, like the flusher.
+
+mod follow;
+pub mod service;
+mod shard;
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tracing::{info, warn};
+use walden_common::{ErrorCode, HasErrorCode, Term};
+use walden_metastore_api::{MetaError, MetaStore};
+use walden_object_store::{Blobs, ObjectStoreError};
+use walden_query::QueryError;
+use walden_streaming_node::{
+    NodeError,
+    channel::{Channel, Health},
+    manager::WalManager,
+};
+
+pub use shard::Shard;
+
+/// `[query]`: reads over the delegators.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct QueryConfig {
+    /// Longest a read waits for its shard to reach the consistency level's tick before it
+    /// fails with LAG_TOO_LARGE (retryable). Default 10 000.
+    pub max_wait_ms: u64,
+    /// How stale a `bounded` read may be. Default 5 000.
+    pub bounded_staleness_ms: u64,
+    /// Most rows a query returns (its `limit` defaults to this). Default 16 384.
+    pub max_rows: u64,
+    /// Largest `top_k`. Default 16 384.
+    pub max_top_k: u32,
+    /// Most query vectors in one search. Default 1 024.
+    pub max_vectors: usize,
+}
+
+impl Default for QueryConfig {
+    fn default() -> Self {
+        Self {
+            max_wait_ms: 10_000,
+            bounded_staleness_ms: 5_000,
+            max_rows: 16_384,
+            max_top_k: 16_384,
+            max_vectors: 1_024,
+        }
+    }
+}
+
+/// Errors of the delegator.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum DelegatorError {
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    #[error(transparent)]
+    Store(#[from] ObjectStoreError),
+    #[error(transparent)]
+    Query(#[from] QueryError),
+    #[error(transparent)]
+    File(#[from] walden_segment_format::FormatError),
+    #[error(transparent)]
+    Schema(#[from] walden_schema::SchemaError),
+    /// A manifest or payload that cannot be read.
+    #[error("{0}")]
+    Format(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// No delegator here holds the vchannel.
+    #[error("vchannel {0:?} is not served by this node")]
+    NotServed(String),
+    #[error("collection {0:?} was dropped")]
+    Dropped(String),
+    #[error(
+        "vchannel {vchannel}: waited {waited_ms} ms for tick {want}, served {served}; the shard \
+         is behind (retry later or with a weaker consistency level)"
+    )]
+    LagTooLarge {
+        vchannel: String,
+        want: u64,
+        served: u64,
+        waited_ms: u64,
+    },
+}
+
+impl HasErrorCode for DelegatorError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            Self::Node(e) => e.code(),
+            Self::Meta(e) => e.code(),
+            Self::Store(e) => e.code(),
+            Self::Query(e) => e.code(),
+            Self::File(e) => e.code(),
+            Self::Schema(e) => e.code(),
+            Self::Format(_) => ErrorCode::Corrupted,
+            Self::InvalidArgument(_) => ErrorCode::InvalidArgument,
+            Self::NotServed(_) => ErrorCode::ChannelNotFound,
+            Self::Dropped(_) => ErrorCode::CollectionDropped,
+            Self::LagTooLarge { .. } => ErrorCode::LagTooLarge,
+        }
+    }
+}
+
+impl From<walden_expr::ExprError> for DelegatorError {
+    fn from(e: walden_expr::ExprError) -> Self {
+        Self::Query(e.into())
+    }
+}
+
+/// What every pchannel's delegator task shares.
+#[derive(Debug)]
+pub(crate) struct Ctx {
+    pub meta: Arc<dyn MetaStore>,
+    pub blobs: Arc<dyn Blobs>,
+    pub config: QueryConfig,
+    /// Shards by vchannel, for the service.
+    pub shards: Mutex<HashMap<String, Arc<Shard>>>,
+}
+
+/// The delegators of one node's pchannels.
+#[derive(Debug)]
+pub struct Delegators {
+    ctx: Arc<Ctx>,
+    running: Mutex<HashMap<String, (Term, tokio::task::AbortHandle)>>,
+}
+
+impl Delegators {
+    pub fn new(meta: Arc<dyn MetaStore>, blobs: Arc<dyn Blobs>, config: QueryConfig) -> Arc<Self> {
+        Arc::new(Self {
+            ctx: Arc::new(Ctx {
+                meta,
+                blobs,
+                config,
+                shards: Mutex::new(HashMap::new()),
+            }),
+            running: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn config(&self) -> &QueryConfig {
+        &self.ctx.config
+    }
+
+    /// Follows `manager`: a delegator task for every pchannel it serves, under the term it
+    /// serves it with. Ends when the manager's change feed does.
+    pub fn follow(self: &Arc<Self>, manager: Arc<WalManager>) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut changes = manager.changes();
+            loop {
+                this.reconcile(&manager.channels());
+                if changes.changed().await.is_err() {
+                    break;
+                }
+            }
+            for (_, (_, task)) in this
+                .running
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .drain()
+            {
+                task.abort();
+            }
+        })
+    }
+
+    fn reconcile(&self, channels: &[Arc<Channel>]) {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        running.retain(|name, (term, task)| {
+            let keep = channels
+                .iter()
+                .any(|c| c.name() == name && c.term() == *term)
+                && !task.is_finished();
+            if !keep {
+                task.abort();
+                self.forget(name);
+            }
+            keep
+        });
+        for ch in channels {
+            if running.contains_key(ch.name()) || *ch.health().borrow() != Health::Serving {
+                continue;
+            }
+            let task = tokio::spawn(supervise(ch.clone(), self.ctx.clone()));
+            running.insert(ch.name().to_owned(), (ch.term(), task.abort_handle()));
+        }
+    }
+
+    /// Drops the shards of `pchannel` from what the service can find.
+    fn forget(&self, pchannel: &str) {
+        self.ctx
+            .shards
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, s| s.pchannel() != pchannel);
+    }
+
+    /// The shard of `vchannel`, if a delegator here holds it.
+    pub fn shard(&self, vchannel: &str) -> Result<Arc<Shard>, DelegatorError> {
+        self.ctx
+            .shards
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(vchannel)
+            .cloned()
+            .ok_or_else(|| DelegatorError::NotServed(vchannel.to_owned()))
+    }
+
+    /// Whether a delegator here follows `pchannel`.
+    pub fn serves(&self, pchannel: &str) -> bool {
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(pchannel)
+    }
+}
+
+/// Runs a pchannel's delegator while the channel serves, starting it again (from the
+/// manifests) after a failure, with backoff.
+async fn supervise(ch: Arc<Channel>, ctx: Arc<Ctx>) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        if *ch.health().borrow() != Health::Serving {
+            return;
+        }
+        match follow::run(ch.clone(), ctx.clone()).await {
+            Ok(()) => return,
+            Err(e) => {
+                warn!(pchannel = ch.name(), error = %e, retry_in = ?backoff, "delegator failed; starting again from the manifests");
+            }
+        }
+        ctx.shards
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, s| s.pchannel() != ch.name());
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+        info!(pchannel = ch.name(), "delegator starting again");
+    }
+}

@@ -1,0 +1,233 @@
+//! `walden.v1.Query`: search and query over the vchannels this node's delegators hold.
+//! The client sends each owner the vchannels it serves and merges the answers.
+
+use std::sync::Arc;
+
+use arrow_array::RecordBatch;
+use tonic::{Request, Response, Status};
+use walden_expr::Filter;
+use walden_proto::{
+    status::of,
+    v1::{
+        self as pb, MetricType, QueryRequest, QueryResponse, ReadOptions, SearchHits,
+        SearchRequest, SearchResponse, query_server::Query,
+    },
+};
+use walden_query::{Hits, Metric, merge};
+use walden_segment_format::Pk;
+
+use crate::{DelegatorError, Delegators, Shard, shard::SearchSpec};
+
+#[derive(Debug, Clone)]
+pub struct QueryService {
+    delegators: Arc<Delegators>,
+}
+
+impl QueryService {
+    pub fn new(delegators: Arc<Delegators>) -> Self {
+        Self { delegators }
+    }
+
+    pub fn into_server(self) -> pb::query_server::QueryServer<Self> {
+        pb::query_server::QueryServer::new(self)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20)
+    }
+
+    /// The shards of the request, each checked to belong to `collection`, caught up to the
+    /// consistency level's tick.
+    async fn shards(
+        &self,
+        collection: &str,
+        vchannels: &[String],
+        options: &ReadOptions,
+    ) -> Result<Vec<Arc<Shard>>, DelegatorError> {
+        if vchannels.is_empty() {
+            return Err(DelegatorError::InvalidArgument("no vchannels named".into()));
+        }
+        let mut out = Vec::with_capacity(vchannels.len());
+        for v in vchannels {
+            let s = self.delegators.shard(v)?;
+            if s.collection() != collection {
+                return Err(DelegatorError::InvalidArgument(format!(
+                    "vchannel {v:?} is not collection {collection:?}'s"
+                )));
+            }
+            out.push(s);
+        }
+        let config = self.delegators.config();
+        for s in &out {
+            s.wait(options, config).await?;
+        }
+        Ok(out)
+    }
+
+    async fn search_inner(&self, req: SearchRequest) -> Result<SearchResponse, DelegatorError> {
+        let config = self.delegators.config().clone();
+        if req.vectors.is_empty() || req.vectors.len() > config.max_vectors {
+            return Err(DelegatorError::InvalidArgument(format!(
+                "a search takes 1 to {} query vectors, not {}",
+                config.max_vectors,
+                req.vectors.len()
+            )));
+        }
+        if req.top_k == 0 || req.top_k > config.max_top_k {
+            return Err(DelegatorError::InvalidArgument(format!(
+                "top_k must be 1 to {}, not {}",
+                config.max_top_k, req.top_k
+            )));
+        }
+        let metric = match req.metric() {
+            MetricType::Unspecified | MetricType::L2 => Metric::L2,
+            MetricType::Ip => Metric::Ip,
+            MetricType::Cosine => Metric::Cosine,
+        };
+        let options = req.options.clone().unwrap_or_default();
+        let shards = self
+            .shards(&req.collection, &req.vchannels, &options)
+            .await?;
+        let first = &shards[0];
+        let field = first.vector_field(&req.field)?;
+        let filter = (!req.filter.trim().is_empty())
+            .then(|| Filter::new(&req.filter, first.schema()))
+            .transpose()?;
+        let outputs = first.output_fields(&req.output_fields)?;
+        let want_fields = !req.output_fields.is_empty();
+        let queries: Vec<Vec<f32>> = req.vectors.into_iter().map(|v| v.values).collect();
+        let k = req.top_k as usize;
+        let partitions = options.partitions;
+        // Exact search is CPU work of milliseconds: keep it off the async workers.
+        let results = tokio::task::spawn_blocking(move || {
+            let mut per_query: Vec<Vec<Hits>> = vec![Vec::new(); queries.len()];
+            for s in &shards {
+                let hits = s.search(&SearchSpec {
+                    field: &field,
+                    queries: &queries,
+                    k,
+                    metric,
+                    filter: filter.as_ref(),
+                    output_fields: &outputs,
+                    partitions: &partitions,
+                })?;
+                for (q, h) in hits.into_iter().enumerate() {
+                    per_query[q].push(h);
+                }
+            }
+            per_query
+                .into_iter()
+                .map(|parts| Ok(merge(parts, k, metric)?))
+                .collect::<Result<Vec<Hits>, DelegatorError>>()
+        })
+        .await
+        .map_err(|e| DelegatorError::Format(format!("search task: {e}")))??;
+        Ok(SearchResponse {
+            results: results
+                .into_iter()
+                .map(|h| to_proto(h, want_fields))
+                .collect::<Result<_, _>>()?,
+            metric: match metric {
+                Metric::L2 => MetricType::L2,
+                Metric::Ip => MetricType::Ip,
+                Metric::Cosine => MetricType::Cosine,
+            } as i32,
+        })
+    }
+
+    async fn query_inner(&self, req: QueryRequest) -> Result<QueryResponse, DelegatorError> {
+        let config = self.delegators.config().clone();
+        let options = req.options.clone().unwrap_or_default();
+        let shards = self
+            .shards(&req.collection, &req.vchannels, &options)
+            .await?;
+        let first = &shards[0];
+        let filter = (!req.filter.trim().is_empty())
+            .then(|| Filter::new(&req.filter, first.schema()))
+            .transpose()?;
+        let outputs = first.output_fields(&req.output_fields)?;
+        let limit = if req.limit == 0 {
+            config.max_rows
+        } else {
+            req.limit.min(config.max_rows)
+        } as usize;
+        let count_only = req.count_only;
+        let partitions = options.partitions;
+        tokio::task::spawn_blocking(move || {
+            if count_only {
+                let mut count = 0;
+                for s in &shards {
+                    count += s.count(filter.as_ref(), &partitions)?;
+                }
+                return Ok(QueryResponse {
+                    count,
+                    ..Default::default()
+                });
+            }
+            let mut batches: Vec<RecordBatch> = Vec::new();
+            let (mut rows, mut truncated) = (0usize, false);
+            for s in &shards {
+                let (batch, more) =
+                    s.query(filter.as_ref(), &outputs, &partitions, limit - rows)?;
+                truncated |= more;
+                if let Some(b) = batch {
+                    rows += b.num_rows();
+                    batches.push(b);
+                }
+            }
+            let rows_bytes = match batches.first() {
+                None => bytes::Bytes::new(),
+                Some(first) => {
+                    let all = arrow_select::concat::concat_batches(&first.schema(), &batches)
+                        .map_err(|e| DelegatorError::Format(format!("query rows: {e}")))?;
+                    walden_schema::batch_to_ipc(&all)?
+                }
+            };
+            Ok(QueryResponse {
+                rows: rows_bytes,
+                count: rows as u64,
+                truncated,
+            })
+        })
+        .await
+        .map_err(|e| DelegatorError::Format(format!("query task: {e}")))?
+    }
+}
+
+fn to_proto(h: Hits, want_fields: bool) -> Result<SearchHits, DelegatorError> {
+    let mut out = SearchHits {
+        distances: h.distances,
+        ..Default::default()
+    };
+    for k in h.keys {
+        match k {
+            Pk::Int(i) => out.int_ids.push(i),
+            Pk::Str(s) => out.str_ids.push(s),
+        }
+    }
+    if want_fields && let Some(f) = h.fields {
+        out.fields = walden_schema::batch_to_ipc(&f)?;
+    }
+    Ok(out)
+}
+
+#[tonic::async_trait]
+impl Query for QueryService {
+    async fn search(
+        &self,
+        request: Request<SearchRequest>,
+    ) -> Result<Response<SearchResponse>, Status> {
+        self.search_inner(request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(|e| of(&e))
+    }
+
+    async fn query(
+        &self,
+        request: Request<QueryRequest>,
+    ) -> Result<Response<QueryResponse>, Status> {
+        self.query_inner(request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(|e| of(&e))
+    }
+}

@@ -1,0 +1,316 @@
+//! One vchannel's rows as a delegator holds them, and the reads over them.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard},
+    time::{Duration, Instant},
+};
+
+use arrow_array::RecordBatch;
+use arrow_schema::SchemaRef;
+use tokio::sync::watch;
+use walden_common::TimeTick;
+use walden_expr::Filter;
+use walden_proto::v1::{ConsistencyLevel, ReadOptions};
+use walden_query::{Hits, Metric, SearchParams, Segment, TopK, gather};
+use walden_schema::{DataType, Schema};
+use walden_segment_format::{Deletes, keys_of};
+use walden_streaming_node::channel::Channel;
+
+use crate::{DelegatorError, QueryConfig};
+
+/// The rows of one vchannel.
+#[derive(Debug, Default)]
+pub(crate) struct State {
+    /// Segments not (yet) in the manifest, from the WAL.
+    pub growing: BTreeMap<u64, Segment>,
+    /// Segments of the manifest, from their files.
+    pub sealed: BTreeMap<u64, Segment>,
+    /// Ids whose rows are in the manifest's files (or were, before compaction replaced them):
+    /// their rows in the WAL are skipped.
+    pub committed: HashSet<u64>,
+    /// Every delete known (read from the WAL or from delete logs): applied to every segment,
+    /// including those loaded later.
+    pub deletes: Deletes,
+    /// Delete logs already read.
+    pub delta_keys: HashSet<String>,
+    /// The manifest revision the sealed segments are from (0: none).
+    pub revision: i64,
+    pub dropped: bool,
+}
+
+/// A delegator's view of one vchannel.
+#[derive(Debug)]
+pub struct Shard {
+    pub(crate) vchannel: String,
+    pub(crate) collection: String,
+    pub(crate) collection_id: u64,
+    pub(crate) schema: Arc<Schema>,
+    pub(crate) data_schema: SchemaRef,
+    pub(crate) pk: String,
+    ch: Arc<Channel>,
+    state: RwLock<State>,
+    served: watch::Sender<u64>,
+}
+
+/// A search as the shard runs it.
+#[derive(Debug)]
+pub struct SearchSpec<'a> {
+    pub field: &'a str,
+    pub queries: &'a [Vec<f32>],
+    pub k: usize,
+    pub metric: Metric,
+    pub filter: Option<&'a Filter>,
+    pub output_fields: &'a [String],
+    pub partitions: &'a [String],
+}
+
+impl Shard {
+    pub(crate) fn new(
+        ch: Arc<Channel>,
+        vchannel: &str,
+        collection: &str,
+        collection_id: u64,
+        schema: Arc<Schema>,
+    ) -> Self {
+        Self {
+            vchannel: vchannel.to_owned(),
+            collection: collection.to_owned(),
+            collection_id,
+            data_schema: walden_segment_format::data_schema(&schema),
+            pk: schema.primary_key().name.clone(),
+            schema,
+            ch,
+            state: RwLock::new(State::default()),
+            served: watch::channel(0).0,
+        }
+    }
+
+    pub fn pchannel(&self) -> &str {
+        self.ch.name()
+    }
+
+    pub fn collection(&self) -> &str {
+        &self.collection
+    }
+
+    pub fn schema(&self) -> &Arc<Schema> {
+        &self.schema
+    }
+
+    pub(crate) fn read(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn write(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn set_served(&self, tick: u64) {
+        self.served.send_if_modified(|t| {
+            let newer = tick > *t;
+            if newer {
+                *t = tick;
+            }
+            newer
+        });
+    }
+
+    /// The tick of the last message read.
+    pub fn served_tick(&self) -> u64 {
+        *self.served.borrow()
+    }
+
+    /// The tick a read at `options` must see (0: none).
+    pub fn guarantee_tick(&self, options: &ReadOptions, config: &QueryConfig) -> u64 {
+        match options.consistency() {
+            // The WAL is on this node: its last tick covers every acknowledged write, and is
+            // often well below a fresh TSO tick (no wait for the next TimeTick).
+            ConsistencyLevel::Strong => self.ch.last_tick().0,
+            ConsistencyLevel::Session => options.guarantee_tick,
+            ConsistencyLevel::Eventually => 0,
+            ConsistencyLevel::Bounded | ConsistencyLevel::Unspecified => {
+                TimeTick::compose(
+                    walden_tso::now_ms().saturating_sub(config.bounded_staleness_ms),
+                    0,
+                )
+                .0
+            }
+        }
+    }
+
+    /// Waits until the shard has read through the tick `options` asks for.
+    pub async fn wait(
+        &self,
+        options: &ReadOptions,
+        config: &QueryConfig,
+    ) -> Result<(), DelegatorError> {
+        let want = self.guarantee_tick(options, config);
+        let start = Instant::now();
+        let mut rx = self.served.subscribe();
+        let reached = tokio::time::timeout(
+            Duration::from_millis(config.max_wait_ms),
+            rx.wait_for(|t| *t >= want),
+        )
+        .await;
+        match reached {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(DelegatorError::NotServed(self.vchannel.clone())),
+            Err(_) => Err(DelegatorError::LagTooLarge {
+                vchannel: self.vchannel.clone(),
+                want,
+                served: self.served_tick(),
+                waited_ms: start.elapsed().as_millis() as u64,
+            }),
+        }
+    }
+
+    /// The vector field `name` names (or the only one, when empty).
+    pub fn vector_field(&self, name: &str) -> Result<String, DelegatorError> {
+        let vectors: Vec<&str> = self
+            .schema
+            .proto()
+            .fields
+            .iter()
+            .filter(|f| f.data_type() == DataType::FloatVector)
+            .map(|f| f.name.as_str())
+            .collect();
+        if name.is_empty() {
+            return match vectors.as_slice() {
+                [one] => Ok((*one).to_owned()),
+                _ => Err(DelegatorError::InvalidArgument(format!(
+                    "the collection has {} vector fields ({}): name one",
+                    vectors.len(),
+                    vectors.join(", ")
+                ))),
+            };
+        }
+        if vectors.contains(&name) {
+            Ok(name.to_owned())
+        } else {
+            Err(DelegatorError::InvalidArgument(format!(
+                "{name:?} is not a vector field of the collection"
+            )))
+        }
+    }
+
+    /// Checks output field names; the primary key always comes first.
+    pub fn output_fields(&self, asked: &[String]) -> Result<Vec<String>, DelegatorError> {
+        let mut out = vec![self.pk.clone()];
+        for name in asked {
+            if name == "*" {
+                for f in &self.schema.proto().fields {
+                    if !out.contains(&f.name) {
+                        out.push(f.name.clone());
+                    }
+                }
+                continue;
+            }
+            if !self.schema.proto().fields.iter().any(|f| &f.name == name) {
+                return Err(DelegatorError::InvalidArgument(format!(
+                    "no field {name:?} to output"
+                )));
+            }
+            if !out.contains(name) {
+                out.push(name.clone());
+            }
+        }
+        Ok(out)
+    }
+
+    /// The `k` nearest live rows per query vector over every segment this shard holds.
+    pub fn search(&self, spec: &SearchSpec<'_>) -> Result<Vec<Hits>, DelegatorError> {
+        let st = self.read();
+        if st.dropped {
+            return Err(DelegatorError::Dropped(self.collection.clone()));
+        }
+        let segments = self.visible(&st, spec.partitions);
+        let params = SearchParams {
+            field: spec.field,
+            queries: spec.queries,
+            k: spec.k,
+            metric: spec.metric,
+            filter: spec.filter,
+        };
+        let mut tops: Vec<TopK> = spec
+            .queries
+            .iter()
+            .map(|_| TopK::new(spec.k, spec.metric))
+            .collect();
+        for s in &segments {
+            s.search(&params, &mut tops)?;
+        }
+        let mut out = Vec::with_capacity(tops.len());
+        for top in tops {
+            let hits = top.into_sorted();
+            let rows: Vec<(u64, u32)> = hits.iter().map(|h| (h.segment, h.row)).collect();
+            let fields = gather(&segments, &rows, spec.output_fields)?;
+            out.push(Hits {
+                keys: self.keys(&fields)?,
+                distances: hits.iter().map(|h| h.distance).collect(),
+                fields: Some(fields).filter(|f| f.num_columns() > 0),
+            });
+        }
+        Ok(out)
+    }
+
+    /// The live rows matching `filter` (the output fields, primary key first), at most `limit`;
+    /// and whether more matched.
+    pub fn query(
+        &self,
+        filter: Option<&Filter>,
+        output_fields: &[String],
+        partitions: &[String],
+        limit: usize,
+    ) -> Result<(Option<RecordBatch>, bool), DelegatorError> {
+        let st = self.read();
+        if st.dropped {
+            return Err(DelegatorError::Dropped(self.collection.clone()));
+        }
+        let segments = self.visible(&st, partitions);
+        let mut rows = Vec::new();
+        let mut more = false;
+        for s in &segments {
+            let left = limit.saturating_sub(rows.len());
+            let found = s.matching(filter, left + 1)?;
+            more |= found.len() > left;
+            rows.extend(found.into_iter().take(left).map(|r| (s.id(), r)));
+        }
+        if rows.is_empty() {
+            return Ok((None, more));
+        }
+        Ok((Some(gather(&segments, &rows, output_fields)?), more))
+    }
+
+    /// How many live rows match `filter`.
+    pub fn count(
+        &self,
+        filter: Option<&Filter>,
+        partitions: &[String],
+    ) -> Result<u64, DelegatorError> {
+        let st = self.read();
+        if st.dropped {
+            return Err(DelegatorError::Dropped(self.collection.clone()));
+        }
+        let mut n = 0;
+        for s in self.visible(&st, partitions) {
+            n += s.count(filter)?;
+        }
+        Ok(n)
+    }
+
+    fn visible<'a>(&self, st: &'a State, partitions: &[String]) -> Vec<&'a Segment> {
+        st.sealed
+            .values()
+            .chain(st.growing.values())
+            .filter(|s| partitions.is_empty() || partitions.iter().any(|p| p == s.partition()))
+            .collect()
+    }
+
+    fn keys(&self, fields: &RecordBatch) -> Result<Vec<walden_segment_format::Pk>, DelegatorError> {
+        if fields.num_rows() == 0 {
+            return Ok(Vec::new());
+        }
+        Ok(keys_of(fields, &self.pk)?)
+    }
+}
