@@ -173,7 +173,7 @@ fn install(shard: &Shard, loaded: Loaded) {
 /// Runs the delegator of `ch` until the channel stops serving (Ok) or something fails.
 pub(crate) async fn run(ch: Arc<Channel>, ctx: Arc<Ctx>) -> Result<(), DelegatorError> {
     // Watch before the first read, so no commit between the two is missed.
-    let mut manifests = ctx.meta.watch("walden/manifest/").await?;
+    let mut manifests = ctx.meta.watch(keys::MANIFESTS).await?;
     let mut f = Follower {
         ch: ch.clone(),
         ctx: ctx.clone(),

@@ -16,11 +16,14 @@ pub fn pchannel_checkpoint(pchannel: &str) -> String {
     format!("walden/pchannel/{pchannel}/checkpoint")
 }
 
+/// Prefix of every manifest (what delegators watch).
+pub const MANIFESTS: &str = "walden/manifest/";
+
 /// Prefix of one collection's manifest: one key per vchannel (its flushed segments, delete
 /// logs and flushed-through position), written by the owner of the vchannel's pchannel under
 /// its term.
 pub fn manifest_prefix(collection_id: u64) -> String {
-    format!("walden/manifest/{collection_id:020}/")
+    format!("{MANIFESTS}{collection_id:020}/")
 }
 
 /// One vchannel's manifest.

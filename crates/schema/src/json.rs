@@ -277,12 +277,12 @@ pub(crate) fn batch_to_rows(
                             .ok_or_else(wrong)?
                             .value(i),
                     ),
-                    DataType::Float => Value::from(f64::from(
+                    DataType::Float => f32_json(
                         col.as_any()
                             .downcast_ref::<Float32Array>()
                             .ok_or_else(wrong)?
                             .value(i),
-                    )),
+                    ),
                     DataType::Double => Value::from(
                         col.as_any()
                             .downcast_ref::<Float64Array>()
@@ -313,7 +313,7 @@ pub(crate) fn batch_to_rows(
                             .as_any()
                             .downcast_ref::<Float32Array>()
                             .ok_or_else(wrong)?;
-                        Value::from(f.values().iter().map(|x| f64::from(*x)).collect::<Vec<_>>())
+                        Value::Array(f.values().iter().map(|x| f32_json(*x)).collect())
                     }
                 }
             };
@@ -321,4 +321,13 @@ pub(crate) fn batch_to_rows(
         }
     }
     Ok(rows)
+}
+
+/// A float32 as the shortest decimal that reads back as it (0.1, not 0.10000000149011612).
+fn f32_json(x: f32) -> Value {
+    x.to_string()
+        .parse::<f64>()
+        .ok()
+        .and_then(serde_json::Number::from_f64)
+        .map_or(Value::Null, Value::Number)
 }
