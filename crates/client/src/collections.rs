@@ -199,6 +199,58 @@ impl Collections {
         .await
     }
 
+    /// Adds an index spec (see `walden_schema::check_index`); returns the record.
+    pub async fn create_index(
+        &self,
+        name: &str,
+        spec: walden_proto::v1::IndexSpec,
+    ) -> Result<CollectionInfo, ClientError> {
+        let req = walden_proto::v1::IndexRequest {
+            collection: name.into(),
+            index: Some(spec),
+        };
+        self.ddl(|mut g| {
+            let r = req.clone();
+            async move { g.create_index(r).await }
+        })
+        .await
+    }
+
+    pub async fn drop_index(&self, name: &str, field: &str) -> Result<CollectionInfo, ClientError> {
+        let req = walden_proto::v1::DropIndexRequest {
+            collection: name.into(),
+            field: field.into(),
+        };
+        self.ddl(|mut g| {
+            let r = req.clone();
+            async move { g.drop_index(r).await }
+        })
+        .await
+    }
+
+    /// Marks the collection loaded with `replicas` copies; see [`crate::Client::load`] for
+    /// the call that also waits until it serves.
+    pub async fn load(&self, name: &str, replicas: u32) -> Result<CollectionInfo, ClientError> {
+        let req = walden_proto::v1::LoadRequest {
+            collection: name.into(),
+            replicas,
+        };
+        self.ddl(|mut g| {
+            let r = req.clone();
+            async move { g.load_collection(r).await }
+        })
+        .await
+    }
+
+    pub async fn release(&self, name: &str) -> Result<CollectionInfo, ClientError> {
+        let req = CollectionName { name: name.into() };
+        self.ddl(|mut g| {
+            let r = req.clone();
+            async move { g.release_collection(r).await }
+        })
+        .await
+    }
+
     /// The collection and its checked schema (cached; see [`Collections`]).
     pub async fn schema(&self, name: &str) -> Result<(CollectionInfo, Schema), ClientError> {
         if let Some(known) = self.cache().get(name) {

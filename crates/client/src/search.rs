@@ -54,6 +54,8 @@ pub struct SearchOptions {
     /// L2 when `None`.
     pub metric: Option<Metric>,
     pub partitions: Vec<String>,
+    /// HNSW candidates kept while searching (0: the index's `ef`).
+    pub ef: u32,
 }
 
 impl Default for SearchOptions {
@@ -66,6 +68,7 @@ impl Default for SearchOptions {
             consistency: Consistency::default(),
             metric: None,
             partitions: Vec::new(),
+            ef: 0,
         }
     }
 }
@@ -195,7 +198,6 @@ impl Client {
     ) -> Result<Vec<Vec<SearchHit>>, ClientError> {
         let info = self.collections().describe(collection).await?;
         let schema = Schema::new(info.schema.clone().unwrap_or_default()).map_err(protocol)?;
-        let metric = options.metric.unwrap_or(Metric::L2);
         let request = SearchRequest {
             collection: collection.to_owned(),
             vchannels: Vec::new(),
@@ -207,12 +209,14 @@ impl Client {
             top_k: options.top_k,
             filter: options.filter.clone(),
             output_fields: options.output_fields.clone(),
-            metric: match metric {
-                Metric::L2 => MetricType::L2,
-                Metric::Ip => MetricType::Ip,
-                Metric::Cosine => MetricType::Cosine,
+            metric: match options.metric {
+                None => MetricType::Unspecified,
+                Some(Metric::L2) => MetricType::L2,
+                Some(Metric::Ip) => MetricType::Ip,
+                Some(Metric::Cosine) => MetricType::Cosine,
             } as i32,
             options: Some(self.read_options(options.consistency, &options.partitions)),
+            ef: options.ef,
         };
         let answers = self
             .per_owner(&info, |grpc, vchannels| {
@@ -221,6 +225,12 @@ impl Client {
                 async move { Ok(grpc.query.clone().search(r).await?.into_inner()) }
             })
             .await?;
+        // Every owner used the same metric (the field's index's, unless the request named one).
+        let metric = match answers.first().map(|a| a.metric()) {
+            Some(MetricType::Ip) => Metric::Ip,
+            Some(MetricType::Cosine) => Metric::Cosine,
+            _ => Metric::L2,
+        };
         let mut per_query: Vec<Vec<Hits>> = vec![Vec::new(); vectors.len()];
         for a in answers {
             for (q, h) in a.results.into_iter().enumerate() {
@@ -320,6 +330,93 @@ impl Client {
             },
         )
         .await
+    }
+
+    /// What the delegators hold of each shard of `collection`.
+    pub async fn shards(
+        &self,
+        collection: &str,
+    ) -> Result<Vec<walden_proto::v1::ShardState>, ClientError> {
+        let info = self.collections().describe(collection).await?;
+        let answers = self
+            .per_owner(&info, |grpc, vchannels| async move {
+                Ok(grpc
+                    .query
+                    .clone()
+                    .shards(walden_proto::v1::ShardsRequest { vchannels })
+                    .await?
+                    .into_inner())
+            })
+            .await?;
+        Ok(answers.into_iter().flat_map(|a| a.shards).collect())
+    }
+
+    /// Loads `collection` with `replicas` copies and waits (at most `timeout`) until every
+    /// shard serves it with the catalog's index specs, holds every segment its manifest
+    /// names, and (with an HNSW index) has built the graph of each.
+    pub async fn load(
+        &self,
+        collection: &str,
+        replicas: u32,
+        timeout: Duration,
+    ) -> Result<Vec<walden_proto::v1::ShardState>, ClientError> {
+        let info = self.collections().load(collection, replicas).await?;
+        let hnsw = info
+            .indexes
+            .iter()
+            .any(|i| i.index_type() == walden_proto::v1::IndexType::Hnsw);
+        let started = tokio::time::Instant::now();
+        loop {
+            let state = async {
+                let shards = self.shards(collection).await?;
+                let segments = self.segments(collection).await?;
+                Ok::<_, ClientError>((shards, segments))
+            };
+            let last = match state.await {
+                Ok((shards, segments)) => {
+                    // Every segment the manifests hold (delete logs aside) is swapped in.
+                    let flushed = |v: &str| {
+                        segments
+                            .segments
+                            .iter()
+                            .filter(|x| {
+                                x.vchannel == v
+                                    && x.rows > 0
+                                    && matches!(
+                                        x.state(),
+                                        walden_proto::v1::SegmentState::Flushed
+                                            | walden_proto::v1::SegmentState::Compacted
+                                    )
+                            })
+                            .count() as u64
+                    };
+                    let ready = shards.len() == info.vchannels.len()
+                        && shards.iter().all(|s| {
+                            s.loaded
+                                && s.indexes == info.indexes
+                                && s.sealed_segments == flushed(&s.vchannel)
+                                && (!hnsw || s.indexed_rows == s.sealed_rows)
+                        });
+                    if ready {
+                        return Ok(shards);
+                    }
+                    None
+                }
+                Err(e) if e.is_retryable() => Some(e),
+                Err(e) => return Err(e),
+            };
+            if started.elapsed() >= timeout {
+                return Err(ClientError::RetriesExhausted {
+                    seconds: started.elapsed().as_secs_f64(),
+                    last: Box::new(last.unwrap_or_else(|| ClientError::Server {
+                        code: ErrorCode::NotLoaded.as_u32(),
+                        message: format!("collection {collection:?} is still loading"),
+                        retryable: true,
+                    })),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// How many live rows match `filter` (every row when empty).

@@ -57,6 +57,8 @@ pub enum ErrorCode {
     /// A read's consistency level needs data the shard has not read yet, and it did not catch
     /// up within `query.max_wait_ms`; retry later or with a weaker level.
     LagTooLarge = 23,
+    /// The collection is released: reads need `walden collection load` first.
+    NotLoaded = 24,
 }
 
 impl ErrorCode {
@@ -91,6 +93,7 @@ impl ErrorCode {
             21 => Self::Unauthenticated,
             22 => Self::NotLeader,
             23 => Self::LagTooLarge,
+            24 => Self::NotLoaded,
             _ => return None,
         })
     }
@@ -121,6 +124,7 @@ impl ErrorCode {
             Self::Unauthenticated => "UNAUTHENTICATED",
             Self::NotLeader => "NOT_LEADER",
             Self::LagTooLarge => "LAG_TOO_LARGE",
+            Self::NotLoaded => "NOT_LOADED",
         }
     }
 
@@ -141,7 +145,7 @@ impl ErrorCode {
     }
 
     /// Every code, for docs and tests.
-    pub const ALL: [ErrorCode; 23] = [
+    pub const ALL: [ErrorCode; 24] = [
         Self::ChannelNotFound,
         Self::ChannelFenced,
         Self::OnShutdown,
@@ -165,6 +169,7 @@ impl ErrorCode {
         Self::Unauthenticated,
         Self::NotLeader,
         Self::LagTooLarge,
+        Self::NotLoaded,
     ];
 }
 

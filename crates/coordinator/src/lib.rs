@@ -524,5 +524,7 @@ impl Coordinator {
     }
 }
 
+mod index;
+
 #[cfg(test)]
 mod tests;

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 use walden_proto::v1::{
     self as pb, CollectionInfo, CollectionName, CreateCollectionRequest, DdlResponse,
-    ListCollectionsRequest, ListCollectionsResponse, PartitionRequest,
-    collections_server::Collections,
+    DropIndexRequest, IndexRequest, ListCollectionsRequest, ListCollectionsResponse, LoadRequest,
+    PartitionRequest, collections_server::Collections,
 };
 
 use crate::{CoordError, Coordinator, DdlResult};
@@ -108,4 +108,43 @@ impl Collections for CollectionService {
     async fn flush(&self, req: Request<CollectionName>) -> Result<Response<DdlResponse>, Status> {
         ddl(self.coord.flush(&req.into_inner().name).await)
     }
+
+    async fn create_index(
+        &self,
+        req: Request<IndexRequest>,
+    ) -> Result<Response<CollectionInfo>, Status> {
+        let r = req.into_inner();
+        info(
+            self.coord
+                .create_index(&r.collection, r.index.unwrap_or_default())
+                .await,
+        )
+    }
+
+    async fn drop_index(
+        &self,
+        req: Request<DropIndexRequest>,
+    ) -> Result<Response<CollectionInfo>, Status> {
+        let r = req.into_inner();
+        info(self.coord.drop_index(&r.collection, &r.field).await)
+    }
+
+    async fn load_collection(
+        &self,
+        req: Request<LoadRequest>,
+    ) -> Result<Response<CollectionInfo>, Status> {
+        let r = req.into_inner();
+        info(self.coord.load_collection(&r.collection, r.replicas).await)
+    }
+
+    async fn release_collection(
+        &self,
+        req: Request<CollectionName>,
+    ) -> Result<Response<CollectionInfo>, Status> {
+        info(self.coord.release_collection(&req.into_inner().name).await)
+    }
+}
+
+fn info(r: Result<CollectionInfo, CoordError>) -> Result<Response<CollectionInfo>, Status> {
+    r.map(Response::new).map_err(|e| to_status(&e))
 }

@@ -13,7 +13,7 @@ use tracing::{debug, info};
 use walden_common::MessageId;
 use walden_message::{ImmutableMessage, MessageType};
 use walden_metastore_api::{EventKind, keys};
-use walden_proto::v1::{DeleteIds, FlushedSegment, VChannelManifest};
+use walden_proto::v1::{CollectionInfo, DeleteIds, FlushedSegment, VChannelManifest};
 use walden_query::Segment;
 use walden_segment_format::{self as files, Deletes, Pk};
 use walden_streaming_node::{
@@ -22,6 +22,24 @@ use walden_streaming_node::{
 };
 
 use crate::{Ctx, DelegatorError, Shard};
+
+/// Why a delegator task ended without an error.
+#[derive(Debug)]
+pub(crate) enum Exit {
+    /// The channel stopped serving here.
+    Stopped,
+    /// A collection's catalog record changed what the delegator must hold (loaded or
+    /// released, indexes): start again from the manifests with the new record.
+    Restart,
+}
+
+/// Where a vchannel's reading must start.
+enum Start {
+    At(MessageId),
+    FromFirst,
+    /// Nothing to read (a released collection, or not a collection's vchannel).
+    Nothing,
+}
 
 /// What the loader read for a manifest: the segments and delete logs not loaded before.
 struct Loaded {
@@ -92,7 +110,9 @@ async fn load(
         }
     }
     let pk = shard.pk.clone();
+    let hnsw = shard.hnsw();
     let (segments, deletes) = tokio::task::spawn_blocking(move || {
+        let threads = std::thread::available_parallelism().map_or(1, usize::from);
         let mut segments = Vec::new();
         let none = Deletes::new();
         for (s, data) in files_to_read {
@@ -101,6 +121,10 @@ async fn load(
                 for batch in files::decode(bytes)? {
                     seg.append(batch, &none)?;
                 }
+            }
+            // Loading builds what is missing: the graph of the indexed field.
+            if let Some((field, metric, params)) = &hnsw {
+                seg.build_index(field, *metric, params, threads)?;
             }
             segments.push(seg);
         }
@@ -171,9 +195,10 @@ fn install(shard: &Shard, loaded: Loaded) {
 }
 
 /// Runs the delegator of `ch` until the channel stops serving (Ok) or something fails.
-pub(crate) async fn run(ch: Arc<Channel>, ctx: Arc<Ctx>) -> Result<(), DelegatorError> {
-    // Watch before the first read, so no commit between the two is missed.
+pub(crate) async fn run(ch: Arc<Channel>, ctx: Arc<Ctx>) -> Result<Exit, DelegatorError> {
+    // Watch before the first read, so no commit or catalog change between the two is missed.
     let mut manifests = ctx.meta.watch(keys::MANIFESTS).await?;
+    let mut catalog = ctx.meta.watch(keys::COLLECTION_PREFIX).await?;
     let mut f = Follower {
         ch: ch.clone(),
         ctx: ctx.clone(),
@@ -186,11 +211,12 @@ pub(crate) async fn run(ch: Arc<Channel>, ctx: Arc<Ctx>) -> Result<(), Delegator
         if c.dropped {
             continue;
         }
-        if let Some(at) = f.add(&c.vchannel).await? {
-            start = Some(start.map_or(at, |s| s.min(at)));
-        } else {
-            start = Some(first);
-        }
+        let at = match f.add(&c.vchannel).await? {
+            Start::At(at) => at,
+            Start::FromFirst => first,
+            Start::Nothing => continue,
+        };
+        start = Some(start.map_or(at, |s| s.min(at)));
     }
     let start = start.unwrap_or(first).max(first);
     info!(pchannel = ch.name(), from = %start, shards = f.shards.len(), "delegator started");
@@ -241,12 +267,29 @@ pub(crate) async fn run(ch: Arc<Channel>, ctx: Arc<Ctx>) -> Result<(), Delegator
                 }
                 Some(Err(e)) => {
                     if *ch.health().borrow() != Health::Serving {
-                        return Ok(());
+                        return Ok(Exit::Stopped);
                     }
                     return Err(e.into());
                 }
-                None => return Ok(()),
+                None => return Ok(Exit::Stopped),
             },
+            event = catalog.recv() => {
+                let Some(event) = event else {
+                    return Err(DelegatorError::Format("the catalog watch ended".into()));
+                };
+                if event.kind != EventKind::Put {
+                    continue;
+                }
+                let info = CollectionInfo::decode(event.kv.value.as_ref())
+                    .map_err(|e| format("catalog record", e))?;
+                let changed = f.shards.values().any(|s| {
+                    s.collection_id == info.collection_id
+                        && (s.released != info.released || s.indexes != info.indexes)
+                });
+                if changed {
+                    return Ok(Exit::Restart);
+                }
+            }
             event = manifests.recv() => {
                 let Some(event) = event else {
                     return Err(DelegatorError::Format("the manifest watch ended".into()));
@@ -283,10 +326,10 @@ impl Drop for AbortOnDrop {
 
 impl Follower {
     /// Starts holding `vchannel` if it is a collection's: loads its manifest's segments and
-    /// makes it findable. Returns where its reading must start (None: from the log's start).
-    async fn add(&mut self, vchannel: &str) -> Result<Option<MessageId>, DelegatorError> {
+    /// makes it findable. Returns where its reading must start.
+    async fn add(&mut self, vchannel: &str) -> Result<Start, DelegatorError> {
         if self.shards.contains_key(vchannel) || self.others.contains(vchannel) {
-            return Ok(None);
+            return Ok(Start::Nothing);
         }
         let Some(c) = self
             .ch
@@ -295,18 +338,34 @@ impl Follower {
             .find(|c| c.vchannel == vchannel)
         else {
             self.others.insert(vchannel.to_owned());
-            return Ok(None);
+            return Ok(Start::Nothing);
         };
+        // Load state and indexes come from the catalog (the WAL's copy is the creation's).
+        let record = match self.ctx.meta.get(&keys::collection(&c.info.name)).await? {
+            Some(kv) => Some(
+                CollectionInfo::decode(kv.value.as_ref())
+                    .map_err(|e| format("catalog record", e))?,
+            )
+            .filter(|r| r.collection_id == c.info.collection_id),
+            None => None,
+        };
+        let (released, indexes) = record.map_or((false, Vec::new()), |r| (r.released, r.indexes));
         let shard = Arc::new(Shard::new(
             self.ch.clone(),
             vchannel,
             &c.info.name,
             c.info.collection_id,
             c.schema.clone(),
+            released,
+            indexes,
         ));
-        let mut start = None;
-        if let Some((m, rev)) = read_manifest(&self.ctx, c.info.collection_id, vchannel).await? {
-            start = Some(MessageId(m.checkpoint_id));
+        let mut start = Start::FromFirst;
+        if released {
+            start = Start::Nothing;
+        } else if let Some((m, rev)) =
+            read_manifest(&self.ctx, c.info.collection_id, vchannel).await?
+        {
+            start = Start::At(MessageId(m.checkpoint_id));
             let loaded = load(&self.ctx, &shard, m, rev, &HashSet::new(), &HashSet::new()).await?;
             install(&shard, loaded);
         }
@@ -334,6 +393,9 @@ impl Follower {
         let Some(shard) = self.shards.get(&vchannel) else {
             return Ok(());
         };
+        if shard.released {
+            return Ok(());
+        }
         let tick = m.time_tick().0;
         match t {
             MessageType::CreateSegment => {

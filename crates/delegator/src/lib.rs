@@ -94,6 +94,8 @@ pub enum DelegatorError {
     NotServed(String),
     #[error("collection {0:?} was dropped")]
     Dropped(String),
+    #[error("collection {0:?} is released; load it first (walden collection load)")]
+    NotLoaded(String),
     #[error(
         "vchannel {vchannel}: waited {waited_ms} ms for tick {want}, served {served}; the shard \
          is behind (retry later or with a weaker consistency level)"
@@ -119,6 +121,7 @@ impl HasErrorCode for DelegatorError {
             Self::InvalidArgument(_) => ErrorCode::InvalidArgument,
             Self::NotServed(_) => ErrorCode::ChannelNotFound,
             Self::Dropped(_) => ErrorCode::CollectionDropped,
+            Self::NotLoaded(_) => ErrorCode::NotLoaded,
             Self::LagTooLarge { .. } => ErrorCode::LagTooLarge,
         }
     }
@@ -247,7 +250,19 @@ async fn supervise(ch: Arc<Channel>, ctx: Arc<Ctx>) {
             return;
         }
         match follow::run(ch.clone(), ctx.clone()).await {
-            Ok(()) => return,
+            Ok(follow::Exit::Stopped) => return,
+            Ok(follow::Exit::Restart) => {
+                info!(
+                    pchannel = ch.name(),
+                    "catalog changed; delegator starting again"
+                );
+                backoff = Duration::from_millis(200);
+                ctx.shards
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .retain(|_, s| s.pchannel() != ch.name());
+                continue;
+            }
             Err(e) => {
                 warn!(pchannel = ch.name(), error = %e, retry_in = ?backoff, "delegator failed; starting again from the manifests");
             }

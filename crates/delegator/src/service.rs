@@ -77,17 +77,18 @@ impl QueryService {
                 config.max_top_k, req.top_k
             )));
         }
-        let metric = match req.metric() {
-            MetricType::Unspecified | MetricType::L2 => Metric::L2,
-            MetricType::Ip => Metric::Ip,
-            MetricType::Cosine => Metric::Cosine,
-        };
         let options = req.options.clone().unwrap_or_default();
         let shards = self
             .shards(&req.collection, &req.vchannels, &options)
             .await?;
         let first = &shards[0];
         let field = first.vector_field(&req.field)?;
+        let metric = match req.metric() {
+            MetricType::Unspecified => first.default_metric(&field),
+            MetricType::L2 => Metric::L2,
+            MetricType::Ip => Metric::Ip,
+            MetricType::Cosine => Metric::Cosine,
+        };
         let filter = (!req.filter.trim().is_empty())
             .then(|| Filter::new(&req.filter, first.schema()))
             .transpose()?;
@@ -95,6 +96,7 @@ impl QueryService {
         let want_fields = !req.output_fields.is_empty();
         let queries: Vec<Vec<f32>> = req.vectors.into_iter().map(|v| v.values).collect();
         let k = req.top_k as usize;
+        let ef = req.ef as usize;
         let partitions = options.partitions;
         // Exact search is CPU work of milliseconds: keep it off the async workers.
         let results = tokio::task::spawn_blocking(move || {
@@ -108,6 +110,7 @@ impl QueryService {
                     filter: filter.as_ref(),
                     output_fields: &outputs,
                     partitions: &partitions,
+                    ef,
                 })?;
                 for (q, h) in hits.into_iter().enumerate() {
                     per_query[q].push(h);
@@ -219,6 +222,18 @@ impl Query for QueryService {
             .await
             .map(Response::new)
             .map_err(|e| of(&e))
+    }
+
+    async fn shards(
+        &self,
+        request: Request<pb::ShardsRequest>,
+    ) -> Result<Response<pb::ShardsResponse>, Status> {
+        let mut out = pb::ShardsResponse::default();
+        for v in request.into_inner().vchannels {
+            let shard = self.delegators.shard(&v).map_err(|e| of(&e))?;
+            out.shards.push(shard.state());
+        }
+        Ok(Response::new(out))
     }
 
     async fn query(

@@ -11,7 +11,7 @@ use arrow_schema::SchemaRef;
 use tokio::sync::watch;
 use walden_common::TimeTick;
 use walden_expr::Filter;
-use walden_proto::v1::{ConsistencyLevel, ReadOptions};
+use walden_proto::v1::{ConsistencyLevel, IndexSpec, IndexType, MetricType, ReadOptions};
 use walden_query::{Hits, Metric, SearchParams, Segment, TopK, gather};
 use walden_schema::{DataType, Schema};
 use walden_segment_format::{Deletes, keys_of};
@@ -48,6 +48,9 @@ pub struct Shard {
     pub(crate) schema: Arc<Schema>,
     pub(crate) data_schema: SchemaRef,
     pub(crate) pk: String,
+    /// From the catalog record the shard was started with (a change restarts the delegator).
+    pub(crate) released: bool,
+    pub(crate) indexes: Vec<IndexSpec>,
     ch: Arc<Channel>,
     state: RwLock<State>,
     served: watch::Sender<u64>,
@@ -63,6 +66,7 @@ pub struct SearchSpec<'a> {
     pub filter: Option<&'a Filter>,
     pub output_fields: &'a [String],
     pub partitions: &'a [String],
+    pub ef: usize,
 }
 
 impl Shard {
@@ -72,8 +76,12 @@ impl Shard {
         collection: &str,
         collection_id: u64,
         schema: Arc<Schema>,
+        released: bool,
+        indexes: Vec<IndexSpec>,
     ) -> Self {
         Self {
+            released,
+            indexes,
             vchannel: vchannel.to_owned(),
             collection: collection.to_owned(),
             collection_id,
@@ -145,6 +153,9 @@ impl Shard {
         options: &ReadOptions,
         config: &QueryConfig,
     ) -> Result<(), DelegatorError> {
+        if self.released {
+            return Err(DelegatorError::NotLoaded(self.collection.clone()));
+        }
         let want = self.guarantee_tick(options, config);
         let start = Instant::now();
         let mut rx = self.served.subscribe();
@@ -162,6 +173,53 @@ impl Shard {
                 served: self.served_tick(),
                 waited_ms: start.elapsed().as_millis() as u64,
             }),
+        }
+    }
+
+    /// The metric a search of `field` uses when it names none: its index's, else L2.
+    pub fn default_metric(&self, field: &str) -> Metric {
+        match self
+            .indexes
+            .iter()
+            .find(|i| i.field == field)
+            .map(IndexSpec::metric)
+        {
+            Some(MetricType::Ip) => Metric::Ip,
+            Some(MetricType::Cosine) => Metric::Cosine,
+            _ => Metric::L2,
+        }
+    }
+
+    /// The HNSW spec of the collection, if a field has one: what flushed segments are built
+    /// with (one indexed field per segment).
+    pub(crate) fn hnsw(&self) -> Option<(String, Metric, walden_schema::HnswParams)> {
+        self.indexes.iter().find_map(|spec| {
+            if spec.index_type() != IndexType::Hnsw {
+                return None;
+            }
+            let (_, index) = walden_schema::check_index(&self.schema, spec).ok()?;
+            match index {
+                walden_schema::Index::Hnsw(p) => {
+                    Some((spec.field.clone(), self.default_metric(&spec.field), p))
+                }
+                walden_schema::Index::Flat => None,
+            }
+        })
+    }
+
+    /// What the shard holds, for `walden collection load` and `walden index describe`.
+    pub fn state(&self) -> walden_proto::v1::ShardState {
+        let st = self.read();
+        walden_proto::v1::ShardState {
+            vchannel: self.vchannel.clone(),
+            loaded: !self.released,
+            served_tick: self.served_tick(),
+            growing_segments: st.growing.len() as u64,
+            growing_rows: st.growing.values().map(|s| u64::from(s.rows())).sum(),
+            sealed_segments: st.sealed.len() as u64,
+            sealed_rows: st.sealed.values().map(|s| u64::from(s.rows())).sum(),
+            indexed_rows: st.sealed.values().map(|s| s.indexed_rows() as u64).sum(),
+            indexes: self.indexes.clone(),
         }
     }
 
@@ -231,6 +289,7 @@ impl Shard {
             k: spec.k,
             metric: spec.metric,
             filter: spec.filter,
+            ef: spec.ef,
         };
         let mut tops: Vec<TopK> = spec
             .queries

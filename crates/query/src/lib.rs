@@ -9,6 +9,7 @@
 //!   the top-k, never after.
 //! * [`gather`] materializes output fields for hits spread over many segments.
 
+mod ann;
 mod merge;
 mod metric;
 mod segment;
@@ -21,6 +22,7 @@ use thiserror::Error;
 use walden_common::{ErrorCode, HasErrorCode};
 use walden_expr::ExprError;
 
+pub use ann::Ann;
 pub use merge::{Hits, merge};
 pub use metric::Metric;
 pub use segment::{Hit, SearchParams, Segment, TopK};

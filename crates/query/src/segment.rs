@@ -9,7 +9,12 @@ use arrow_array::{Array, FixedSizeListArray, Float32Array, RecordBatch};
 use walden_expr::Filter;
 use walden_segment_format::{Deletes, Pk, TICK_COLUMN, keys_of, ticks_of};
 
-use crate::{Metric, QueryError};
+use walden_schema::HnswParams;
+
+use crate::{
+    Metric, QueryError,
+    ann::{Ann, EXACT_BELOW},
+};
 
 /// The rows holding one primary key (almost always one).
 #[derive(Clone, Debug)]
@@ -32,6 +37,8 @@ pub struct Segment {
     deleted_rows: u32,
     keys: HashMap<Pk, Rows>,
     bytes: usize,
+    /// A graph index of one vector field (flushed segments of an indexed field).
+    ann: Option<Ann>,
 }
 
 /// A row of a segment found by a search: its reported distance and where it is.
@@ -52,6 +59,8 @@ pub struct SearchParams<'a> {
     pub k: usize,
     pub metric: Metric,
     pub filter: Option<&'a Filter>,
+    /// HNSW candidates kept while searching (0: the index's).
+    pub ef: usize,
 }
 
 /// A candidate in a bounded max-heap on the key (the worst of the best k on top).
@@ -160,6 +169,7 @@ impl Segment {
             deleted_rows: 0,
             keys: HashMap::new(),
             bytes: 0,
+            ann: None,
         }
     }
 
@@ -258,9 +268,97 @@ impl Segment {
         Ok(keep)
     }
 
+    /// Builds an HNSW graph of `field` (replacing any other), on up to `threads` threads.
+    pub fn build_index(
+        &mut self,
+        field: &str,
+        metric: Metric,
+        params: &HnswParams,
+        threads: usize,
+    ) -> Result<(), QueryError> {
+        let mut all = Vec::new();
+        let mut dim = 0;
+        for batch in &self.batches {
+            let (values, d) = vectors(batch, field)?;
+            dim = d;
+            all.extend_from_slice(values);
+        }
+        self.ann = None;
+        if dim > 0 {
+            self.ann = Some(Ann::build(field, metric, params, &all, dim, threads)?);
+        }
+        Ok(())
+    }
+
+    /// The field and metric of the segment's graph index, if it has one.
+    pub fn index(&self) -> Option<(&str, Metric)> {
+        self.ann.as_ref().map(|a| (a.field(), a.metric()))
+    }
+
+    /// Rows in the graph index (0 without one).
+    pub fn indexed_rows(&self) -> usize {
+        self.ann.as_ref().map_or(0, Ann::len)
+    }
+
     /// Offers every live row matching the filter to each query's top-k (`tops[i]` for
-    /// `params.queries[i]`): filters apply before the top-k is taken.
+    /// `params.queries[i]`): filters apply before the top-k is taken. With a graph index of
+    /// the field and metric, the graph finds the candidates (filter and deletes applied
+    /// during the walk) unless the filter keeps too few rows for a graph walk to find them.
     pub fn search(&self, params: &SearchParams<'_>, tops: &mut [TopK]) -> Result<(), QueryError> {
+        if let Some(ann) = &self.ann
+            && ann.field() == params.field
+            && ann.metric() == params.metric
+            && !self.batches.is_empty()
+        {
+            let mut allow = Vec::with_capacity(self.rows() as usize);
+            for b in 0..self.batches.len() {
+                allow.extend(self.live(b, params.filter)?);
+            }
+            let passing = allow.iter().filter(|a| **a).count();
+            if passing == 0 {
+                return Ok(());
+            }
+            if passing as f64 >= EXACT_BELOW * allow.len() as f64 {
+                return self.search_graph(ann, &allow, params, tops);
+            }
+        }
+        self.search_exact(params, tops)
+    }
+
+    fn search_graph(
+        &self,
+        ann: &Ann,
+        allow: &[bool],
+        params: &SearchParams<'_>,
+        tops: &mut [TopK],
+    ) -> Result<(), QueryError> {
+        for (q, top) in params.queries.iter().zip(tops.iter_mut()) {
+            let dim = vectors(&self.batches[0], params.field)?.1;
+            if q.len() != dim {
+                return Err(QueryError::InvalidArgument(format!(
+                    "a query vector has {} dimensions; {:?} has {dim}",
+                    q.len(),
+                    params.field
+                )));
+            }
+            let rows = ann.search(q, params.k, params.ef, |r| {
+                allow.get(r as usize) == Some(&true)
+            })?;
+            for row in rows {
+                let (b, i) = self.locate(row);
+                let (values, _) = vectors(&self.batches[b], params.field)?;
+                // The reported distance is the exact one, as for growing rows.
+                top.offer(Hit {
+                    distance: params.metric.distance(q, &values[i * dim..(i + 1) * dim]),
+                    segment: self.id,
+                    row,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn search_exact(&self, params: &SearchParams<'_>, tops: &mut [TopK]) -> Result<(), QueryError> {
         for (b, batch) in self.batches.iter().enumerate() {
             let keep = self.live(b, params.filter)?;
             if !keep.iter().any(|k| *k) {

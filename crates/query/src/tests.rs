@@ -1,3 +1,5 @@
+use std::collections::HashSet;
+
 use arrow_array::{Array, Int64Array, StringArray};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use walden_expr::Filter;
@@ -43,6 +45,7 @@ fn search(segs: &[&Segment], q: &[f32], k: usize, m: Metric, f: Option<&Filter>)
         k,
         metric: m,
         filter: f,
+        ef: 0,
     };
     let mut tops = vec![TopK::new(k, m)];
     for s in segs {
@@ -174,6 +177,7 @@ fn a_query_of_the_wrong_dimension_is_refused() {
         k: 1,
         metric: Metric::L2,
         filter: None,
+        ef: 0,
     };
     let err = seg
         .search(&params, &mut [TopK::new(1, Metric::L2)])
@@ -214,4 +218,76 @@ fn merging_keeps_the_nearest_k_with_their_fields() {
     );
     let l2 = merge(vec![a, b], 2, Metric::L2).expect("merge");
     assert_eq!(l2.keys, vec![Pk::Int(4), Pk::Int(2)]);
+}
+
+#[test]
+fn a_graph_index_finds_the_nearest_rows_skipping_deleted_and_filtered_ones() {
+    let s = Schema::from_json(
+        r#"{"fields":[{"name":"id","type":"int64","primary_key":true},
+            {"name":"v","type":"float_vector","dim":16},
+            {"name":"tag","type":"string","nullable":true}]}"#,
+    )
+    .expect("schema");
+    let mut rng = StdRng::seed_from_u64(11);
+    let mut seg = Segment::new(1, "_default", "id");
+    let mut all = Vec::new();
+    for chunk in 0..4 {
+        let ids: Vec<i64> = (chunk * 500..chunk * 500 + 500).collect();
+        let json: Vec<serde_json::Value> = ids
+            .iter()
+            .map(|i| {
+                let v: Vec<f32> = (0..16).map(|_| rng.random_range(-1.0..1.0)).collect();
+                all.push((*i, v.clone()));
+                serde_json::json!({"id": i, "v": v, "tag": if i % 2 == 0 {"even"} else {"odd"}})
+            })
+            .collect();
+        let rows = s.rows_from_json(&json).expect("rows");
+        seg.append(
+            data_batch(&s, &data_schema(&s), &rows, 10).expect("batch"),
+            &Deletes::new(),
+        )
+        .expect("append");
+    }
+    for id in (0..2000).filter(|i| i % 5 == 0) {
+        seg.delete(&Pk::Int(id), 20);
+    }
+    let params = walden_schema::HnswParams::default();
+    seg.build_index("v", Metric::L2, &params, 2).expect("build");
+    assert_eq!(seg.indexed_rows(), 2000);
+    let even = Filter::new("tag == 'even'", &s).expect("filter");
+    let (mut found, mut wanted) = (0, 0);
+    for _ in 0..50 {
+        let q: Vec<f32> = (0..16).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let mut want: Vec<(f32, i64)> = all
+            .iter()
+            .filter(|(id, _)| id % 5 != 0 && id % 2 == 0)
+            .map(|(id, v)| (Metric::L2.distance(&q, v), *id))
+            .collect();
+        want.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let want: HashSet<i64> = want.iter().take(10).map(|w| w.1).collect();
+        let hits = search(&[&seg], &q, 10, Metric::L2, Some(&even));
+        let got = ids_of(&[&seg], &hits);
+        assert!(
+            got.iter().all(|id| id % 5 != 0 && id % 2 == 0),
+            "no deleted or filtered row"
+        );
+        found += got.iter().filter(|id| want.contains(id)).count();
+        wanted += want.len();
+    }
+    let recall = found as f64 / wanted as f64;
+    assert!(recall >= 0.95, "recall@10 {recall}");
+    // A filter that keeps few rows is searched exactly.
+    let few = Filter::new("id < 40", &s).expect("filter");
+    let q: Vec<f32> = (0..16).map(|_| 0.0).collect();
+    let hits = search(&[&seg], &q, 10, Metric::L2, Some(&few));
+    let mut want: Vec<(f32, i64)> = all
+        .iter()
+        .filter(|(id, _)| *id < 40 && id % 5 != 0)
+        .map(|(id, v)| (Metric::L2.distance(&q, v), *id))
+        .collect();
+    want.sort_by(|a, b| a.0.total_cmp(&b.0));
+    assert_eq!(
+        ids_of(&[&seg], &hits),
+        want.iter().take(10).map(|w| w.1).collect::<Vec<_>>()
+    );
 }

@@ -9,6 +9,7 @@
 //! [`arrow_type`], and no nulls where the schema allows none. The same bytes later become the
 //! growing segment and the Parquet file, with no re-encoding.
 
+pub mod index;
 mod json;
 
 use std::{collections::HashSet, io::Cursor, sync::Arc};
@@ -17,6 +18,7 @@ use arrow_array::{Array, ArrayRef, Int64Array, RecordBatch, StringArray, UInt32A
 use arrow_ipc::{reader::StreamReader, writer::StreamWriter};
 use arrow_schema::{ArrowError, DataType as ArrowType, Field, Schema as ArrowSchema, SchemaRef};
 use bytes::Bytes;
+pub use index::{HnswParams, Index, check_index};
 use thiserror::Error;
 use walden_common::{ErrorCode, HasErrorCode};
 pub use walden_proto::v1::{CollectionSchema, DataType, DeleteIds, FieldSchema};

@@ -224,6 +224,34 @@ impl Collections for LeaderCatalog {
     async fn flush(&self, req: Request<CollectionName>) -> Result<Response<DdlResponse>, Status> {
         self.inner().await?.flush(req).await
     }
+
+    async fn create_index(
+        &self,
+        req: Request<walden_proto::v1::IndexRequest>,
+    ) -> Result<Response<CollectionInfo>, Status> {
+        self.inner().await?.create_index(req).await
+    }
+
+    async fn drop_index(
+        &self,
+        req: Request<walden_proto::v1::DropIndexRequest>,
+    ) -> Result<Response<CollectionInfo>, Status> {
+        self.inner().await?.drop_index(req).await
+    }
+
+    async fn load_collection(
+        &self,
+        req: Request<walden_proto::v1::LoadRequest>,
+    ) -> Result<Response<CollectionInfo>, Status> {
+        self.inner().await?.load_collection(req).await
+    }
+
+    async fn release_collection(
+        &self,
+        req: Request<CollectionName>,
+    ) -> Result<Response<CollectionInfo>, Status> {
+        self.inner().await?.release_collection(req).await
+    }
 }
 
 /// Runs the catalog while this coordinator leads: started (finishing any DDL task the last

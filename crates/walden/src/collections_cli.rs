@@ -54,6 +54,25 @@ pub enum CollectionCmd {
         #[command(flatten)]
         common: Common,
     },
+    /// Serve reads of a collection (a new one is loaded already), building missing indexes;
+    /// returns once every shard serves it.
+    Load {
+        name: String,
+        /// Copies of each shard serving reads.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        replicas: u32,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 600.0)]
+        timeout: f64,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Stop serving reads of a collection and free the memory its shards hold.
+    Release {
+        name: String,
+        #[command(flatten)]
+        common: Common,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -116,6 +135,9 @@ pub fn collection_json(info: &CollectionInfo) -> Value {
         "vchannels": info.vchannels.iter()
             .map(|v| json!({"name": v.name, "pchannel": v.pchannel}))
             .collect::<Vec<_>>(),
+        "loaded": !info.released,
+        "replicas": info.replicas.max(1),
+        "indexes": info.indexes.iter().map(crate::index_cli::index_json).collect::<Vec<_>>(),
     })
 }
 
@@ -189,6 +211,32 @@ pub async fn collection(cmd: CollectionCmd) -> anyhow::Result<()> {
                     })
                     .collect::<Vec<_>>()
                     .join("\n")
+            });
+        }
+        CollectionCmd::Load {
+            name,
+            replicas,
+            timeout,
+            common,
+        } => {
+            let timeout = crate::seconds("--timeout", timeout)?;
+            let shards = connect(&common.conn)
+                .await?
+                .load(&name, replicas, timeout)
+                .await?;
+            let rows: u64 = shards.iter().map(|s| s.growing_rows + s.sealed_rows).sum();
+            let indexed: u64 = shards.iter().map(|s| s.indexed_rows).sum();
+            print(
+                &common,
+                json!({"loaded": name, "replicas": replicas, "shards": shards.len(),
+                       "rows": rows, "indexed_rows": indexed}),
+                || format!("loaded collection {name}: {rows} rows, {indexed} indexed"),
+            );
+        }
+        CollectionCmd::Release { name, common } => {
+            api(&common.conn).await?.release(&name).await?;
+            print(&common, json!({ "released": name }), || {
+                format!("released collection {name}")
             });
         }
         CollectionCmd::Drop { name, common } => {

@@ -7,6 +7,7 @@ mod cluster;
 mod collections_cli;
 mod config;
 mod coord;
+mod index_cli;
 mod listener;
 mod local_cluster;
 mod node;
@@ -244,6 +245,9 @@ enum Command {
         #[command(flatten)]
         common: collections_cli::Common,
     },
+    /// Vector indexes: create, describe, drop.
+    #[command(subcommand)]
+    Index(index_cli::IndexCmd),
     /// The nearest rows to query vectors, over growing and flushed data.
     Search(search_cli::SearchArgs),
     /// Rows matching a filter.
@@ -254,7 +258,7 @@ enum Command {
     Count(search_cli::CountArgs),
 }
 
-fn seconds(flag: &str, s: f64) -> anyhow::Result<Duration> {
+pub(crate) fn seconds(flag: &str, s: f64) -> anyhow::Result<Duration> {
     anyhow::ensure!(
         s.is_finite() && s >= 0.0,
         "{flag} must be a non-negative number of seconds (got {s})"
@@ -444,6 +448,7 @@ async fn run(cli: Cli, server: Option<config::Config>) -> anyhow::Result<()> {
         Command::Segments { collection, common } => {
             collections_cli::segments(&collection, &common).await
         }
+        Command::Index(cmd) => index_cli::run(cmd).await,
         Command::Search(a) => search_cli::search(a).await,
         Command::Query(a) => search_cli::query(a).await,
         Command::Get(a) => search_cli::get(a).await,

@@ -63,11 +63,15 @@ pub struct SearchArgs {
     /// The vector field (needed when the collection has several).
     #[arg(long, default_value = "")]
     field: String,
-    #[arg(long, value_enum, default_value = "l2")]
-    metric: MetricArg,
+    /// The metric [default: the field's index's, else l2].
+    #[arg(long, value_enum)]
+    metric: Option<MetricArg>,
     /// Only these partitions, comma-separated.
     #[arg(long, value_delimiter = ',')]
     partitions: Vec<String>,
+    /// HNSW candidates kept while searching [default: the index's ef].
+    #[arg(long, default_value_t = 0)]
+    ef: u32,
     #[command(flatten)]
     common: Common,
 }
@@ -225,12 +229,13 @@ pub async fn search(a: SearchArgs) -> anyhow::Result<()> {
         filter: a.filter,
         output_fields: a.output_fields,
         consistency: a.consistency.into(),
-        metric: Some(match a.metric {
+        metric: a.metric.map(|m| match m {
             MetricArg::L2 => Metric::L2,
             MetricArg::Ip => Metric::Ip,
             MetricArg::Cosine => Metric::Cosine,
         }),
         partitions: a.partitions,
+        ef: a.ef,
     };
     let client = connect(&a.common.conn).await?;
     let results = client.search(&a.collection, &vectors, &options).await?;

@@ -454,3 +454,294 @@ async fn search_and_query_are_exact_on_growing_rows_and_stay_so_after_a_flush() 
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("dimensions"));
 }
+
+const VECS: &str = r#"{"fields":[
+  {"name":"id","type":"int64","primary_key":true},
+  {"name":"emb","type":"float_vector","dim":128},
+  {"name":"cluster","type":"int64"}]}"#;
+
+/// `n` rows from `first` of a clustered set: 100 centres in [-1, 1]^128, each row its centre
+/// plus noise in [-0.1, 0.1] per dimension.
+fn clustered(
+    schema: &Schema,
+    centres: &[Vec<f32>],
+    first: i64,
+    n: usize,
+    rng: &mut StdRng,
+    out: &mut Vec<(i64, i64, Vec<f32>)>,
+) -> arrow_array::RecordBatch {
+    use std::sync::Arc;
+    let mut ids = Vec::with_capacity(n);
+    let mut clusters = Vec::with_capacity(n);
+    let mut values = Vec::with_capacity(n * 128);
+    for i in 0..n {
+        let id = first + i as i64;
+        let c = rng.random_range(0..centres.len());
+        let v: Vec<f32> = centres[c]
+            .iter()
+            .map(|x| x + rng.random_range(-0.1f32..0.1))
+            .collect();
+        ids.push(id);
+        clusters.push(c as i64);
+        values.extend_from_slice(&v);
+        out.push((id, c as i64, v));
+    }
+    let item = Arc::new(arrow_schema::Field::new(
+        "item",
+        arrow_schema::DataType::Float32,
+        false,
+    ));
+    let emb = arrow_array::FixedSizeListArray::try_new(
+        item,
+        128,
+        Arc::new(arrow_array::Float32Array::from(values)),
+        None,
+    )
+    .unwrap();
+    arrow_array::RecordBatch::try_new(
+        schema.arrow().clone(),
+        vec![
+            Arc::new(arrow_array::Int64Array::from(ids)),
+            Arc::new(emb),
+            Arc::new(arrow_array::Int64Array::from(clusters)),
+        ],
+    )
+    .unwrap()
+}
+
+/// The exact 10 nearest ids to `q` among `rows` passing `keep`.
+fn nearest(rows: &[(i64, i64, Vec<f32>)], q: &[f32], keep: impl Fn(i64) -> bool) -> Vec<i64> {
+    let mut all: Vec<(f32, i64)> = rows
+        .iter()
+        .filter(|r| keep(r.1))
+        .map(|(id, _, v)| (walden_query::Metric::L2.distance(q, v), *id))
+        .collect();
+    all.sort_by(|a, b| a.0.total_cmp(&b.0));
+    all.into_iter().take(10).map(|x| x.1).collect()
+}
+
+/// Recall@10 of the server's searches over `queries`; and the exact answers of filtered ones
+/// (a filter keeping 1 % of rows is searched exactly) must be the brute-force answers.
+async fn recall(client: &Client, rows: &[(i64, i64, Vec<f32>)], queries: &[Vec<f32>]) -> f64 {
+    let results = client
+        .search(
+            "vecs",
+            queries,
+            &SearchOptions {
+                top_k: 10,
+                consistency: Consistency::Strong,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let (mut found, mut wanted) = (0, 0);
+    for (q, hits) in queries.iter().zip(&results) {
+        let want: HashSet<i64> = nearest(rows, q, |_| true).into_iter().collect();
+        found += hits
+            .iter()
+            .filter(|h| want.contains(&h.id.as_i64().unwrap()))
+            .count();
+        wanted += want.len();
+    }
+    for (c, q) in queries.iter().enumerate().take(5) {
+        let c = c as i64 * 7;
+        let hits = client
+            .search(
+                "vecs",
+                std::slice::from_ref(q),
+                &SearchOptions {
+                    top_k: 10,
+                    filter: format!("cluster == {c}"),
+                    consistency: Consistency::Strong,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        let got: Vec<i64> = hits[0].iter().map(|h| h.id.as_i64().unwrap()).collect();
+        assert_eq!(
+            got,
+            nearest(rows, q, |x| x == c),
+            "exact within cluster {c}"
+        );
+    }
+    found as f64 / wanted as f64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hnsw_after_flush_index_and_load_keeps_recall_through_a_compaction_and_release_stops_reads()
+{
+    let dir = tempfile::tempdir().unwrap();
+    // 12 500-row segments: 4 per shard, which compaction (enabled later) merges.
+    let config = "[node]\nsegment_max_rows = 12500\n\
+                  [flush.compaction]\ninterval_ms = 300\nmin_segments = 4\n";
+    let mut server = Server::start(
+        &dir.path().join("data"),
+        Some(&format!("{config}enabled = false\n")),
+    )
+    .await;
+    let addr = server.addr.clone();
+    let schema_file = dir.path().join("vecs.json");
+    std::fs::write(&schema_file, VECS).unwrap();
+    ok_json(&[
+        "collection",
+        "create",
+        "vecs",
+        "--schema",
+        schema_file.to_str().unwrap(),
+        "--shards",
+        "2",
+        "--addr",
+        &addr,
+        "--json",
+    ]);
+    let index = ok_json(&[
+        "index",
+        "create",
+        "--collection",
+        "vecs",
+        "--field",
+        "emb",
+        "--type",
+        "hnsw",
+        "--metric",
+        "l2",
+        "--params",
+        r#"{"ef": 96}"#,
+        "--addr",
+        &addr,
+        "--json",
+    ]);
+    assert_eq!(
+        index["indexes"][0],
+        json!({"field": "emb", "type": "hnsw", "metric": "l2",
+               "params": {"m": 16, "ef_construction": 128, "ef": 96}})
+    );
+    let schema = Schema::from_json(VECS).unwrap();
+    let client = server.client().await;
+    let mut rng = StdRng::seed_from_u64(95);
+    let centres: Vec<Vec<f32>> = (0..100)
+        .map(|_| (0..128).map(|_| rng.random_range(-1.0f32..1.0)).collect())
+        .collect();
+    let mut rows = Vec::new();
+    for b in 0..50 {
+        let batch = clustered(&schema, &centres, b * 2000, 2000, &mut rng, &mut rows);
+        client
+            .collections()
+            .insert("vecs", None, &[batch])
+            .await
+            .unwrap();
+    }
+    let queries: Vec<Vec<f32>> = (0..50)
+        .map(|i| {
+            centres[i * 2]
+                .iter()
+                .map(|x| x + rng.random_range(-0.1f32..0.1))
+                .collect()
+        })
+        .collect();
+    // Growing rows are searched exactly.
+    let growing = recall(&client, &rows, &queries[..5]).await;
+    assert_eq!(growing, 1.0, "growing rows: exact");
+
+    ok_json(&[
+        "flush",
+        "--collection",
+        "vecs",
+        "--wait",
+        "--addr",
+        &addr,
+        "--json",
+    ]);
+    let loaded = ok_json(&["collection", "load", "vecs", "--addr", &addr, "--json"]);
+    assert_eq!(loaded["rows"], json!(100_000));
+    assert_eq!(loaded["indexed_rows"], json!(100_000), "{loaded}");
+    let before = recall(&client, &rows, &queries).await;
+    assert!(before >= 0.95, "recall@10 after index and load: {before}");
+    let described = ok_json(&[
+        "index",
+        "describe",
+        "--collection",
+        "vecs",
+        "--addr",
+        &addr,
+        "--json",
+    ]);
+    let indexed: u64 = described["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["indexed_rows"].as_u64().unwrap())
+        .sum();
+    assert_eq!(indexed, 100_000);
+
+    // Released: reads fail with a stable code until it is loaded again.
+    ok_json(&["collection", "release", "vecs", "--addr", &addr, "--json"]);
+    let out = walden(&["count", "--collection", "vecs", "--addr", &addr, "--json"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("NOT_LOADED"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ok_json(&["collection", "load", "vecs", "--addr", &addr, "--json"]);
+
+    // Compaction merges each shard's four segments: the same rows, none twice, and the
+    // graph rebuilt for the merged segment.
+    drop(client);
+    server.stop();
+    std::fs::write(server.data_dir.with_extension("toml"), config).unwrap();
+    server.restart().await;
+    let addr = server.addr.clone();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let s = ok_json(&[
+            "segments",
+            "--collection",
+            "vecs",
+            "--addr",
+            &addr,
+            "--json",
+        ]);
+        let list = s["segments"].as_array().unwrap();
+        let compacted = list.iter().filter(|x| x["state"] == "compacted").count();
+        let flushed = list.iter().filter(|x| x["state"] == "flushed").count();
+        if compacted == 2 && flushed == 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never compacted: {s}");
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    // The shards swap the merged segments in once their graphs are built.
+    loop {
+        let d = ok_json(&[
+            "index",
+            "describe",
+            "--collection",
+            "vecs",
+            "--addr",
+            &addr,
+            "--json",
+        ]);
+        let shards = d["shards"].as_array().unwrap();
+        if shards.len() == 2 && shards.iter().all(|s| s["sealed_segments"] == 1) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never swapped in: {d}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    let loaded = ok_json(&["collection", "load", "vecs", "--addr", &addr, "--json"]);
+    assert_eq!(loaded["indexed_rows"], json!(100_000), "{loaded}");
+    let client = server.client().await;
+    assert_eq!(
+        client.count("vecs", "", Consistency::Strong).await.unwrap(),
+        100_000
+    );
+    let after = recall(&client, &rows, &queries).await;
+    assert!(after >= 0.95, "recall@10 after compaction: {after}");
+    eprintln!("recall@10: growing {growing}, indexed {before}, after compaction {after}");
+}
