@@ -27,6 +27,7 @@ mod flush;
 mod objstore;
 mod redis;
 mod report;
+mod search;
 mod server;
 
 use disk::*;
@@ -81,6 +82,9 @@ enum Workload {
     /// Rows/s and MiB/s flushed to Parquet, flush latency and lag under a steady insert load,
     /// and WAL bytes over time.
     Flush(flush::FlushArgs),
+    /// Insert, search right after it (growing rows) and once indexed, beside milvus-lite and
+    /// lancedb (--peer) on the same data.
+    Search(search::SearchArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -219,6 +223,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Workload::Objstore(o) => objstore::run(o).await,
         Workload::Failover(f) => failover::run(f).await,
         Workload::Flush(f) => flush::run(f).await,
+        Workload::Search(s) => search::run(s).await,
         Workload::Disk(d) => {
             let dir = d.dir.clone().unwrap_or_else(|| PathBuf::from("."));
             let r = disk_probe(&dir, d.size, d.duration)?;
