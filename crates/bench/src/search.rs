@@ -43,6 +43,13 @@ impl Peer {
     }
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ConsistencyArg {
+    Strong,
+    Bounded,
+    Eventually,
+}
+
 #[derive(clap::Args, Debug)]
 pub struct SearchArgs {
     /// Rows inserted.
@@ -70,6 +77,9 @@ pub struct SearchArgs {
     /// Searches in flight while QPS is measured (every system).
     #[arg(long, default_value_t = 2)]
     concurrency: usize,
+    /// Consistency of every Walden search (strong: each waits for every acknowledged write).
+    #[arg(long, value_enum, default_value = "strong")]
+    consistency: ConsistencyArg,
     /// How long QPS is measured.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     qps_duration: Duration,
@@ -167,10 +177,14 @@ fn pct(lat: &mut [Duration], q: f64) -> f64 {
     lat.get(i).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
 }
 
-fn options(k: usize, ef: u32) -> SearchOptions {
+fn options(k: usize, ef: u32, c: ConsistencyArg) -> SearchOptions {
     SearchOptions {
         top_k: k as u32,
-        consistency: Consistency::Strong,
+        consistency: match c {
+            ConsistencyArg::Strong => Consistency::Strong,
+            ConsistencyArg::Bounded => Consistency::Bounded,
+            ConsistencyArg::Eventually => Consistency::Eventually,
+        },
         ef,
         ..Default::default()
     }
@@ -182,13 +196,14 @@ async fn sequential(
     d: &Data,
     k: usize,
     ef: u32,
+    c: ConsistencyArg,
 ) -> anyhow::Result<(Vec<Vec<i64>>, f64, f64)> {
     let mut found = Vec::new();
     let mut lat = Vec::new();
     for q in &d.queries {
         let t = Instant::now();
         let hits = client
-            .search("bench", std::slice::from_ref(q), &options(k, ef))
+            .search("bench", std::slice::from_ref(q), &options(k, ef, c))
             .await?;
         lat.push(t.elapsed());
         found.push(
@@ -206,6 +221,7 @@ async fn qps(
     d: &Data,
     k: usize,
     ef: u32,
+    c: ConsistencyArg,
     concurrency: usize,
     duration: Duration,
 ) -> anyhow::Result<f64> {
@@ -221,7 +237,7 @@ async fn qps(
             while Instant::now() < stop {
                 let q = &queries[i % queries.len()];
                 client
-                    .search("bench", std::slice::from_ref(q), &options(k, ef))
+                    .search("bench", std::slice::from_ref(q), &options(k, ef, c))
                     .await?;
                 done.fetch_add(1, Ordering::Relaxed);
                 i += concurrency;
@@ -402,7 +418,7 @@ pub async fn run(a: SearchArgs) -> anyhow::Result<()> {
     let insert_cpu = cpu_seconds(&pid).unwrap_or(0.0) - cpu0;
 
     // Right after the insert: growing rows, exact.
-    let (found, g50, g99) = sequential(&client, &d, a.k, 0).await?;
+    let (found, g50, g99) = sequential(&client, &d, a.k, 0, a.consistency).await?;
     let growing_recall = recall(&found, &d.truth, a.k);
 
     // Index, flush, load.
@@ -429,7 +445,7 @@ pub async fn run(a: SearchArgs) -> anyhow::Result<()> {
     let mut tried = Vec::new();
     let mut chosen = None;
     for ef in [32u32, 64, 128, 256, 512] {
-        let (found, p50, p99) = sequential(&client, &d, a.k, ef).await?;
+        let (found, p50, p99) = sequential(&client, &d, a.k, ef, a.consistency).await?;
         let r = recall(&found, &d.truth, a.k);
         tried.push(
             json!({"ef": ef, "recall": round(r), "p50_ms": round(p50), "p99_ms": round(p99)}),
@@ -442,7 +458,16 @@ pub async fn run(a: SearchArgs) -> anyhow::Result<()> {
     let (ef, indexed_recall, i50, i99) = chosen.context("no ef tried")?;
     let cpu1 = cpu_seconds(&pid).unwrap_or(0.0);
     let qps_started = Instant::now();
-    let walden_qps = qps(&client, &d, a.k, ef, a.concurrency, a.qps_duration).await?;
+    let walden_qps = qps(
+        &client,
+        &d,
+        a.k,
+        ef,
+        a.consistency,
+        a.concurrency,
+        a.qps_duration,
+    )
+    .await?;
     let cpu_per_query_us = (cpu_seconds(&pid).unwrap_or(0.0) - cpu1) * 1e6
         / (walden_qps * qps_started.elapsed().as_secs_f64()).max(1.0);
     drop(server.child.take().map(|mut c| {

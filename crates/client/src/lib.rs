@@ -136,6 +136,8 @@ pub struct Client {
     options: ConnectOptions,
     /// The highest tick of this client's acknowledged writes (`session` reads wait for it).
     last_write: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Collections described for reads, and when (see `search.rs`).
+    described: std::sync::Arc<std::sync::Mutex<search::Described>>,
 }
 
 /// How long the first topology snapshot may take before `connect` gives up waiting for it
@@ -230,6 +232,7 @@ impl Client {
             addrs: vec![addr.to_owned()],
             options: options.clone(),
             last_write: Default::default(),
+            described: Default::default(),
         })
     }
 

@@ -1,7 +1,11 @@
 //! Search and query: each pchannel's owner answers for the vchannels on it, and the client
 //! merges their answers (the top-k over every shard; rows up to the limit).
 
-use std::{collections::BTreeMap, sync::atomic::Ordering, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
 
 use serde_json::{Map, Value};
 use walden_common::{ErrorCode, HasErrorCode};
@@ -115,6 +119,13 @@ fn pk_json(pk: &Pk) -> Value {
     }
 }
 
+/// Collections described for reads: when, the record and its schema.
+pub(crate) type Described = HashMap<String, (Instant, Arc<CollectionInfo>, Arc<Schema>)>;
+
+/// How long a collection's description is reused by reads before it is asked for again (a
+/// read that finds it stale asks at once).
+const DESCRIBED_FOR: Duration = Duration::from_secs(2);
+
 /// How long a read follows moves and restarts (retryable errors other than LAG_TOO_LARGE)
 /// before it reports the last error.
 const READ_RETRY: Duration = Duration::from_secs(15);
@@ -163,30 +174,84 @@ impl Client {
         }
         let started = tokio::time::Instant::now();
         let mut backoff = Duration::from_millis(50);
-        'again: loop {
-            let mut out = Vec::with_capacity(by_pchannel.len());
-            for (pchannel, names) in &by_pchannel {
-                let attempt = async {
+        loop {
+            // Every owner at once: a read waits for the slowest shard, not for their sum.
+            let answers = futures::future::join_all(by_pchannel.iter().map(|(pchannel, names)| {
+                let call = &call;
+                async move {
                     let grpc = self.route.grpc(pchannel, OWNER_WAIT).await?;
                     Ok::<_, ClientError>(call(grpc, names.clone()).await?)
-                };
-                match attempt.await {
-                    Ok(r) => out.push(r),
-                    Err(e) => {
-                        let again = e.is_retryable()
-                            && e.code() != ErrorCode::LagTooLarge
-                            && started.elapsed() < READ_RETRY;
-                        if !again {
-                            return Err(e);
-                        }
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(1));
-                        continue 'again;
+                }
+            }))
+            .await;
+            match answers.into_iter().collect::<Result<Vec<T>, ClientError>>() {
+                Ok(out) => return Ok(out),
+                Err(e) => {
+                    // Not served there: the caller describes the collection again (its
+                    // shards may have moved, or it may have been re-created).
+                    let again = e.is_retryable()
+                        && !matches!(
+                            e.code(),
+                            ErrorCode::LagTooLarge | ErrorCode::ChannelNotFound
+                        )
+                        && started.elapsed() < READ_RETRY;
+                    if !again {
+                        return Err(e);
                     }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
             }
-            return Ok(out);
         }
+    }
+
+    /// The collection's record and schema, described at most [`DESCRIBED_FOR`] ago.
+    async fn described(
+        &self,
+        collection: &str,
+    ) -> Result<(Arc<CollectionInfo>, Arc<Schema>), ClientError> {
+        if let Some((at, info, schema)) = self.described_cache().get(collection)
+            && at.elapsed() < DESCRIBED_FOR
+        {
+            return Ok((info.clone(), schema.clone()));
+        }
+        let info = Arc::new(self.collections().describe(collection).await?);
+        let schema =
+            Arc::new(Schema::new(info.schema.clone().unwrap_or_default()).map_err(protocol)?);
+        self.described_cache().insert(
+            collection.to_owned(),
+            (Instant::now(), info.clone(), schema.clone()),
+        );
+        Ok((info, schema))
+    }
+
+    fn described_cache(&self) -> std::sync::MutexGuard<'_, Described> {
+        self.described.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether a read of `collection` that failed with `e` is tried again (after a short
+    /// sleep), with the collection described afresh: once when the node says the vchannel
+    /// holds another collection (dropped or re-created), and for up to [`READ_RETRY`] when
+    /// no node serves a vchannel yet (a move, a restart, a delegator starting again).
+    async fn retry(
+        &self,
+        collection: &str,
+        e: &ClientError,
+        started: Instant,
+        attempt: &mut u32,
+    ) -> bool {
+        let again = match e.code() {
+            ErrorCode::CollectionNotFound => *attempt == 0,
+            ErrorCode::ChannelNotFound => started.elapsed() < READ_RETRY,
+            _ => false,
+        };
+        if again {
+            self.described_cache().remove(collection);
+            let backoff = Duration::from_millis(50 << (*attempt).min(4));
+            tokio::time::sleep(backoff).await;
+            *attempt += 1;
+        }
+        again
     }
 
     /// The `top_k` nearest rows to each of `vectors`, nearest first.
@@ -196,8 +261,27 @@ impl Client {
         vectors: &[Vec<f32>],
         options: &SearchOptions,
     ) -> Result<Vec<Vec<SearchHit>>, ClientError> {
-        let info = self.collections().describe(collection).await?;
-        let schema = Schema::new(info.schema.clone().unwrap_or_default()).map_err(protocol)?;
+        let (started, mut attempt) = (Instant::now(), 0);
+        loop {
+            let (info, schema) = self.described(collection).await?;
+            match self
+                .search_in(&info, &schema, collection, vectors, options)
+                .await
+            {
+                Err(e) if self.retry(collection, &e, started, &mut attempt).await => {}
+                r => return r,
+            }
+        }
+    }
+
+    async fn search_in(
+        &self,
+        info: &CollectionInfo,
+        schema: &Schema,
+        collection: &str,
+        vectors: &[Vec<f32>],
+        options: &SearchOptions,
+    ) -> Result<Vec<Vec<SearchHit>>, ClientError> {
         let request = SearchRequest {
             collection: collection.to_owned(),
             vchannels: Vec::new(),
@@ -219,7 +303,7 @@ impl Client {
             ef: options.ef,
         };
         let answers = self
-            .per_owner(&info, |grpc, vchannels| {
+            .per_owner(info, |grpc, vchannels| {
                 let mut r = request.clone();
                 r.vchannels = vchannels;
                 async move { Ok(grpc.query.clone().search(r).await?.into_inner()) }
@@ -272,8 +356,23 @@ impl Client {
         collection: &str,
         options: &QueryOptions,
     ) -> Result<QueryRows, ClientError> {
-        let info = self.collections().describe(collection).await?;
-        let schema = Schema::new(info.schema.clone().unwrap_or_default()).map_err(protocol)?;
+        let (started, mut attempt) = (Instant::now(), 0);
+        loop {
+            let (info, schema) = self.described(collection).await?;
+            match self.query_in(&info, &schema, collection, options).await {
+                Err(e) if self.retry(collection, &e, started, &mut attempt).await => {}
+                r => return r,
+            }
+        }
+    }
+
+    async fn query_in(
+        &self,
+        info: &CollectionInfo,
+        schema: &Schema,
+        collection: &str,
+        options: &QueryOptions,
+    ) -> Result<QueryRows, ClientError> {
         let request = QueryRequest {
             collection: collection.to_owned(),
             vchannels: Vec::new(),
@@ -284,7 +383,7 @@ impl Client {
             options: Some(self.read_options(options.consistency, &options.partitions)),
         };
         let answers = self
-            .per_owner(&info, |grpc, vchannels| {
+            .per_owner(info, |grpc, vchannels| {
                 let mut r = request.clone();
                 r.vchannels = vchannels;
                 async move { Ok(grpc.query.clone().query(r).await?.into_inner()) }
@@ -315,8 +414,7 @@ impl Client {
         output_fields: &[String],
         consistency: Consistency,
     ) -> Result<QueryRows, ClientError> {
-        let info = self.collections().describe(collection).await?;
-        let schema = Schema::new(info.schema.clone().unwrap_or_default()).map_err(protocol)?;
+        let (_, schema) = self.described(collection).await?;
         let pk = &schema.primary_key().name;
         let list: Vec<String> = ids.iter().map(Value::to_string).collect();
         self.query(
@@ -337,18 +435,25 @@ impl Client {
         &self,
         collection: &str,
     ) -> Result<Vec<walden_proto::v1::ShardState>, ClientError> {
-        let info = self.collections().describe(collection).await?;
-        let answers = self
-            .per_owner(&info, |grpc, vchannels| async move {
-                Ok(grpc
-                    .query
-                    .clone()
-                    .shards(walden_proto::v1::ShardsRequest { vchannels })
-                    .await?
-                    .into_inner())
-            })
-            .await?;
-        Ok(answers.into_iter().flat_map(|a| a.shards).collect())
+        let (started, mut attempt) = (Instant::now(), 0);
+        loop {
+            let (info, _) = self.described(collection).await?;
+            let answers = self
+                .per_owner(&info, |grpc, vchannels| async move {
+                    Ok(grpc
+                        .query
+                        .clone()
+                        .shards(walden_proto::v1::ShardsRequest { vchannels })
+                        .await?
+                        .into_inner())
+                })
+                .await;
+            match answers {
+                Ok(a) => return Ok(a.into_iter().flat_map(|a| a.shards).collect()),
+                Err(e) if self.retry(collection, &e, started, &mut attempt).await => {}
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Loads `collection` with `replicas` copies and waits (at most `timeout`) until every
@@ -426,7 +531,23 @@ impl Client {
         filter: &str,
         consistency: Consistency,
     ) -> Result<u64, ClientError> {
-        let info = self.collections().describe(collection).await?;
+        let (started, mut attempt) = (Instant::now(), 0);
+        loop {
+            let (info, _) = self.described(collection).await?;
+            match self.count_in(&info, collection, filter, consistency).await {
+                Err(e) if self.retry(collection, &e, started, &mut attempt).await => {}
+                r => return r,
+            }
+        }
+    }
+
+    async fn count_in(
+        &self,
+        info: &CollectionInfo,
+        collection: &str,
+        filter: &str,
+        consistency: Consistency,
+    ) -> Result<u64, ClientError> {
         let request = QueryRequest {
             collection: collection.to_owned(),
             vchannels: Vec::new(),
@@ -437,7 +558,7 @@ impl Client {
             options: Some(self.read_options(consistency, &[])),
         };
         let answers = self
-            .per_owner(&info, |grpc, vchannels| {
+            .per_owner(info, |grpc, vchannels| {
                 let mut r = request.clone();
                 r.vchannels = vchannels;
                 async move { Ok(grpc.query.clone().query(r).await?.into_inner()) }

@@ -96,6 +96,15 @@ pub enum DelegatorError {
     Dropped(String),
     #[error("collection {0:?} is released; load it first (walden collection load)")]
     NotLoaded(String),
+    /// The vchannel holds another collection (the asker's view is stale: dropped or
+    /// re-created).
+    #[error(
+        "vchannel {vchannel:?} does not hold collection {collection:?} (dropped or re-created?)"
+    )]
+    WrongCollection {
+        vchannel: String,
+        collection: String,
+    },
     #[error(
         "vchannel {vchannel}: waited {waited_ms} ms for tick {want}, served {served}; the shard \
          is behind (retry later or with a weaker consistency level)"
@@ -122,6 +131,7 @@ impl HasErrorCode for DelegatorError {
             Self::NotServed(_) => ErrorCode::ChannelNotFound,
             Self::Dropped(_) => ErrorCode::CollectionDropped,
             Self::NotLoaded(_) => ErrorCode::NotLoaded,
+            Self::WrongCollection { .. } => ErrorCode::CollectionNotFound,
             Self::LagTooLarge { .. } => ErrorCode::LagTooLarge,
         }
     }

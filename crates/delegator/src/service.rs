@@ -49,9 +49,10 @@ impl QueryService {
         for v in vchannels {
             let s = self.delegators.shard(v)?;
             if s.collection() != collection {
-                return Err(DelegatorError::InvalidArgument(format!(
-                    "vchannel {v:?} is not collection {collection:?}'s"
-                )));
+                return Err(DelegatorError::WrongCollection {
+                    vchannel: v.clone(),
+                    collection: collection.to_owned(),
+                });
             }
             out.push(s);
         }
@@ -98,31 +99,53 @@ impl QueryService {
         let k = req.top_k as usize;
         let ef = req.ef as usize;
         let partitions = options.partitions;
-        // Exact search is CPU work of milliseconds: keep it off the async workers.
-        let results = tokio::task::spawn_blocking(move || {
-            let mut per_query: Vec<Vec<Hits>> = vec![Vec::new(); queries.len()];
-            for s in &shards {
-                let hits = s.search(&SearchSpec {
-                    field: &field,
-                    queries: &queries,
-                    k,
-                    metric,
-                    filter: filter.as_ref(),
-                    output_fields: &outputs,
-                    partitions: &partitions,
-                    ef,
-                })?;
-                for (q, h) in hits.into_iter().enumerate() {
-                    per_query[q].push(h);
-                }
+        // Search is CPU work of milliseconds: off the async workers, one task per shard so the
+        // shards of a request use every core.
+        let nq = queries.len();
+        let (field, queries, filter, outputs, partitions) = (
+            Arc::new(field),
+            Arc::new(queries),
+            Arc::new(filter),
+            Arc::new(outputs),
+            Arc::new(partitions),
+        );
+        let tasks: Vec<_> = shards
+            .into_iter()
+            .map(|s| {
+                let (field, queries, filter, outputs, partitions) = (
+                    field.clone(),
+                    queries.clone(),
+                    filter.clone(),
+                    outputs.clone(),
+                    partitions.clone(),
+                );
+                tokio::task::spawn_blocking(move || {
+                    s.search(&SearchSpec {
+                        field: &field,
+                        queries: &queries,
+                        k,
+                        metric,
+                        filter: filter.as_ref().as_ref(),
+                        output_fields: &outputs,
+                        partitions: &partitions,
+                        ef,
+                    })
+                })
+            })
+            .collect();
+        let mut per_query: Vec<Vec<Hits>> = vec![Vec::new(); nq];
+        for t in tasks {
+            let hits = t
+                .await
+                .map_err(|e| DelegatorError::Format(format!("search task: {e}")))??;
+            for (q, h) in hits.into_iter().enumerate() {
+                per_query[q].push(h);
             }
-            per_query
-                .into_iter()
-                .map(|parts| Ok(merge(parts, k, metric)?))
-                .collect::<Result<Vec<Hits>, DelegatorError>>()
-        })
-        .await
-        .map_err(|e| DelegatorError::Format(format!("search task: {e}")))??;
+        }
+        let results = per_query
+            .into_iter()
+            .map(|parts| Ok(merge(parts, k, metric)?))
+            .collect::<Result<Vec<Hits>, DelegatorError>>()?;
         Ok(SearchResponse {
             results: results
                 .into_iter()

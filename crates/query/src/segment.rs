@@ -310,16 +310,37 @@ impl Segment {
             && ann.metric() == params.metric
             && !self.batches.is_empty()
         {
-            let mut allow = Vec::with_capacity(self.rows() as usize);
-            for b in 0..self.batches.len() {
-                allow.extend(self.live(b, params.filter)?);
-            }
-            let passing = allow.iter().filter(|a| **a).count();
-            if passing == 0 {
-                return Ok(());
-            }
-            if passing as f64 >= EXACT_BELOW * allow.len() as f64 {
-                return self.search_graph(ann, &allow, params, tops);
+            if params.filter.is_none() {
+                // Deletes only: the graph walk reads the deleted-row bitmap as it is.
+                if self.live_rows() == 0 {
+                    return Ok(());
+                }
+                if f64::from(self.live_rows()) >= EXACT_BELOW * f64::from(self.rows()) {
+                    let deleted = &self.deleted;
+                    return self.search_graph(
+                        ann,
+                        |r| deleted.get(r as usize) == Some(&false),
+                        params,
+                        tops,
+                    );
+                }
+            } else {
+                let mut allow = Vec::with_capacity(self.rows() as usize);
+                for b in 0..self.batches.len() {
+                    allow.extend(self.live(b, params.filter)?);
+                }
+                let passing = allow.iter().filter(|a| **a).count();
+                if passing == 0 {
+                    return Ok(());
+                }
+                if passing as f64 >= EXACT_BELOW * allow.len() as f64 {
+                    return self.search_graph(
+                        ann,
+                        |r| allow.get(r as usize) == Some(&true),
+                        params,
+                        tops,
+                    );
+                }
             }
         }
         self.search_exact(params, tops)
@@ -328,7 +349,7 @@ impl Segment {
     fn search_graph(
         &self,
         ann: &Ann,
-        allow: &[bool],
+        allow: impl Fn(u32) -> bool + Copy,
         params: &SearchParams<'_>,
         tops: &mut [TopK],
     ) -> Result<(), QueryError> {
@@ -341,9 +362,7 @@ impl Segment {
                     params.field
                 )));
             }
-            let rows = ann.search(q, params.k, params.ef, |r| {
-                allow.get(r as usize) == Some(&true)
-            })?;
+            let rows = ann.search(q, params.k, params.ef, allow)?;
             for row in rows {
                 let (b, i) = self.locate(row);
                 let (values, _) = vectors(&self.batches[b], params.field)?;

@@ -550,3 +550,35 @@ fn flush_reports_rows_and_parquet_rates_beside_the_encode_limit_and_the_wal_over
     assert!(samples.len() >= 2, "{report}");
     assert!(samples.iter().all(|s| s["wal_mib"].as_f64().is_some()));
 }
+
+#[test]
+fn search_reports_growing_and_indexed_latency_and_qps_at_recall_against_brute_force() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = bench(
+        &[
+            "search",
+            "--rows",
+            "3000",
+            "--dim",
+            "16",
+            "--clusters",
+            "10",
+            "--queries",
+            "20",
+            "--batch",
+            "500",
+            "--qps-duration",
+            "1s",
+        ],
+        dir.path(),
+    );
+    let walden = &report["systems"][0];
+    assert_eq!(walden["system"], "walden", "{report}");
+    assert!(f(walden, &["insert_rows_per_s"]) > 0.0, "{report}");
+    // Growing rows are searched exactly: the bench's own brute force agrees.
+    assert_eq!(f(walden, &["growing", "recall"]), 1.0, "{report}");
+    assert!(f(walden, &["growing", "p50_ms"]) > 0.0, "{report}");
+    assert!(f(walden, &["indexed", "recall"]) >= 0.95, "{report}");
+    assert!(f(walden, &["indexed", "qps"]) > 0.0, "{report}");
+    assert!(f(walden, &["index_build_s"]) > 0.0, "{report}");
+}
