@@ -173,6 +173,18 @@ fn install(shard: &Shard, loaded: Loaded) {
     let live: HashSet<u64> = m.segments.iter().map(|s| s.segment_id).collect();
     st.sealed.retain(|id, _| live.contains(id));
     for mut seg in loaded.segments {
+        // A dropped partition's rows stay out, even while its segments are in a manifest.
+        let dropped = st
+            .dropped_partitions
+            .get(seg.partition())
+            .is_some_and(|t| seg.max_tick() < *t)
+            || st
+                .partitions
+                .as_ref()
+                .is_some_and(|live| !live.contains(seg.partition()));
+        if dropped {
+            continue;
+        }
         seg.apply(&st.deletes);
         st.sealed.insert(seg.id(), seg);
     }
@@ -359,6 +371,7 @@ impl Follower {
             released,
             indexes,
         ));
+        shard.write().partitions = Some(c.info.partitions.iter().cloned().collect());
         let mut start = Start::FromFirst;
         if released {
             start = Start::Nothing;
@@ -422,6 +435,20 @@ impl Follower {
                         // A transaction's rows and deletes take effect at its commit.
                         dml(shard, &body, tick)?;
                     }
+                }
+            }
+            MessageType::DropPartition => {
+                let mut st = shard.write();
+                let p = m.header.partition.clone();
+                st.growing.retain(|_, s| s.partition() != p);
+                st.sealed
+                    .retain(|_, s| s.partition() != p || s.max_tick() >= tick);
+                st.dropped_partitions.insert(p, tick);
+            }
+            MessageType::CreatePartition => {
+                let mut st = shard.write();
+                if let Some(live) = st.partitions.as_mut() {
+                    live.insert(m.header.partition.clone());
                 }
             }
             MessageType::DropCollection => {

@@ -36,6 +36,12 @@ pub(crate) struct State {
     pub delta_keys: HashSet<String>,
     /// The manifest revision the sealed segments are from (0: none).
     pub revision: i64,
+    /// Partitions dropped while this delegator read, with the tick of the drop: their rows
+    /// written before it are gone (a segment still in a manifest is skipped).
+    pub dropped_partitions: std::collections::HashMap<String, u64>,
+    /// The collection's partitions when the delegator started: flushed segments of any other
+    /// partition belong to one dropped before.
+    pub partitions: Option<HashSet<String>>,
     pub dropped: bool,
 }
 

@@ -185,6 +185,11 @@ impl Segment {
         self.ticks.len() as u32
     }
 
+    /// The highest tick of its rows (0 when empty).
+    pub fn max_tick(&self) -> u64 {
+        self.ticks.iter().copied().max().unwrap_or(0)
+    }
+
     /// Rows no delete has removed.
     pub fn live_rows(&self) -> u32 {
         self.rows() - self.deleted_rows

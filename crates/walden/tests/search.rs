@@ -453,6 +453,70 @@ async fn search_and_query_are_exact_on_growing_rows_and_stay_so_after_a_flush() 
     ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("dimensions"));
+
+    // A dropped partition's rows are gone: growing ones at once, flushed ones after a restart.
+    ok_json(&[
+        "partition",
+        "create",
+        "--collection",
+        "docs",
+        "p2",
+        "--addr",
+        &addr,
+        "--json",
+    ]);
+    let extra: Vec<Value> = (5000..5050).map(|id| row(id, &mut rng)).collect();
+    client
+        .collections()
+        .insert(
+            "docs",
+            Some("p2"),
+            &[schema.rows_from_json(&extra).unwrap()],
+        )
+        .await
+        .unwrap();
+    let live = model.rows.len() as u64;
+    assert_eq!(
+        client.count("docs", "", Consistency::Strong).await.unwrap(),
+        live + 50
+    );
+    ok_json(&[
+        "partition",
+        "drop",
+        "--collection",
+        "docs",
+        "p2",
+        "--addr",
+        &addr,
+        "--json",
+    ]);
+    assert_eq!(
+        client.count("docs", "", Consistency::Strong).await.unwrap(),
+        live
+    );
+    ok_json(&[
+        "flush",
+        "--collection",
+        "docs",
+        "--wait",
+        "--addr",
+        &addr,
+        "--json",
+    ]);
+    server.kill();
+    server.restart().await;
+    let client = server.client().await;
+    assert_eq!(
+        client.count("docs", "", Consistency::Strong).await.unwrap(),
+        live
+    );
+    check_all(
+        &client,
+        &model,
+        &mut rng,
+        "after a partition drop and a restart",
+    )
+    .await;
 }
 
 const VECS: &str = r#"{"fields":[
