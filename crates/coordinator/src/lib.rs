@@ -11,6 +11,7 @@
 //! Shards are placed on the least loaded pchannels (fewest live vchannels), and named
 //! `{pchannel}_{collection_id}v{shard}`.
 
+pub mod placement;
 pub mod service;
 
 use std::{collections::HashMap, fmt::Debug, sync::Arc, time::Duration};

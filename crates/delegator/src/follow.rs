@@ -9,11 +9,11 @@ use std::{
 
 use prost::Message as _;
 use tokio::sync::mpsc;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 use walden_common::MessageId;
 use walden_message::{ImmutableMessage, MessageType};
 use walden_metastore_api::{EventKind, keys};
-use walden_proto::v1::{CollectionInfo, DeleteIds, FlushedSegment, VChannelManifest};
+use walden_proto::v1::{CollectionInfo, DeleteIds, FlushedSegment, SegmentState, VChannelManifest};
 use walden_query::Segment;
 use walden_segment_format::{self as files, Deletes, Pk};
 use walden_streaming_node::{
@@ -21,7 +21,7 @@ use walden_streaming_node::{
     scanner::{self, DeliverPolicy, Filters, Frames},
 };
 
-use crate::{Ctx, DelegatorError, Shard};
+use crate::{Ctx, DelegatorError, Shard, shard::RemoteSegment};
 
 /// Why a delegator task ended without an error.
 #[derive(Debug)]
@@ -47,8 +47,13 @@ struct Loaded {
     revision: i64,
     manifest: VChannelManifest,
     segments: Vec<Segment>,
+    /// New segments held by query nodes.
+    remote: Vec<(u64, RemoteSegment)>,
     deletes: Vec<(String, Deletes)>,
 }
+
+/// Longest a flush's growing rows stay in place waiting for their flushed copy on a query node.
+const HANDOFF_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 struct Follower {
     ch: Arc<Channel>,
@@ -62,25 +67,10 @@ fn format(what: &str, e: impl std::fmt::Display) -> DelegatorError {
     DelegatorError::Format(format!("{what}: {e}"))
 }
 
-async fn read_manifest(
-    ctx: &Ctx,
-    collection_id: u64,
-    vchannel: &str,
-) -> Result<Option<(VChannelManifest, i64)>, DelegatorError> {
-    let Some(kv) = ctx
-        .meta
-        .get(&keys::manifest(collection_id, vchannel))
-        .await?
-    else {
-        return Ok(None);
-    };
-    let m = VChannelManifest::decode(kv.value.as_ref())
-        .map_err(|e| format(&format!("manifest of {vchannel}"), e))?;
-    Ok(Some((m, kv.mod_revision)))
-}
-
-/// Reads the segments and delete logs of `manifest` that `have` does not hold, off the async
-/// workers (decoding Parquet takes a while).
+/// Reads the segments and delete logs of `manifest` that `have` does not hold. When query
+/// nodes hold the collection's flushed segments, the new ones are not read here: the loader
+/// waits (at most [`HANDOFF_WAIT`]) until a query node has each synced, so growing rows are
+/// replaced only once their flushed copy answers.
 async fn load(
     ctx: &Ctx,
     shard: &Shard,
@@ -89,60 +79,59 @@ async fn load(
     have: &HashSet<u64>,
     have_deltas: &HashSet<String>,
 ) -> Result<Loaded, DelegatorError> {
-    let mut files_to_read: Vec<(FlushedSegment, Vec<bytes::Bytes>)> = Vec::new();
-    for s in manifest
+    let new: Vec<FlushedSegment> = manifest
         .segments
         .iter()
         .filter(|s| !have.contains(&s.segment_id))
-    {
-        let mut data = Vec::new();
-        for f in &s.files {
-            data.push(ctx.blobs.get(&f.key).await?);
-        }
-        files_to_read.push((s.clone(), data));
-    }
-    let mut delta_files = Vec::new();
-    for d in &manifest.deltas {
-        if let Some(f) = &d.file
-            && !have_deltas.contains(&f.key)
-        {
-            delta_files.push((f.key.clone(), ctx.blobs.get(&f.key).await?));
-        }
-    }
-    let pk = shard.pk.clone();
-    let hnsw = shard.hnsw();
-    let (segments, deletes) = tokio::task::spawn_blocking(move || {
-        let threads = std::thread::available_parallelism().map_or(1, usize::from);
-        let mut segments = Vec::new();
-        let none = Deletes::new();
-        for (s, data) in files_to_read {
-            let mut seg = Segment::new(s.segment_id, &s.partition, &pk);
-            for bytes in data {
-                for batch in files::decode(bytes)? {
-                    seg.append(batch, &none)?;
-                }
+        .cloned()
+        .collect();
+    let (segments, remote) = match &shard.remote {
+        None => (
+            walden_querynode::load::segments(&*ctx.blobs, new, &shard.pk, shard.hnsw()).await?,
+            Vec::new(),
+        ),
+        Some(replicas) => {
+            // What the coordinator places: flushed segments with rows.
+            let remote: Vec<(u64, RemoteSegment)> = new
+                .iter()
+                .filter(|s| {
+                    s.rows > 0
+                        && matches!(s.state(), SegmentState::Flushed | SegmentState::Compacted)
+                })
+                .map(|s| {
+                    (
+                        s.segment_id,
+                        RemoteSegment {
+                            partition: s.partition.clone(),
+                            rows: s.rows,
+                            max_tick: s.max_tick,
+                        },
+                    )
+                })
+                .collect();
+            let ids: Vec<u64> = remote.iter().map(|(id, _)| *id).collect();
+            if !replicas.ready(&ids, HANDOFF_WAIT).await {
+                warn!(
+                    vchannel = shard.vchannel,
+                    "flushed segments not synced on a query node in time; reads wait for them"
+                );
             }
-            // Loading builds what is missing: the graph of the indexed field.
-            if let Some((field, metric, params)) = &hnsw {
-                seg.build_index(field, *metric, params, threads)?;
-            }
-            segments.push(seg);
+            (Vec::new(), remote)
         }
-        let mut deletes = Vec::new();
-        for (key, bytes) in delta_files {
-            let mut d = Deletes::new();
-            files::read_deletes(bytes, &mut d)?;
-            deletes.push((key, d));
-        }
-        Ok::<_, DelegatorError>((segments, deletes))
-    })
-    .await
-    .map_err(|e| DelegatorError::Format(format!("loading segments: {e}")))??;
+    };
+    let logs = manifest
+        .deltas
+        .iter()
+        .filter_map(|d| d.file.as_ref().map(|f| f.key.clone()))
+        .filter(|k| !have_deltas.contains(k))
+        .collect();
+    let deletes = walden_querynode::load::delete_logs(&*ctx.blobs, logs).await?;
     Ok(Loaded {
         vchannel: shard.vchannel.clone(),
         revision,
         manifest,
         segments,
+        remote,
         deletes,
     })
 }
@@ -172,6 +161,20 @@ fn install(shard: &Shard, loaded: Loaded) {
     );
     let live: HashSet<u64> = m.segments.iter().map(|s| s.segment_id).collect();
     st.sealed.retain(|id, _| live.contains(id));
+    st.remote.retain(|id, _| live.contains(id));
+    for (id, r) in loaded.remote {
+        let dropped = st
+            .dropped_partitions
+            .get(&r.partition)
+            .is_some_and(|t| r.max_tick < *t)
+            || st
+                .partitions
+                .as_ref()
+                .is_some_and(|live| !live.contains(&r.partition));
+        if !dropped {
+            st.remote.insert(id, r);
+        }
+    }
     for mut seg in loaded.segments {
         // A dropped partition's rows stay out, even while its segments are in a manifest.
         let dropped = st
@@ -211,6 +214,7 @@ pub(crate) async fn run(ch: Arc<Channel>, ctx: Arc<Ctx>) -> Result<Exit, Delegat
     // Watch before the first read, so no commit or catalog change between the two is missed.
     let mut manifests = ctx.meta.watch(keys::MANIFESTS).await?;
     let mut catalog = ctx.meta.watch(keys::COLLECTION_PREFIX).await?;
+    let mut placements = ctx.meta.watch(keys::PLACEMENT_PREFIX).await?;
     let mut f = Follower {
         ch: ch.clone(),
         ctx: ctx.clone(),
@@ -251,7 +255,11 @@ pub(crate) async fn run(ch: Arc<Channel>, ctx: Arc<Ctx>) -> Result<Exit, Delegat
                 let (have, have_deltas) = {
                     let st = shard.read();
                     (
-                        st.sealed.keys().copied().collect::<HashSet<u64>>(),
+                        st.sealed
+                            .keys()
+                            .chain(st.remote.keys())
+                            .copied()
+                            .collect::<HashSet<u64>>(),
                         st.delta_keys.clone(),
                     )
                 };
@@ -270,6 +278,15 @@ pub(crate) async fn run(ch: Arc<Channel>, ctx: Arc<Ctx>) -> Result<Exit, Delegat
                     let last = msgs.last().map(|m| m.time_tick().0);
                     for m in msgs {
                         f.handle(m).await?;
+                    }
+                    // Deletes reach the query nodes before the served tick passes them.
+                    for s in f.shards.values() {
+                        if let Some(r) = &s.remote {
+                            let pending = std::mem::take(&mut s.write().forward);
+                            if !pending.is_empty() {
+                                r.forward(s, &ctx, &pending).await;
+                            }
+                        }
                     }
                     if let Some(t) = last {
                         for s in f.shards.values() {
@@ -302,6 +319,21 @@ pub(crate) async fn run(ch: Arc<Channel>, ctx: Arc<Ctx>) -> Result<Exit, Delegat
                     return Ok(Exit::Restart);
                 }
             }
+            event = placements.recv() => {
+                let Some(event) = event else {
+                    return Err(DelegatorError::Format("the placement watch ended".into()));
+                };
+                // Query nodes took a collection's flushed segments, or gave them back.
+                let placed = event.kind == EventKind::Put;
+                let flipped = f.shards.values().any(|s| {
+                    event.kv.key == keys::placement(s.collection_id)
+                        && s.remote.is_some() != placed
+                        && !s.released
+                });
+                if flipped {
+                    return Ok(Exit::Restart);
+                }
+            }
             event = manifests.recv() => {
                 let Some(event) = event else {
                     return Err(DelegatorError::Format("the manifest watch ended".into()));
@@ -328,7 +360,7 @@ pub(crate) async fn run(ch: Arc<Channel>, ctx: Arc<Ctx>) -> Result<Exit, Delegat
     }
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+pub(crate) struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
@@ -362,21 +394,31 @@ impl Follower {
             None => None,
         };
         let (released, indexes) = record.map_or((false, Vec::new()), |r| (r.released, r.indexes));
+        let placed = self
+            .ctx
+            .meta
+            .get(&keys::placement(c.info.collection_id))
+            .await?
+            .is_some();
         let shard = Arc::new(Shard::new(
             self.ch.clone(),
             vchannel,
             &c.info.name,
             c.info.collection_id,
             c.schema.clone(),
-            released,
-            indexes,
+            crate::shard::LoadState {
+                released,
+                indexes,
+                placed,
+            },
         ));
         shard.write().partitions = Some(c.info.partitions.iter().cloned().collect());
         let mut start = Start::FromFirst;
         if released {
             start = Start::Nothing;
         } else if let Some((m, rev)) =
-            read_manifest(&self.ctx, c.info.collection_id, vchannel).await?
+            walden_querynode::load::read_manifest(&*self.ctx.meta, c.info.collection_id, vchannel)
+                .await?
         {
             start = Start::At(MessageId(m.checkpoint_id));
             let loaded = load(&self.ctx, &shard, m, rev, &HashSet::new(), &HashSet::new()).await?;
@@ -443,6 +485,8 @@ impl Follower {
                 st.growing.retain(|_, s| s.partition() != p);
                 st.sealed
                     .retain(|_, s| s.partition() != p || s.max_tick() >= tick);
+                st.remote
+                    .retain(|_, r| r.partition != p || r.max_tick >= tick);
                 st.dropped_partitions.insert(p, tick);
             }
             MessageType::CreatePartition => {
@@ -456,6 +500,7 @@ impl Follower {
                 st.dropped = true;
                 st.growing.clear();
                 st.sealed.clear();
+                st.remote.clear();
                 st.deletes.clear();
             }
             _ => {}
@@ -470,10 +515,14 @@ fn dml(shard: &Shard, m: &ImmutableMessage, tick: u64) -> Result<(), DelegatorEr
     if st.dropped {
         return Ok(());
     }
+    let remote = shard.remote.is_some();
     let delete = |st: &mut crate::shard::State, keys: Vec<Pk>| {
         for k in keys {
             for seg in st.growing.values_mut().chain(st.sealed.values_mut()) {
                 seg.delete(&k, tick);
+            }
+            if remote {
+                st.forward.push((k.clone(), tick));
             }
             let e = st.deletes.entry(k).or_insert(0);
             *e = (*e).max(tick);

@@ -15,6 +15,7 @@
 //! After a restart or a move it starts again from the manifests, like the flusher.
 
 mod follow;
+mod remote;
 pub mod service;
 mod shard;
 
@@ -105,6 +106,9 @@ pub enum DelegatorError {
         vchannel: String,
         collection: String,
     },
+    /// No query node could serve the sealed part of a read (retryable).
+    #[error("{0}")]
+    Unavailable(String),
     #[error(
         "vchannel {vchannel}: waited {waited_ms} ms for tick {want}, served {served}; the shard \
          is behind (retry later or with a weaker consistency level)"
@@ -133,6 +137,23 @@ impl HasErrorCode for DelegatorError {
             Self::NotLoaded(_) => ErrorCode::NotLoaded,
             Self::WrongCollection { .. } => ErrorCode::CollectionNotFound,
             Self::LagTooLarge { .. } => ErrorCode::LagTooLarge,
+            Self::Unavailable(_) => ErrorCode::Unavailable,
+        }
+    }
+}
+
+impl From<walden_querynode::QueryNodeError> for DelegatorError {
+    fn from(e: walden_querynode::QueryNodeError) -> Self {
+        use walden_querynode::QueryNodeError as E;
+        match e {
+            E::Meta(e) => Self::Meta(e),
+            E::Store(e) => Self::Store(e),
+            E::Query(e) => Self::Query(e),
+            E::File(e) => Self::File(e),
+            E::Schema(e) => Self::Schema(e),
+            E::InvalidArgument(m) => Self::InvalidArgument(m),
+            E::NotHeld(m) => Self::Unavailable(m),
+            other => Self::Format(other.to_string()),
         }
     }
 }
@@ -151,6 +172,21 @@ pub(crate) struct Ctx {
     pub config: QueryConfig,
     /// Shards by vchannel, for the service.
     pub shards: Mutex<HashMap<String, Arc<Shard>>>,
+    /// The query nodes of the cluster (none in standalone).
+    pub query_nodes: remote::QueryNodes,
+    /// `authorization` for calls to query nodes, when the cluster uses tokens.
+    pub bearer: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+}
+
+impl Ctx {
+    /// A request to a query node.
+    pub fn request<T>(&self, body: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(body);
+        if let Some(b) = &self.bearer {
+            r.metadata_mut().insert("authorization", b.clone());
+        }
+        r
+    }
 }
 
 /// The delegators of one node's pchannels.
@@ -161,16 +197,29 @@ pub struct Delegators {
 }
 
 impl Delegators {
-    pub fn new(meta: Arc<dyn MetaStore>, blobs: Arc<dyn Blobs>, config: QueryConfig) -> Arc<Self> {
+    /// Delegators reading with `meta` and `blobs`; `token` is what calls to query nodes carry,
+    /// when the cluster uses tokens.
+    pub fn new(
+        meta: Arc<dyn MetaStore>,
+        blobs: Arc<dyn Blobs>,
+        config: QueryConfig,
+        token: Option<String>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             ctx: Arc::new(Ctx {
                 meta,
                 blobs,
                 config,
                 shards: Mutex::new(HashMap::new()),
+                query_nodes: remote::QueryNodes::default(),
+                bearer: token.and_then(|t| format!("Bearer {t}").parse().ok()),
             }),
             running: Mutex::new(HashMap::new()),
         })
+    }
+
+    pub(crate) fn ctx(&self) -> &Ctx {
+        &self.ctx
     }
 
     pub fn config(&self) -> &QueryConfig {
@@ -181,7 +230,9 @@ impl Delegators {
     /// serves it with. Ends when the manager's change feed does.
     pub fn follow(self: &Arc<Self>, manager: Arc<WalManager>) -> tokio::task::JoinHandle<()> {
         let this = self.clone();
+        let sync = tokio::spawn(sync_replicas(Arc::downgrade(&self.ctx)));
         tokio::spawn(async move {
+            let _sync = follow::AbortOnDrop(sync);
             let mut changes = manager.changes();
             loop {
                 this.reconcile(&manager.channels());
@@ -248,6 +299,34 @@ impl Delegators {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .contains_key(pchannel)
+    }
+}
+
+/// Keeps every shard's copies on query nodes synced (docs/design.md §14.6).
+async fn sync_replicas(ctx: std::sync::Weak<Ctx>) {
+    loop {
+        tokio::time::sleep(remote::SYNC_INTERVAL).await;
+        let Some(ctx) = ctx.upgrade() else { return };
+        let shards: Vec<Arc<Shard>> = ctx
+            .shards
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|s| s.remote.is_some())
+            .cloned()
+            .collect();
+        if shards.is_empty() {
+            continue;
+        }
+        if let Err(e) = ctx.query_nodes.refresh(&ctx).await {
+            warn!(error = %e, "listing query nodes failed");
+            continue;
+        }
+        for s in shards {
+            if let Some(r) = &s.remote {
+                r.sync(&s, &ctx).await;
+            }
+        }
     }
 }
 

@@ -95,6 +95,15 @@ impl QueryService {
             .transpose()?;
         let outputs = first.output_fields(&req.output_fields)?;
         let want_fields = !req.output_fields.is_empty();
+        // The sealed part on query nodes gets the request resolved: field, metric, outputs.
+        let sealed_req = SearchRequest {
+            field: field.clone(),
+            metric: metric_type(metric) as i32,
+            output_fields: outputs.clone(),
+            options: None,
+            vchannels: Vec::new(),
+            ..req.clone()
+        };
         let queries: Vec<Vec<f32>> = req.vectors.into_iter().map(|v| v.values).collect();
         let k = req.top_k as usize;
         let ef = req.ef as usize;
@@ -112,6 +121,7 @@ impl QueryService {
         let tasks: Vec<_> = shards
             .into_iter()
             .map(|s| {
+                let shard = s.clone();
                 let (field, queries, filter, outputs, partitions) = (
                     field.clone(),
                     queries.clone(),
@@ -119,7 +129,7 @@ impl QueryService {
                     outputs.clone(),
                     partitions.clone(),
                 );
-                tokio::task::spawn_blocking(move || {
+                let task = tokio::task::spawn_blocking(move || {
                     s.search(&SearchSpec {
                         field: &field,
                         queries: &queries,
@@ -130,16 +140,25 @@ impl QueryService {
                         partitions: &partitions,
                         ef,
                     })
-                })
+                });
+                (shard, task)
             })
             .collect();
         let mut per_query: Vec<Vec<Hits>> = vec![Vec::new(); nq];
-        for t in tasks {
-            let hits = t
+        let ctx = self.delegators.ctx();
+        for (shard, t) in tasks {
+            let (hits, remote) = t
                 .await
                 .map_err(|e| DelegatorError::Format(format!("search task: {e}")))??;
             for (q, h) in hits.into_iter().enumerate() {
                 per_query[q].push(h);
+            }
+            if let Some(r) = shard.remote.as_ref().filter(|_| !remote.is_empty()) {
+                for answer in r.search(&shard, ctx, &remote, &sealed_req).await? {
+                    for (q, h) in answer.into_iter().enumerate().take(nq) {
+                        per_query[q].push(h);
+                    }
+                }
             }
         }
         let results = per_query
@@ -151,11 +170,7 @@ impl QueryService {
                 .into_iter()
                 .map(|h| to_proto(h, want_fields))
                 .collect::<Result<_, _>>()?,
-            metric: match metric {
-                Metric::L2 => MetricType::L2,
-                Metric::Ip => MetricType::Ip,
-                Metric::Cosine => MetricType::Cosine,
-            } as i32,
+            metric: metric_type(metric) as i32,
         })
     }
 
@@ -177,45 +192,125 @@ impl QueryService {
         } as usize;
         let count_only = req.count_only;
         let partitions = options.partitions;
-        tokio::task::spawn_blocking(move || {
-            if count_only {
-                let mut count = 0;
-                for s in &shards {
-                    count += s.count(filter.as_ref(), &partitions)?;
-                }
-                return Ok(QueryResponse {
-                    count,
-                    ..Default::default()
-                });
-            }
-            let mut batches: Vec<RecordBatch> = Vec::new();
-            let (mut rows, mut truncated) = (0usize, false);
-            for s in &shards {
-                let (batch, more) =
-                    s.query(filter.as_ref(), &outputs, &partitions, limit - rows)?;
-                truncated |= more;
-                if let Some(b) = batch {
-                    rows += b.num_rows();
-                    batches.push(b);
-                }
-            }
-            let rows_bytes = match batches.first() {
-                None => bytes::Bytes::new(),
-                Some(first) => {
-                    let all = arrow_select::concat::concat_batches(&first.schema(), &batches)
-                        .map_err(|e| DelegatorError::Format(format!("query rows: {e}")))?;
-                    walden_schema::batch_to_ipc(&all)?
-                }
+        let sealed_req = QueryRequest {
+            output_fields: outputs.clone(),
+            limit: limit as u64,
+            options: None,
+            vchannels: Vec::new(),
+            ..req.clone()
+        };
+        let ctx = self.delegators.ctx();
+        let (mut count, mut truncated) = (0u64, false);
+        let mut batches: Vec<RecordBatch> = Vec::new();
+        let mut rows = 0usize;
+        for s in shards {
+            let local = {
+                let (s, filter, outputs, partitions) = (
+                    s.clone(),
+                    filter.clone(),
+                    outputs.clone(),
+                    partitions.clone(),
+                );
+                let left = limit - rows;
+                tokio::task::spawn_blocking(move || {
+                    if count_only {
+                        let (n, remote) = s.count(filter.as_ref(), &partitions)?;
+                        return Ok::<_, DelegatorError>((n, None, false, remote));
+                    }
+                    let (batch, more, remote) =
+                        s.query(filter.as_ref(), &outputs, &partitions, left)?;
+                    Ok((0, batch, more, remote))
+                })
+                .await
+                .map_err(|e| DelegatorError::Format(format!("query task: {e}")))??
             };
-            Ok(QueryResponse {
-                rows: rows_bytes,
-                count: rows as u64,
-                truncated,
-            })
+            let (n, batch, more, remote) = local;
+            count += n;
+            truncated |= more;
+            if let Some(b) = batch {
+                rows += b.num_rows();
+                batches.push(b);
+            }
+            let Some(r) = s.remote.as_ref().filter(|_| !remote.is_empty()) else {
+                continue;
+            };
+            let left = limit - rows;
+            if !count_only && left == 0 {
+                truncated = true;
+                continue;
+            }
+            let sub = QueryRequest {
+                limit: left as u64,
+                ..sealed_req.clone()
+            };
+            for answer in r.query(&s, ctx, &remote, &sub).await? {
+                count += if count_only { answer.count } else { 0 };
+                truncated |= answer.truncated;
+                if answer.rows.is_empty() {
+                    continue;
+                }
+                for b in walden_schema::decode_ipc(&answer.rows)? {
+                    let take = b.num_rows().min(limit - rows);
+                    truncated |= take < b.num_rows();
+                    rows += take;
+                    batches.push(b.slice(0, take));
+                }
+            }
+        }
+        if count_only {
+            return Ok(QueryResponse {
+                count,
+                ..Default::default()
+            });
+        }
+        let rows_bytes = match batches.first() {
+            None => bytes::Bytes::new(),
+            Some(first) => {
+                let all = arrow_select::concat::concat_batches(&first.schema(), &batches)
+                    .map_err(|e| DelegatorError::Format(format!("query rows: {e}")))?;
+                walden_schema::batch_to_ipc(&all)?
+            }
+        };
+        Ok(QueryResponse {
+            rows: rows_bytes,
+            count: rows as u64,
+            truncated,
         })
-        .await
-        .map_err(|e| DelegatorError::Format(format!("query task: {e}")))?
     }
+}
+
+fn metric_type(m: Metric) -> MetricType {
+    match m {
+        Metric::L2 => MetricType::L2,
+        Metric::Ip => MetricType::Ip,
+        Metric::Cosine => MetricType::Cosine,
+    }
+}
+
+/// Hits as a query node sends them.
+pub(crate) fn from_proto(h: SearchHits) -> Result<Hits, DelegatorError> {
+    let keys = if h.str_ids.is_empty() {
+        h.int_ids.into_iter().map(Pk::Int).collect()
+    } else {
+        h.str_ids.into_iter().map(Pk::Str).collect()
+    };
+    let fields = if h.fields.is_empty() {
+        None
+    } else {
+        let batches = walden_schema::decode_ipc(&h.fields)?;
+        match batches.first() {
+            None => None,
+            Some(first) => Some(
+                arrow_select::concat::concat_batches(&first.schema(), &batches)
+                    .map_err(|e| DelegatorError::Format(format!("hit fields: {e}")))?,
+            ),
+        }
+    };
+    Ok(Hits {
+        keys,
+        distances: h.distances,
+        fields,
+    })
 }
 
 fn to_proto(h: Hits, want_fields: bool) -> Result<SearchHits, DelegatorError> {

@@ -11,10 +11,10 @@ use arrow_schema::SchemaRef;
 use tokio::sync::watch;
 use walden_common::TimeTick;
 use walden_expr::Filter;
-use walden_proto::v1::{ConsistencyLevel, IndexSpec, IndexType, MetricType, ReadOptions};
-use walden_query::{Hits, Metric, SearchParams, Segment, TopK, gather};
+use walden_proto::v1::{ConsistencyLevel, IndexSpec, ReadOptions};
+use walden_query::{Hits, Metric, SearchParams, Segment};
 use walden_schema::{DataType, Schema};
-use walden_segment_format::{Deletes, keys_of};
+use walden_segment_format::Deletes;
 use walden_streaming_node::channel::Channel;
 
 use crate::{DelegatorError, QueryConfig};
@@ -43,6 +43,27 @@ pub(crate) struct State {
     /// partition belong to one dropped before.
     pub partitions: Option<HashSet<String>>,
     pub dropped: bool,
+    /// Segments of the manifest held by query nodes (when the collection is placed on them).
+    pub remote: BTreeMap<u64, RemoteSegment>,
+    /// Deletes read and not yet forwarded to query nodes.
+    pub forward: Vec<(walden_segment_format::Pk, u64)>,
+}
+
+/// A flushed segment a query node holds.
+#[derive(Clone, Debug)]
+pub(crate) struct RemoteSegment {
+    pub partition: String,
+    pub rows: u64,
+    pub max_tick: u64,
+}
+
+/// What the catalog and placement say a shard holds.
+#[derive(Debug, Default)]
+pub(crate) struct LoadState {
+    pub released: bool,
+    pub indexes: Vec<IndexSpec>,
+    /// Query nodes hold the flushed segments.
+    pub placed: bool,
 }
 
 /// A delegator's view of one vchannel.
@@ -57,6 +78,9 @@ pub struct Shard {
     /// From the catalog record the shard was started with (a change restarts the delegator).
     pub(crate) released: bool,
     pub(crate) indexes: Vec<IndexSpec>,
+    /// Copies of the flushed segments on query nodes, when the coordinator placed the
+    /// collection on them (else the shard holds its flushed segments itself).
+    pub(crate) remote: Option<Arc<crate::remote::Replicas>>,
     ch: Arc<Channel>,
     state: RwLock<State>,
     served: watch::Sender<u64>,
@@ -82,12 +106,12 @@ impl Shard {
         collection: &str,
         collection_id: u64,
         schema: Arc<Schema>,
-        released: bool,
-        indexes: Vec<IndexSpec>,
+        load: LoadState,
     ) -> Self {
         Self {
-            released,
-            indexes,
+            released: load.released,
+            indexes: load.indexes,
+            remote: load.placed.then(Default::default),
             vchannel: vchannel.to_owned(),
             collection: collection.to_owned(),
             collection_id,
@@ -184,47 +208,40 @@ impl Shard {
 
     /// The metric a search of `field` uses when it names none: its index's, else L2.
     pub fn default_metric(&self, field: &str) -> Metric {
-        match self
-            .indexes
-            .iter()
-            .find(|i| i.field == field)
-            .map(IndexSpec::metric)
-        {
-            Some(MetricType::Ip) => Metric::Ip,
-            Some(MetricType::Cosine) => Metric::Cosine,
-            _ => Metric::L2,
-        }
+        walden_querynode::load::default_metric(&self.indexes, field)
     }
 
     /// The HNSW spec of the collection, if a field has one: what flushed segments are built
     /// with (one indexed field per segment).
-    pub(crate) fn hnsw(&self) -> Option<(String, Metric, walden_schema::HnswParams)> {
-        self.indexes.iter().find_map(|spec| {
-            if spec.index_type() != IndexType::Hnsw {
-                return None;
-            }
-            let (_, index) = walden_schema::check_index(&self.schema, spec).ok()?;
-            match index {
-                walden_schema::Index::Hnsw(p) => {
-                    Some((spec.field.clone(), self.default_metric(&spec.field), p))
-                }
-                walden_schema::Index::Flat => None,
-            }
-        })
+    pub(crate) fn hnsw(&self) -> Option<walden_querynode::load::HnswSpec> {
+        walden_querynode::load::hnsw(&self.schema, &self.indexes)
     }
 
     /// What the shard holds, for `walden collection load` and `walden index describe`.
     pub fn state(&self) -> walden_proto::v1::ShardState {
+        let usable = self.remote.as_ref().map(|r| r.usable()).unwrap_or_default();
         let st = self.read();
+        // A segment on query nodes counts once a copy is synced.
+        let remote: Vec<(u64, u64)> = st
+            .remote
+            .iter()
+            .filter_map(|(id, r)| usable.get(id).map(|indexed| (r.rows, *indexed)))
+            .collect();
         walden_proto::v1::ShardState {
             vchannel: self.vchannel.clone(),
             loaded: !self.released,
             served_tick: self.served_tick(),
             growing_segments: st.growing.len() as u64,
             growing_rows: st.growing.values().map(|s| u64::from(s.rows())).sum(),
-            sealed_segments: st.sealed.len() as u64,
-            sealed_rows: st.sealed.values().map(|s| u64::from(s.rows())).sum(),
-            indexed_rows: st.sealed.values().map(|s| s.indexed_rows() as u64).sum(),
+            sealed_segments: (st.sealed.len() + remote.len()) as u64,
+            sealed_rows: st.sealed.values().map(|s| u64::from(s.rows())).sum::<u64>()
+                + remote.iter().map(|(rows, _)| rows).sum::<u64>(),
+            indexed_rows: st
+                .sealed
+                .values()
+                .map(|s| s.indexed_rows() as u64)
+                .sum::<u64>()
+                + remote.iter().map(|(_, i)| i).sum::<u64>(),
             indexes: self.indexes.clone(),
         }
     }
@@ -282,13 +299,13 @@ impl Shard {
         Ok(out)
     }
 
-    /// The `k` nearest live rows per query vector over every segment this shard holds.
-    pub fn search(&self, spec: &SearchSpec<'_>) -> Result<Vec<Hits>, DelegatorError> {
+    /// The `k` nearest live rows per query vector over the segments this shard holds itself,
+    /// and the visible segments query nodes hold (searched by the caller).
+    pub fn search(&self, spec: &SearchSpec<'_>) -> Result<(Vec<Hits>, Vec<u64>), DelegatorError> {
         let st = self.read();
         if st.dropped {
             return Err(DelegatorError::Dropped(self.collection.clone()));
         }
-        let segments = self.visible(&st, spec.partitions);
         let params = SearchParams {
             field: spec.field,
             queries: spec.queries,
@@ -297,71 +314,54 @@ impl Shard {
             filter: spec.filter,
             ef: spec.ef,
         };
-        let mut tops: Vec<TopK> = spec
-            .queries
-            .iter()
-            .map(|_| TopK::new(spec.k, spec.metric))
-            .collect();
-        for s in &segments {
-            s.search(&params, &mut tops)?;
-        }
-        let mut out = Vec::with_capacity(tops.len());
-        for top in tops {
-            let hits = top.into_sorted();
-            let rows: Vec<(u64, u32)> = hits.iter().map(|h| (h.segment, h.row)).collect();
-            let fields = gather(&segments, &rows, spec.output_fields)?;
-            out.push(Hits {
-                keys: self.keys(&fields)?,
-                distances: hits.iter().map(|h| h.distance).collect(),
-                fields: Some(fields).filter(|f| f.num_columns() > 0),
-            });
-        }
-        Ok(out)
+        let hits = walden_query::search(
+            &self.visible(&st, spec.partitions),
+            &params,
+            spec.output_fields,
+            &self.pk,
+        )?;
+        Ok((hits, self.visible_remote(&st, spec.partitions)))
     }
 
-    /// The live rows matching `filter` (the output fields, primary key first), at most `limit`;
-    /// and whether more matched.
+    /// The live rows matching `filter` (the output fields, primary key first), at most `limit`,
+    /// and whether more matched, over the segments held here; and the visible segments query
+    /// nodes hold.
     pub fn query(
         &self,
         filter: Option<&Filter>,
         output_fields: &[String],
         partitions: &[String],
         limit: usize,
-    ) -> Result<(Option<RecordBatch>, bool), DelegatorError> {
+    ) -> Result<(Option<RecordBatch>, bool, Vec<u64>), DelegatorError> {
         let st = self.read();
         if st.dropped {
             return Err(DelegatorError::Dropped(self.collection.clone()));
         }
-        let segments = self.visible(&st, partitions);
-        let mut rows = Vec::new();
-        let mut more = false;
-        for s in &segments {
-            let left = limit.saturating_sub(rows.len());
-            let found = s.matching(filter, left + 1)?;
-            more |= found.len() > left;
-            rows.extend(found.into_iter().take(left).map(|r| (s.id(), r)));
-        }
-        if rows.is_empty() {
-            return Ok((None, more));
-        }
-        Ok((Some(gather(&segments, &rows, output_fields)?), more))
+        let (rows, more) =
+            walden_query::query(&self.visible(&st, partitions), filter, output_fields, limit)?;
+        Ok((rows, more, self.visible_remote(&st, partitions)))
     }
 
-    /// How many live rows match `filter`.
+    /// How many live rows match `filter` here; and the visible segments query nodes hold.
     pub fn count(
         &self,
         filter: Option<&Filter>,
         partitions: &[String],
-    ) -> Result<u64, DelegatorError> {
+    ) -> Result<(u64, Vec<u64>), DelegatorError> {
         let st = self.read();
         if st.dropped {
             return Err(DelegatorError::Dropped(self.collection.clone()));
         }
-        let mut n = 0;
-        for s in self.visible(&st, partitions) {
-            n += s.count(filter)?;
-        }
-        Ok(n)
+        let n = walden_query::count(&self.visible(&st, partitions), filter)?;
+        Ok((n, self.visible_remote(&st, partitions)))
+    }
+
+    fn visible_remote(&self, st: &State, partitions: &[String]) -> Vec<u64> {
+        st.remote
+            .iter()
+            .filter(|(_, r)| partitions.is_empty() || partitions.contains(&r.partition))
+            .map(|(id, _)| *id)
+            .collect()
     }
 
     fn visible<'a>(&self, st: &'a State, partitions: &[String]) -> Vec<&'a Segment> {
@@ -370,12 +370,5 @@ impl Shard {
             .chain(st.growing.values())
             .filter(|s| partitions.is_empty() || partitions.iter().any(|p| p == s.partition()))
             .collect()
-    }
-
-    fn keys(&self, fields: &RecordBatch) -> Result<Vec<walden_segment_format::Pk>, DelegatorError> {
-        if fields.num_rows() == 0 {
-            return Ok(Vec::new());
-        }
-        Ok(keys_of(fields, &self.pk)?)
     }
 }

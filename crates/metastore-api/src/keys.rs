@@ -77,6 +77,26 @@ pub const COORD_LEADER: &str = "walden/cluster/coord/leader";
 /// Decimal: the last coordinator epoch handed out (each leadership takes a new one).
 pub const COORD_EPOCH: &str = "walden/cluster/coord/epoch";
 
+/// Prefix of the query nodes' registrations (each under its lease).
+pub const QUERY_NODE_PREFIX: &str = "walden/querynode/";
+
+/// A query node's registration: id, address, incarnation (`QueryNodeInfo`).
+pub fn query_node(id: u64) -> String {
+    format!("{QUERY_NODE_PREFIX}{id:020}")
+}
+
+/// Decimal: the last query node id handed out.
+pub const QUERY_NODE_NEXT_ID: &str = "walden/querynode_next_id";
+
+/// Prefix of the segment placements (what query nodes and delegators watch).
+pub const PLACEMENT_PREFIX: &str = "walden/placement/";
+
+/// A loaded collection's segment placement (`SegmentPlacement`), written by the leader
+/// coordinator.
+pub fn placement(collection_id: u64) -> String {
+    format!("{PLACEMENT_PREFIX}{collection_id:020}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

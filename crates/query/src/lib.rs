@@ -10,8 +10,10 @@
 //! * [`gather`] materializes output fields for hits spread over many segments.
 
 mod ann;
+mod keyfilter;
 mod merge;
 mod metric;
+mod reads;
 mod segment;
 
 use std::{collections::HashMap, sync::Arc};
@@ -23,8 +25,10 @@ use walden_common::{ErrorCode, HasErrorCode};
 use walden_expr::ExprError;
 
 pub use ann::Ann;
+pub use keyfilter::KeyFilter;
 pub use merge::{Hits, merge};
 pub use metric::Metric;
+pub use reads::{count, query, search};
 pub use segment::{Hit, SearchParams, Segment, TopK};
 
 /// Errors of the query engine.

@@ -255,6 +255,11 @@ impl Segment {
         deletes.iter().map(|(pk, t)| self.delete(pk, *t)).sum()
     }
 
+    /// A bloom filter of its keys.
+    pub fn key_filter(&self) -> crate::KeyFilter {
+        crate::KeyFilter::new(self.keys.len(), self.keys.keys())
+    }
+
     /// Whether the segment holds a row with key `pk` (deleted or not).
     pub fn may_contain(&self, pk: &Pk) -> bool {
         self.keys.contains_key(pk)

@@ -264,18 +264,28 @@ pub async fn run_catalog(
     catalog: watch::Sender<Option<Arc<Coordinator>>>,
 ) {
     let mut leading = coord.leading();
+    // The leader also places flushed segments on query nodes (one task per leadership).
+    let mut placement: Option<tokio::task::JoinHandle<()>> = None;
     loop {
+        if let Some(t) = placement.take() {
+            t.abort();
+        }
         let epoch = *leading.borrow_and_update();
         match (epoch, coord.fence()) {
             (Some(epoch), Some(fence)) => {
                 let fenced: Arc<dyn MetaStore> =
                     Arc::new(walden_metastore_api::Fenced::new(meta.clone(), fence));
-                let start = Coordinator::start(fenced, appender.clone() as Arc<dyn Appender>);
+                let start =
+                    Coordinator::start(fenced.clone(), appender.clone() as Arc<dyn Appender>);
                 tokio::select! {
                     r = start => match r {
                         Ok(c) => {
                             tracing::info!(epoch, "catalog serving");
                             catalog.send_replace(Some(c));
+                            placement = Some(tokio::spawn(walden_coordinator::placement::run(
+                                fenced.clone(),
+                                std::time::Duration::from_secs(2),
+                            )));
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, "starting the catalog failed; retrying");

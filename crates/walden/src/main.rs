@@ -12,6 +12,7 @@ mod listener;
 mod local_cluster;
 mod node;
 mod node_http;
+mod query_node;
 mod search_cli;
 mod server;
 mod standalone;
@@ -124,6 +125,16 @@ enum Command {
     Coord {
         #[command(flatten)]
         serve: ServeArgs,
+        #[command(flatten)]
+        cluster: ClusterArgs,
+    },
+    /// Run a query node of a cluster: it holds the flushed segments the coordinator places on
+    /// it and serves their searches to the delegators.
+    QueryNode {
+        #[command(flatten)]
+        serve: ServeArgs,
+        #[command(flatten)]
+        wal: WalArgs,
         #[command(flatten)]
         cluster: ClusterArgs,
     },
@@ -293,6 +304,11 @@ fn server_config(command: &Command) -> anyhow::Result<Option<config::Config>> {
             serve,
             wal,
             cluster,
+        }
+        | Command::QueryNode {
+            serve,
+            wal,
+            cluster,
         } => (serve, Some(wal), Some(cluster)),
         _ => return Ok(None),
     };
@@ -372,6 +388,11 @@ async fn run(cli: Cli, server: Option<config::Config>) -> anyhow::Result<()> {
         } => cli::drain_node(&conn, id).await,
         Command::Balance(BalanceCmd::Move { pchannel, to, conn }) => {
             cli::move_pchannel(&conn, &pchannel, to).await
+        }
+        Command::QueryNode { serve, .. } => {
+            let cfg = server.unwrap_or_default();
+            init_logging(&cfg.log.level, cfg.log.format == config::LogFormat::Json);
+            query_node::run(cfg, serve.ready_file).await
         }
         Command::Node { serve, .. } => {
             let cfg = server.unwrap_or_default();

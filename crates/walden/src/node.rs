@@ -65,7 +65,12 @@ pub async fn run(config: Config, ready_file: Option<std::path::PathBuf>) -> anyh
     .context("starting the WAL manager")?;
     let flushers = backends::flushers(&config, &meta, &blobs, &metrics)?;
     flushers.follow(manager.clone());
-    let delegators = Delegators::new(meta.clone(), blobs.clone(), config.query.clone());
+    let delegators = Delegators::new(
+        meta.clone(),
+        blobs.clone(),
+        config.query.clone(),
+        security.tokens.own(),
+    );
     delegators.follow(manager.clone());
     let http_addr = node_http::spawn(bound.http, &manager, &metrics, &security, &config.server)?;
     let routes = tonic::service::Routes::new(

@@ -76,6 +76,7 @@ pub struct Cluster {
     pub etcd: EtcdServer,
     pub coords: Vec<Proc>,
     pub nodes: Vec<Proc>,
+    pub query_nodes: Vec<Proc>,
     pub config: PathBuf,
     /// How clients reach it (a token, when the config turns tokens on).
     pub connect: walden_client::ConnectOptions,
@@ -118,6 +119,7 @@ impl Cluster {
             etcd,
             coords: Vec::new(),
             nodes: Vec::new(),
+            query_nodes: Vec::new(),
             config,
             connect,
             started: 0,
@@ -173,7 +175,7 @@ impl Cluster {
         Proc {
             role,
             addr: doc["grpc"].as_str().expect("grpc").to_owned(),
-            node_id: doc["node_id"].as_u64(),
+            node_id: doc["node_id"].as_u64().or(doc["query_node_id"].as_u64()),
             dir,
             child: Some(child),
         }
@@ -189,6 +191,13 @@ impl Cluster {
         let p = self.spawn("node").await;
         self.nodes.push(p);
         self.nodes.len() - 1
+    }
+
+    /// Starts a `walden query-node`.
+    pub async fn add_query_node(&mut self) -> usize {
+        let p = self.spawn("query-node").await;
+        self.query_nodes.push(p);
+        self.query_nodes.len() - 1
     }
 
     /// Every coordinator's address, as `--addr` takes them.

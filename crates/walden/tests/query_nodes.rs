@@ -1,0 +1,211 @@
+//! Query nodes in a real cluster (etcd, `walden coord`, `walden node`, `walden query-node`
+//! processes): flushed segments move from the delegator to query nodes placed by the
+//! coordinator with two replicas, deletes after the flush are forwarded to them, and searches
+//! stay exact (or fail with a retryable code, never partial) while a query node is killed with
+//! SIGKILL, another joins, and the last one goes.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
+
+use common::cluster::Cluster;
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use serde_json::{Value, json};
+use walden_client::{Client, Consistency, SearchOptions};
+use walden_common::HasErrorCode;
+use walden_proto::v1::DeleteIds;
+use walden_schema::Schema;
+
+const DIM: usize = 16;
+const SCHEMA: &str = r#"{"fields":[
+  {"name":"id","type":"int64","primary_key":true},
+  {"name":"emb","type":"float_vector","dim":16},
+  {"name":"n","type":"int64"}]}"#;
+
+fn vector(rng: &mut StdRng) -> Vec<f32> {
+    (0..DIM).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+}
+
+fn l2(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum()
+}
+
+fn nearest(model: &BTreeMap<i64, Vec<f32>>, q: &[f32]) -> Vec<i64> {
+    let mut all: Vec<(f32, i64)> = model.iter().map(|(id, v)| (l2(q, v), *id)).collect();
+    all.sort_by(|a, b| a.0.total_cmp(&b.0));
+    all.into_iter().take(10).map(|x| x.1).collect()
+}
+
+async fn search(client: &Client, q: &[f32]) -> Result<Vec<i64>, walden_client::ClientError> {
+    let hits = client
+        .search(
+            "docs",
+            &[q.to_vec()],
+            &SearchOptions {
+                top_k: 10,
+                consistency: Consistency::Strong,
+                ..Default::default()
+            },
+        )
+        .await?;
+    Ok(hits[0].iter().map(|h| h.id.as_i64().unwrap()).collect())
+}
+
+/// Every search exact against the model, `n` times.
+async fn exact(client: &Client, model: &BTreeMap<i64, Vec<f32>>, rng: &mut StdRng, what: &str) {
+    for _ in 0..10 {
+        let q = vector(rng);
+        let got = search(client, &q)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(got, nearest(model, &q), "{what}");
+    }
+    assert_eq!(
+        client.count("docs", "", Consistency::Strong).await.unwrap(),
+        model.len() as u64,
+        "{what}: count"
+    );
+}
+
+/// Waits until every shard serves its flushed rows from synced copies (none growing).
+async fn served_sealed(client: &Client, rows: u64, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(shards) = client.shards("docs").await {
+            let sealed: u64 = shards.iter().map(|s| s.sealed_rows).sum();
+            let growing: u64 = shards.iter().map(|s| s.growing_rows).sum();
+            if sealed == rows && growing == 0 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{what}: {shards:?}");
+        }
+        assert!(Instant::now() < deadline, "{what}: shards unreachable");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn wait_for_log(p: &common::cluster::Proc, text: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !p.log().contains(text) {
+        assert!(
+            Instant::now() < deadline,
+            "{} never logged {text:?}",
+            p.role
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_nodes_serve_flushed_segments_with_replicas_and_survive_a_killed_node() {
+    let mut c = Cluster::start(1, 1, 2, "").await;
+    c.add_query_node().await;
+    c.add_query_node().await;
+    let client = c.client().await;
+    let schema = Schema::from_json(SCHEMA).unwrap();
+    client
+        .collections()
+        .create("docs", &schema, 2)
+        .await
+        .unwrap();
+    client.collections().load("docs", 2).await.unwrap();
+    let mut rng = StdRng::seed_from_u64(146);
+    let mut model: BTreeMap<i64, Vec<f32>> = BTreeMap::new();
+    for b in 0..4 {
+        let rows: Vec<Value> = (b * 500..b * 500 + 500)
+            .map(|id| {
+                let v = vector(&mut rng);
+                model.insert(id, v.clone());
+                json!({"id": id, "emb": v, "n": id % 10})
+            })
+            .collect();
+        client
+            .collections()
+            .insert("docs", None, &[schema.rows_from_json(&rows).unwrap()])
+            .await
+            .unwrap();
+    }
+    exact(&client, &model, &mut rng, "growing").await;
+
+    // Flushed: both query nodes load every segment (2 replicas), the delegators hand the rows
+    // over and hold none of them.
+    client
+        .flush_and_wait("docs", Duration::from_secs(60))
+        .await
+        .unwrap();
+    served_sealed(&client, 2000, "after the flush").await;
+    for q in &c.query_nodes {
+        wait_for_log(q, "segments loaded");
+    }
+    exact(&client, &model, &mut rng, "on query nodes").await;
+
+    // Deletes after the flush reach the query nodes' copies (forwarded, not in a delete log).
+    let gone: Vec<i64> = (0..2000).step_by(13).collect();
+    client
+        .collections()
+        .delete(
+            "docs",
+            None,
+            &DeleteIds {
+                int_ids: gone.clone(),
+                str_ids: vec![],
+            },
+        )
+        .await
+        .unwrap();
+    for id in &gone {
+        let v = model.remove(id).unwrap();
+        let got = search(&client, &v).await.unwrap();
+        assert!(!got.contains(id), "deleted {id} came back: {got:?}");
+    }
+    exact(&client, &model, &mut rng, "after deletes").await;
+
+    // kill -9 one query node while searching: every answer is exact or a retryable error.
+    let (mut ok, mut retryable) = (0, 0);
+    for i in 0..40 {
+        if i == 5 {
+            c.query_nodes[0].kill();
+        }
+        let q = vector(&mut rng);
+        match search(&client, &q).await {
+            Ok(got) => {
+                assert_eq!(got, nearest(&model, &q), "search {i} around the kill");
+                ok += 1;
+            }
+            Err(e) => {
+                assert!(e.code().is_retryable(), "search {i}: {e}");
+                retryable += 1;
+            }
+        }
+    }
+    assert!(ok >= 35, "{ok} exact, {retryable} retryable failures");
+    exact(&client, &model, &mut rng, "one replica lost").await;
+
+    // A new query node takes the lost copies (with the deletes), then the other one goes.
+    c.add_query_node().await;
+    wait_for_log(&c.query_nodes[2], "segments loaded");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    c.query_nodes[1].kill();
+    exact(&client, &model, &mut rng, "served by the new query node").await;
+
+    // No query node left: the placement goes and the delegators hold the segments themselves.
+    c.query_nodes[2].kill();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let q = vector(&mut rng);
+        match search(&client, &q).await {
+            Ok(got) => {
+                assert_eq!(got, nearest(&model, &q), "without query nodes");
+                break;
+            }
+            Err(e) => assert!(e.code().is_retryable() && Instant::now() < deadline, "{e}"),
+        }
+    }
+    served_sealed(&client, 2000, "back in the delegators").await;
+    exact(&client, &model, &mut rng, "back in the delegators").await;
+}
