@@ -10,9 +10,9 @@ secs=${1:-60}
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
-for target in decode_record wal_segment insert_payload object_fragment segment_files filter_expr; do
+for target in decode_record wal_segment insert_payload object_fragment segment_files filter_expr key_filter; do
   mkdir -p "$scratch/$target"
   RUSTC_BOOTSTRAP=1 cargo fuzz run "$target" "$scratch/$target" "corpus/$target" -- \
     -max_total_time="$secs" -print_final_stats=1
 done
-echo "fuzz smoke: 6 targets, ${secs} s each, no crash"
+echo "fuzz smoke: 7 targets, ${secs} s each, no crash"

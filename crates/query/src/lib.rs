@@ -10,7 +10,6 @@
 //! * [`gather`] materializes output fields for hits spread over many segments.
 
 mod ann;
-mod keyfilter;
 mod merge;
 mod metric;
 mod reads;
@@ -25,11 +24,11 @@ use walden_common::{ErrorCode, HasErrorCode};
 use walden_expr::ExprError;
 
 pub use ann::Ann;
-pub use keyfilter::KeyFilter;
 pub use merge::{Hits, merge};
 pub use metric::Metric;
 pub use reads::{count, query, search};
 pub use segment::{Hit, SearchParams, Segment, TopK};
+pub use walden_segment_format::KeyFilter;
 
 /// Errors of the query engine.
 #[derive(Debug, Error)]

@@ -256,8 +256,8 @@ impl Segment {
     }
 
     /// A bloom filter of its keys.
-    pub fn key_filter(&self) -> crate::KeyFilter {
-        crate::KeyFilter::new(self.keys.len(), self.keys.keys())
+    pub fn key_filter(&self) -> walden_segment_format::KeyFilter {
+        walden_segment_format::KeyFilter::new(self.keys.len(), self.keys.keys())
     }
 
     /// Whether the segment holds a row with key `pk` (deleted or not).

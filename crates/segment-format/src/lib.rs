@@ -11,6 +11,8 @@
 //! Files are written whole with create-if-absent under a key no other write uses, and never
 //! changed; compaction writes new ones.
 
+mod keyfilter;
+
 use std::{collections::HashMap, sync::Arc};
 
 use arrow_array::{
@@ -27,6 +29,8 @@ use thiserror::Error;
 use walden_common::{ErrorCode, HasErrorCode};
 use walden_proto::v1::{DataType, DeleteIds};
 use walden_schema::Schema;
+
+pub use keyfilter::KeyFilter;
 
 /// A file or batch that does not have the shape this format says.
 #[derive(Debug, Error)]

@@ -1,9 +1,7 @@
 //! A bloom filter of a segment's primary keys: what a delegator holds of a segment on a query
 //! node, to forward a delete only to the nodes whose segments may hold its key.
 
-use walden_segment_format::Pk;
-
-use crate::QueryError;
+use crate::{FormatError, Pk};
 
 /// Bits per key: about 1 % false positives with [`HASHES`] probes.
 const BITS_PER_KEY: usize = 10;
@@ -76,9 +74,9 @@ impl KeyFilter {
     }
 
     /// The filter `to_bytes` wrote; an error for anything else.
-    pub fn from_bytes(b: &[u8]) -> Result<Self, QueryError> {
+    pub fn from_bytes(b: &[u8]) -> Result<Self, FormatError> {
         if b.is_empty() || !b.len().is_multiple_of(8) || b.len() / 8 > MAX_WORDS {
-            return Err(QueryError::Data(format!(
+            return Err(FormatError(format!(
                 "a key filter of {} bytes (a positive multiple of 8, at most {} expected)",
                 b.len(),
                 MAX_WORDS * 8
