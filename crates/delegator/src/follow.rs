@@ -288,6 +288,9 @@ pub(crate) async fn run(ch: Arc<Channel>, ctx: Arc<Ctx>) -> Result<Exit, Delegat
                             }
                         }
                     }
+                    for s in f.shards.values() {
+                        interim_index(s, ctx.config.interim_index_rows);
+                    }
                     if let Some(t) = last {
                         for s in f.shards.values() {
                             s.set_served(t);
@@ -357,6 +360,38 @@ pub(crate) async fn run(ch: Arc<Channel>, ctx: Arc<Ctx>) -> Result<Exit, Delegat
                 }
             }
         }
+    }
+}
+
+/// Starts the next chunk of each growing segment's interim index that is due, off the
+/// reading loop (docs/design.md §14.1).
+fn interim_index(shard: &Arc<Shard>, min_rows: u32) {
+    if min_rows == 0 {
+        return;
+    }
+    let Some((field, metric, params)) = shard.hnsw() else {
+        return;
+    };
+    let mut st = shard.write();
+    for (id, seg) in &mut st.growing {
+        let job = match seg.interim_job(&field, metric, &params, min_rows) {
+            Ok(Some(job)) => job,
+            Ok(None) => continue,
+            Err(e) => {
+                warn!(vchannel = shard.vchannel, segment = id, error = %e, "interim index");
+                continue;
+            }
+        };
+        let (shard, id) = (shard.clone(), *id);
+        tokio::task::spawn_blocking(move || {
+            let upto = job
+                .run()
+                .inspect_err(|e| warn!(segment = id, error = %e, "interim index chunk failed"))
+                .ok();
+            if let Some(seg) = shard.write().growing.get_mut(&id) {
+                seg.finish_interim(job.ann(), upto);
+            }
+        });
     }
 }
 

@@ -55,6 +55,10 @@ pub struct QueryConfig {
     pub max_top_k: u32,
     /// Most query vectors in one search. Default 1 024.
     pub max_vectors: usize,
+    /// A growing segment of a field with an HNSW index gets an interim graph, grown in chunks
+    /// of this many rows once that many are not in it (rows past the last chunk are searched
+    /// exactly); 0: growing rows are always searched exactly. Default 10 000.
+    pub interim_index_rows: u32,
 }
 
 impl Default for QueryConfig {
@@ -65,6 +69,7 @@ impl Default for QueryConfig {
             max_rows: 16_384,
             max_top_k: 16_384,
             max_vectors: 1_024,
+            interim_index_rows: 10_000,
         }
     }
 }

@@ -243,6 +243,7 @@ impl Shard {
                 .sum::<u64>()
                 + remote.iter().map(|(_, i)| i).sum::<u64>(),
             indexes: self.indexes.clone(),
+            growing_indexed_rows: st.growing.values().map(|s| s.indexed_rows() as u64).sum(),
         }
     }
 

@@ -32,7 +32,64 @@ fn ann_error(what: &str, e: impl std::fmt::Display) -> QueryError {
     QueryError::Data(format!("hnsw {what}: {e}"))
 }
 
+fn new_index(metric: Metric, params: &HnswParams, dim: usize) -> Result<Usearch, QueryError> {
+    let options = IndexOptions {
+        dimensions: dim,
+        metric: match metric {
+            Metric::L2 => MetricKind::L2sq,
+            Metric::Ip => MetricKind::IP,
+            Metric::Cosine => MetricKind::Cos,
+        },
+        quantization: ScalarKind::F32,
+        connectivity: params.m,
+        expansion_add: params.ef_construction,
+        expansion_search: params.ef,
+        multi: false,
+    };
+    Usearch::new(&options).map_err(|e| ann_error("create", e))
+}
+
 impl Ann {
+    /// An empty graph that rows are added to later: a growing segment's interim index.
+    pub fn empty(
+        field: &str,
+        metric: Metric,
+        params: &HnswParams,
+        dim: usize,
+    ) -> Result<Self, QueryError> {
+        Ok(Self {
+            field: field.to_owned(),
+            metric,
+            ef: params.ef,
+            index: new_index(metric, params, dim)?,
+        })
+    }
+
+    /// Makes room for `rows` rows in all, with a search context per core (and one for the
+    /// adding thread). Never with an add in flight.
+    pub fn reserve(&self, rows: usize) -> Result<(), QueryError> {
+        let threads = std::thread::available_parallelism().map_or(1, usize::from) + 1;
+        self.index
+            .reserve_capacity_and_threads(rows, threads)
+            .map_err(|e| ann_error("reserve", e))
+    }
+
+    /// Room for this many rows in all.
+    pub fn capacity(&self) -> usize {
+        self.index.capacity()
+    }
+
+    /// Adds `vectors` (row-major, `dim` each) as rows `first`, `first + 1`, ... on this
+    /// thread; searches may run meanwhile.
+    pub fn add_rows(&self, first: u32, vectors: &[f32], dim: usize) -> Result<(), QueryError> {
+        for (i, v) in vectors.chunks_exact(dim.max(1)).enumerate() {
+            self.index
+                .add(u64::from(first) + i as u64, v)
+                .map_err(|e| ann_error("add", e))?;
+        }
+        Ok(())
+    }
+
     /// Builds the graph of `vectors` (row-major, `dim` each; row `i` gets key `i`) on up to
     /// `threads` threads.
     pub fn build(
@@ -43,20 +100,7 @@ impl Ann {
         dim: usize,
         threads: usize,
     ) -> Result<Self, QueryError> {
-        let options = IndexOptions {
-            dimensions: dim,
-            metric: match metric {
-                Metric::L2 => MetricKind::L2sq,
-                Metric::Ip => MetricKind::IP,
-                Metric::Cosine => MetricKind::Cos,
-            },
-            quantization: ScalarKind::F32,
-            connectivity: params.m,
-            expansion_add: params.ef_construction,
-            expansion_search: params.ef,
-            multi: false,
-        };
-        let index = Usearch::new(&options).map_err(|e| ann_error("create", e))?;
+        let index = new_index(metric, params, dim)?;
         let rows = vectors.len() / dim.max(1);
         let threads = threads.clamp(1, 16);
         index

@@ -3,7 +3,10 @@
 //! Growing segments take batches as they are read from the WAL; sealed ones are built once
 //! from their files.
 
-use std::collections::{BinaryHeap, HashMap};
+use std::{
+    collections::{BinaryHeap, HashMap},
+    sync::Arc,
+};
 
 use arrow_array::{Array, FixedSizeListArray, Float32Array, RecordBatch};
 use walden_expr::Filter;
@@ -37,8 +40,13 @@ pub struct Segment {
     deleted_rows: u32,
     keys: HashMap<Pk, Rows>,
     bytes: usize,
-    /// A graph index of one vector field (flushed segments of an indexed field).
-    ann: Option<Ann>,
+    /// A graph index of one vector field: every row of a flushed segment of an indexed field;
+    /// the first `ann_rows` of a growing one (its interim index, rows added in chunks).
+    ann: Option<Arc<Ann>>,
+    /// Rows searchable through `ann`; later rows are searched exactly.
+    ann_rows: u32,
+    /// An interim-index job is under way.
+    indexing: bool,
 }
 
 /// A row of a segment found by a search: its reported distance and where it is.
@@ -170,6 +178,8 @@ impl Segment {
             keys: HashMap::new(),
             bytes: 0,
             ann: None,
+            ann_rows: 0,
+            indexing: false,
         }
     }
 
@@ -294,10 +304,84 @@ impl Segment {
             all.extend_from_slice(values);
         }
         self.ann = None;
+        self.ann_rows = 0;
         if dim > 0 {
-            self.ann = Some(Ann::build(field, metric, params, &all, dim, threads)?);
+            self.ann = Some(Arc::new(Ann::build(
+                field, metric, params, &all, dim, threads,
+            )?));
+            self.ann_rows = self.rows();
         }
         Ok(())
+    }
+
+    /// The next chunk of a growing segment's interim index, once `min_rows` rows are not in
+    /// it yet: a graph of `field` is started (or grown) and the chunk's vectors copied, to be
+    /// added off the caller's lock ([`IndexJob::run`]), then published with
+    /// [`Segment::finish_interim`]. `None` while a job is under way or the chunk is short.
+    pub fn interim_job(
+        &mut self,
+        field: &str,
+        metric: Metric,
+        params: &HnswParams,
+        min_rows: u32,
+    ) -> Result<Option<IndexJob>, QueryError> {
+        if self.indexing || min_rows == 0 || self.rows() - self.ann_rows < min_rows {
+            return Ok(None);
+        }
+        if self
+            .ann
+            .as_ref()
+            .is_some_and(|a| a.field() != field || a.metric() != metric)
+        {
+            return Ok(None);
+        }
+        let first = self.ann_rows;
+        let mut chunk = Vec::new();
+        let mut dim = 0;
+        for (b, batch) in self.batches.iter().enumerate() {
+            let start = self.starts[b];
+            let n = batch.num_rows() as u32;
+            if start + n <= first {
+                continue;
+            }
+            let (values, d) = vectors(batch, field)?;
+            dim = d;
+            let skip = first.saturating_sub(start) as usize;
+            chunk.extend_from_slice(&values[skip * d..]);
+        }
+        if dim == 0 {
+            return Ok(None);
+        }
+        let ann = match &self.ann {
+            Some(a) => a.clone(),
+            None => {
+                let a = Arc::new(Ann::empty(field, metric, params, dim)?);
+                self.ann = Some(a.clone());
+                a
+            }
+        };
+        let want = self.rows() as usize;
+        if ann.capacity() < want {
+            // Doubling keeps reservations (never concurrent with an add) rare.
+            ann.reserve(want.next_power_of_two().max(1024))?;
+        }
+        self.indexing = true;
+        Ok(Some(IndexJob {
+            ann,
+            first,
+            vectors: chunk,
+            dim,
+        }))
+    }
+
+    /// Publishes a finished interim job: rows below `upto` are searched through the graph.
+    pub fn finish_interim(&mut self, ann: &Arc<Ann>, upto: Option<u32>) {
+        if self.ann.as_ref().is_some_and(|a| Arc::ptr_eq(a, ann)) {
+            self.indexing = false;
+            if let Some(upto) = upto {
+                self.ann_rows = self.ann_rows.max(upto);
+            }
+        }
     }
 
     /// The field and metric of the segment's graph index, if it has one.
@@ -305,9 +389,9 @@ impl Segment {
         self.ann.as_ref().map(|a| (a.field(), a.metric()))
     }
 
-    /// Rows in the graph index (0 without one).
+    /// Rows searched through the graph index (0 without one).
     pub fn indexed_rows(&self) -> usize {
-        self.ann.as_ref().map_or(0, Ann::len)
+        self.ann_rows as usize
     }
 
     /// Offers every live row matching the filter to each query's top-k (`tops[i]` for
@@ -318,7 +402,7 @@ impl Segment {
         if let Some(ann) = &self.ann
             && ann.field() == params.field
             && ann.metric() == params.metric
-            && !self.batches.is_empty()
+            && self.ann_rows > 0
         {
             if params.filter.is_none() {
                 // Deletes only: the graph walk reads the deleted-row bitmap as it is.
@@ -326,13 +410,14 @@ impl Segment {
                     return Ok(());
                 }
                 if f64::from(self.live_rows()) >= EXACT_BELOW * f64::from(self.rows()) {
-                    let deleted = &self.deleted;
-                    return self.search_graph(
+                    let (deleted, upto) = (&self.deleted, self.ann_rows);
+                    self.search_graph(
                         ann,
-                        |r| deleted.get(r as usize) == Some(&false),
+                        |r| r < upto && deleted.get(r as usize) == Some(&false),
                         params,
                         tops,
-                    );
+                    )?;
+                    return self.search_exact(params, tops, upto);
                 }
             } else {
                 let mut allow = Vec::with_capacity(self.rows() as usize);
@@ -344,16 +429,18 @@ impl Segment {
                     return Ok(());
                 }
                 if passing as f64 >= EXACT_BELOW * allow.len() as f64 {
-                    return self.search_graph(
+                    let upto = self.ann_rows;
+                    self.search_graph(
                         ann,
-                        |r| allow.get(r as usize) == Some(&true),
+                        |r| r < upto && allow.get(r as usize) == Some(&true),
                         params,
                         tops,
-                    );
+                    )?;
+                    return self.search_exact(params, tops, upto);
                 }
             }
         }
-        self.search_exact(params, tops)
+        self.search_exact(params, tops, 0)
     }
 
     fn search_graph(
@@ -387,9 +474,22 @@ impl Segment {
         Ok(())
     }
 
-    fn search_exact(&self, params: &SearchParams<'_>, tops: &mut [TopK]) -> Result<(), QueryError> {
+    /// Exact search over the rows from `from` on (the graph covers those below).
+    fn search_exact(
+        &self,
+        params: &SearchParams<'_>,
+        tops: &mut [TopK],
+        from: u32,
+    ) -> Result<(), QueryError> {
         for (b, batch) in self.batches.iter().enumerate() {
-            let keep = self.live(b, params.filter)?;
+            let start = self.starts[b];
+            if start + batch.num_rows() as u32 <= from {
+                continue;
+            }
+            let mut keep = self.live(b, params.filter)?;
+            for k in keep.iter_mut().take(from.saturating_sub(start) as usize) {
+                *k = false;
+            }
             if !keep.iter().any(|k| *k) {
                 continue;
             }
@@ -456,5 +556,27 @@ impl Segment {
 
     pub(crate) fn batches(&self) -> &[RecordBatch] {
         &self.batches
+    }
+}
+
+/// A chunk of rows to add to a growing segment's interim index, off the segment's lock.
+#[derive(Debug)]
+pub struct IndexJob {
+    ann: Arc<Ann>,
+    first: u32,
+    vectors: Vec<f32>,
+    dim: usize,
+}
+
+impl IndexJob {
+    /// The graph it grows (to name it in [`Segment::finish_interim`]).
+    pub fn ann(&self) -> &Arc<Ann> {
+        &self.ann
+    }
+
+    /// Adds the chunk; returns the row count the graph then covers.
+    pub fn run(&self) -> Result<u32, QueryError> {
+        self.ann.add_rows(self.first, &self.vectors, self.dim)?;
+        Ok(self.first + (self.vectors.len() / self.dim.max(1)) as u32)
     }
 }

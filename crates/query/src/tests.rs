@@ -291,3 +291,80 @@ fn a_graph_index_finds_the_nearest_rows_skipping_deleted_and_filtered_ones() {
         want.iter().take(10).map(|w| w.1).collect::<Vec<_>>()
     );
 }
+
+#[test]
+fn a_growing_segments_interim_index_covers_full_chunks_and_the_tail_is_searched_exactly() {
+    let s = Schema::from_json(
+        r#"{"fields":[{"name":"id","type":"int64","primary_key":true},
+            {"name":"v","type":"float_vector","dim":16},
+            {"name":"tag","type":"string","nullable":true}]}"#,
+    )
+    .expect("schema");
+    let mut rng = StdRng::seed_from_u64(12);
+    let mut seg = Segment::new(1, "_default", "id");
+    let params = walden_schema::HnswParams::default();
+    let mut all: Vec<(i64, Vec<f32>)> = Vec::new();
+    let mut jobs = 0;
+    for chunk in 0..9 {
+        let ids: Vec<i64> = (chunk * 300..chunk * 300 + 300).collect();
+        let json: Vec<serde_json::Value> = ids
+            .iter()
+            .map(|i| {
+                let v: Vec<f32> = (0..16).map(|_| rng.random_range(-1.0..1.0)).collect();
+                all.push((*i, v.clone()));
+                serde_json::json!({"id": i, "v": v, "tag": "t"})
+            })
+            .collect();
+        let rows = s.rows_from_json(&json).expect("rows");
+        seg.append(
+            data_batch(&s, &data_schema(&s), &rows, 10).expect("batch"),
+            &Deletes::new(),
+        )
+        .expect("append");
+        // Chunks of at least 1000 rows go into the graph, as the delegator does.
+        if let Some(job) = seg
+            .interim_job("v", Metric::L2, &params, 1000)
+            .expect("job")
+        {
+            assert!(
+                seg.interim_job("v", Metric::L2, &params, 1000)
+                    .expect("job")
+                    .is_none(),
+                "one job at a time"
+            );
+            let upto = job.run().expect("add");
+            seg.finish_interim(job.ann(), Some(upto));
+            jobs += 1;
+        }
+    }
+    // 2700 rows: chunks at 1200 and 2400 rows; the last 300 are searched exactly.
+    assert_eq!(jobs, 2);
+    assert_eq!(seg.indexed_rows(), 2400);
+    for id in (0..2700).filter(|i| i % 7 == 0) {
+        seg.delete(&Pk::Int(id), 20);
+    }
+    let (mut found, mut wanted) = (0, 0);
+    for _ in 0..50 {
+        let q: Vec<f32> = (0..16).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let mut want: Vec<(f32, i64)> = all
+            .iter()
+            .filter(|(id, _)| id % 7 != 0)
+            .map(|(id, v)| (Metric::L2.distance(&q, v), *id))
+            .collect();
+        want.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let want: HashSet<i64> = want.iter().take(10).map(|w| w.1).collect();
+        let got = ids_of(&[&seg], &search(&[&seg], &q, 10, Metric::L2, None));
+        assert_eq!(got.len(), 10);
+        assert_eq!(got.iter().collect::<HashSet<_>>().len(), 10, "no row twice");
+        assert!(got.iter().all(|id| id % 7 != 0), "no deleted row");
+        found += got.iter().filter(|id| want.contains(id)).count();
+        wanted += want.len();
+    }
+    let recall = found as f64 / wanted as f64;
+    assert!(recall >= 0.95, "recall@10 {recall}");
+    // A row of the tail (not in the graph) is found as its own nearest neighbour.
+    for (id, v) in all.iter().skip(2400).filter(|(id, _)| id % 7 != 0).take(20) {
+        let got = ids_of(&[&seg], &search(&[&seg], v, 1, Metric::L2, None));
+        assert_eq!(got, vec![*id]);
+    }
+}
