@@ -411,14 +411,17 @@ impl Collections {
             }
             let producer = self.producer(&v.pchannel);
             match producer.send(msg).await {
-                Ok(fut) => pending.push((m.keys, fut)),
+                Ok(fut) => pending.push((m.keys, v.name.as_str(), fut)),
                 Err(e) => failed.push((m.keys, e)),
             }
         }
         let mut tick = 0;
-        for (keys, p) in pending {
+        for (keys, vchannel, p) in pending {
             match p.await {
-                Ok(r) => tick = tick.max(r.tick.0),
+                Ok(r) => {
+                    self.client.note_write_on(vchannel, r.tick.0);
+                    tick = tick.max(r.tick.0);
+                }
                 Err(e) => failed.push((keys, e)),
             }
         }

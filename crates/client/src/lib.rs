@@ -138,6 +138,10 @@ pub struct Client {
     last_write: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// Collections described for reads, and when (see `search.rs`).
     described: std::sync::Arc<std::sync::Mutex<search::Described>>,
+    /// The highest tick of this client's acknowledged writes per vchannel.
+    last_write_by: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, u64>>>,
+    /// Turns reads take across each shard's copies (owner, read replicas).
+    read_turn: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// How long the first topology snapshot may take before `connect` gives up waiting for it
@@ -233,6 +237,8 @@ impl Client {
             options: options.clone(),
             last_write: Default::default(),
             described: Default::default(),
+            read_turn: Default::default(),
+            last_write_by: Default::default(),
         })
     }
 

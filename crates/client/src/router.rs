@@ -35,6 +35,15 @@ impl Route {
             Self::Routed(r) => r.owner(pchannel, wait).await,
         }
     }
+
+    /// A connection to the node at `addr` (a read replica); `None` when the client talks to
+    /// one server directly.
+    pub(crate) fn at(&self, addr: &str) -> Option<Result<Grpc, ClientError>> {
+        match self {
+            Self::Direct(_) => None,
+            Self::Routed(r) => Some(r.conn(addr)),
+        }
+    }
 }
 
 /// Makes a node client for an address (with the connection's token and TLS).

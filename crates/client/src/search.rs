@@ -136,9 +136,28 @@ impl Client {
         self.last_write.fetch_max(tick, Ordering::Relaxed);
     }
 
+    /// Records a write's tick on `vchannel`: a `session` read of that shard waits for it.
+    pub(crate) fn note_write_on(&self, vchannel: &str, tick: u64) {
+        let mut by = self.last_write_by.lock().unwrap_or_else(|e| e.into_inner());
+        let t = by.entry(vchannel.to_owned()).or_insert(0);
+        *t = (*t).max(tick);
+    }
+
     /// The highest tick of this client's acknowledged writes.
     pub fn last_write_tick(&self) -> u64 {
         self.last_write.load(Ordering::Relaxed)
+    }
+
+    /// What a `session` read of `vchannels` waits for: this client's last write on them (a
+    /// shard never waits for a write on another pchannel, whose ticks it may never reach).
+    fn session_tick(&self, vchannels: &[String]) -> u64 {
+        let by = self.last_write_by.lock().unwrap_or_else(|e| e.into_inner());
+        vchannels
+            .iter()
+            .filter_map(|v| by.get(v))
+            .copied()
+            .max()
+            .unwrap_or(0)
     }
 
     fn read_options(&self, c: Consistency, partitions: &[String]) -> ReadOptions {
@@ -154,11 +173,13 @@ impl Client {
         }
     }
 
-    /// Runs `call` once per pchannel owner with its vchannels, retrying the whole read while
-    /// an owner moves or restarts.
+    /// Calls every shard of `info` once, all at once, each on the owner of its pchannel or
+    /// one of its read replicas (taking turns; `prefer_owner` asks the owner first), and
+    /// retries a failed call on the next copy.
     async fn per_owner<T, F, Fut>(
         &self,
         info: &CollectionInfo,
+        prefer_owner: bool,
         call: F,
     ) -> Result<Vec<T>, ClientError>
     where
@@ -172,14 +193,43 @@ impl Client {
                 .or_default()
                 .push(v.name.clone());
         }
+        // Read replicas serving every vchannel of a pchannel's group.
+        let replicas = |names: &[String]| -> Vec<String> {
+            let of = |v: &str| {
+                info.read_replicas
+                    .iter()
+                    .find(|r| r.vchannel == v)
+                    .map(|r| r.addresses.clone())
+                    .unwrap_or_default()
+            };
+            let mut common = names.first().map(|v| of(v)).unwrap_or_default();
+            for v in names.iter().skip(1) {
+                let these = of(v);
+                common.retain(|a| these.contains(a));
+            }
+            common
+        };
+        let turn = if prefer_owner {
+            0
+        } else {
+            self.read_turn
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        };
         let started = tokio::time::Instant::now();
         let mut backoff = Duration::from_millis(50);
+        let mut attempt = 0usize;
         loop {
-            // Every owner at once: a read waits for the slowest shard, not for their sum.
+            // Every shard at once: a read waits for the slowest shard, not for their sum.
             let answers = futures::future::join_all(by_pchannel.iter().map(|(pchannel, names)| {
                 let call = &call;
+                let copies = replicas(names);
                 async move {
-                    let grpc = self.route.grpc(pchannel, OWNER_WAIT).await?;
+                    // Copy 0 is the owner, then the read replicas.
+                    let pick = (turn + attempt) % (copies.len() + 1);
+                    let grpc = match pick.checked_sub(1).and_then(|i| self.route.at(&copies[i])) {
+                        Some(g) => g?,
+                        None => self.route.grpc(pchannel, OWNER_WAIT).await?,
+                    };
                     Ok::<_, ClientError>(call(grpc, names.clone()).await?)
                 }
             }))
@@ -198,8 +248,12 @@ impl Client {
                     if !again {
                         return Err(e);
                     }
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    attempt += 1;
+                    // The next copy at once; back off once every copy was tried.
+                    if attempt.is_multiple_of(1 + info.read_replicas.len().min(1)) {
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                    }
                 }
             }
         }
@@ -303,11 +357,18 @@ impl Client {
             ef: options.ef,
         };
         let answers = self
-            .per_owner(info, |grpc, vchannels| {
-                let mut r = request.clone();
-                r.vchannels = vchannels;
-                async move { Ok(grpc.query.clone().search(r).await?.into_inner()) }
-            })
+            .per_owner(
+                info,
+                options.consistency == Consistency::Strong,
+                |grpc, vchannels| {
+                    let mut r = request.clone();
+                    if let Some(o) = r.options.as_mut() {
+                        o.guarantee_tick = self.session_tick(&vchannels);
+                    }
+                    r.vchannels = vchannels;
+                    async move { Ok(grpc.query.clone().search(r).await?.into_inner()) }
+                },
+            )
             .await?;
         // Every owner used the same metric (the field's index's, unless the request named one).
         let metric = match answers.first().map(|a| a.metric()) {
@@ -383,11 +444,18 @@ impl Client {
             options: Some(self.read_options(options.consistency, &options.partitions)),
         };
         let answers = self
-            .per_owner(info, |grpc, vchannels| {
-                let mut r = request.clone();
-                r.vchannels = vchannels;
-                async move { Ok(grpc.query.clone().query(r).await?.into_inner()) }
-            })
+            .per_owner(
+                info,
+                options.consistency == Consistency::Strong,
+                |grpc, vchannels| {
+                    let mut r = request.clone();
+                    if let Some(o) = r.options.as_mut() {
+                        o.guarantee_tick = self.session_tick(&vchannels);
+                    }
+                    r.vchannels = vchannels;
+                    async move { Ok(grpc.query.clone().query(r).await?.into_inner()) }
+                },
+            )
             .await?;
         let mut out = QueryRows::default();
         for a in answers {
@@ -439,7 +507,7 @@ impl Client {
         loop {
             let (info, _) = self.described(collection).await?;
             let answers = self
-                .per_owner(&info, |grpc, vchannels| async move {
+                .per_owner(&info, true, |grpc, vchannels| async move {
                     Ok(grpc
                         .query
                         .clone()
@@ -558,11 +626,18 @@ impl Client {
             options: Some(self.read_options(consistency, &[])),
         };
         let answers = self
-            .per_owner(info, |grpc, vchannels| {
-                let mut r = request.clone();
-                r.vchannels = vchannels;
-                async move { Ok(grpc.query.clone().query(r).await?.into_inner()) }
-            })
+            .per_owner(
+                info,
+                consistency == Consistency::Strong,
+                |grpc, vchannels| {
+                    let mut r = request.clone();
+                    if let Some(o) = r.options.as_mut() {
+                        o.guarantee_tick = self.session_tick(&vchannels);
+                    }
+                    r.vchannels = vchannels;
+                    async move { Ok(grpc.query.clone().query(r).await?.into_inner()) }
+                },
+            )
             .await?;
         Ok(answers.iter().map(|a| a.count).sum())
     }

@@ -513,8 +513,16 @@ impl Coordinator {
     }
 
     /// The catalog record of a collection (also while it is being created or dropped).
+    /// The collection's record, with its read replicas (placement.rs) filled in.
     pub async fn describe(&self, name: &str) -> Result<CollectionInfo, CoordError> {
-        Ok(self.load(name).await?.1)
+        let mut info = self.load(name).await?.1;
+        if info.replicas > 1
+            && let Some(kv) = self.meta.get(&keys::replicas(info.collection_id)).await?
+            && let Ok(r) = walden_proto::v1::ReadReplicas::decode(kv.value.as_ref())
+        {
+            info.read_replicas = r.vchannels;
+        }
+        Ok(info)
     }
 
     /// Every collection, by name.

@@ -16,8 +16,8 @@ use prost::Message as _;
 use tracing::{info, warn};
 use walden_metastore_api::{MetaError, MetaStore, keys};
 use walden_proto::v1::{
-    CollectionInfo, CollectionState, PlacedSegment, QueryNodeInfo, SegmentPlacement, SegmentState,
-    VChannelManifest,
+    CollectionInfo, CollectionState, NodeInfo, PChannelAssignment, PlacedSegment, QueryNodeInfo,
+    ReadReplica, ReadReplicas, SegmentPlacement, SegmentState, VChannelManifest,
 };
 
 /// A flushed segment to place.
@@ -115,6 +115,50 @@ pub fn place(
     out
 }
 
+/// Chooses `extra` streaming nodes per vchannel of `vchannels` (`(vchannel, pchannel)`), none
+/// of them its pchannel's owner: a read replica stays on its node while that node lives, and
+/// new ones go to the nodes with the fewest replicas in `load` (which this updates).
+pub fn place_replicas(
+    vchannels: &[(String, String)],
+    owners: &HashMap<String, u64>,
+    nodes: &[u64],
+    previous: &HashMap<String, Vec<u64>>,
+    extra: usize,
+    load: &mut BTreeMap<u64, u64>,
+) -> Vec<(String, String, Vec<u64>)> {
+    for n in nodes {
+        load.entry(*n).or_insert(0);
+    }
+    let mut out = Vec::with_capacity(vchannels.len());
+    for (v, p) in vchannels {
+        let owner = owners.get(p).copied();
+        let mut chosen: Vec<u64> = previous
+            .get(v)
+            .map(|prev| {
+                prev.iter()
+                    .copied()
+                    .filter(|n| nodes.contains(n) && Some(*n) != owner)
+                    .collect()
+            })
+            .unwrap_or_default();
+        chosen.truncate(extra);
+        for n in &chosen {
+            *load.entry(*n).or_insert(0) += 1;
+        }
+        while chosen.len() < extra {
+            let mut exclude = chosen.clone();
+            exclude.extend(owner);
+            let Some(n) = least_loaded(load, &exclude) else {
+                break;
+            };
+            *load.entry(n).or_insert(0) += 1;
+            chosen.push(n);
+        }
+        out.push((v.clone(), p.clone(), chosen));
+    }
+    out
+}
+
 /// The node with the fewest rows that is not in `exclude`.
 fn least_loaded(load: &BTreeMap<u64, u64>, exclude: &[u64]) -> Option<u64> {
     load.iter()
@@ -140,17 +184,18 @@ pub async fn round(meta: &dyn MetaStore) -> Result<usize, MetaError> {
             existing.insert(kv.key, (p, kv.value));
         }
     }
+    let mut collections: Vec<CollectionInfo> = meta
+        .range(keys::COLLECTION_PREFIX)
+        .await?
+        .iter()
+        .filter_map(|kv| CollectionInfo::decode(kv.value.as_ref()).ok())
+        .filter(|c| c.state() == CollectionState::Created && !c.released)
+        .collect();
+    collections.sort_by_key(|c| c.collection_id);
+    let mut changes = replicas_round(meta, &collections).await?;
     let mut load = BTreeMap::new();
     let mut wanted: HashMap<String, SegmentPlacement> = HashMap::new();
     if !nodes.is_empty() {
-        let mut collections: Vec<CollectionInfo> = meta
-            .range(keys::COLLECTION_PREFIX)
-            .await?
-            .iter()
-            .filter_map(|kv| CollectionInfo::decode(kv.value.as_ref()).ok())
-            .filter(|c| c.state() == CollectionState::Created && !c.released)
-            .collect();
-        collections.sort_by_key(|c| c.collection_id);
         for c in collections {
             let mut segments = Vec::new();
             for kv in meta.range(&keys::manifest_prefix(c.collection_id)).await? {
@@ -198,13 +243,96 @@ pub async fn round(meta: &dyn MetaStore) -> Result<usize, MetaError> {
             );
         }
     }
-    let mut changes = 0;
     for (key, p) in &wanted {
         let value = Bytes::from(p.encode_to_vec());
         if existing.get(key).is_some_and(|(_, v)| *v == value) {
             continue;
         }
         meta.put(key, value, None).await?;
+        changes += 1;
+    }
+    for key in existing.keys().filter(|k| !wanted.contains_key(*k)) {
+        meta.delete(key).await?;
+        changes += 1;
+    }
+    Ok(changes)
+}
+
+/// Places the read replicas of `collections` (those loaded with more than one replica) on live
+/// streaming nodes other than each pchannel's owner; writes the records that changed and deletes
+/// the others. Returns how many it wrote or deleted.
+async fn replicas_round(
+    meta: &dyn MetaStore,
+    collections: &[CollectionInfo],
+) -> Result<usize, MetaError> {
+    let mut nodes: HashMap<u64, String> = HashMap::new();
+    for kv in meta.range(keys::NODE_PREFIX).await? {
+        if let Ok(n) = NodeInfo::decode(kv.value.as_ref())
+            && !n.draining
+        {
+            nodes.insert(n.id, n.address);
+        }
+    }
+    let mut owners: HashMap<String, u64> = HashMap::new();
+    for kv in meta.range(keys::ASSIGNMENT_PREFIX).await? {
+        if let Ok(a) = PChannelAssignment::decode(kv.value.as_ref()) {
+            owners.insert(a.pchannel, a.node_id);
+        }
+    }
+    let mut existing: HashMap<String, Bytes> = HashMap::new();
+    for kv in meta.range(keys::REPLICAS_PREFIX).await? {
+        existing.insert(kv.key, kv.value);
+    }
+    let mut ids: Vec<u64> = nodes.keys().copied().collect();
+    ids.sort_unstable();
+    let mut load = BTreeMap::new();
+    let mut wanted: HashMap<String, Bytes> = HashMap::new();
+    for c in collections.iter().filter(|c| c.replicas > 1) {
+        let key = keys::replicas(c.collection_id);
+        let previous: HashMap<String, Vec<u64>> = existing
+            .get(&key)
+            .and_then(|v| ReadReplicas::decode(v.as_ref()).ok())
+            .map(|r| {
+                r.vchannels
+                    .into_iter()
+                    .map(|v| (v.vchannel, v.nodes))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let vchannels: Vec<(String, String)> = c
+            .vchannels
+            .iter()
+            .map(|v| (v.name.clone(), v.pchannel.clone()))
+            .collect();
+        let placed = place_replicas(
+            &vchannels,
+            &owners,
+            &ids,
+            &previous,
+            c.replicas as usize - 1,
+            &mut load,
+        );
+        let record = ReadReplicas {
+            collection_id: c.collection_id,
+            collection: c.name.clone(),
+            vchannels: placed
+                .into_iter()
+                .map(|(vchannel, pchannel, nodes_of)| ReadReplica {
+                    addresses: nodes_of.iter().map(|n| nodes[n].clone()).collect(),
+                    vchannel,
+                    pchannel,
+                    nodes: nodes_of,
+                })
+                .collect(),
+        };
+        wanted.insert(key, Bytes::from(record.encode_to_vec()));
+    }
+    let mut changes = 0;
+    for (key, value) in &wanted {
+        if existing.get(key) == Some(value) {
+            continue;
+        }
+        meta.put(key, value.clone(), None).await?;
         changes += 1;
     }
     for key in existing.keys().filter(|k| !wanted.contains_key(*k)) {
@@ -223,9 +351,10 @@ pub async fn run(meta: Arc<dyn MetaStore>, interval: Duration) {
                 meta.watch(keys::QUERY_NODE_PREFIX).await?,
                 meta.watch(keys::MANIFESTS).await?,
                 meta.watch(keys::COLLECTION_PREFIX).await?,
+                meta.watch(keys::ASSIGNMENT_PREFIX).await?,
             ))
         };
-        let (mut nodes, mut manifests, mut catalog) = match watches.await {
+        let (mut nodes, mut manifests, mut catalog, mut owners) = match watches.await {
             Ok(w) => w,
             Err(e) => {
                 warn!(error = %e, "placement: watching failed; retrying");
@@ -243,6 +372,7 @@ pub async fn run(meta: Arc<dyn MetaStore>, interval: Duration) {
                 e = nodes.recv() => e.is_none(),
                 e = manifests.recv() => e.is_none(),
                 e = catalog.recv() => e.is_none(),
+                e = owners.recv() => e.is_none(),
                 () = tokio::time::sleep(interval) => false,
             };
             if ended {
@@ -253,6 +383,7 @@ pub async fn run(meta: Arc<dyn MetaStore>, interval: Duration) {
             while nodes.try_recv().is_ok()
                 || manifests.try_recv().is_ok()
                 || catalog.try_recv().is_ok()
+                || owners.try_recv().is_ok()
             {}
         }
     }
@@ -323,6 +454,51 @@ mod tests {
         let after = place(&segs(6, 100), &previous, &[1, 3], 2, &mut BTreeMap::new());
         for s in &after {
             assert!(s.nodes.contains(&1) && s.nodes.contains(&3), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn read_replicas_avoid_the_owner_stay_put_and_spread() {
+        let vchannels: Vec<(String, String)> = (0..4)
+            .map(|i| (format!("v{i}"), format!("p{}", i % 2)))
+            .collect();
+        let owners: HashMap<String, u64> = [("p0".into(), 1), ("p1".into(), 2)].into();
+        let first = place_replicas(
+            &vchannels,
+            &owners,
+            &[1, 2, 3],
+            &HashMap::new(),
+            1,
+            &mut BTreeMap::new(),
+        );
+        for (v, p, nodes) in &first {
+            assert_eq!(nodes.len(), 1, "{v}");
+            assert_ne!(Some(&nodes[0]), owners.get(p), "{v} never on its owner");
+        }
+        let previous: HashMap<String, Vec<u64>> = first
+            .iter()
+            .map(|(v, _, n)| (v.clone(), n.clone()))
+            .collect();
+        let again = place_replicas(
+            &vchannels,
+            &owners,
+            &[1, 2, 3],
+            &previous,
+            1,
+            &mut BTreeMap::new(),
+        );
+        assert_eq!(again, first, "nothing moves while the nodes live");
+        // Node 3 lost: its replicas go to the other non-owner.
+        let after = place_replicas(
+            &vchannels,
+            &owners,
+            &[1, 2],
+            &previous,
+            1,
+            &mut BTreeMap::new(),
+        );
+        for (_, p, nodes) in &after {
+            assert_eq!(nodes, &vec![if p == "p0" { 2 } else { 1 }]);
         }
     }
 

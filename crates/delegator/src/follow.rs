@@ -21,7 +21,10 @@ use walden_streaming_node::{
     scanner::{self, DeliverPolicy, Filters, Frames},
 };
 
-use crate::{Ctx, DelegatorError, Shard, shard::RemoteSegment};
+use crate::{
+    Ctx, DelegatorError, Shard,
+    shard::{RemoteSegment, Tail},
+};
 
 /// Why a delegator task ended without an error.
 #[derive(Debug)]
@@ -55,8 +58,49 @@ struct Loaded {
 /// Longest a flush's growing rows stay in place waiting for their flushed copy on a query node.
 const HANDOFF_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// Where a delegator reads its pchannel.
+#[derive(Debug, Clone)]
+pub(crate) enum Source {
+    /// This node serves the pchannel: its own scanner.
+    Owner(Arc<Channel>),
+    /// A read replica of some of the pchannel's vchannels (vchannel → collection name): the
+    /// owner's stream, read like any consumer.
+    Replica {
+        pchannel: String,
+        vchannels: HashMap<String, String>,
+        reader: Arc<dyn crate::PChannelReader>,
+    },
+}
+
+impl Source {
+    fn pchannel(&self) -> &str {
+        match self {
+            Self::Owner(ch) => ch.name(),
+            Self::Replica { pchannel, .. } => pchannel,
+        }
+    }
+}
+
+/// The messages a delegator reads, in batches.
+enum Feed {
+    Scan(mpsc::Receiver<Result<Vec<ImmutableMessage>, walden_streaming_node::NodeError>>),
+    Remote(mpsc::Receiver<Result<Vec<ImmutableMessage>, String>>),
+}
+
+impl Feed {
+    async fn recv(&mut self) -> Option<Result<Vec<ImmutableMessage>, DelegatorError>> {
+        match self {
+            Self::Scan(rx) => rx.recv().await.map(|r| r.map_err(Into::into)),
+            Self::Remote(rx) => rx
+                .recv()
+                .await
+                .map(|r| r.map_err(DelegatorError::Unavailable)),
+        }
+    }
+}
+
 struct Follower {
-    ch: Arc<Channel>,
+    source: Source,
     ctx: Arc<Ctx>,
     shards: HashMap<String, Arc<Shard>>,
     /// Vchannels that are not a collection's.
@@ -209,42 +253,61 @@ fn install(shard: &Shard, loaded: Loaded) {
     );
 }
 
-/// Runs the delegator of `ch` until the channel stops serving (Ok) or something fails.
-pub(crate) async fn run(ch: Arc<Channel>, ctx: Arc<Ctx>) -> Result<Exit, DelegatorError> {
+/// Runs the delegator of `source` until the channel stops serving here (Ok) or something
+/// fails.
+pub(crate) async fn run(source: Source, ctx: Arc<Ctx>) -> Result<Exit, DelegatorError> {
     // Watch before the first read, so no commit or catalog change between the two is missed.
     let mut manifests = ctx.meta.watch(keys::MANIFESTS).await?;
     let mut catalog = ctx.meta.watch(keys::COLLECTION_PREFIX).await?;
     let mut placements = ctx.meta.watch(keys::PLACEMENT_PREFIX).await?;
     let mut f = Follower {
-        ch: ch.clone(),
+        source: source.clone(),
         ctx: ctx.clone(),
         shards: HashMap::new(),
         others: HashSet::new(),
     };
-    let first = ch.wal().first_id();
-    let mut start: Option<MessageId> = None;
-    for c in ch.collections() {
-        if c.dropped {
-            continue;
-        }
-        let at = match f.add(&c.vchannel).await? {
-            Start::At(at) => at,
-            Start::FromFirst => first,
+    let vchannels: Vec<String> = match &source {
+        Source::Owner(ch) => ch
+            .collections()
+            .into_iter()
+            .filter(|c| !c.dropped)
+            .map(|c| c.vchannel)
+            .collect(),
+        Source::Replica { vchannels, .. } => vchannels.keys().cloned().collect(),
+    };
+    // None: from the first retained message.
+    let mut start: Option<Option<MessageId>> = None;
+    for v in &vchannels {
+        let at = match f.add(v).await? {
+            Start::At(at) => Some(at),
+            Start::FromFirst => None,
             Start::Nothing => continue,
         };
-        start = Some(start.map_or(at, |s| s.min(at)));
+        start = Some(match start {
+            None => at,
+            Some(s) => s.zip(at).map(|(a, b)| a.min(b)),
+        });
     }
-    let start = start.unwrap_or(first).max(first);
-    info!(pchannel = ch.name(), from = %start, shards = f.shards.len(), "delegator started");
+    let start = start.flatten();
+    info!(pchannel = source.pchannel(), from = ?start, shards = f.shards.len(), replica = matches!(source, Source::Replica { .. }), "delegator started");
 
-    let (frames, mut rx) = Frames::channel(4);
-    let scan = tokio::spawn(scanner::scan(
-        ch.clone(),
-        DeliverPolicy::StartFrom(start),
-        Filters::default(),
-        frames,
-    ));
-    let _scan = AbortOnDrop(scan);
+    let mut _scan = None;
+    let mut rx = match &source {
+        Source::Owner(ch) => {
+            let first = ch.wal().first_id();
+            let (frames, rx) = Frames::channel(4);
+            _scan = Some(AbortOnDrop(tokio::spawn(scanner::scan(
+                ch.clone(),
+                DeliverPolicy::StartFrom(start.unwrap_or(first).max(first)),
+                Filters::default(),
+                frames,
+            ))));
+            Feed::Scan(rx)
+        }
+        Source::Replica {
+            pchannel, reader, ..
+        } => Feed::Remote(reader.read(pchannel, start)),
+    };
     // One loader at a time, in manifest order.
     let (load_tx, mut load_rx) = mpsc::unbounded_channel::<(Arc<Shard>, VChannelManifest, i64)>();
     let (done_tx, mut done_rx) = mpsc::channel::<Result<Loaded, DelegatorError>>(4);
@@ -298,10 +361,12 @@ pub(crate) async fn run(ch: Arc<Channel>, ctx: Arc<Ctx>) -> Result<Exit, Delegat
                     }
                 }
                 Some(Err(e)) => {
-                    if *ch.health().borrow() != Health::Serving {
+                    if let Source::Owner(ch) = &source
+                        && *ch.health().borrow() != Health::Serving
+                    {
                         return Ok(Exit::Stopped);
                     }
-                    return Err(e.into());
+                    return Err(e);
                 }
                 None => return Ok(Exit::Stopped),
             },
@@ -404,18 +469,49 @@ impl Drop for AbortOnDrop {
 }
 
 impl Follower {
+    /// The collection of `vchannel`: from the node's own collection state when it serves the
+    /// pchannel, else from the catalog (a replica holds only the vchannels it was given).
+    async fn collection_of(
+        &self,
+        vchannel: &str,
+    ) -> Result<Option<walden_streaming_node::shard::CollectionOf>, DelegatorError> {
+        match &self.source {
+            Source::Owner(ch) => Ok(ch
+                .collections()
+                .into_iter()
+                .find(|c| c.vchannel == vchannel)),
+            Source::Replica { vchannels, .. } => {
+                let Some(name) = vchannels.get(vchannel) else {
+                    return Ok(None);
+                };
+                let Some(kv) = self.ctx.meta.get(&keys::collection(name)).await? else {
+                    return Ok(None);
+                };
+                let info = CollectionInfo::decode(kv.value.as_ref())
+                    .map_err(|e| format("catalog record", e))?;
+                if !info.vchannels.iter().any(|v| v.name == vchannel) {
+                    return Ok(None);
+                }
+                let schema = Arc::new(walden_schema::Schema::new(
+                    info.schema.clone().unwrap_or_default(),
+                )?);
+                Ok(Some(walden_streaming_node::shard::CollectionOf {
+                    vchannel: vchannel.to_owned(),
+                    dropped: info.state() == walden_proto::v1::CollectionState::Dropping,
+                    info,
+                    schema,
+                }))
+            }
+        }
+    }
+
     /// Starts holding `vchannel` if it is a collection's: loads its manifest's segments and
     /// makes it findable. Returns where its reading must start.
     async fn add(&mut self, vchannel: &str) -> Result<Start, DelegatorError> {
         if self.shards.contains_key(vchannel) || self.others.contains(vchannel) {
             return Ok(Start::Nothing);
         }
-        let Some(c) = self
-            .ch
-            .collections()
-            .into_iter()
-            .find(|c| c.vchannel == vchannel)
-        else {
+        let Some(c) = self.collection_of(vchannel).await? else {
             self.others.insert(vchannel.to_owned());
             return Ok(Start::Nothing);
         };
@@ -435,8 +531,13 @@ impl Follower {
             .get(&keys::placement(c.info.collection_id))
             .await?
             .is_some();
+        let tail = match &self.source {
+            Source::Owner(ch) => Tail::Local(ch.clone()),
+            Source::Replica { reader, .. } => Tail::Owner(reader.clone()),
+        };
         let shard = Arc::new(Shard::new(
-            self.ch.clone(),
+            self.source.pchannel(),
+            tail,
             vchannel,
             &c.info.name,
             c.info.collection_id,

@@ -25,11 +25,12 @@ use std::{
     time::Duration,
 };
 
+use prost::Message as _;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tracing::{info, warn};
 use walden_common::{ErrorCode, HasErrorCode, Term};
-use walden_metastore_api::{MetaError, MetaStore};
+use walden_metastore_api::{MetaError, MetaStore, keys};
 use walden_object_store::{Blobs, ObjectStoreError};
 use walden_query::QueryError;
 use walden_streaming_node::{
@@ -169,6 +170,25 @@ impl From<walden_expr::ExprError> for DelegatorError {
     }
 }
 
+/// How a read replica reads a pchannel another node serves (the binary implements it over the
+/// client, which follows the owner as it moves).
+pub trait PChannelReader: Send + Sync + std::fmt::Debug {
+    /// The messages of `pchannel` from `from` on (from its first retained message when
+    /// `None`), in batches; an error or the end of the stream ends the reading.
+    fn read(
+        &self,
+        pchannel: &str,
+        from: Option<walden_common::MessageId>,
+    ) -> tokio::sync::mpsc::Receiver<Result<Vec<walden_message::ImmutableMessage>, String>>;
+
+    /// The tick of the last message the owner of `pchannel` acknowledged: what a strong read
+    /// on a replica waits for.
+    fn last_tick<'a>(
+        &'a self,
+        pchannel: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<u64, String>> + Send + 'a>>;
+}
+
 /// What every pchannel's delegator task shares.
 #[derive(Debug)]
 pub(crate) struct Ctx {
@@ -199,6 +219,8 @@ impl Ctx {
 pub struct Delegators {
     ctx: Arc<Ctx>,
     running: Mutex<HashMap<String, (Term, tokio::task::AbortHandle)>>,
+    /// Read replicas by pchannel: the vchannels held (→ collection) and the task.
+    replicas: Mutex<HashMap<String, (HashMap<String, String>, tokio::task::AbortHandle)>>,
 }
 
 impl Delegators {
@@ -220,7 +242,95 @@ impl Delegators {
                 bearer: token.and_then(|t| format!("Bearer {t}").parse().ok()),
             }),
             running: Mutex::new(HashMap::new()),
+            replicas: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Runs the read replicas the leader coordinator places on this node (`node()`: its
+    /// current id), reading each pchannel from its owner through `reader` (docs/design.md
+    /// §14.7).
+    pub fn follow_replicas(
+        self: &Arc<Self>,
+        node: impl Fn() -> u64 + Send + 'static,
+        reader: Arc<dyn PChannelReader>,
+    ) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let mut watch = match this.ctx.meta.watch(keys::REPLICAS_PREFIX).await {
+                    Ok(w) => w,
+                    Err(e) => {
+                        warn!(error = %e, "watching read replicas failed; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                };
+                loop {
+                    if let Err(e) = this.reconcile_replicas(node(), &reader).await {
+                        warn!(error = %e, "read replicas: reconcile failed");
+                    }
+                    tokio::select! {
+                        e = watch.recv() => if e.is_none() { break },
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                    while watch.try_recv().is_ok() {}
+                }
+            }
+        })
+    }
+
+    async fn reconcile_replicas(
+        &self,
+        me: u64,
+        reader: &Arc<dyn PChannelReader>,
+    ) -> Result<(), DelegatorError> {
+        let mut wanted: HashMap<String, HashMap<String, String>> = HashMap::new();
+        for kv in self.ctx.meta.range(keys::REPLICAS_PREFIX).await? {
+            let Ok(r) = walden_proto::v1::ReadReplicas::decode(kv.value.as_ref()) else {
+                continue;
+            };
+            for v in r.vchannels.iter().filter(|v| v.nodes.contains(&me)) {
+                // The owner's delegator serves it here already.
+                if self.serves(&v.pchannel) {
+                    continue;
+                }
+                wanted
+                    .entry(v.pchannel.clone())
+                    .or_default()
+                    .insert(v.vchannel.clone(), r.collection.clone());
+            }
+        }
+        let mut running = self.replicas.lock().unwrap_or_else(|e| e.into_inner());
+        running.retain(|pchannel, (vchannels, task)| {
+            let keep = wanted.get(pchannel) == Some(vchannels) && !task.is_finished();
+            if !keep {
+                task.abort();
+                self.ctx
+                    .shards
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .retain(|_, s| s.pchannel() != pchannel || !s.is_replica());
+            }
+            keep
+        });
+        for (pchannel, vchannels) in wanted {
+            if running.contains_key(&pchannel) {
+                continue;
+            }
+            info!(
+                pchannel,
+                vchannels = vchannels.len(),
+                "read replica starting"
+            );
+            let source = follow::Source::Replica {
+                pchannel: pchannel.clone(),
+                vchannels: vchannels.clone(),
+                reader: reader.clone(),
+            };
+            let task = tokio::spawn(supervise_replica(source, self.ctx.clone()));
+            running.insert(pchannel, (vchannels, task.abort_handle()));
+        }
+        Ok(())
     }
 
     pub(crate) fn ctx(&self) -> &Ctx {
@@ -343,7 +453,7 @@ async fn supervise(ch: Arc<Channel>, ctx: Arc<Ctx>) {
         if *ch.health().borrow() != Health::Serving {
             return;
         }
-        match follow::run(ch.clone(), ctx.clone()).await {
+        match follow::run(follow::Source::Owner(ch.clone()), ctx.clone()).await {
             Ok(follow::Exit::Stopped) => return,
             Ok(follow::Exit::Restart) => {
                 info!(
@@ -368,5 +478,29 @@ async fn supervise(ch: Arc<Channel>, ctx: Arc<Ctx>) {
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(10));
         info!(pchannel = ch.name(), "delegator starting again");
+    }
+}
+
+/// Runs a read replica's delegator, starting it again (from the manifests) whenever it ends,
+/// with backoff after a failure.
+async fn supervise_replica(source: follow::Source, ctx: Arc<Ctx>) {
+    let pchannel = match &source {
+        follow::Source::Replica { pchannel, .. } => pchannel.clone(),
+        follow::Source::Owner(ch) => ch.name().to_owned(),
+    };
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match follow::run(source.clone(), ctx.clone()).await {
+            Ok(_) => backoff = Duration::from_millis(200),
+            Err(e) => {
+                warn!(pchannel, error = %e, retry_in = ?backoff, "read replica failed; starting again");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+        ctx.shards
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, s| s.pchannel() != pchannel || !s.is_replica());
     }
 }

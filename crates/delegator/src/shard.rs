@@ -66,6 +66,16 @@ pub(crate) struct LoadState {
     pub placed: bool,
 }
 
+/// What a strong read's guarantee tick comes from.
+#[derive(Debug, Clone)]
+pub(crate) enum Tail {
+    /// The pchannel is served here: the WAL's last tick covers every acknowledged write.
+    Local(Arc<Channel>),
+    /// A read replica: the owner's last acknowledged tick, asked at request time (one call;
+    /// an idle pchannel writes no TimeTick a fresh oracle tick could wait for).
+    Owner(Arc<dyn crate::PChannelReader>),
+}
+
 /// A delegator's view of one vchannel.
 #[derive(Debug)]
 pub struct Shard {
@@ -81,7 +91,8 @@ pub struct Shard {
     /// Copies of the flushed segments on query nodes, when the coordinator placed the
     /// collection on them (else the shard holds its flushed segments itself).
     pub(crate) remote: Option<Arc<crate::remote::Replicas>>,
-    ch: Arc<Channel>,
+    pchannel: String,
+    tail: Tail,
     state: RwLock<State>,
     served: watch::Sender<u64>,
 }
@@ -101,7 +112,8 @@ pub struct SearchSpec<'a> {
 
 impl Shard {
     pub(crate) fn new(
-        ch: Arc<Channel>,
+        pchannel: &str,
+        tail: Tail,
         vchannel: &str,
         collection: &str,
         collection_id: u64,
@@ -118,14 +130,15 @@ impl Shard {
             data_schema: walden_segment_format::data_schema(&schema),
             pk: schema.primary_key().name.clone(),
             schema,
-            ch,
+            pchannel: pchannel.to_owned(),
+            tail,
             state: RwLock::new(State::default()),
             served: watch::channel(0).0,
         }
     }
 
     pub fn pchannel(&self) -> &str {
-        self.ch.name()
+        &self.pchannel
     }
 
     pub fn collection(&self) -> &str {
@@ -159,12 +172,26 @@ impl Shard {
         *self.served.borrow()
     }
 
+    /// Whether this shard is a read replica (its pchannel is served by another node).
+    pub fn is_replica(&self) -> bool {
+        matches!(self.tail, Tail::Owner(_))
+    }
+
     /// The tick a read at `options` must see (0: none).
-    pub fn guarantee_tick(&self, options: &ReadOptions, config: &QueryConfig) -> u64 {
-        match options.consistency() {
+    pub async fn guarantee_tick(
+        &self,
+        options: &ReadOptions,
+        config: &QueryConfig,
+    ) -> Result<u64, DelegatorError> {
+        Ok(match options.consistency() {
             // The WAL is on this node: its last tick covers every acknowledged write, and is
             // often well below a fresh TSO tick (no wait for the next TimeTick).
-            ConsistencyLevel::Strong => self.ch.last_tick().0,
+            ConsistencyLevel::Strong => match &self.tail {
+                Tail::Local(ch) => ch.last_tick().0,
+                Tail::Owner(reader) => reader.last_tick(&self.pchannel).await.map_err(|e| {
+                    DelegatorError::Unavailable(format!("the owner of {}: {e}", self.pchannel))
+                })?,
+            },
             ConsistencyLevel::Session => options.guarantee_tick,
             ConsistencyLevel::Eventually => 0,
             ConsistencyLevel::Bounded | ConsistencyLevel::Unspecified => {
@@ -174,7 +201,7 @@ impl Shard {
                 )
                 .0
             }
-        }
+        })
     }
 
     /// Waits until the shard has read through the tick `options` asks for.
@@ -186,7 +213,7 @@ impl Shard {
         if self.released {
             return Err(DelegatorError::NotLoaded(self.collection.clone()));
         }
-        let want = self.guarantee_tick(options, config);
+        let want = self.guarantee_tick(options, config).await?;
         let start = Instant::now();
         let mut rx = self.served.subscribe();
         let reached = tokio::time::timeout(

@@ -97,6 +97,15 @@ pub fn placement(collection_id: u64) -> String {
     format!("{PLACEMENT_PREFIX}{collection_id:020}")
 }
 
+/// Prefix of the read-replica records (what streaming nodes watch).
+pub const REPLICAS_PREFIX: &str = "walden/replicas/";
+
+/// A loaded collection's read replicas (`ReadReplicas`): extra delegators per vchannel on
+/// other streaming nodes, written by the leader coordinator.
+pub fn replicas(collection_id: u64) -> String {
+    format!("{REPLICAS_PREFIX}{collection_id:020}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

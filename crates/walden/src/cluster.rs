@@ -305,3 +305,118 @@ pub async fn run_catalog(
         }
     }
 }
+
+/// How a node's read replicas read a pchannel another node serves: a client of the leader
+/// coordinator (found through etcd, connected again after a failure), whose consumer follows
+/// the owner as it moves.
+#[derive(Clone, Debug)]
+pub struct ClientReader(Arc<ReaderState>);
+
+#[derive(Debug)]
+pub struct ReaderState {
+    meta: Arc<dyn MetaStore>,
+    token: Option<String>,
+    client: tokio::sync::Mutex<Option<walden_client::Client>>,
+}
+
+impl ClientReader {
+    pub fn new(meta: Arc<dyn MetaStore>, token: Option<String>) -> Self {
+        Self(Arc::new(ReaderState {
+            meta,
+            token,
+            client: tokio::sync::Mutex::new(None),
+        }))
+    }
+}
+
+impl ReaderState {
+    async fn client(&self) -> Result<walden_client::Client, String> {
+        let mut c = self.client.lock().await;
+        if let Some(c) = c.as_ref() {
+            return Ok(c.clone());
+        }
+        let leader = walden_balancer::election::current_leader(&*self.meta)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("no coordinator leader elected")?;
+        let options = walden_client::ConnectOptions {
+            token: self.token.clone(),
+            tls_ca_pem: None,
+        };
+        let client = walden_client::Client::connect_with(&leader.address, &options)
+            .await
+            .map_err(|e| e.to_string())?;
+        *c = Some(client.clone());
+        Ok(client)
+    }
+
+    async fn forget(&self) {
+        *self.client.lock().await = None;
+    }
+}
+
+impl walden_delegator::PChannelReader for ClientReader {
+    fn read(
+        &self,
+        pchannel: &str,
+        from: Option<walden_common::MessageId>,
+    ) -> tokio::sync::mpsc::Receiver<Result<Vec<walden_message::ImmutableMessage>, String>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let (this, pchannel) = (self.0.clone(), pchannel.to_owned());
+        tokio::spawn(async move {
+            let client = match this.client().await {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            };
+            let mut consumer = client.consumer(
+                &pchannel,
+                walden_client::ConsumerOptions {
+                    from: from.map_or(walden_client::DeliverFrom::All, |id| {
+                        walden_client::DeliverFrom::StartFrom(id)
+                    }),
+                    ..Default::default()
+                },
+            );
+            loop {
+                let item = match consumer.next().await {
+                    Some(Ok(m)) => Ok(vec![m]),
+                    Some(Err(e)) => {
+                        this.forget().await;
+                        Err(e.to_string())
+                    }
+                    None => return,
+                };
+                let end = item.is_err();
+                if tx.send(item).await.is_err() || end {
+                    return;
+                }
+            }
+        });
+        rx
+    }
+
+    fn last_tick<'a>(
+        &'a self,
+        pchannel: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<u64, String>> + Send + 'a>> {
+        Box::pin(async move {
+            let client = self.0.client().await?;
+            let status = match client.status_of(pchannel).await {
+                Ok(s) => s,
+                Err(e) => {
+                    self.0.forget().await;
+                    return Err(e.to_string());
+                }
+            };
+            status
+                .pchannels
+                .iter()
+                .find(|p| p.name == pchannel)
+                .map(|p| p.last_time_tick)
+                .ok_or_else(|| format!("{pchannel} is not served by its owner"))
+        })
+    }
+}

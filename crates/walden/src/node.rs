@@ -19,7 +19,7 @@ use walden_tso::BatchedTicks;
 
 use crate::{
     backends,
-    cluster::{Bearer, LeaderClock},
+    cluster::{Bearer, ClientReader, LeaderClock},
     config::{Config, WalStorageKind},
     node_http,
     server::{self, GrpcServer},
@@ -77,7 +77,7 @@ pub async fn run(config: Config, ready_file: Option<std::path::PathBuf>) -> anyh
         NodeService::new(manager.clone(), format!("node@{advertise}")).into_server(),
     )
     .add_service(StorageService::new(flushers).into_server())
-    .add_service(QueryService::new(delegators).into_server());
+    .add_service(QueryService::new(delegators.clone()).into_server());
     let mut grpc = GrpcServer::start(
         bound.grpc,
         bound.max_connections,
@@ -88,7 +88,7 @@ pub async fn run(config: Config, ready_file: Option<std::path::PathBuf>) -> anyh
     // Serving before joining: the coordinator may assign at once.
     let agent = NodeAgent::join(
         manager.clone(),
-        meta,
+        meta.clone(),
         AgentConfig {
             address: advertise.clone(),
             http_address: http_addr
@@ -99,6 +99,14 @@ pub async fn run(config: Config, ready_file: Option<std::path::PathBuf>) -> anyh
     )
     .await
     .context("joining the cluster")?;
+    // Read replicas of vchannels other nodes serve, as the leader places them.
+    delegators.follow_replicas(
+        {
+            let agent = agent.clone();
+            move || agent.id()
+        },
+        Arc::new(ClientReader::new(meta, security.tokens.own())),
+    );
     info!(%addr, advertise, node = agent.id(), "walden node ready");
     if let Some(path) = &ready_file {
         server::write_ready_file(

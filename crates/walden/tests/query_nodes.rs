@@ -209,3 +209,201 @@ async fn query_nodes_serve_flushed_segments_with_replicas_and_survive_a_killed_n
     served_sealed(&client, 2000, "back in the delegators").await;
     exact(&client, &model, &mut rng, "back in the delegators").await;
 }
+
+async fn search_at(
+    client: &Client,
+    q: &[f32],
+    consistency: Consistency,
+) -> Result<Vec<i64>, walden_client::ClientError> {
+    let hits = client
+        .search(
+            "docs",
+            &[q.to_vec()],
+            &SearchOptions {
+                top_k: 10,
+                consistency,
+                ..Default::default()
+            },
+        )
+        .await?;
+    Ok(hits[0].iter().map(|h| h.id.as_i64().unwrap()).collect())
+}
+
+/// What the delegator at `addr` holds of `vchannel`, if it serves it.
+async fn shard_at(addr: &str, vchannel: &str) -> Option<walden_proto::v1::ShardState> {
+    let mut c = walden_proto::v1::query_client::QueryClient::connect(addr.to_owned())
+        .await
+        .ok()?;
+    let r = c
+        .shards(walden_proto::v1::ShardsRequest {
+            vchannels: vec![vchannel.to_owned()],
+        })
+        .await
+        .ok()?;
+    r.into_inner().shards.pop()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_replicas_on_other_streaming_nodes_serve_reads_and_losing_one_fails_no_read() {
+    let mut c = Cluster::start(1, 3, 2, "").await;
+    let client = c.client().await;
+    let schema = Schema::from_json(SCHEMA).unwrap();
+    client
+        .collections()
+        .create("docs", &schema, 2)
+        .await
+        .unwrap();
+    client.collections().load("docs", 2).await.unwrap();
+    let mut rng = StdRng::seed_from_u64(147);
+    let mut model: BTreeMap<i64, Vec<f32>> = BTreeMap::new();
+    let mut insert = |lo: i64, hi: i64, model: &mut BTreeMap<i64, Vec<f32>>| {
+        let rows: Vec<Value> = (lo..hi)
+            .map(|id| {
+                let v = vector(&mut rng);
+                model.insert(id, v.clone());
+                json!({"id": id, "emb": v, "n": id % 10})
+            })
+            .collect();
+        schema.rows_from_json(&rows).unwrap()
+    };
+    let batch = insert(0, 1000, &mut model);
+    client
+        .collections()
+        .insert("docs", None, &[batch])
+        .await
+        .unwrap();
+    // Half of the rows flushed: a replica starts from the manifest, then reads the WAL.
+    client
+        .flush_and_wait("docs", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let batch = insert(1000, 2000, &mut model);
+    client
+        .collections()
+        .insert("docs", None, &[batch])
+        .await
+        .unwrap();
+
+    // Every vchannel gets one read replica, on a node other than its pchannel's owner, which
+    // holds every row.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let info = loop {
+        let info = client.collections().describe("docs").await.unwrap();
+        if info.read_replicas.len() == 2 && info.read_replicas.iter().all(|r| r.nodes.len() == 1) {
+            break info;
+        }
+        assert!(Instant::now() < deadline, "no read replicas: {info:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let status = c.status().await.unwrap();
+    for r in &info.read_replicas {
+        let owner = status
+            .pchannels
+            .iter()
+            .find(|p| p.pchannel == r.pchannel)
+            .unwrap()
+            .node_id;
+        assert_ne!(r.nodes[0], owner, "a replica is never on the owner");
+        loop {
+            if let Some(s) = shard_at(&r.addresses[0], &r.vchannel).await
+                && s.growing_rows + s.sealed_rows > 0
+                && s.served_tick > 0
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replica of {} not serving",
+                r.vchannel
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let rows_at = |r: &walden_proto::v1::ShardState| r.growing_rows + r.sealed_rows;
+    let mut total = 0;
+    for r in &info.read_replicas {
+        total += rows_at(&shard_at(&r.addresses[0], &r.vchannel).await.unwrap());
+    }
+    assert_eq!(total, 2000, "the replicas hold every row");
+
+    // Reads at every level are exact, spread over owners and replicas (session: the replica
+    // waits for this client's writes; strong: a fresh tick from the oracle on a replica).
+    for consistency in [
+        Consistency::Session,
+        Consistency::Strong,
+        Consistency::Session,
+    ] {
+        for _ in 0..10 {
+            let q = vector(&mut rng);
+            let got = search_at(&client, &q, consistency).await.unwrap();
+            assert_eq!(got, nearest(&model, &q), "{consistency:?}");
+        }
+    }
+    // A delete is seen through the replicas too.
+    let gone: Vec<i64> = (0..2000).step_by(17).collect();
+    client
+        .collections()
+        .delete(
+            "docs",
+            None,
+            &DeleteIds {
+                int_ids: gone.clone(),
+                str_ids: vec![],
+            },
+        )
+        .await
+        .unwrap();
+    for id in &gone {
+        model.remove(id);
+    }
+    for _ in 0..20 {
+        let q = vector(&mut rng);
+        let got = search_at(&client, &q, Consistency::Session).await.unwrap();
+        assert_eq!(got, nearest(&model, &q), "after deletes");
+    }
+
+    // The replicas alone (asked directly, strong: the owner's last tick) hold the answer.
+    for _ in 0..5 {
+        let q = vector(&mut rng);
+        let mut hits: Vec<(f32, i64)> = Vec::new();
+        for r in &info.read_replicas {
+            let mut c =
+                walden_proto::v1::query_client::QueryClient::connect(r.addresses[0].clone())
+                    .await
+                    .unwrap();
+            let answer = c
+                .search(walden_proto::v1::SearchRequest {
+                    collection: "docs".into(),
+                    vchannels: vec![r.vchannel.clone()],
+                    vectors: vec![walden_proto::v1::FloatVector { values: q.clone() }],
+                    top_k: 10,
+                    options: Some(walden_proto::v1::ReadOptions {
+                        consistency: walden_proto::v1::ConsistencyLevel::Strong as i32,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let h = &answer.results[0];
+            hits.extend(h.distances.iter().copied().zip(h.int_ids.iter().copied()));
+        }
+        hits.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let got: Vec<i64> = hits.iter().take(10).map(|h| h.1).collect();
+        assert_eq!(got, nearest(&model, &q), "the replicas alone");
+    }
+
+    // kill -9 the node of a replica during reads: every read still answers, exactly.
+    let victim = info.read_replicas[0].nodes[0];
+    for i in 0..40 {
+        if i == 5 {
+            c.node_by_id(victim).kill();
+        }
+        let q = vector(&mut rng);
+        let got = search_at(&client, &q, Consistency::Session)
+            .await
+            .unwrap_or_else(|e| panic!("read {i} around the kill: {e}"));
+        assert_eq!(got, nearest(&model, &q), "read {i} around the kill");
+    }
+}
