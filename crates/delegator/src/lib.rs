@@ -220,8 +220,11 @@ pub struct Delegators {
     ctx: Arc<Ctx>,
     running: Mutex<HashMap<String, (Term, tokio::task::AbortHandle)>>,
     /// Read replicas by pchannel: the vchannels held (→ collection) and the task.
-    replicas: Mutex<HashMap<String, (HashMap<String, String>, tokio::task::AbortHandle)>>,
+    replicas: Mutex<HashMap<String, (VChannelsOf, tokio::task::AbortHandle)>>,
 }
+
+/// A read replica's vchannels, each with its collection's name.
+type VChannelsOf = HashMap<String, String>;
 
 impl Delegators {
     /// Delegators reading with `meta` and `blobs`; `token` is what calls to query nodes carry,
