@@ -148,16 +148,17 @@ impl Client {
         self.last_write.load(Ordering::Relaxed)
     }
 
-    /// What a `session` read of `vchannels` waits for: this client's last write on them (a
-    /// shard never waits for a write on another pchannel, whose ticks it may never reach).
-    fn session_tick(&self, vchannels: &[String]) -> u64 {
+    /// Sets what a `session` read of `vchannels` waits for: this client's last write on them
+    /// (a shard never waits for a write on another pchannel, whose ticks it may never reach).
+    fn session_for(&self, options: &mut Option<ReadOptions>, vchannels: &[String]) {
+        let Some(o) = options.as_mut() else { return };
         let by = self.last_write_by.lock().unwrap_or_else(|e| e.into_inner());
-        vchannels
+        o.guarantee_tick = vchannels
             .iter()
             .filter_map(|v| by.get(v))
             .copied()
             .max()
-            .unwrap_or(0)
+            .unwrap_or(0);
     }
 
     fn read_options(&self, c: Consistency, partitions: &[String]) -> ReadOptions {
@@ -362,9 +363,7 @@ impl Client {
                 options.consistency == Consistency::Strong,
                 |grpc, vchannels| {
                     let mut r = request.clone();
-                    if let Some(o) = r.options.as_mut() {
-                        o.guarantee_tick = self.session_tick(&vchannels);
-                    }
+                    self.session_for(&mut r.options, &vchannels);
                     r.vchannels = vchannels;
                     async move { Ok(grpc.query.clone().search(r).await?.into_inner()) }
                 },
@@ -449,9 +448,7 @@ impl Client {
                 options.consistency == Consistency::Strong,
                 |grpc, vchannels| {
                     let mut r = request.clone();
-                    if let Some(o) = r.options.as_mut() {
-                        o.guarantee_tick = self.session_tick(&vchannels);
-                    }
+                    self.session_for(&mut r.options, &vchannels);
                     r.vchannels = vchannels;
                     async move { Ok(grpc.query.clone().query(r).await?.into_inner()) }
                 },
@@ -631,9 +628,7 @@ impl Client {
                 consistency == Consistency::Strong,
                 |grpc, vchannels| {
                     let mut r = request.clone();
-                    if let Some(o) = r.options.as_mut() {
-                        o.guarantee_tick = self.session_tick(&vchannels);
-                    }
+                    self.session_for(&mut r.options, &vchannels);
                     r.vchannels = vchannels;
                     async move { Ok(grpc.query.clone().query(r).await?.into_inner()) }
                 },

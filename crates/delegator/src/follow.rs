@@ -188,12 +188,22 @@ fn install(shard: &Shard, loaded: Loaded) {
         return;
     }
     st.revision = loaded.revision;
+    // Deletes read from the WAL reached every segment when read; only the new delete logs'
+    // are new to the segments already held.
+    let mut fresh = Deletes::new();
     for (key, d) in loaded.deletes {
         for (pk, t) in d {
-            let e = st.deletes.entry(pk).or_insert(0);
+            let e = st.deletes.entry(pk.clone()).or_insert(0);
             *e = (*e).max(t);
+            let f = fresh.entry(pk).or_insert(0);
+            *f = (*f).max(t);
         }
         st.delta_keys.insert(key);
+    }
+    if !fresh.is_empty() {
+        for seg in st.sealed.values_mut() {
+            seg.apply(&fresh);
+        }
     }
     let m = &loaded.manifest;
     let mut committed: HashSet<u64> = m.segments.iter().map(|s| s.segment_id).collect();
@@ -235,12 +245,6 @@ fn install(shard: &Shard, loaded: Loaded) {
         seg.apply(&st.deletes);
         st.sealed.insert(seg.id(), seg);
     }
-    // Delete logs may be new: apply every known delete to what was already sealed.
-    let deletes = std::mem::take(&mut st.deletes);
-    for seg in st.sealed.values_mut() {
-        seg.apply(&deletes);
-    }
-    st.deletes = deletes;
     st.growing.retain(|id, _| !committed.contains(id));
     st.committed = committed;
     st.dropped |= m.dropped;

@@ -443,7 +443,7 @@ impl Replicas {
         for a in answers {
             let mut per_query = Vec::new();
             for h in a.into_inner().results {
-                per_query.push(crate::service::from_proto(h)?);
+                per_query.push(walden_querynode::wire::hits_from_proto(h)?);
             }
             out.push(per_query);
         }

@@ -9,12 +9,11 @@ use walden_expr::Filter;
 use walden_proto::{
     status::of,
     v1::{
-        self as pb, MetricType, QueryRequest, QueryResponse, ReadOptions, SearchHits,
-        SearchRequest, SearchResponse, query_server::Query,
+        self as pb, MetricType, QueryRequest, QueryResponse, ReadOptions, SearchRequest,
+        SearchResponse, query_server::Query,
     },
 };
 use walden_query::{Hits, Metric, merge};
-use walden_segment_format::Pk;
 
 use crate::{DelegatorError, Delegators, Shard, shard::SearchSpec};
 
@@ -168,7 +167,7 @@ impl QueryService {
         Ok(SearchResponse {
             results: results
                 .into_iter()
-                .map(|h| to_proto(h, want_fields))
+                .map(|h| walden_querynode::wire::hits_to_proto(h, want_fields))
                 .collect::<Result<_, _>>()?,
             metric: metric_type(metric) as i32,
         })
@@ -285,49 +284,6 @@ fn metric_type(m: Metric) -> MetricType {
         Metric::Ip => MetricType::Ip,
         Metric::Cosine => MetricType::Cosine,
     }
-}
-
-/// Hits as a query node sends them.
-pub(crate) fn from_proto(h: SearchHits) -> Result<Hits, DelegatorError> {
-    let keys = if h.str_ids.is_empty() {
-        h.int_ids.into_iter().map(Pk::Int).collect()
-    } else {
-        h.str_ids.into_iter().map(Pk::Str).collect()
-    };
-    let fields = if h.fields.is_empty() {
-        None
-    } else {
-        let batches = walden_schema::decode_ipc(&h.fields)?;
-        match batches.first() {
-            None => None,
-            Some(first) => Some(
-                arrow_select::concat::concat_batches(&first.schema(), &batches)
-                    .map_err(|e| DelegatorError::Format(format!("hit fields: {e}")))?,
-            ),
-        }
-    };
-    Ok(Hits {
-        keys,
-        distances: h.distances,
-        fields,
-    })
-}
-
-fn to_proto(h: Hits, want_fields: bool) -> Result<SearchHits, DelegatorError> {
-    let mut out = SearchHits {
-        distances: h.distances,
-        ..Default::default()
-    };
-    for k in h.keys {
-        match k {
-            Pk::Int(i) => out.int_ids.push(i),
-            Pk::Str(s) => out.str_ids.push(s),
-        }
-    }
-    if want_fields && let Some(f) = h.fields {
-        out.fields = walden_schema::batch_to_ipc(&f)?;
-    }
-    Ok(out)
 }
 
 #[tonic::async_trait]

@@ -450,8 +450,15 @@ impl Segment {
         params: &SearchParams<'_>,
         tops: &mut [TopK],
     ) -> Result<(), QueryError> {
+        // Each batch's vectors, resolved once per search (not per query or hit).
+        let mut slices = Vec::with_capacity(self.batches.len());
+        let mut dim = 0;
+        for b in &self.batches {
+            let (values, d) = vectors(b, params.field)?;
+            slices.push(values);
+            dim = d;
+        }
         for (q, top) in params.queries.iter().zip(tops.iter_mut()) {
-            let dim = vectors(&self.batches[0], params.field)?.1;
             if q.len() != dim {
                 return Err(QueryError::InvalidArgument(format!(
                     "a query vector has {} dimensions; {:?} has {dim}",
@@ -462,10 +469,11 @@ impl Segment {
             let rows = ann.search(q, params.k, params.ef, allow)?;
             for row in rows {
                 let (b, i) = self.locate(row);
-                let (values, _) = vectors(&self.batches[b], params.field)?;
                 // The reported distance is the exact one, as for growing rows.
                 top.offer(Hit {
-                    distance: params.metric.distance(q, &values[i * dim..(i + 1) * dim]),
+                    distance: params
+                        .metric
+                        .distance(q, &slices[b][i * dim..(i + 1) * dim]),
                     segment: self.id,
                     row,
                 });

@@ -7,6 +7,7 @@
 pub mod load;
 mod node;
 pub mod service;
+pub mod wire;
 
 use thiserror::Error;
 use walden_common::{ErrorCode, HasErrorCode};

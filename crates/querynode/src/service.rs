@@ -8,12 +8,11 @@ use walden_proto::{
     status::of,
     v1::{
         self as pb, ForwardDeletesRequest, ForwardDeletesResponse, HeldSegment, MetricType,
-        QueryNodeStateRequest, QueryNodeStateResponse, QueryResponse, SearchHits,
-        SegmentQueryRequest, SegmentSearchRequest, SegmentSearchResponse,
-        query_node_server::QueryNodeServer,
+        QueryNodeStateRequest, QueryNodeStateResponse, QueryResponse, SegmentQueryRequest,
+        SegmentSearchRequest, SegmentSearchResponse, query_node_server::QueryNodeServer,
     },
 };
-use walden_query::{Hits, Metric, SearchParams, Segment};
+use walden_query::{Metric, SearchParams, Segment};
 use walden_segment_format::{Pk, delete_keys};
 
 use crate::{
@@ -95,8 +94,8 @@ impl QueryNodeService {
             Ok(SegmentSearchResponse {
                 results: hits
                     .into_iter()
-                    .map(to_proto)
-                    .collect::<Result<_, QueryNodeError>>()?,
+                    .map(|h| crate::wire::hits_to_proto(h, true))
+                    .collect::<Result<_, _>>()?,
             })
         })
         .await
@@ -166,23 +165,6 @@ impl QueryNodeService {
         }
         Ok(())
     }
-}
-
-fn to_proto(h: Hits) -> Result<SearchHits, QueryNodeError> {
-    let mut out = SearchHits {
-        distances: h.distances,
-        ..Default::default()
-    };
-    for k in h.keys {
-        match k {
-            Pk::Int(i) => out.int_ids.push(i),
-            Pk::Str(s) => out.str_ids.push(s),
-        }
-    }
-    if let Some(f) = h.fields {
-        out.fields = walden_schema::batch_to_ipc(&f)?;
-    }
-    Ok(out)
 }
 
 #[tonic::async_trait]

@@ -584,10 +584,9 @@ fn nearest(rows: &[(i64, i64, Vec<f32>)], q: &[f32], keep: impl Fn(i64) -> bool)
     all.into_iter().take(10).map(|x| x.1).collect()
 }
 
-/// Recall@10 of the server's searches over `queries`; and the exact answers of filtered ones
-/// (a filter keeping 1 % of rows is searched exactly) must be the brute-force answers.
-async fn recall(client: &Client, rows: &[(i64, i64, Vec<f32>)], queries: &[Vec<f32>]) -> f64 {
-    let results = client
+/// The top-10 ids of each query (strong).
+async fn answers(client: &Client, queries: &[Vec<f32>]) -> Vec<Vec<i64>> {
+    client
         .search(
             "vecs",
             queries,
@@ -598,14 +597,20 @@ async fn recall(client: &Client, rows: &[(i64, i64, Vec<f32>)], queries: &[Vec<f
             },
         )
         .await
-        .unwrap();
+        .unwrap()
+        .iter()
+        .map(|hits| hits.iter().map(|h| h.id.as_i64().unwrap()).collect())
+        .collect()
+}
+
+/// Recall@10 of the server's searches over `queries`; and the exact answers of filtered ones
+/// (a filter keeping 1 % of rows is searched exactly) must be the brute-force answers.
+async fn recall(client: &Client, rows: &[(i64, i64, Vec<f32>)], queries: &[Vec<f32>]) -> f64 {
+    let results = answers(client, queries).await;
     let (mut found, mut wanted) = (0, 0);
-    for (q, hits) in queries.iter().zip(&results) {
+    for (q, ids) in queries.iter().zip(&results) {
         let want: HashSet<i64> = nearest(rows, q, |_| true).into_iter().collect();
-        found += hits
-            .iter()
-            .filter(|h| want.contains(&h.id.as_i64().unwrap()))
-            .count();
+        found += ids.iter().filter(|id| want.contains(id)).count();
         wanted += want.len();
     }
     for (c, q) in queries.iter().enumerate().take(5) {
@@ -745,6 +750,7 @@ async fn hnsw_after_flush_index_and_load_keeps_recall_through_a_compaction_and_r
     assert_eq!(loaded["indexed_rows"], json!(100_000), "{loaded}");
     let before = recall(&client, &rows, &queries).await;
     assert!(before >= 0.95, "recall@10 after index and load: {before}");
+    let answers_before = answers(&client, &queries).await;
     let described = ok_json(&[
         "index",
         "describe",
@@ -829,5 +835,15 @@ async fn hnsw_after_flush_index_and_load_keeps_recall_through_a_compaction_and_r
     );
     let after = recall(&client, &rows, &queries).await;
     assert!(after >= 0.95, "recall@10 after compaction: {after}");
+    // The same answers as before the compaction, up to the graphs' approximation (the merged
+    // segment's graph is a new one).
+    let answers_after = answers(&client, &queries).await;
+    let same = answers_before
+        .iter()
+        .zip(&answers_after)
+        .map(|(b, a)| b.iter().filter(|id| a.contains(id)).count())
+        .sum::<usize>() as f64
+        / (10 * queries.len()) as f64;
+    assert!(same >= 0.95, "answers kept through the compaction: {same}");
     eprintln!("recall@10: growing {growing}, indexed {before}, after compaction {after}");
 }
