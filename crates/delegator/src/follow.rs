@@ -18,6 +18,7 @@ use walden_query::Segment;
 use walden_segment_format::{self as files, Deletes, Pk};
 use walden_streaming_node::{
     channel::{Channel, Health},
+    per_channel::AbortOnDrop,
     scanner::{self, DeliverPolicy, Filters, Frames},
 };
 
@@ -461,14 +462,6 @@ fn interim_index(shard: &Arc<Shard>, min_rows: u32) {
                 seg.finish_interim(job.ann(), upto);
             }
         });
-    }
-}
-
-pub(crate) struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

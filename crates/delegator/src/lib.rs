@@ -29,7 +29,7 @@ use prost::Message as _;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tracing::{info, warn};
-use walden_common::{ErrorCode, HasErrorCode, Term};
+use walden_common::{ErrorCode, HasErrorCode};
 use walden_metastore_api::{MetaError, MetaStore, keys};
 use walden_object_store::{Blobs, ObjectStoreError};
 use walden_query::QueryError;
@@ -37,6 +37,7 @@ use walden_streaming_node::{
     NodeError,
     channel::{Channel, Health},
     manager::WalManager,
+    per_channel::{AbortOnDrop, PerChannel},
 };
 
 pub use shard::Shard;
@@ -218,7 +219,8 @@ impl Ctx {
 #[derive(Debug)]
 pub struct Delegators {
     ctx: Arc<Ctx>,
-    running: Mutex<HashMap<String, (Term, tokio::task::AbortHandle)>>,
+    /// The delegators of the pchannels served here.
+    running: Arc<PerChannel<()>>,
     /// Read replicas by pchannel: the vchannels held (→ collection) and the task.
     replicas: Mutex<HashMap<String, (VChannelsOf, tokio::task::AbortHandle)>>,
 }
@@ -244,7 +246,7 @@ impl Delegators {
                 query_nodes: remote::QueryNodes::default(),
                 bearer: token.and_then(|t| format!("Bearer {t}").parse().ok()),
             }),
-            running: Mutex::new(HashMap::new()),
+            running: Arc::default(),
             replicas: Mutex::new(HashMap::new()),
         })
     }
@@ -345,59 +347,20 @@ impl Delegators {
     }
 
     /// Follows `manager`: a delegator task for every pchannel it serves, under the term it
-    /// serves it with. Ends when the manager's change feed does.
+    /// serves it with (and the sync of copies on query nodes). Ends when the manager's change
+    /// feed does.
     pub fn follow(self: &Arc<Self>, manager: Arc<WalManager>) -> tokio::task::JoinHandle<()> {
-        let this = self.clone();
-        let sync = tokio::spawn(sync_replicas(Arc::downgrade(&self.ctx)));
+        let sync = AbortOnDrop(tokio::spawn(sync_replicas(Arc::downgrade(&self.ctx))));
+        let (ctx, forget_ctx) = (self.ctx.clone(), self.ctx.clone());
+        let follow = self.running.follow(
+            manager,
+            move |ch| ((), tokio::spawn(supervise(ch.clone(), ctx.clone()))),
+            move |pchannel| forget(&forget_ctx, pchannel),
+        );
         tokio::spawn(async move {
-            let _sync = follow::AbortOnDrop(sync);
-            let mut changes = manager.changes();
-            loop {
-                this.reconcile(&manager.channels());
-                if changes.changed().await.is_err() {
-                    break;
-                }
-            }
-            for (_, (_, task)) in this
-                .running
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .drain()
-            {
-                task.abort();
-            }
+            let _sync = sync;
+            let _ = follow.await;
         })
-    }
-
-    fn reconcile(&self, channels: &[Arc<Channel>]) {
-        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        running.retain(|name, (term, task)| {
-            let keep = channels
-                .iter()
-                .any(|c| c.name() == name && c.term() == *term)
-                && !task.is_finished();
-            if !keep {
-                task.abort();
-                self.forget(name);
-            }
-            keep
-        });
-        for ch in channels {
-            if running.contains_key(ch.name()) || *ch.health().borrow() != Health::Serving {
-                continue;
-            }
-            let task = tokio::spawn(supervise(ch.clone(), self.ctx.clone()));
-            running.insert(ch.name().to_owned(), (ch.term(), task.abort_handle()));
-        }
-    }
-
-    /// Drops the shards of `pchannel` from what the service can find.
-    fn forget(&self, pchannel: &str) {
-        self.ctx
-            .shards
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|_, s| s.pchannel() != pchannel);
     }
 
     /// The shard of `vchannel`, if a delegator here holds it.
@@ -413,11 +376,16 @@ impl Delegators {
 
     /// Whether a delegator here follows `pchannel`.
     pub fn serves(&self, pchannel: &str) -> bool {
-        self.running
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains_key(pchannel)
+        self.running.serves(pchannel)
     }
+}
+
+/// Drops the shards of `pchannel` from what the service can find.
+fn forget(ctx: &Ctx, pchannel: &str) {
+    ctx.shards
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|_, s| s.pchannel() != pchannel);
 }
 
 /// Keeps every shard's copies on query nodes synced (docs/design.md §14.6).

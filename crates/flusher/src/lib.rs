@@ -22,19 +22,15 @@ mod pchannel;
 pub mod retention;
 pub mod service;
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use tracing::{info, warn};
-use walden_common::Term;
 use walden_metastore_api::MetaStore;
 use walden_object_store::Blobs;
 use walden_streaming_node::{
     channel::{Channel, Health},
     manager::WalManager,
+    per_channel::PerChannel,
 };
 
 pub use config::{CompactionConfig, FlushConfig, RetentionConfig};
@@ -50,15 +46,8 @@ use pchannel::{Ctx, View};
 #[derive(Debug)]
 pub struct Flushers {
     ctx: Arc<Ctx>,
-    /// Per served pchannel: the term its flusher runs under, and what it knows.
-    running: Mutex<HashMap<String, Running>>,
-}
-
-#[derive(Debug)]
-struct Running {
-    term: Term,
-    view: Arc<View>,
-    task: tokio::task::AbortHandle,
+    /// Per served pchannel: its flusher, and what it knows.
+    running: Arc<PerChannel<Arc<View>>>,
 }
 
 impl Flushers {
@@ -78,64 +67,23 @@ impl Flushers {
                 retention,
                 metrics,
             }),
-            running: Mutex::new(HashMap::new()),
+            running: Arc::default(),
         }))
     }
 
     /// Follows `manager`: a flusher for every pchannel it serves, under the term it serves it
     /// with. Ends when the manager's change feed does.
     pub fn follow(self: &Arc<Self>, manager: Arc<WalManager>) -> tokio::task::JoinHandle<()> {
-        let this = self.clone();
-        tokio::spawn(async move {
-            let mut changes = manager.changes();
-            loop {
-                this.reconcile(&manager.channels());
-                if changes.changed().await.is_err() {
-                    break;
-                }
-            }
-            this.stop_all();
-        })
-    }
-
-    fn reconcile(&self, channels: &[Arc<Channel>]) {
-        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        running.retain(|name, r| {
-            let keep = channels
-                .iter()
-                .any(|c| c.name() == name && c.term() == r.term)
-                && !r.task.is_finished();
-            if !keep {
-                r.task.abort();
-            }
-            keep
-        });
-        for ch in channels {
-            if running.contains_key(ch.name()) || *ch.health().borrow() != Health::Serving {
-                continue;
-            }
-            let view = Arc::new(View::default());
-            let task = tokio::spawn(supervise(ch.clone(), self.ctx.clone(), view.clone()));
-            running.insert(
-                ch.name().to_owned(),
-                Running {
-                    term: ch.term(),
-                    view,
-                    task: task.abort_handle(),
-                },
-            );
-        }
-    }
-
-    fn stop_all(&self) {
-        for (_, r) in self
-            .running
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain()
-        {
-            r.task.abort();
-        }
+        let ctx = self.ctx.clone();
+        self.running.follow(
+            manager,
+            move |ch| {
+                let view = Arc::new(View::default());
+                let task = tokio::spawn(supervise(ch.clone(), ctx.clone(), view.clone()));
+                (view, task)
+            },
+            |_| {},
+        )
     }
 
     /// What the flusher of the pchannel holding `vchannel` knows of it, if this node runs one.
@@ -146,9 +94,9 @@ impl Flushers {
         walden_proto::v1::VChannelManifest,
         Vec<walden_proto::v1::SegmentInfo>,
     )> {
-        let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        let running = self.running.lock();
         running.values().find_map(|r| {
-            r.view
+            r.state
                 .vchannels
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -159,10 +107,7 @@ impl Flushers {
 
     /// Whether this node runs the flusher of `pchannel`.
     pub(crate) fn serves(&self, pchannel: &str) -> bool {
-        self.running
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains_key(pchannel)
+        self.running.serves(pchannel)
     }
 
     pub(crate) fn blobs(&self) -> &Arc<dyn Blobs> {

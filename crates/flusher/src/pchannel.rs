@@ -175,13 +175,7 @@ pub(crate) async fn run(
         Filters::default(),
         frames,
     ));
-    struct AbortOnDrop(tokio::task::JoinHandle<()>);
-    impl Drop for AbortOnDrop {
-        fn drop(&mut self) {
-            self.0.abort();
-        }
-    }
-    let _scan = AbortOnDrop(scan);
+    let _scan = walden_streaming_node::per_channel::AbortOnDrop(scan);
     let mut tick = tokio::time::interval(Duration::from_millis(
         f.ctx.config.checkpoint_interval_ms.min(1_000),
     ));

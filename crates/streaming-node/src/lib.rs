@@ -17,6 +17,7 @@ pub mod config;
 pub mod dedup;
 pub mod manager;
 pub mod metrics;
+pub mod per_channel;
 pub mod scanner;
 pub mod service;
 pub mod shard;
