@@ -131,6 +131,15 @@ async fn nodes_serve_what_the_coordinator_assigns_and_a_drain_moves_it_with_risi
         node(&meta, &storage, &coord, 2).await,
     ];
     converged(&coord, &nodes).await;
+    // A node that registers after the first assignments gets its share when the balancer
+    // next runs: wait for it rather than race it (a loaded machine once saw 4 and 0).
+    for _ in 0..400 {
+        if nodes[0].0.channels().len() == 2 && nodes[1].0.channels().len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    converged(&coord, &nodes).await;
     assert_eq!(nodes[0].0.channels().len(), 2, "an even spread");
     let mut last = std::collections::HashMap::new();
     for (m, _) in &nodes {
