@@ -88,6 +88,9 @@ pub enum DelegatorError {
     Store(#[from] ObjectStoreError),
     #[error(transparent)]
     Query(#[from] QueryError),
+    /// Loading flushed data, or a query node's refusal.
+    #[error(transparent)]
+    QueryNode(#[from] walden_querynode::QueryNodeError),
     #[error(transparent)]
     File(#[from] walden_segment_format::FormatError),
     #[error(transparent)]
@@ -135,6 +138,7 @@ impl HasErrorCode for DelegatorError {
             Self::Meta(e) => e.code(),
             Self::Store(e) => e.code(),
             Self::Query(e) => e.code(),
+            Self::QueryNode(e) => e.code(),
             Self::File(e) => e.code(),
             Self::Schema(e) => e.code(),
             Self::Format(_) => ErrorCode::Corrupted,
@@ -145,22 +149,6 @@ impl HasErrorCode for DelegatorError {
             Self::WrongCollection { .. } => ErrorCode::CollectionNotFound,
             Self::LagTooLarge { .. } => ErrorCode::LagTooLarge,
             Self::Unavailable(_) => ErrorCode::Unavailable,
-        }
-    }
-}
-
-impl From<walden_querynode::QueryNodeError> for DelegatorError {
-    fn from(e: walden_querynode::QueryNodeError) -> Self {
-        use walden_querynode::QueryNodeError as E;
-        match e {
-            E::Meta(e) => Self::Meta(e),
-            E::Store(e) => Self::Store(e),
-            E::Query(e) => Self::Query(e),
-            E::File(e) => Self::File(e),
-            E::Schema(e) => Self::Schema(e),
-            E::InvalidArgument(m) => Self::InvalidArgument(m),
-            E::NotHeld(m) => Self::Unavailable(m),
-            other => Self::Format(other.to_string()),
         }
     }
 }

@@ -42,21 +42,10 @@ fn nearest(model: &BTreeMap<i64, Vec<f32>>, q: &[f32]) -> Vec<i64> {
 }
 
 async fn search(client: &Client, q: &[f32]) -> Result<Vec<i64>, walden_client::ClientError> {
-    let hits = client
-        .search(
-            "docs",
-            &[q.to_vec()],
-            &SearchOptions {
-                top_k: 10,
-                consistency: Consistency::Strong,
-                ..Default::default()
-            },
-        )
-        .await?;
-    Ok(hits[0].iter().map(|h| h.id.as_i64().unwrap()).collect())
+    search_at(client, q, Consistency::Strong).await
 }
 
-/// Every search exact against the model, `n` times.
+/// Ten searches exact against the model, and the count.
 async fn exact(client: &Client, model: &BTreeMap<i64, Vec<f32>>, rng: &mut StdRng, what: &str) {
     for _ in 0..10 {
         let q = vector(rng);
