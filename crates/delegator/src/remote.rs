@@ -241,7 +241,11 @@ impl Replicas {
         for (node, mut client) in ctx.query_nodes.list() {
             let have: Vec<u64> = lock(&self.filters).keys().copied().collect();
             let state = match client
-                .state(ctx.request(QueryNodeStateRequest { have_filters: have }))
+                .state(ctx.request(QueryNodeStateRequest {
+                    have_filters: have,
+                    collection_id: shard.collection_id,
+                    vchannel: shard.vchannel.clone(),
+                }))
                 .await
             {
                 Ok(r) => r.into_inner(),

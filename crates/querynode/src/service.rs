@@ -202,12 +202,16 @@ impl pb::query_node_server::QueryNode for QueryNodeService {
         &self,
         request: Request<QueryNodeStateRequest>,
     ) -> Result<Response<QueryNodeStateResponse>, Status> {
-        let have: std::collections::HashSet<u64> =
-            request.into_inner().have_filters.into_iter().collect();
+        let req = request.into_inner();
+        let have: std::collections::HashSet<u64> = req.have_filters.into_iter().collect();
         let segments = self
             .node
             .all()
             .into_iter()
+            .filter(|h| {
+                req.vchannel.is_empty()
+                    || (h.collection_id == req.collection_id && h.vchannel == req.vchannel)
+            })
             .map(|h| {
                 let s = h.read();
                 HeldSegment {
