@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use tokio::{sync::mpsc, task::JoinHandle};
 use tracing::debug;
 use walden_common::{HasErrorCode, MessageId, TimeTick};
-use walden_message::{ImmutableMessage, MessageType};
+use walden_message::{Delivery, ImmutableMessage, MessageType};
 use walden_proto::v1::{self as pb, consume_response, deliver_filter, deliver_policy};
 
 use crate::ClientError;
@@ -57,7 +57,7 @@ impl Default for ConsumerOptions {
 pub struct Consumer {
     /// A frame's messages at a time: one hand-off per frame, not per message (a catching-up
     /// consumer receives hundreds of thousands a second).
-    rx: mpsc::Receiver<Result<Vec<ImmutableMessage>, ClientError>>,
+    rx: mpsc::Receiver<Result<Delivery, ClientError>>,
     ready: std::vec::IntoIter<ImmutableMessage>,
     task: JoinHandle<()>,
 }
@@ -93,10 +93,22 @@ impl Consumer {
                 return Some(Ok(m));
             }
             match self.rx.recv().await? {
-                Ok(batch) => self.ready = batch.into_iter(),
+                Ok(Delivery::Messages(batch)) => self.ready = batch.into_iter(),
+                Ok(Delivery::CompleteThrough(_)) => {}
                 Err(e) => return Some(Err(e)),
             }
         }
+    }
+
+    /// The next frame of messages, or the news that the pchannel is complete through a tick
+    /// (its idle TimeTicks, which are not stored): what a reader that tracks how far it has
+    /// read needs (a read replica's served tick). `None` after a final error was returned.
+    pub async fn next_delivery(&mut self) -> Option<Result<Delivery, ClientError>> {
+        let held: Vec<ImmutableMessage> = self.ready.by_ref().collect();
+        if !held.is_empty() {
+            return Some(Ok(Delivery::Messages(held)));
+        }
+        self.rx.recv().await
     }
 }
 
@@ -152,7 +164,7 @@ async fn run(
     route: crate::router::Route,
     pchannel: String,
     options: ConsumerOptions,
-    tx: mpsc::Sender<Result<Vec<ImmutableMessage>, ClientError>>,
+    tx: mpsc::Sender<Result<Delivery, ClientError>>,
 ) {
     let mut resume: Option<(MessageId, TimeTick)> = None;
     let mut failing_since: Option<Instant> = None;
@@ -202,7 +214,7 @@ async fn stream(
     pchannel: &str,
     options: &ConsumerOptions,
     resume: &mut Option<(MessageId, TimeTick)>,
-    tx: &mpsc::Sender<Result<Vec<ImmutableMessage>, ClientError>>,
+    tx: &mpsc::Sender<Result<Delivery, ClientError>>,
     failing_since: &mut Option<Instant>,
 ) -> Result<(), ClientError> {
     let mut inbound = grpc
@@ -221,6 +233,21 @@ async fn stream(
             Some(pb::ConsumeResponse {
                 response: Some(consume_response::Response::Error(e)),
             }) => return Err(e.into()),
+            Some(pb::ConsumeResponse {
+                response: Some(consume_response::Response::CompleteThrough(t)),
+            }) => {
+                *failing_since = None;
+                // Not a resume point: a transaction open below it commits above it, and the
+                // resume position comes from the last message's last-confirmed id.
+                if tx
+                    .send(Ok(Delivery::CompleteThrough(TimeTick(t))))
+                    .await
+                    .is_err()
+                {
+                    return Ok(());
+                }
+                continue;
+            }
             _ => return Err(ClientError::Transport("consume stream ended".into())),
         };
         if !deliver(msgs, resume, tx, failing_since).await? {
@@ -235,7 +262,7 @@ async fn stream(
 async fn deliver(
     msgs: Vec<pb::ImmutableMessage>,
     resume: &mut Option<(MessageId, TimeTick)>,
-    tx: &mpsc::Sender<Result<Vec<ImmutableMessage>, ClientError>>,
+    tx: &mpsc::Sender<Result<Delivery, ClientError>>,
     failing_since: &mut Option<Instant>,
 ) -> Result<bool, ClientError> {
     let mut out = Vec::with_capacity(msgs.len());
@@ -254,7 +281,7 @@ async fn deliver(
     if let Some(last) = out.last() {
         *failing_since = None;
         *resume = Some((last.last_confirmed(), last.time_tick()));
-        if tx.send(Ok(out)).await.is_err() {
+        if tx.send(Ok(Delivery::Messages(out))).await.is_err() {
             return Ok(false);
         }
     }

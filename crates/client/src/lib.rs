@@ -51,6 +51,7 @@ use walden_proto::v1::{
 pub use collections::{Collections, WriteResult};
 pub use consumer::{Consumer, ConsumerOptions, DeliverFrom};
 pub use error::ClientError;
+pub use walden_message::Delivery;
 
 pub use producer::{AppendResult, DEFAULT_MAX_MESSAGE_BYTES, Producer, ProducerOptions};
 pub use search::{Consistency, QueryOptions, QueryRows, SearchHit, SearchOptions};

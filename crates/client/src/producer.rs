@@ -181,18 +181,74 @@ fn batch_request(mut msgs: Vec<(u64, pb::MutableMessage)>) -> ProduceRequest {
     }
 }
 
+/// How often a producer in an outage tries the owner again, at most.
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What the producer knows of the owner's health. A retry window belongs to an outage, not to
+/// each message: once `retry_timeout` passed without an acknowledgement, the producer is in
+/// an outage, and every queued and later message fails at once with the last error, except
+/// that at most once per [`PROBE_INTERVAL`] one attempt is made with what is queued; the
+/// first acknowledgement ends the outage.
+#[derive(Debug)]
+struct Health {
+    /// Since when the owner has not acknowledged anything (while messages were waiting).
+    failing_since: Option<Instant>,
+    /// The outage's error and when the owner was last tried.
+    outage: Option<(ClientError, Instant)>,
+    backoff: Duration,
+}
+
+impl Health {
+    fn new() -> Self {
+        Self {
+            failing_since: None,
+            outage: None,
+            backoff: Duration::from_millis(50),
+        }
+    }
+
+    /// The owner acknowledged a message: the outage, if any, is over.
+    fn acknowledged(&mut self) {
+        self.failing_since = None;
+        self.outage = None;
+        self.backoff = Duration::from_millis(50);
+    }
+
+    /// In an outage, tried less than [`PROBE_INTERVAL`] ago: the error to fail messages with
+    /// at once.
+    fn failing_fast(&self) -> Option<ClientError> {
+        self.outage
+            .as_ref()
+            .filter(|(_, tried)| tried.elapsed() < PROBE_INTERVAL)
+            .map(|(e, _)| e.clone())
+    }
+}
+
+/// Fails every unacknowledged message, and every message already queued behind them, with
+/// `err` (their window places come free, so a sender waiting for room gets on at once).
+fn fail_all(
+    unacked: &mut BTreeMap<u64, Queued>,
+    rx: &mut mpsc::UnboundedReceiver<Queued>,
+    err: &ClientError,
+) {
+    for (_, q) in std::mem::take(unacked) {
+        let _ = q.reply.send(Err(err.clone()));
+    }
+    while let Ok(q) = rx.try_recv() {
+        let _ = q.reply.send(Err(err.clone()));
+    }
+}
+
 /// Answers the caller of one result; a retryable error breaks the stream so that everything
 /// unacknowledged is resent in order.
 fn settle(
     res: pb::ProduceResult,
     unacked: &mut BTreeMap<u64, Queued>,
-    failing_since: &mut Option<Instant>,
-    backoff: &mut Duration,
+    health: &mut Health,
 ) -> Result<(), ClientError> {
     match res.outcome {
         Some(produce_result::Outcome::Ok(a)) => {
-            *failing_since = None;
-            *backoff = Duration::from_millis(50);
+            health.acknowledged();
             if let Some(q) = unacked.remove(&res.request_id) {
                 let _ = q.reply.send(Ok(AppendResult {
                     id: MessageId(a.message_id),
@@ -228,8 +284,7 @@ async fn run(
     let mut unacked: BTreeMap<u64, Queued> = BTreeMap::new();
     let mut next_id = 0u64;
     let mut app_done = false;
-    let mut failing_since: Option<Instant> = None;
-    let mut backoff = Duration::from_millis(50);
+    let mut health = Health::new();
     loop {
         if app_done && unacked.is_empty() {
             return;
@@ -244,6 +299,11 @@ async fn run(
                 None => return,
             }
         }
+        // In an outage the owner was tried a moment ago: no message waits for it.
+        if let Some(err) = health.failing_fast() {
+            fail_all(&mut unacked, &mut rx, &err);
+            continue;
+        }
         // The owner now: after a move, the stream resumes on the new one.
         let owner = route.grpc(&pchannel, crate::OWNER_WAIT).await;
         let result = match &owner {
@@ -256,8 +316,7 @@ async fn run(
                     &mut unacked,
                     &mut next_id,
                     &mut app_done,
-                    &mut failing_since,
-                    &mut backoff,
+                    &mut health,
                 )
                 .await
             }
@@ -274,20 +333,19 @@ async fn run(
             }
             continue;
         }
-        let since = *failing_since.get_or_insert_with(Instant::now);
-        if since.elapsed() > options.retry_timeout {
+        let since = *health.failing_since.get_or_insert_with(Instant::now);
+        if health.outage.is_some() || since.elapsed() > options.retry_timeout {
+            // The window ran out (or a probe failed): an outage, until an acknowledgement.
             let give_up = ClientError::RetriesExhausted {
                 seconds: since.elapsed().as_secs_f64(),
                 last: Box::new(err),
             };
-            for (_, q) in std::mem::take(&mut unacked) {
-                let _ = q.reply.send(Err(give_up.clone()));
-            }
-            failing_since = None;
+            fail_all(&mut unacked, &mut rx, &give_up);
+            health.outage = Some((give_up, Instant::now()));
             continue;
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(1));
+        tokio::time::sleep(health.backoff).await;
+        health.backoff = (health.backoff * 2).min(Duration::from_secs(1));
     }
 }
 
@@ -301,8 +359,7 @@ async fn session(
     unacked: &mut BTreeMap<u64, Queued>,
     next_id: &mut u64,
     app_done: &mut bool,
-    failing_since: &mut Option<Instant>,
-    backoff: &mut Duration,
+    health: &mut Health,
 ) -> Result<(), ClientError> {
     let (req_tx, req_rx) = mpsc::unbounded_channel();
     let open = ProduceRequest {
@@ -360,11 +417,11 @@ async fn session(
             },
             r = inbound.message() => match r? {
                 Some(pb::ProduceResponse { response: Some(produce_response::Response::Result(res)) }) => {
-                    settle(res, unacked, failing_since, backoff)?;
+                    settle(res, unacked, health)?;
                 }
                 Some(pb::ProduceResponse { response: Some(produce_response::Response::Results(rs)) }) => {
                     for res in rs.results {
-                        settle(res, unacked, failing_since, backoff)?;
+                        settle(res, unacked, health)?;
                     }
                 }
                 Some(pb::ProduceResponse { response: Some(produce_response::Response::Error(e)) }) => {

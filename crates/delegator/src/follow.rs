@@ -11,7 +11,7 @@ use prost::Message as _;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 use walden_common::MessageId;
-use walden_message::{ImmutableMessage, MessageType};
+use walden_message::{Delivery, ImmutableMessage, MessageType};
 use walden_metastore_api::{EventKind, keys};
 use walden_proto::v1::{CollectionInfo, DeleteIds, FlushedSegment, SegmentState, VChannelManifest};
 use walden_query::Segment;
@@ -84,12 +84,12 @@ impl Source {
 
 /// The messages a delegator reads, in batches.
 enum Feed {
-    Scan(mpsc::Receiver<Result<Vec<ImmutableMessage>, walden_streaming_node::NodeError>>),
-    Remote(mpsc::Receiver<Result<Vec<ImmutableMessage>, String>>),
+    Scan(mpsc::Receiver<Result<Delivery, walden_streaming_node::NodeError>>),
+    Remote(mpsc::Receiver<Result<Delivery, String>>),
 }
 
 impl Feed {
-    async fn recv(&mut self) -> Option<Result<Vec<ImmutableMessage>, DelegatorError>> {
+    async fn recv(&mut self) -> Option<Result<Delivery, DelegatorError>> {
         match self {
             Self::Scan(rx) => rx.recv().await.map(|r| r.map_err(Into::into)),
             Self::Remote(rx) => rx
@@ -113,9 +113,11 @@ fn format(what: &str, e: impl std::fmt::Display) -> DelegatorError {
 }
 
 /// Reads the segments and delete logs of `manifest` that `have` does not hold. When query
-/// nodes hold the collection's flushed segments, the new ones are not read here: the loader
-/// waits (at most [`HANDOFF_WAIT`]) until a query node has each synced, so growing rows are
-/// replaced only once their flushed copy answers.
+/// nodes hold the collection's flushed segments, the new ones are not read here: with
+/// `handoff` (growing rows may hold them), the loader waits (at most [`HANDOFF_WAIT`]) until a
+/// query node has each synced, so growing rows are replaced only once their flushed copy
+/// answers. A shard starting from its manifest holds no growing rows yet, and its segments are
+/// synced only once it is findable: it does not wait (reads wait for synced copies).
 async fn load(
     ctx: &Ctx,
     shard: &Shard,
@@ -123,6 +125,7 @@ async fn load(
     revision: i64,
     have: &HashSet<u64>,
     have_deltas: &HashSet<String>,
+    handoff: bool,
 ) -> Result<Loaded, DelegatorError> {
     let new: Vec<FlushedSegment> = manifest
         .segments
@@ -155,7 +158,7 @@ async fn load(
                 })
                 .collect();
             let ids: Vec<u64> = remote.iter().map(|(id, _)| *id).collect();
-            if !replicas.ready(&ids, HANDOFF_WAIT).await {
+            if handoff && !replicas.ready(&ids, HANDOFF_WAIT).await {
                 warn!(
                     vchannel = shard.vchannel,
                     "flushed segments not synced on a query node in time; reads wait for them"
@@ -331,7 +334,7 @@ pub(crate) async fn run(source: Source, ctx: Arc<Ctx>) -> Result<Exit, Delegator
                         st.delta_keys.clone(),
                     )
                 };
-                let r = load(&ctx, &shard, m, rev, &have, &have_deltas).await;
+                let r = load(&ctx, &shard, m, rev, &have, &have_deltas, true).await;
                 if done_tx.send(r).await.is_err() {
                     return;
                 }
@@ -342,7 +345,14 @@ pub(crate) async fn run(source: Source, ctx: Arc<Ctx>) -> Result<Exit, Delegator
     loop {
         tokio::select! {
             frame = rx.recv() => match frame {
-                Some(Ok(msgs)) => {
+                Some(Ok(Delivery::CompleteThrough(t))) => {
+                    // Caught up with an idle pchannel: nothing is left to read through `t`
+                    // (every delete before it was forwarded with its batch).
+                    for s in f.shards.values() {
+                        s.set_served(t.0);
+                    }
+                }
+                Some(Ok(Delivery::Messages(msgs))) => {
                     let last = msgs.last().map(|m| m.time_tick().0);
                     for m in msgs {
                         f.handle(m).await?;
@@ -554,7 +564,8 @@ impl Follower {
                 .await?
         {
             start = Start::At(MessageId(m.checkpoint_id));
-            let loaded = load(&self.ctx, &shard, m, rev, &HashSet::new(), &HashSet::new()).await?;
+            let (no_segments, no_logs) = (HashSet::new(), HashSet::new());
+            let loaded = load(&self.ctx, &shard, m, rev, &no_segments, &no_logs, false).await?;
             install(&shard, loaded);
         }
         if c.dropped {

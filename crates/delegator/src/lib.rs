@@ -163,12 +163,13 @@ impl From<walden_expr::ExprError> for DelegatorError {
 /// client, which follows the owner as it moves).
 pub trait PChannelReader: Send + Sync + std::fmt::Debug {
     /// The messages of `pchannel` from `from` on (from its first retained message when
-    /// `None`), in batches; an error or the end of the stream ends the reading.
+    /// `None`), in batches, and how far the pchannel is complete when the stream is caught up
+    /// (its idle TimeTicks); an error or the end of the stream ends the reading.
     fn read(
         &self,
         pchannel: &str,
         from: Option<walden_common::MessageId>,
-    ) -> tokio::sync::mpsc::Receiver<Result<Vec<walden_message::ImmutableMessage>, String>>;
+    ) -> tokio::sync::mpsc::Receiver<Result<walden_message::Delivery, String>>;
 
     /// The tick of the last message the owner of `pchannel` acknowledged: what a strong read
     /// on a replica waits for.

@@ -183,11 +183,13 @@ pub(crate) async fn run(
     loop {
         tokio::select! {
             frame = rx.recv() => match frame {
-                Some(Ok(msgs)) => {
+                Some(Ok(walden_message::Delivery::Messages(msgs))) => {
                     for m in msgs {
                         f.handle(m).await?;
                     }
                 }
+                // Idle TimeTicks: a flush waits for stored messages only.
+                Some(Ok(walden_message::Delivery::CompleteThrough(_))) => {}
                 Some(Err(e)) => {
                     if *ch.health().borrow() != Health::Serving {
                         return Ok(());

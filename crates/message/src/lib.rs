@@ -188,6 +188,17 @@ impl MutableMessage {
     }
 }
 
+/// What a reader of one pchannel receives, in order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Delivery {
+    /// Consecutive messages, in tick order.
+    Messages(Vec<ImmutableMessage>),
+    /// Every message with a tick at or below this one was delivered before it (subject to
+    /// the reader's filters). Sent by a reader caught up with an idle pchannel: an idle
+    /// TimeTick, which is not stored (docs/design.md §8).
+    CompleteThrough(TimeTick),
+}
+
 /// A message as stored: header with its tick, the id the WAL gave it, and the payload.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ImmutableMessage {

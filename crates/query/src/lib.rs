@@ -27,7 +27,7 @@ pub use ann::Ann;
 pub use merge::{Hits, merge};
 pub use metric::Metric;
 pub use reads::{count, query, search};
-pub use segment::{Hit, IndexJob, SearchParams, Segment, TopK};
+pub use segment::{GraphJob, Hit, IndexJob, SearchParams, Segment, TopK};
 pub use walden_segment_format::KeyFilter;
 
 /// Errors of the query engine.

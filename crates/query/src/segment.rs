@@ -296,22 +296,47 @@ impl Segment {
         params: &HnswParams,
         threads: usize,
     ) -> Result<(), QueryError> {
+        let job = self.graph_job(field);
+        let rows = job.rows;
+        let ann = job.build(metric, params, threads)?;
+        self.install_index(ann, rows);
+        Ok(())
+    }
+
+    /// A copy of every row's vector of `field`, to build a graph of the whole segment off its
+    /// lock ([`GraphJob::build`], then [`Segment::install_index`]): the rows and their deletes
+    /// stay as they are meanwhile.
+    pub fn graph_job(&self, field: &str) -> GraphJob {
         let mut all = Vec::new();
         let mut dim = 0;
+        let mut failed = None;
         for batch in &self.batches {
-            let (values, d) = vectors(batch, field)?;
-            dim = d;
-            all.extend_from_slice(values);
+            match vectors(batch, field) {
+                Ok((values, d)) => {
+                    dim = d;
+                    all.extend_from_slice(values);
+                }
+                Err(e) => failed = Some(e),
+            }
         }
-        self.ann = None;
-        self.ann_rows = 0;
-        if dim > 0 {
-            self.ann = Some(Arc::new(Ann::build(
-                field, metric, params, &all, dim, threads,
-            )?));
-            self.ann_rows = self.rows();
+        GraphJob {
+            field: field.to_owned(),
+            vectors: all,
+            dim,
+            rows: self.rows(),
+            failed,
         }
-        Ok(())
+    }
+
+    /// Makes `ann` (a graph of the first `rows` rows, or none) the segment's index.
+    pub fn install_index(&mut self, ann: Option<Ann>, rows: u32) {
+        self.ann_rows = if ann.is_some() { rows } else { 0 };
+        self.ann = ann.map(Arc::new);
+    }
+
+    /// Drops the segment's graph: searches are exact.
+    pub fn drop_index(&mut self) {
+        self.install_index(None, 0);
     }
 
     /// The next chunk of a growing segment's interim index, once `min_rows` rows are not in
@@ -564,6 +589,43 @@ impl Segment {
 
     pub(crate) fn batches(&self) -> &[RecordBatch] {
         &self.batches
+    }
+}
+
+/// The vectors of a whole segment, copied to build its graph off the segment's lock.
+#[derive(Debug)]
+pub struct GraphJob {
+    field: String,
+    vectors: Vec<f32>,
+    dim: usize,
+    /// The rows copied: what the graph will cover.
+    pub rows: u32,
+    failed: Option<QueryError>,
+}
+
+impl GraphJob {
+    /// Builds the graph on up to `threads` threads (none for a segment without rows).
+    pub fn build(
+        self,
+        metric: Metric,
+        params: &HnswParams,
+        threads: usize,
+    ) -> Result<Option<Ann>, QueryError> {
+        if let Some(e) = self.failed {
+            return Err(e);
+        }
+        if self.dim == 0 {
+            return Ok(None);
+        }
+        Ann::build(
+            &self.field,
+            metric,
+            params,
+            &self.vectors,
+            self.dim,
+            threads,
+        )
+        .map(Some)
     }
 }
 

@@ -39,6 +39,8 @@ pub(crate) struct Collection {
     pub schema: Arc<Schema>,
     pub pk: String,
     pub hnsw: Option<HnswSpec>,
+    /// The catalog's index specs `hnsw` was made from: a change rebuilds the graphs.
+    pub indexes: Vec<walden_proto::v1::IndexSpec>,
 }
 
 /// One flushed segment held here.
@@ -208,7 +210,13 @@ impl QueryNode {
                 since.elapsed() < grace
             });
         }
+        let mut checked = HashSet::new();
         for ((collection_id, vchannel), (name, ids)) in wanted {
+            // The catalog's index specs, once a round: segments held under others are indexed
+            // again (an index created or dropped after they were loaded).
+            if checked.insert(collection_id) {
+                self.reindex(collection_id, &name).await?;
+            }
             let missing: Vec<u64> = {
                 let held = self.held.read().unwrap_or_else(|e| e.into_inner());
                 ids.into_iter()
@@ -277,6 +285,66 @@ impl QueryNode {
         Ok(())
     }
 
+    /// Rebuilds the graphs of the segments of `collection_id` held here when the catalog's
+    /// index specs are no longer those they were built with. Each graph is built off the
+    /// segment's lock and swapped in, so the copy keeps answering (exactly, or with its old
+    /// graph) and keeps the deletes forwarded to it.
+    async fn reindex(&self, collection_id: u64, name: &str) -> Result<(), QueryNodeError> {
+        let Some(old) = self.collection(collection_id) else {
+            return Ok(());
+        };
+        let fresh = match self.read_collection(collection_id, name).await {
+            Ok(c) => c,
+            // Dropped or re-created: the placement will say so.
+            Err(QueryNodeError::Format(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if fresh.indexes == old.indexes {
+            return Ok(());
+        }
+        self.collections
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(collection_id, fresh.clone());
+        let held: Vec<Arc<Held>> = self
+            .held
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|h| h.collection_id == collection_id)
+            .cloned()
+            .collect();
+        let started = Instant::now();
+        let hnsw = fresh.hnsw.clone();
+        let n = held.len();
+        tokio::task::spawn_blocking(move || {
+            let threads = std::thread::available_parallelism().map_or(1, usize::from);
+            for h in held {
+                match &hnsw {
+                    Some((field, metric, params)) => {
+                        let job = h.read().graph_job(field);
+                        let rows = job.rows;
+                        let ann = job.build(*metric, params, threads)?;
+                        h.segment
+                            .write()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .install_index(ann, rows);
+                    }
+                    None => h
+                        .segment
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .drop_index(),
+                }
+            }
+            Ok::<_, QueryNodeError>(())
+        })
+        .await
+        .map_err(|e| QueryNodeError::Format(format!("indexing segments: {e}")))??;
+        info!(collection = name, segments = n, took = ?started.elapsed(), "segments indexed again for new index specs");
+        Ok(())
+    }
+
     async fn load_collection(
         &self,
         collection_id: u64,
@@ -285,6 +353,20 @@ impl QueryNode {
         if let Some(c) = self.collection(collection_id) {
             return Ok(c);
         }
+        let c = self.read_collection(collection_id, name).await?;
+        self.collections
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(collection_id, c.clone());
+        Ok(c)
+    }
+
+    /// The collection as the catalog has it now.
+    async fn read_collection(
+        &self,
+        collection_id: u64,
+        name: &str,
+    ) -> Result<Arc<Collection>, QueryNodeError> {
         let kv = self
             .meta
             .get(&keys::collection(name))
@@ -299,17 +381,12 @@ impl QueryNode {
             )));
         }
         let schema = Arc::new(Schema::new(info.schema.unwrap_or_default())?);
-        let c = Arc::new(Collection {
+        Ok(Arc::new(Collection {
             pk: schema.primary_key().name.clone(),
             hnsw: load::hnsw(&schema, &info.indexes),
-
+            indexes: info.indexes,
             schema,
-        });
-        self.collections
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(collection_id, c.clone());
-        Ok(c)
+        }))
     }
 }
 

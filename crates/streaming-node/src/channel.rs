@@ -87,12 +87,19 @@ struct State {
     txns: Txns,
 }
 
-type Completion = (
-    BoxFuture<'static, Result<MessageId, WalError>>,
-    oneshot::Sender<Result<AppendResult, NodeError>>,
-    AppendResult,
-    Instant,
-);
+/// What the completer takes, in tick order.
+enum Completion {
+    /// An append: its storage write, its caller, its place, when it was enqueued.
+    Append(
+        BoxFuture<'static, Result<MessageId, WalError>>,
+        oneshot::Sender<Result<AppendResult, NodeError>>,
+        AppendResult,
+        Instant,
+    ),
+    /// An idle TimeTick (docs/design.md §8): not stored; once every append before it is
+    /// visible, readers learn the pchannel is complete through it.
+    IdleTick(TimeTick),
+}
 
 /// This pchannel's metric children.
 #[derive(Debug)]
@@ -785,7 +792,7 @@ impl Channel {
         // Sent under the lock so completions queue in tick order.
         if self
             .completions
-            .send((fut, tx, placed, Instant::now()))
+            .send(Completion::Append(fut, tx, placed, Instant::now()))
             .is_err()
         {
             st.slots.pop_back();
@@ -820,6 +827,32 @@ impl Channel {
             written += 1;
         }
         Ok(written)
+    }
+
+    /// Takes a tick under the append lock and queues it behind every append enqueued before
+    /// it, without writing anything: once those are visible, readers learn that the pchannel
+    /// is complete through it, so an idle shard's served tick keeps up with the clock. Costs
+    /// one oracle tick (no storage write, no PUT on the object WAL). Does nothing on a channel
+    /// that is not serving writes.
+    pub async fn idle_tick(&self) -> Result<(), NodeError> {
+        if self.read_only().is_some() {
+            return Ok(());
+        }
+        loop {
+            {
+                let st = self.lock();
+                if st.closed || st.failed.is_some() {
+                    return Ok(());
+                }
+                if let Ok(tick) = self.tso.allocate() {
+                    // Sent under the lock: every later append gets a greater tick and queues
+                    // behind it.
+                    let _ = self.completions.send(Completion::IdleTick(tick));
+                    return Ok(());
+                }
+            }
+            self.tso.refill().await?;
+        }
     }
 
     /// Convenience: submit and wait.
@@ -1028,7 +1061,18 @@ async fn complete_in_order(
     channel: std::sync::Weak<Channel>,
     mut rx: mpsc::UnboundedReceiver<Completion>,
 ) {
-    while let Some((fut, reply, mut placed, started)) = rx.recv().await {
+    while let Some(c) = rx.recv().await {
+        let (fut, reply, mut placed, started) = match c {
+            Completion::Append(fut, reply, placed, started) => (fut, reply, placed, started),
+            Completion::IdleTick(t) => {
+                let Some(ch) = channel.upgrade() else { return };
+                // After a failed append nothing later is visible: claim nothing past it.
+                if ch.lock().failed.is_none() {
+                    ch.wab.advance(t);
+                }
+                continue;
+            }
+        };
         let result = fut.await;
         let written = Instant::now();
         let Some(ch) = channel.upgrade() else { return };
@@ -1047,7 +1091,8 @@ async fn complete_in_order(
     }
 }
 
-/// Writes a TimeTick every interval in which real messages were appended.
+/// Every interval: a stored TimeTick when real messages were appended since the last one,
+/// else an idle TimeTick that only readers see (docs/design.md §8).
 async fn time_ticks(channel: std::sync::Weak<Channel>) {
     let interval = match channel.upgrade() {
         Some(c) => c.config.time_tick_interval(),
@@ -1068,7 +1113,11 @@ async fn time_ticks(channel: std::sync::Weak<Channel>) {
         if let Err(e) = ch.seal_due() {
             debug!(pchannel = %ch.name, error = %e, "seal check failed");
         }
-        if dirty && let Err(e) = ch.append(MutableMessage::time_tick()).await {
+        if !dirty {
+            if let Err(e) = ch.idle_tick().await {
+                debug!(pchannel = %ch.name, error = %e, "idle time tick not taken");
+            }
+        } else if let Err(e) = ch.append(MutableMessage::time_tick()).await {
             debug!(pchannel = %ch.name, error = %e, "time tick not written");
         }
     }

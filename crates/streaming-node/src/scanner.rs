@@ -13,7 +13,7 @@ use walden_proto::v1::TxnBody;
 use tokio::sync::mpsc;
 use tracing::debug;
 use walden_common::{MessageId, TimeTick};
-use walden_message::{ImmutableMessage, MessageType, codec};
+use walden_message::{Delivery, ImmutableMessage, MessageType, codec};
 use walden_wal_api::ReadFrom;
 
 use crate::{NodeError, channel::Channel, channel::Health};
@@ -130,13 +130,17 @@ pub trait Sink: Send {
     fn flush(&mut self) -> impl Future<Output = bool> + Send;
     /// Reports the error that ends the scan, after what is held.
     fn fail(&mut self, e: NodeError) -> impl Future<Output = ()> + Send;
+    /// Sends on what is held, then tells the reader that every message with a tick at or below
+    /// `tick` was delivered (an idle TimeTick, [`Delivery::CompleteThrough`]). False once the
+    /// consumer is gone.
+    fn complete_through(&mut self, tick: TimeTick) -> impl Future<Output = bool> + Send;
 }
 
 /// Frames of up to [`Frames::MAX`] messages over a channel: for readers inside the node (the
 /// flusher, the delegator) that handle messages in batches.
 #[derive(Debug)]
 pub struct Frames {
-    tx: mpsc::Sender<Result<Vec<ImmutableMessage>, NodeError>>,
+    tx: mpsc::Sender<Result<Delivery, NodeError>>,
     buf: Vec<ImmutableMessage>,
 }
 
@@ -144,12 +148,7 @@ impl Frames {
     pub const MAX: usize = 512;
 
     /// A sink and the receiver of its frames (`depth` frames in flight).
-    pub fn channel(
-        depth: usize,
-    ) -> (
-        Self,
-        mpsc::Receiver<Result<Vec<ImmutableMessage>, NodeError>>,
-    ) {
+    pub fn channel(depth: usize) -> (Self, mpsc::Receiver<Result<Delivery, NodeError>>) {
         let (tx, rx) = mpsc::channel(depth);
         (
             Self {
@@ -174,13 +173,21 @@ impl Sink for Frames {
             return !self.tx.is_closed();
         }
         self.tx
-            .send(Ok(std::mem::take(&mut self.buf)))
+            .send(Ok(Delivery::Messages(std::mem::take(&mut self.buf))))
             .await
             .is_ok()
     }
     async fn fail(&mut self, e: NodeError) {
         let _ = self.flush().await;
         let _ = self.tx.send(Err(e)).await;
+    }
+    async fn complete_through(&mut self, tick: TimeTick) -> bool {
+        self.flush().await
+            && self
+                .tx
+                .send(Ok(Delivery::CompleteThrough(tick)))
+                .await
+                .is_ok()
     }
 }
 
@@ -194,6 +201,9 @@ impl Sink for mpsc::Sender<Result<ImmutableMessage, NodeError>> {
     }
     async fn fail(&mut self, e: NodeError) {
         let _ = self.send(Err(e)).await;
+    }
+    async fn complete_through(&mut self, _: TimeTick) -> bool {
+        !self.is_closed()
     }
 }
 
@@ -252,6 +262,8 @@ async fn run(
     let mut changes = wab.subscribe();
     let mut batch = Vec::with_capacity(TAIL_BATCH);
     let mut txns = TxnAssembler::default();
+    // The highest tick the reader has heard of, from a message or an idle TimeTick.
+    let mut heard = TimeTick(0);
     loop {
         pos = match pos {
             Pos::Storage(from) => {
@@ -292,10 +304,21 @@ async fn run(
                     break Pos::Storage(next);
                 }
                 if batch.is_empty() {
-                    if !sink.flush().await {
+                    // Caught up: if the pchannel is complete past what the reader heard (an
+                    // idle TimeTick, or messages the filters kept back), say so.
+                    let mark = wab.mark();
+                    let sent = if mark.end == next && mark.tick > heard {
+                        heard = mark.tick;
+                        sink.complete_through(mark.tick).await
+                    } else {
+                        sink.flush().await
+                    };
+                    if !sent {
                         return Ok(());
                     }
-                    wait(&mut changes, &mut health, channel).await?;
+                    if mark.end == next {
+                        wait(&mut changes, &mut health, channel).await?;
+                    }
                     continue;
                 }
                 let end = wab.end().0;
@@ -303,6 +326,7 @@ async fn run(
                     next = msg.id.next();
                     let Some(msg) = txns.push(msg) else { continue };
                     if filters.admits(&msg) {
+                        heard = heard.max(msg.time_tick());
                         channel
                             .metrics()
                             .consumer_lag
@@ -326,7 +350,7 @@ async fn run(
 /// returns at once if a push happened since this receiver last looked, so a wake-up cannot be
 /// lost between a read that came back empty and this wait.
 async fn wait(
-    changes: &mut tokio::sync::watch::Receiver<MessageId>,
+    changes: &mut tokio::sync::watch::Receiver<crate::wab::Mark>,
     health: &mut tokio::sync::watch::Receiver<Health>,
     channel: &Channel,
 ) -> Result<(), NodeError> {

@@ -331,6 +331,13 @@ impl scanner::Sink for Frames {
             let _ = self.tx.send(Ok(consume_error(&e))).await;
         }
     }
+
+    async fn complete_through(&mut self, tick: TimeTick) -> bool {
+        let frame = ConsumeResponse {
+            response: Some(consume_response::Response::CompleteThrough(tick.0)),
+        };
+        self.flush().await && self.tx.send(Ok(frame)).await.is_ok()
+    }
 }
 
 fn frame(mut msgs: Vec<pb::ImmutableMessage>) -> ConsumeResponse {

@@ -3,7 +3,9 @@
 //! Entries are appended in id order (which is tick order) as they become visible. The buffer
 //! holds every confirmed message with id `>= floor_id`; eviction (by bytes and by age) raises
 //! the floor but never drops the newest entry, so a reader catching up from storage can always
-//! meet the buffer. Readers wait on a watch of the next id to be confirmed.
+//! meet the buffer. Readers wait on a watch of the buffer's [`Mark`]: the next id to be
+//! confirmed and the tick the pchannel is complete through, which idle TimeTicks (not stored,
+//! docs/design.md §8) raise without a message.
 
 use std::{
     collections::VecDeque,
@@ -28,7 +30,17 @@ struct State {
     bytes: usize,
     /// Every confirmed message with an id at or above this is in `entries`.
     floor_id: MessageId,
-    last_tick: TimeTick,
+}
+
+/// How far a pchannel is confirmed: every message with a tick at or below `tick` has an id
+/// below `end` and is confirmed. Both move together, so a reader at `end` knows it has seen
+/// everything through `tick`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mark {
+    /// One past the id of the newest confirmed message.
+    pub end: MessageId,
+    /// The tick of the newest confirmed message, or a later idle TimeTick.
+    pub tick: TimeTick,
 }
 
 /// Positions a reader asked for that the buffer no longer holds.
@@ -43,8 +55,8 @@ pub struct WriteAheadBuffer {
     state: Mutex<State>,
     capacity_bytes: usize,
     keepalive: Duration,
-    /// One past the id of the newest confirmed message; readers wait on it.
-    end: watch::Sender<MessageId>,
+    /// What is confirmed; readers wait on it.
+    mark: watch::Sender<Mark>,
 }
 
 impl WriteAheadBuffer {
@@ -61,11 +73,14 @@ impl WriteAheadBuffer {
                 entries: VecDeque::new(),
                 bytes: 0,
                 floor_id: floor,
-                last_tick,
             }),
             capacity_bytes,
             keepalive,
-            end: watch::channel(floor).0,
+            mark: watch::channel(Mark {
+                end: floor,
+                tick: last_tick,
+            })
+            .0,
         }
     }
 
@@ -77,12 +92,14 @@ impl WriteAheadBuffer {
     pub fn push(&self, msgs: impl IntoIterator<Item = ImmutableMessage>) {
         let now = Instant::now();
         let mut s = self.lock();
-        let mut end = None;
+        let mut last = None;
         for msg in msgs {
             let size = msg.payload.len() + msg.header.vchannel.len() + 64;
             s.bytes += size;
-            s.last_tick = msg.time_tick();
-            end = Some(msg.id.next());
+            last = Some(Mark {
+                end: msg.id.next(),
+                tick: msg.time_tick(),
+            });
             s.entries.push_back(Entry {
                 msg,
                 size,
@@ -105,9 +122,26 @@ impl WriteAheadBuffer {
             s.floor_id = next_floor;
         }
         drop(s);
-        if let Some(end) = end {
-            self.end.send_replace(end);
+        if let Some(mark) = last {
+            // Pushes and idle ticks come from one task (the completer), in tick order.
+            self.mark.send_modify(|m| {
+                m.end = mark.end;
+                m.tick = m.tick.max(mark.tick);
+            });
         }
+    }
+
+    /// Records that the pchannel is complete through `tick` although no message carries it
+    /// (an idle TimeTick: every message with a lower tick is confirmed, every later one will
+    /// have a greater tick). Wakes tailing readers.
+    pub fn advance(&self, tick: TimeTick) {
+        self.mark.send_if_modified(|m| {
+            let newer = tick > m.tick;
+            if newer {
+                m.tick = tick;
+            }
+            newer
+        });
     }
 
     /// Up to `max` messages with id `>= from`, or [`Evicted`] if some of them were dropped.
@@ -142,19 +176,25 @@ impl WriteAheadBuffer {
         self.lock().entries.front().map(|e| e.msg.last_confirmed())
     }
 
-    /// The tick of the newest confirmed message.
+    /// The tick the pchannel is confirmed through: the newest confirmed message's, or a later
+    /// idle TimeTick's.
     pub fn last_tick(&self) -> TimeTick {
-        self.lock().last_tick
+        self.mark.borrow().tick
     }
 
     /// One past the newest confirmed id.
     pub fn end(&self) -> MessageId {
-        *self.end.borrow()
+        self.mark.borrow().end
     }
 
-    /// A receiver that changes whenever new messages are confirmed.
-    pub fn subscribe(&self) -> watch::Receiver<MessageId> {
-        self.end.subscribe()
+    /// The end and the tick, read together.
+    pub fn mark(&self) -> Mark {
+        *self.mark.borrow()
+    }
+
+    /// A receiver that changes whenever messages are confirmed or an idle tick advances.
+    pub fn subscribe(&self) -> watch::Receiver<Mark> {
+        self.mark.subscribe()
     }
 
     /// (bytes, messages) held.
@@ -202,6 +242,31 @@ mod tests {
         let tiny = WriteAheadBuffer::new(MessageId(0), TimeTick(0), 1, Duration::from_secs(60));
         tiny.push([msg(0)]);
         assert_eq!(tiny.usage().1, 1, "the newest entry is never evicted");
+    }
+
+    #[test]
+    fn an_idle_tick_raises_the_mark_without_a_message_and_never_lowers_it() {
+        let wab =
+            WriteAheadBuffer::new(MessageId(0), TimeTick(0), 1 << 20, Duration::from_secs(60));
+        let mut rx = wab.subscribe();
+        wab.push([msg(0), msg(1)]);
+        assert!(rx.has_changed().unwrap());
+        rx.borrow_and_update();
+        wab.advance(TimeTick(500));
+        assert!(rx.has_changed().unwrap(), "readers are woken");
+        assert_eq!(
+            wab.mark(),
+            Mark {
+                end: MessageId(2),
+                tick: TimeTick(500)
+            }
+        );
+        rx.borrow_and_update();
+        wab.advance(TimeTick(400));
+        assert!(!rx.has_changed().unwrap(), "an older tick changes nothing");
+        wab.push([msg(2)]);
+        assert_eq!(wab.mark().end, MessageId(3));
+        assert_eq!(wab.usage().1, 3);
     }
 
     #[test]

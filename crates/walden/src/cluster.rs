@@ -360,7 +360,7 @@ impl walden_delegator::PChannelReader for ClientReader {
         &self,
         pchannel: &str,
         from: Option<walden_common::MessageId>,
-    ) -> tokio::sync::mpsc::Receiver<Result<Vec<walden_message::ImmutableMessage>, String>> {
+    ) -> tokio::sync::mpsc::Receiver<Result<walden_message::Delivery, String>> {
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let (this, pchannel) = (self.0.clone(), pchannel.to_owned());
         tokio::spawn(async move {
@@ -381,8 +381,8 @@ impl walden_delegator::PChannelReader for ClientReader {
                 },
             );
             loop {
-                let item = match consumer.next().await {
-                    Some(Ok(m)) => Ok(vec![m]),
+                let item = match consumer.next_delivery().await {
+                    Some(Ok(d)) => Ok(d),
                     Some(Err(e)) => {
                         this.forget().await;
                         Err(e.to_string())

@@ -5,8 +5,10 @@
 mod common;
 
 use std::{
+    collections::HashMap,
     io::Write,
     process::{Command, Output, Stdio},
+    time::Duration,
 };
 
 use common::{Server, WALDEN};
@@ -382,4 +384,56 @@ async fn a_200_mib_line_is_too_large_and_the_next_line_is_still_written() {
     assert_eq!(printed[0]["error"]["name"], "MESSAGE_TOO_LARGE");
     assert_eq!(printed[1]["payload"], "after");
     assert_eq!(printed[1]["line"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn produce_into_a_server_killed_for_good_ends_within_its_retry_window_and_names_every_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(&dir.path().join("data"), None).await;
+    let addr = server.addr.clone();
+    let pid = server.pid().unwrap().to_string();
+    // 2 000 lines with a 5 s retry window: one window for the outage, not one per line.
+    let run = tokio::task::spawn_blocking(move || {
+        common::produce_through(
+            &[
+                "--pchannel",
+                "walden-dml-0",
+                "--vchannel",
+                "v",
+                "--addr",
+                &addr,
+                "--retry-timeout",
+                "5",
+            ],
+            "k",
+            2000,
+            300,
+            Duration::from_secs(60),
+            || {
+                let killed = Command::new("kill").args(["-9", &pid]).status().unwrap();
+                assert!(killed.success());
+            },
+        )
+    })
+    .await
+    .unwrap();
+    common::assert_ended_honestly(&run, 2000, Duration::from_secs(10), "server killed");
+    // Nothing acknowledged is lost or doubled.
+    server.kill();
+    server.restart().await;
+    let client = server.client().await;
+    let mut stored: HashMap<String, usize> = HashMap::new();
+    for m in common::read_to_end(&client, "walden-dml-0").await {
+        if m.message_type() == walden_message::MessageType::Data {
+            *stored
+                .entry(String::from_utf8_lossy(&m.payload).into_owned())
+                .or_default() += 1;
+        }
+    }
+    let acked = run.acknowledged();
+    assert!(acked.len() >= 300);
+    for p in &acked {
+        assert_eq!(stored.get(p), Some(&1), "acknowledged {p} stored once");
+    }
+    assert!(stored.values().all(|n| *n == 1), "nothing stored twice");
 }

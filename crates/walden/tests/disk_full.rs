@@ -1,7 +1,7 @@
 //! A full disk, on a small tmpfs the test mounts: writes are refused with RESOURCE_EXHAUSTED
 //! naming the disk (no reopen, no new term), kill -9 and a restart on a disk filled to the last
-//! byte still serve every acknowledged message, and writes resume by themselves once space is
-//! freed.
+//! byte still serve every acknowledged message, `walden produce` on a full disk ends within
+//! one retry window, and writes resume by themselves once space is freed.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -154,6 +154,37 @@ async fn a_full_disk_refuses_writes_serves_reads_after_kill_9_and_resumes_when_f
     }
     let err = producer(&client).append(message(0)).await.unwrap_err();
     assert_eq!(code_of(&err), ErrorCode::ResourceExhausted, "{err}");
+    // A script piping into `walden produce` ends within one retry window, not one per line.
+    let addr = server.addr.clone();
+    let run = tokio::task::spawn_blocking(move || {
+        common::produce_through(
+            &[
+                "--pchannel",
+                PCH,
+                "--vchannel",
+                "v",
+                "--addr",
+                &addr,
+                "--retry-timeout",
+                "5",
+            ],
+            "full",
+            2000,
+            0,
+            Duration::from_secs(60),
+            || {},
+        )
+    })
+    .await
+    .unwrap();
+    common::assert_ended_honestly(&run, 2000, Duration::from_secs(10), "full disk");
+    assert_eq!(run.refused(), 2000, "nothing fits on a full disk");
+    eprintln!(
+        "full disk: ended {:?} after the start: {}",
+        run.after_fault,
+        run.stderr.lines().last().unwrap_or_default()
+    );
+    assert!(run.stderr.contains("RESOURCE_EXHAUSTED"), "{}", run.stderr);
 
     // Space comes back: writes resume by themselves, under the same term.
     std::fs::remove_file(&filler).unwrap();

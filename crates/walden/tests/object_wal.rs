@@ -159,6 +159,33 @@ async fn a_second_standalone_on_the_same_prefix_fences_the_first_and_nothing_ack
         .unwrap();
     assert_eq!(p.state, "fenced", "{p:?}");
     assert_eq!(p.wal_storage, "object");
+    // No other owner will take it (standalone): `walden produce` ends within one retry
+    // window, every line refused as fenced, instead of retrying each line for ever.
+    let addr = first.addr.clone();
+    let run = tokio::task::spawn_blocking(move || {
+        common::produce_through(
+            &[
+                "--pchannel",
+                PCHANNEL,
+                "--vchannel",
+                "v0",
+                "--addr",
+                &addr,
+                "--retry-timeout",
+                "5",
+            ],
+            "fenced",
+            2000,
+            0,
+            Duration::from_secs(60),
+            || {},
+        )
+    })
+    .await
+    .unwrap();
+    common::assert_ended_honestly(&run, 2000, Duration::from_secs(10), "fenced");
+    assert_eq!(run.refused(), 2000);
+    assert!(run.stderr.contains("CHANNEL_FENCED"), "{}", run.stderr);
 
     // The second serves on.
     let more: Vec<_> = (0..PRODUCERS)

@@ -311,3 +311,150 @@ pub async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
         .await
         .expect("no answer within 30 s")
 }
+
+/// What `walden produce` did through a fault: one JSON line per input line, its stderr and exit
+/// status, and how long it ran after the fault.
+pub struct ProduceRun {
+    pub outputs: Vec<serde_json::Value>,
+    pub stderr: String,
+    pub status: std::process::ExitStatus,
+    pub after_fault: Duration,
+}
+
+impl ProduceRun {
+    /// The payloads of the acknowledged lines.
+    pub fn acknowledged(&self) -> Vec<String> {
+        self.outputs
+            .iter()
+            .filter(|o| o.get("error").is_none())
+            .map(|o| o["payload"].as_str().expect("payload").to_owned())
+            .collect()
+    }
+
+    /// How many lines were not written.
+    pub fn refused(&self) -> usize {
+        self.outputs
+            .iter()
+            .filter(|o| o.get("error").is_some())
+            .count()
+    }
+}
+
+/// Pipes `lines` lines (`{tag}-{n}`) into `walden produce --json` with `args`; once `before` of
+/// them are acknowledged, runs `fault`, then sends the rest and closes stdin. Fails the test if
+/// the command is still running `limit` after the fault (it is killed).
+pub fn produce_through(
+    args: &[&str],
+    tag: &str,
+    lines: usize,
+    before: usize,
+    limit: Duration,
+    fault: impl FnOnce(),
+) -> ProduceRun {
+    use std::io::{BufRead as _, Write as _};
+    let mut child = Command::new(WALDEN)
+        .arg("produce")
+        .args(args)
+        .arg("--json")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn walden produce");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            let doc: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+            if tx.send(doc).is_err() {
+                return;
+            }
+        }
+    });
+    let errors = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
+        s
+    });
+    for n in 0..before {
+        writeln!(stdin, "{tag}-{n}").expect("write a line");
+    }
+    stdin.flush().expect("flush");
+    let mut outputs = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while outputs.len() < before {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let doc = rx
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("only {} of {before} lines answered", outputs.len()));
+        assert!(doc.get("error").is_none(), "before the fault: {doc}");
+        outputs.push(doc);
+    }
+    fault();
+    let faulted = Instant::now();
+    // The rest may not all fit in the pipe while the command waits: write from a thread.
+    let writer = {
+        let tag = tag.to_owned();
+        std::thread::spawn(move || {
+            for n in before..lines {
+                if writeln!(stdin, "{tag}-{n}").is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if faulted.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "walden produce still running {limit:?} after the fault ({} lines answered)",
+                outputs.len() + rx.try_iter().count()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let after_fault = faulted.elapsed();
+    let _ = writer.join();
+    let _ = reader.join();
+    outputs.extend(rx.try_iter());
+    ProduceRun {
+        outputs,
+        stderr: errors.join().unwrap_or_default(),
+        status,
+        after_fault,
+    }
+}
+
+/// Asserts what every outage run must show: one answer per line, in input order, the refused
+/// ones counted in the closing line, a failed exit, and an end within `bound` of the fault.
+pub fn assert_ended_honestly(run: &ProduceRun, lines: usize, bound: Duration, what: &str) {
+    assert_eq!(run.outputs.len(), lines, "{what}: one answer per line");
+    for (i, o) in run.outputs.iter().enumerate() {
+        assert_eq!(
+            o["line"],
+            serde_json::json!(i + 1),
+            "{what}: in input order"
+        );
+    }
+    let refused = run.refused();
+    assert!(refused > 0, "{what}: some lines must be refused");
+    assert!(
+        run.stderr
+            .contains(&format!("{refused} of {lines} lines were not written")),
+        "{what}: {}",
+        run.stderr.lines().last().unwrap_or_default()
+    );
+    assert!(!run.status.success(), "{what}: exit status {}", run.status);
+    assert!(
+        run.after_fault <= bound,
+        "{what}: exited {:?} after the fault (bound {bound:?})",
+        run.after_fault
+    );
+}
