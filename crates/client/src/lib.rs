@@ -38,9 +38,8 @@ mod txn;
 use std::{sync::Arc, time::Duration};
 
 use tonic::{
-    metadata::{Ascii, MetadataValue},
     service::interceptor::InterceptedService,
-    transport::{Certificate, Channel, ClientTlsConfig, Endpoint},
+    transport::{Channel, Endpoint},
 };
 use walden_proto::v1::{
     ClusterStatusRequest, ClusterStatusResponse, DrainNodeRequest, MovePChannelRequest,
@@ -58,28 +57,8 @@ pub use search::{Consistency, QueryOptions, QueryRows, SearchHit, SearchOptions}
 pub use txn::Txn;
 
 /// Adds the bearer token, when there is one, to every call.
-#[derive(Clone, Default)]
-pub struct Auth(Option<MetadataValue<Ascii>>);
-
-impl std::fmt::Debug for Auth {
-    /// Never the token itself.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_some() {
-            "Auth(token)"
-        } else {
-            "Auth(none)"
-        })
-    }
-}
-
-impl tonic::service::Interceptor for Auth {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(v) = &self.0 {
-            req.metadata_mut().insert("authorization", v.clone());
-        }
-        Ok(req)
-    }
-}
+pub use walden_connect::Bearer as Auth;
+pub use walden_connect::ConnectOptions;
 
 type Intercepted = InterceptedService<Channel, Auth>;
 
@@ -102,25 +81,6 @@ impl std::ops::Deref for Grpc {
 impl std::ops::DerefMut for Grpc {
     fn deref_mut(&mut self) -> &mut Self::Target {
         &mut self.node
-    }
-}
-
-/// How to reach a node beyond its address.
-#[derive(Clone, Default)]
-pub struct ConnectOptions {
-    /// A bearer token sent with every call (`[server] auth_token_file` on the node).
-    pub token: Option<String>,
-    /// PEM certificate(s) of the authority that signed the node's certificate: turns TLS on
-    /// (an address without a scheme then means `https://`).
-    pub tls_ca_pem: Option<Vec<u8>>,
-}
-
-impl std::fmt::Debug for ConnectOptions {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ConnectOptions")
-            .field("token", &self.token.as_ref().map(|_| "<set>"))
-            .field("tls", &self.tls_ca_pem.is_some())
-            .finish()
     }
 }
 
@@ -215,14 +175,9 @@ impl Client {
     async fn connect_one(addr: &str, options: &ConnectOptions) -> Result<Self, ClientError> {
         let url = url_of(addr, options);
         let endpoint = endpoint(addr, options)?;
-        let auth = match &options.token {
-            None => Auth(None),
-            Some(t) => Auth(Some(format!("Bearer {t}").parse().map_err(|_| {
-                ClientError::InvalidArgument(
-                    "the token has characters a header cannot carry".into(),
-                )
-            })?)),
-        };
+        let auth = options
+            .bearer()
+            .map_err(|e| ClientError::InvalidArgument(e.to_string()))?;
         let channel = endpoint.connect().await.map_err(|e| ClientError::Connect {
             addr: url.clone(),
             detail: error::chain(&e),
@@ -361,33 +316,12 @@ fn node_client(channel: Channel, auth: Auth) -> Grpc {
     }
 }
 
-/// The endpoint for `addr` (`http://host:port`, `https://...`, or `host:port`).
 fn url_of(addr: &str, options: &ConnectOptions) -> String {
-    if addr.contains("://") {
-        addr.to_owned()
-    } else if options.tls_ca_pem.is_some() {
-        format!("https://{addr}")
-    } else {
-        format!("http://{addr}")
-    }
+    walden_connect::url_of(addr, options)
 }
 
 fn endpoint(addr: &str, options: &ConnectOptions) -> Result<Endpoint, ClientError> {
-    let url = url_of(addr, options);
-    let mut endpoint = Endpoint::from_shared(url)
-        .map_err(|e| ClientError::InvalidArgument(format!("address {addr:?}: {e}")))?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(10));
-    if let Some(ca) = &options.tls_ca_pem {
-        // rustls cannot pick a crypto provider by itself when built with more than one; the
-        // process's choice stands if it made one.
-        let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
-        endpoint = endpoint
-            .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)))
-            .map_err(|e| ClientError::InvalidArgument(format!("TLS: {}", error::chain(&e))))?;
-    }
-    Ok(endpoint)
+    walden_connect::endpoint(addr, options).map_err(|e| ClientError::InvalidArgument(e.to_string()))
 }
 
 /// A collection's segments, as [`Client::segments`] returns them.

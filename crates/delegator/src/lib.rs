@@ -189,19 +189,8 @@ pub(crate) struct Ctx {
     pub shards: Mutex<HashMap<String, Arc<Shard>>>,
     /// The query nodes of the cluster (none in standalone).
     pub query_nodes: remote::QueryNodes,
-    /// `authorization` for calls to query nodes, when the cluster uses tokens.
-    pub bearer: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
-}
-
-impl Ctx {
-    /// A request to a query node.
-    pub fn request<T>(&self, body: T) -> tonic::Request<T> {
-        let mut r = tonic::Request::new(body);
-        if let Some(b) = &self.bearer {
-            r.metadata_mut().insert("authorization", b.clone());
-        }
-        r
-    }
+    /// How calls to query nodes connect (TLS, token).
+    pub connect: walden_connect::ConnectOptions,
 }
 
 /// The delegators of one node's pchannels.
@@ -218,13 +207,13 @@ pub struct Delegators {
 type VChannelsOf = HashMap<String, String>;
 
 impl Delegators {
-    /// Delegators reading with `meta` and `blobs`; `token` is what calls to query nodes carry,
-    /// when the cluster uses tokens.
+    /// Delegators reading with `meta` and `blobs`; `connect` is how calls to query nodes
+    /// connect (the cluster's CA and token).
     pub fn new(
         meta: Arc<dyn MetaStore>,
         blobs: Arc<dyn Blobs>,
         config: QueryConfig,
-        token: Option<String>,
+        connect: walden_connect::ConnectOptions,
     ) -> Arc<Self> {
         Arc::new(Self {
             ctx: Arc::new(Ctx {
@@ -233,7 +222,7 @@ impl Delegators {
                 config,
                 shards: Mutex::new(HashMap::new()),
                 query_nodes: remote::QueryNodes::default(),
-                bearer: token.and_then(|t| format!("Bearer {t}").parse().ok()),
+                connect,
             }),
             running: Arc::default(),
             replicas: Mutex::new(HashMap::new()),

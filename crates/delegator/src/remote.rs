@@ -41,7 +41,7 @@ pub(crate) const SYNC_INTERVAL: Duration = Duration::from_millis(200);
 /// How long one call to a query node may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
-type Client = QueryNodeClient<tonic::transport::Channel>;
+type Client = QueryNodeClient<walden_connect::Authed>;
 
 /// The query nodes registered, and a connection to each.
 #[derive(Debug, Default)]
@@ -81,12 +81,8 @@ impl QueryNodes {
             if nodes.contains_key(&id) {
                 continue;
             }
-            match tonic::transport::Endpoint::from_shared(addr.clone()) {
-                Ok(e) => {
-                    let ch = e
-                        .connect_timeout(Duration::from_secs(2))
-                        .timeout(CALL_TIMEOUT)
-                        .connect_lazy();
+            match walden_connect::lazy(&addr, &ctx.connect, Some(CALL_TIMEOUT)) {
+                Ok(ch) => {
                     let client = QueryNodeClient::new(ch)
                         .max_decoding_message_size(64 << 20)
                         .max_encoding_message_size(64 << 20);
@@ -220,7 +216,7 @@ impl Replicas {
                         ids: Some(ids),
                         ticks,
                     };
-                    match c.forward_deletes(ctx.request(req)).await {
+                    match c.forward_deletes(req).await {
                         Ok(_) => true,
                         Err(e) => {
                             warn!(node, vchannel = shard.vchannel, error = %e.message(), "forwarding deletes failed; the node is synced again");
@@ -241,11 +237,11 @@ impl Replicas {
         for (node, mut client) in ctx.query_nodes.list() {
             let have: Vec<u64> = lock(&self.filters).keys().copied().collect();
             let state = match client
-                .state(ctx.request(QueryNodeStateRequest {
+                .state(QueryNodeStateRequest {
                     have_filters: have,
                     collection_id: shard.collection_id,
                     vchannel: shard.vchannel.clone(),
-                }))
+                })
                 .await
             {
                 Ok(r) => r.into_inner(),
@@ -319,7 +315,7 @@ impl Replicas {
                 ids: Some(ids),
                 ticks,
             };
-            match client.forward_deletes(ctx.request(req)).await {
+            match client.forward_deletes(req).await {
                 Ok(_) => {
                     debug!(
                         node,
@@ -433,13 +429,13 @@ impl Replicas {
     ) -> Result<Vec<Vec<Hits>>, DelegatorError> {
         let answers = self
             .each(ctx, ids, |mut c, incarnation, segment_ids| {
-                let r = ctx.request(SegmentSearchRequest {
+                let r = SegmentSearchRequest {
                     collection_id: shard.collection_id,
                     vchannel: shard.vchannel.clone(),
                     segment_ids,
                     incarnation,
                     search: Some(req.clone()),
-                });
+                };
                 async move { c.search_segments(r).await }
             })
             .await?;
@@ -464,13 +460,13 @@ impl Replicas {
     ) -> Result<Vec<walden_proto::v1::QueryResponse>, DelegatorError> {
         let answers = self
             .each(ctx, ids, |mut c, incarnation, segment_ids| {
-                let r = ctx.request(SegmentQueryRequest {
+                let r = SegmentQueryRequest {
                     collection_id: shard.collection_id,
                     vchannel: shard.vchannel.clone(),
                     segment_ids,
                     incarnation,
                     query: Some(req.clone()),
-                });
+                };
                 async move { c.query_segments(r).await }
             })
             .await?;

@@ -169,6 +169,11 @@ impl QueryNode {
             .collect()
     }
 
+    /// How many segments are held (retired ones in their grace included).
+    pub fn held_segments(&self) -> usize {
+        self.held.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
     /// Every segment held, including those retired but still in their grace: a delegator may
     /// use a copy until the new one is ready.
     pub(crate) fn all(&self) -> Vec<Arc<Held>> {

@@ -18,43 +18,22 @@ use walden_proto::v1::{
 };
 use walden_tso::{TickServer, TsoError};
 
-/// Adds this process's bearer token, when the cluster uses tokens, to its calls to the others.
-#[derive(Clone, Debug)]
-pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
-
-impl Bearer {
-    pub fn new(token: Option<String>) -> Self {
-        Self(token.and_then(|t| format!("Bearer {t}").parse().ok()))
-    }
-}
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(v) = &self.0 {
-            req.metadata_mut().insert("authorization", v.clone());
-        }
-        Ok(req)
-    }
-}
-
-type ClockClient = ClusterClient<
-    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>,
->;
+type ClockClient = ClusterClient<walden_connect::Authed>;
 
 /// A node's [`TickServer`]: the leader coordinator, found through etcd and asked again after a
 /// leader change.
 #[derive(Debug)]
 pub struct LeaderClock {
     meta: Arc<dyn MetaStore>,
-    bearer: Bearer,
+    peers: walden_connect::ConnectOptions,
     leader: Mutex<Option<(String, ClockClient)>>,
 }
 
 impl LeaderClock {
-    pub fn new(meta: Arc<dyn MetaStore>, bearer: Bearer) -> Self {
+    pub fn new(meta: Arc<dyn MetaStore>, peers: walden_connect::ConnectOptions) -> Self {
         Self {
             meta,
-            bearer,
+            peers,
             leader: Mutex::new(None),
         }
     }
@@ -71,14 +50,13 @@ impl LeaderClock {
         let leader = walden_balancer::election::current_leader(&*self.meta)
             .await?
             .ok_or_else(|| TsoError::Unavailable("no coordinator leader elected".into()))?;
-        let endpoint = tonic::transport::Endpoint::from_shared(leader.address.clone())
-            .map_err(|e| {
-                TsoError::Unavailable(format!("leader address {:?}: {e}", leader.address))
-            })?
-            .connect_timeout(std::time::Duration::from_secs(2))
-            .timeout(std::time::Duration::from_secs(5))
-            .tcp_nodelay(true);
-        let c = ClusterClient::with_interceptor(endpoint.connect_lazy(), self.bearer.clone());
+        let channel = walden_connect::lazy(
+            &leader.address,
+            &self.peers,
+            Some(std::time::Duration::from_secs(5)),
+        )
+        .map_err(|e| TsoError::Unavailable(format!("the leader's address: {e}")))?;
+        let c = ClusterClient::new(channel);
         *self.leader.lock().unwrap_or_else(|e| e.into_inner()) = Some((leader.address, c.clone()));
         Ok(c)
     }
@@ -315,15 +293,15 @@ pub struct ClientReader(Arc<ReaderState>);
 #[derive(Debug)]
 pub struct ReaderState {
     meta: Arc<dyn MetaStore>,
-    token: Option<String>,
+    peers: walden_connect::ConnectOptions,
     client: tokio::sync::Mutex<Option<walden_client::Client>>,
 }
 
 impl ClientReader {
-    pub fn new(meta: Arc<dyn MetaStore>, token: Option<String>) -> Self {
+    pub fn new(meta: Arc<dyn MetaStore>, peers: walden_connect::ConnectOptions) -> Self {
         Self(Arc::new(ReaderState {
             meta,
-            token,
+            peers,
             client: tokio::sync::Mutex::new(None),
         }))
     }
@@ -339,11 +317,7 @@ impl ReaderState {
             .await
             .map_err(|e| e.to_string())?
             .ok_or("no coordinator leader elected")?;
-        let options = walden_client::ConnectOptions {
-            token: self.token.clone(),
-            tls_ca_pem: None,
-        };
-        let client = walden_client::Client::connect_with(&leader.address, &options)
+        let client = walden_client::Client::connect_with(&leader.address, &self.peers)
             .await
             .map_err(|e| e.to_string())?;
         *c = Some(client.clone());

@@ -52,6 +52,10 @@ pub struct ClusterConfig {
     pub tick_batch_max_age_ms: u64,
     /// On SIGTERM a node waits at most this long for its pchannels to move. Default 60 000.
     pub drain_timeout_ms: u64,
+    /// PEM certificate(s) of the authority that signed the cluster's server certificates:
+    /// what a process checks when it calls another (the leader's clock, the catalog, query
+    /// nodes, a pchannel's owner). Required when `server.tls_cert_file` is set. Default none.
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 impl Default for ClusterConfig {
@@ -66,6 +70,7 @@ impl Default for ClusterConfig {
             tick_batch: 4096,
             tick_batch_max_age_ms: 50,
             drain_timeout_ms: 60_000,
+            tls_ca_file: None,
         }
     }
 }

@@ -70,19 +70,14 @@ pub async fn run(config: Config, ready_file: Option<std::path::PathBuf>) -> anyh
             http,
             http_app(coord.clone(), registry),
             &security,
+            config.server.public_healthz,
         )?),
         None => None,
     };
     // The catalog appends through the routed client, following this coordinator's own topology.
-    let client = walden_client::Client::connect_with(
-        &advertise,
-        &walden_client::ConnectOptions {
-            token: security.tokens.own(),
-            tls_ca_pem: None,
-        },
-    )
-    .await
-    .context("connecting the catalog's client to this coordinator")?;
+    let client = walden_client::Client::connect_with(&advertise, &security.peers(&config.cluster)?)
+        .await
+        .context("connecting the catalog's client to this coordinator")?;
     let appender = Arc::new(RoutedAppender {
         client,
         topology: coord.topology().clone(),

@@ -19,7 +19,7 @@ use walden_tso::BatchedTicks;
 
 use crate::{
     backends,
-    cluster::{Bearer, ClientReader, LeaderClock},
+    cluster::{ClientReader, LeaderClock},
     config::{Config, WalStorageKind},
     node_http,
     server::{self, GrpcServer},
@@ -36,6 +36,7 @@ pub async fn run(config: Config, ready_file: Option<std::path::PathBuf>) -> anyh
     let bound = server::bind(&config.server).await?;
     let addr = bound.addr;
     let security = server::Security::load(&config.server, addr)?;
+    let peers = security.peers(&config.cluster)?;
     let advertise = server::advertised(&config.cluster.advertise, addr, &security)?;
     anyhow::ensure!(
         !config.object_store.url.is_empty(),
@@ -48,10 +49,7 @@ pub async fn run(config: Config, ready_file: Option<std::path::PathBuf>) -> anyh
     let ms = std::time::Duration::from_millis;
     let c = &config.cluster;
     let ticks = Arc::new(BatchedTicks::new(
-        Arc::new(LeaderClock::new(
-            meta.clone(),
-            Bearer::new(security.tokens.own()),
-        )),
+        Arc::new(LeaderClock::new(meta.clone(), peers.clone())),
         c.tick_batch,
         ms(c.tick_batch_max_age_ms),
     ));
@@ -69,7 +67,7 @@ pub async fn run(config: Config, ready_file: Option<std::path::PathBuf>) -> anyh
         meta.clone(),
         blobs.clone(),
         config.query.clone(),
-        security.tokens.own(),
+        peers.clone(),
     );
     delegators.follow(manager.clone());
     let http_addr = node_http::spawn(bound.http, &manager, &metrics, &security, &config.server)?;
@@ -105,7 +103,7 @@ pub async fn run(config: Config, ready_file: Option<std::path::PathBuf>) -> anyh
             let agent = agent.clone();
             move || agent.id()
         },
-        Arc::new(ClientReader::new(meta, security.tokens.own())),
+        Arc::new(ClientReader::new(meta, peers)),
     );
     info!(%addr, advertise, node = agent.id(), "walden node ready");
     if let Some(path) = &ready_file {

@@ -40,6 +40,15 @@ pub async fn run(config: Config, ready_file: Option<std::path::PathBuf>) -> anyh
     )
     .await
     .context("joining the cluster as a query node")?;
+    let http_addr = match bound.http {
+        Some(http) => Some(server::spawn_http(
+            http,
+            http_app(node.clone(), metrics),
+            &security,
+            config.server.public_healthz,
+        )?),
+        None => None,
+    };
     let routes = tonic::service::Routes::new(QueryNodeService::new(node.clone()).into_server());
     let mut grpc = GrpcServer::start(
         bound.grpc,
@@ -53,7 +62,7 @@ pub async fn run(config: Config, ready_file: Option<std::path::PathBuf>) -> anyh
         server::write_ready_file(
             path,
             addr,
-            None,
+            http_addr,
             serde_json::json!({ "query_node_id": node.id() }),
         )?;
     }
@@ -68,4 +77,27 @@ pub async fn run(config: Config, ready_file: Option<std::path::PathBuf>) -> anyh
         }
     }
     Ok(())
+}
+
+/// `/metrics` (the object store's requests) and `/healthz` (registered, and what it holds).
+fn http_app(
+    node: std::sync::Arc<QueryNode>,
+    metrics: walden_streaming_node::metrics::Metrics,
+) -> axum::Router {
+    use axum::{http::StatusCode, routing::get};
+    axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || std::future::ready((StatusCode::OK, metrics.render()))),
+        )
+        .route(
+            "/healthz",
+            get(move || {
+                let held = node.held_segments();
+                std::future::ready((
+                    StatusCode::OK,
+                    format!("ok: query node {}, {held} segments held\n", node.id()),
+                ))
+            }),
+        )
 }

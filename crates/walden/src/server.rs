@@ -8,6 +8,7 @@ use anyhow::Context;
 use axum::Router;
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tracing::info;
+use walden_connect::ConnectOptions;
 
 use crate::{auth, config::ServerConfig, listener, tls};
 
@@ -96,15 +97,60 @@ impl Security {
     pub fn scheme(&self) -> &'static str {
         if self.tls.is_some() { "https" } else { "http" }
     }
+
+    /// How this cluster process reaches the others (docs/design.md §11.1): its own token, and
+    /// the authority of `cluster.tls_ca_file`, required when this process serves TLS (the
+    /// others advertise `https://` then).
+    pub fn peers(&self, cluster: &crate::config::ClusterConfig) -> anyhow::Result<ConnectOptions> {
+        let tls_ca_pem =
+            match &cluster.tls_ca_file {
+                Some(path) => Some(std::fs::read(path).with_context(|| {
+                    format!("cluster.tls_ca_file: cannot read {}", path.display())
+                })?),
+                None => None,
+            };
+        anyhow::ensure!(
+            self.tls.is_none() || tls_ca_pem.is_some(),
+            "cluster.tls_ca_file must name the authority of the cluster's certificates when              server.tls_cert_file is set: the other processes serve TLS too"
+        );
+        Ok(ConnectOptions {
+            token: self.tokens.own(),
+            tls_ca_pem,
+        })
+    }
 }
 
-/// Serves `app` on the HTTP listener (with the server's TLS, if on).
+/// Serves `app` on the HTTP listener (with the server's TLS, if on). With tokens on, every
+/// path needs one (401 without), `/healthz` too unless `public_healthz`: the same rule for
+/// every role's endpoints.
 pub fn spawn_http(
     http: TcpListener,
     app: Router,
     security: &Security,
+    public_healthz: bool,
 ) -> anyhow::Result<SocketAddr> {
     let addr = http.local_addr()?;
+    let tokens = security.tokens.clone();
+    let app = app.layer(axum::middleware::from_fn(
+        move |req: axum::extract::Request, next: axum::middleware::Next| {
+            let allowed = (public_healthz && req.uri().path() == "/healthz")
+                || tokens.accepts(
+                    req.headers()
+                        .get(axum::http::header::AUTHORIZATION)
+                        .map(|v| v.as_bytes()),
+                );
+            async move {
+                if allowed {
+                    next.run(req).await
+                } else {
+                    axum::response::IntoResponse::into_response((
+                        axum::http::StatusCode::UNAUTHORIZED,
+                        "a valid bearer token is required\n",
+                    ))
+                }
+            }
+        },
+    ));
     match &security.tls {
         Some(t) => {
             let listener = tls::TlsListener::new(http, t.rustls.clone())?;

@@ -89,7 +89,12 @@ pub async fn run(config: Config, ready_file: Option<std::path::PathBuf>) -> anyh
         .context("opening the pchannels")?;
     let flushers = backends::flushers(&config, &meta, &blobs, &metrics)?;
     flushers.follow(manager.clone());
-    let delegators = Delegators::new(meta.clone(), blobs.clone(), config.query.clone(), None);
+    let delegators = Delegators::new(
+        meta.clone(),
+        blobs.clone(),
+        config.query.clone(),
+        walden_connect::ConnectOptions::default(),
+    );
     delegators.follow(manager.clone());
     let coordinator = Coordinator::start(
         meta,

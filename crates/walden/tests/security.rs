@@ -379,3 +379,244 @@ async fn public_healthz_answers_without_a_token_and_metrics_still_need_one() {
     assert_eq!(common::http_get(&http, "/healthz").await.0, 200);
     assert_eq!(common::http_get(&http, "/metrics").await.0, 401);
 }
+
+/// The code a refused call ended with, through the client's retry wrapper.
+fn code_of(e: &ClientError) -> ErrorCode {
+    match e {
+        ClientError::RetriesExhausted { last, .. } => last.code(),
+        other => other.code(),
+    }
+}
+
+/// A status call (a coordinator's cluster status, a node's status, a query node's state) to
+/// `addr` with `options`: the error, if refused.
+async fn call(role: &str, addr: &str, options: &ConnectOptions) -> Result<(), ErrorCode> {
+    use walden_proto::v1::{QueryNodeStateRequest, query_node_client::QueryNodeClient};
+    if role == "query-node" {
+        let ch = walden_connect::lazy(addr, options, Some(Duration::from_secs(5))).unwrap();
+        return match QueryNodeClient::new(ch)
+            .state(QueryNodeStateRequest::default())
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == tonic::Code::Unauthenticated => Err(ErrorCode::Unauthenticated),
+            Err(_) => Err(ErrorCode::Unavailable),
+        };
+    }
+    let client = Client::connect_with(addr, options)
+        .await
+        .map_err(|e| code_of(&e))?;
+    let r = if role == "coord" {
+        client.cluster_status().await.map(|_| ())
+    } else {
+        client.status().await.map(|_| ())
+    };
+    r.map_err(|e| code_of(&e))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_with_tls_and_tokens_on_every_listener_writes_fails_over_flushes_and_searches() {
+    use common::cluster::Cluster;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_certificates(d);
+    let ca = std::fs::read(d.join("ca.crt")).unwrap();
+    let tokens = d.join("tokens");
+    std::fs::write(&tokens, "cluster-token\n").unwrap();
+    // Appended to the cluster's [cluster] table: the authority, then the server's TLS and tokens.
+    let extra = format!(
+        "tls_ca_file = {:?}\n[server]\ntls_cert_file = {:?}\ntls_key_file = {:?}\n\
+         auth_token_file = {:?}\n",
+        d.join("ca.crt"),
+        d.join("server.crt"),
+        d.join("server.key"),
+        tokens,
+    );
+    let with = |token: Option<&str>| ConnectOptions {
+        token: token.map(str::to_owned),
+        tls_ca_pem: Some(ca.clone()),
+    };
+    let mut c = Cluster::start_with(0, 0, 4, &extra, with(Some("cluster-token"))).await;
+    c.metrics = true;
+    c.add_coord().await;
+    c.add_coord().await;
+    for _ in 0..3 {
+        c.add_node().await;
+    }
+    c.add_query_node().await;
+    c.add_query_node().await;
+    let status = c.converged(4, Duration::from_secs(30)).await;
+
+    // Producers on every pchannel, through a kill -9 of the node that owns walden-dml-0.
+    let client = c.client().await;
+    let acked = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut producers = Vec::new();
+    for p in 0..4 {
+        let (client, acked) = (client.clone(), acked.clone());
+        producers.push(tokio::spawn(async move {
+            let pchannel = format!("walden-dml-{p}");
+            let producer = client.producer(&pchannel, ProducerOptions::default());
+            for i in 0..300 {
+                let payload = format!("{pchannel}/{i}");
+                let msg = MutableMessage::new(MessageType::Data, "v", Bytes::from(payload.clone()));
+                let r = producer
+                    .append(msg)
+                    .await
+                    .expect("acknowledged through the kill");
+                acked
+                    .lock()
+                    .unwrap()
+                    .push((pchannel.clone(), payload, r.id));
+                if i % 50 == 0 {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }));
+    }
+    while acked.lock().unwrap().len() < 400 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let owner = status
+        .pchannels
+        .iter()
+        .find(|p| p.pchannel == "walden-dml-0")
+        .unwrap()
+        .node_id;
+    let killed_at = acked.lock().unwrap().len();
+    c.node_by_id(owner).kill();
+    for p in producers {
+        p.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert_eq!(acked.len(), 1200);
+    assert!(killed_at < 1200, "the kill landed while producing");
+    for p in 0..4 {
+        let pchannel = format!("walden-dml-{p}");
+        let stored: Vec<String> = common::read_to_end(&client, &pchannel)
+            .await
+            .into_iter()
+            .filter(|m| m.message_type() == MessageType::Data)
+            .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
+            .collect();
+        let mine: Vec<String> = acked
+            .iter()
+            .filter(|(pc, _, _)| *pc == pchannel)
+            .map(|(_, p, _)| p.clone())
+            .collect();
+        assert_eq!(
+            stored, mine,
+            "{pchannel}: every acknowledged message once, in order"
+        );
+    }
+
+    // A flush, query nodes loading it, and a search, from the CLI as a user runs it.
+    std::fs::write(
+        d.join("schema.json"),
+        r#"{"fields":[{"name":"id","type":"int64","primary_key":true},
+            {"name":"emb","type":"float_vector","dim":4}]}"#,
+    )
+    .unwrap();
+    let rows: Vec<serde_json::Value> = (0..500)
+        .map(|i| serde_json::json!({"id": i, "emb": [i as f32, 1.0, 2.0, 3.0]}))
+        .collect();
+    std::fs::write(d.join("rows.json"), serde_json::to_string(&rows).unwrap()).unwrap();
+    let addr = c.addrs();
+    let cli = |args: &[&str]| {
+        let out = Command::new(WALDEN)
+            .args(args)
+            .args(["--addr", &addr, "--tls-ca"])
+            .arg(d.join("ca.crt"))
+            .env("WALDEN_TOKEN", "cluster-token")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "walden {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let schema = d.join("schema.json").to_string_lossy().into_owned();
+    let rows = d.join("rows.json").to_string_lossy().into_owned();
+    cli(&[
+        "collection",
+        "create",
+        "docs",
+        "--schema",
+        &schema,
+        "--shards",
+        "2",
+    ]);
+    cli(&["insert", "--collection", "docs", "--file", &rows]);
+    cli(&["flush", "--collection", "docs", "--wait"]);
+    cli(&[
+        "collection",
+        "load",
+        "docs",
+        "--replicas",
+        "2",
+        "--timeout",
+        "60",
+    ]);
+    for q in &c.query_nodes {
+        assert!(q.log().contains("segments loaded"), "{}", q.log());
+    }
+    let found = cli(&[
+        "search",
+        "--collection",
+        "docs",
+        "--vector",
+        "[123, 1, 2, 3]",
+        "--top-k",
+        "1",
+        "--consistency",
+        "strong",
+        "--json",
+    ]);
+    let found: serde_json::Value = serde_json::from_str(&found).unwrap();
+    assert_eq!(
+        found["results"][0][0]["id"],
+        serde_json::json!(123),
+        "{found}"
+    );
+
+    // Every listener refuses plaintext and a missing token, /metrics included.
+    let plain = ConnectOptions::default();
+    let procs: Vec<(&str, String, Option<String>)> = c
+        .coords
+        .iter()
+        .chain(c.nodes.iter().filter(|n| n.node_id != Some(owner)))
+        .chain(c.query_nodes.iter())
+        .map(|p| (p.role, p.addr.clone(), p.http.clone()))
+        .collect();
+    assert_eq!(procs.len(), 6);
+    for (role, addr, http) in procs {
+        assert_eq!(
+            call(role, &addr, &with(Some("cluster-token"))).await,
+            Ok(()),
+            "{role} {addr}"
+        );
+        assert!(
+            call(role, &addr, &plain).await.is_err(),
+            "{role} {addr}: plaintext served"
+        );
+        assert_eq!(
+            call(role, &addr, &with(None)).await,
+            Err(ErrorCode::Unauthenticated),
+            "{role} {addr}: no token"
+        );
+        let http = http.expect("metrics listener");
+        assert_eq!(
+            https_get(&http, "/metrics", &ca, None).await.0,
+            401,
+            "{role} /metrics"
+        );
+        assert_eq!(
+            https_get(&http, "/metrics", &ca, Some("cluster-token"))
+                .await
+                .0,
+            200,
+            "{role} /metrics"
+        );
+    }
+}

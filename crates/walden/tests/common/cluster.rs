@@ -17,6 +17,8 @@ use super::WALDEN;
 pub struct Proc {
     pub role: &'static str,
     pub addr: String,
+    /// Its /metrics and /healthz address, when the cluster serves them.
+    pub http: Option<String>,
     pub node_id: Option<u64>,
     dir: PathBuf,
     child: Option<Child>,
@@ -80,6 +82,8 @@ pub struct Cluster {
     pub config: PathBuf,
     /// How clients reach it (a token, when the config turns tokens on).
     pub connect: walden_client::ConnectOptions,
+    /// Processes started from now on serve /metrics and /healthz on a port of their own.
+    pub metrics: bool,
     started: usize,
 }
 
@@ -122,6 +126,7 @@ impl Cluster {
             query_nodes: Vec::new(),
             config,
             connect,
+            metrics: false,
             started: 0,
         };
         for _ in 0..coords {
@@ -142,8 +147,9 @@ impl Cluster {
         let ready = dir.with_extension("ready");
         let log = std::fs::File::create(dir.with_extension("log")).expect("log");
         let mut cmd = Command::new(WALDEN);
+        let metrics = if self.metrics { "127.0.0.1:0" } else { "" };
         cmd.arg(role)
-            .args(["--listen", "127.0.0.1:0", "--metrics-listen", ""])
+            .args(["--listen", "127.0.0.1:0", "--metrics-listen", metrics])
             .args(["--etcd", &self.etcd.endpoints()])
             .arg("--config")
             .arg(&self.config)
@@ -175,6 +181,7 @@ impl Cluster {
         Proc {
             role,
             addr: doc["grpc"].as_str().expect("grpc").to_owned(),
+            http: doc["http"].as_str().map(str::to_owned),
             node_id: doc["node_id"].as_u64().or(doc["query_node_id"].as_u64()),
             dir,
             child: Some(child),
