@@ -23,6 +23,8 @@ use thiserror::Error;
 use walden_common::{ErrorCode, HasErrorCode};
 use walden_expr::ExprError;
 
+pub mod stats;
+
 pub use ann::Ann;
 pub use merge::{Hits, merge};
 pub use metric::Metric;

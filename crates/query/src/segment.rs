@@ -492,6 +492,7 @@ impl Segment {
                 )));
             }
             let rows = ann.search(q, params.k, params.ef, allow)?;
+            crate::stats::graph(1, rows.len() as u64);
             for row in rows {
                 let (b, i) = self.locate(row);
                 // The reported distance is the exact one, as for growing rows.
@@ -527,6 +528,8 @@ impl Segment {
                 continue;
             }
             let (values, dim) = vectors(batch, params.field)?;
+            let scored = keep.iter().filter(|k| **k).count() as u64;
+            crate::stats::exact(scored * params.queries.len() as u64);
             for (q, top) in params.queries.iter().zip(tops.iter_mut()) {
                 if q.len() != dim {
                     return Err(QueryError::InvalidArgument(format!(

@@ -14,6 +14,7 @@ mod node;
 mod node_http;
 mod query_node;
 mod search_cli;
+mod search_metrics;
 mod server;
 mod standalone;
 mod tls;

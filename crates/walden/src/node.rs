@@ -44,6 +44,7 @@ pub async fn run(config: Config, ready_file: Option<std::path::PathBuf>) -> anyh
     );
     let meta = backends::etcd(&config).await?;
     let metrics = Metrics::new();
+    crate::search_metrics::register(&metrics.registry);
     let blobs = backends::object_store(&config, &metrics).await?;
     let storage = backends::wal_storage(&config, &blobs)?;
     let ms = std::time::Duration::from_millis;

@@ -28,6 +28,7 @@ pub async fn run(config: Config, ready_file: Option<std::path::PathBuf>) -> anyh
     let advertise = server::advertised(&config.cluster.advertise, addr, &security)?;
     let meta = backends::etcd(&config).await?;
     let metrics = walden_streaming_node::metrics::Metrics::new();
+    crate::search_metrics::register(&metrics.registry);
     let blobs = backends::object_store(&config, &metrics).await?;
     let node = QueryNode::start(
         meta,

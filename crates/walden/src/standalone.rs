@@ -82,6 +82,7 @@ pub async fn run(config: Config, ready_file: Option<std::path::PathBuf>) -> anyh
             .context("opening the metastore (is another walden using this data dir?)")?,
     );
     let metrics = Metrics::new();
+    crate::search_metrics::register(&metrics.registry);
     let blobs = backends::object_store(&config, &metrics).await?;
     let storage = backends::wal_storage(&config, &blobs)?;
     let manager = WalManager::start(storage, meta.clone(), config.node.clone(), metrics.clone())

@@ -44,6 +44,31 @@ mod writer;
 
 pub(crate) use check::check;
 pub(crate) use layout::header;
+
+/// Runs the shared log's parsers over untrusted bytes (the fuzz target `shared_layout`): an
+/// index file, a record body, a segment file name. Each refuses what it cannot read and never
+/// panics, and an index it accepts encodes back to the same bytes.
+#[doc(hidden)]
+pub fn parse_untrusted(data: &[u8]) {
+    let seq = data
+        .get(16..24)
+        .map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])));
+    if let Some(entries) = layout::decode_index(data, seq) {
+        assert_eq!(
+            layout::encode_index(seq, &entries),
+            data,
+            "an accepted index encodes back to itself"
+        );
+    }
+    if let Some((_, name, payload)) = layout::parse_body(data) {
+        assert!(9 + name.len() <= payload.start && payload.end == data.len());
+    }
+    if let Ok(name) = std::str::from_utf8(data)
+        && let Some(seq) = layout::parse_segment_name(name)
+    {
+        assert_eq!(layout::segment_name(seq), name);
+    }
+}
 use layout::*;
 use reader::*;
 use writer::*;
