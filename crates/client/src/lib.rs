@@ -103,6 +103,13 @@ pub struct Client {
     last_write_by: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, u64>>>,
     /// Turns reads take across each shard's copies (owner, read replicas).
     read_turn: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// How long a read tries again through retryable failures (see `search.rs`).
+    read_retry: Duration,
+    /// Reads tried again, in all (a failed copy asked of the next, a move followed).
+    read_retries: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Read replicas that failed a call, and when: reads pass them over for a while.
+    failed_copies:
+        std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>>,
 }
 
 /// How long the first topology snapshot may take before `connect` gives up waiting for it
@@ -195,11 +202,27 @@ impl Client {
             described: Default::default(),
             read_turn: Default::default(),
             last_write_by: Default::default(),
+            read_retry: search::READ_RETRY,
+            read_retries: Default::default(),
+            failed_copies: Default::default(),
         })
     }
 
     pub fn addr(&self) -> &str {
         &self.addr
+    }
+
+    /// This client, with reads that try again through retryable failures (a failed copy, a
+    /// moved shard) for at most `within` (default 15 s; zero: never, the first failure is
+    /// returned). Clones share the count of [`Client::read_retries`].
+    pub fn with_read_retry(mut self, within: Duration) -> Self {
+        self.read_retry = within;
+        self
+    }
+
+    /// How many times reads were tried again (each copy or attempt after the first).
+    pub fn read_retries(&self) -> u64 {
+        self.read_retries.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The node's pchannels, terms, ticks and sizes (the server connected to).

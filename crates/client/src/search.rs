@@ -126,9 +126,13 @@ pub(crate) type Described = HashMap<String, (Instant, Arc<CollectionInfo>, Arc<S
 /// read that finds it stale asks at once).
 const DESCRIBED_FOR: Duration = Duration::from_secs(2);
 
+/// How long reads pass over a read replica that failed a call (its node may be dead until the
+/// placement moves the replica away, a lease later).
+const PASS_OVER: Duration = Duration::from_secs(5);
+
 /// How long a read follows moves and restarts (retryable errors other than LAG_TOO_LARGE)
-/// before it reports the last error.
-const READ_RETRY: Duration = Duration::from_secs(15);
+/// before it reports the last error, by default ([`Client::with_read_retry`]).
+pub(crate) const READ_RETRY: Duration = Duration::from_secs(15);
 
 impl Client {
     /// Records a write's tick for `session` reads.
@@ -225,13 +229,30 @@ impl Client {
                 let call = &call;
                 let copies = replicas(names);
                 async move {
-                    // Copy 0 is the owner, then the read replicas.
-                    let pick = (turn + attempt) % (copies.len() + 1);
-                    let grpc = match pick.checked_sub(1).and_then(|i| self.route.at(&copies[i])) {
+                    // Copy 0 is the owner, then the read replicas; a replica that failed a
+                    // call lately is passed over while another copy is left.
+                    let n = copies.len() + 1;
+                    let pick = (0..n)
+                        .map(|i| (turn + attempt + i) % n)
+                        .find(|p| {
+                            p.checked_sub(1)
+                                .is_none_or(|i| !self.failed_lately(&copies[i]))
+                        })
+                        .unwrap_or((turn + attempt) % n);
+                    let replica = pick.checked_sub(1).map(|i| copies[i].clone());
+                    let grpc = match replica.as_deref().and_then(|a| self.route.at(a)) {
                         Some(g) => g?,
                         None => self.route.grpc(pchannel, OWNER_WAIT).await?,
                     };
-                    Ok::<_, ClientError>(call(grpc, names.clone()).await?)
+                    call(grpc, names.clone()).await.map_err(|s| {
+                        let e = ClientError::from(s);
+                        if let Some(a) = replica
+                            && e.is_retryable()
+                        {
+                            self.copy_failed(a);
+                        }
+                        e
+                    })
                 }
             }))
             .await;
@@ -245,10 +266,11 @@ impl Client {
                             e.code(),
                             ErrorCode::LagTooLarge | ErrorCode::ChannelNotFound
                         )
-                        && started.elapsed() < READ_RETRY;
+                        && started.elapsed() < self.read_retry;
                     if !again {
                         return Err(e);
                     }
+                    self.read_retries.fetch_add(1, Ordering::Relaxed);
                     attempt += 1;
                     // The next copy at once; back off once every copy was tried.
                     if attempt.is_multiple_of(1 + info.read_replicas.len().min(1)) {
@@ -258,6 +280,23 @@ impl Client {
                 }
             }
         }
+    }
+
+    /// Remembers that the read replica at `addr` failed a call (dead, restarting, or not
+    /// serving yet): reads pass it over for [`PASS_OVER`].
+    fn copy_failed(&self, addr: String) {
+        self.failed_copies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(addr, Instant::now());
+    }
+
+    fn failed_lately(&self, addr: &str) -> bool {
+        self.failed_copies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(addr)
+            .is_some_and(|at| at.elapsed() < PASS_OVER)
     }
 
     /// The collection's record and schema, described at most [`DESCRIBED_FOR`] ago.
@@ -297,10 +336,11 @@ impl Client {
     ) -> bool {
         let again = match e.code() {
             ErrorCode::CollectionNotFound => *attempt == 0,
-            ErrorCode::ChannelNotFound => started.elapsed() < READ_RETRY,
+            ErrorCode::ChannelNotFound => started.elapsed() < self.read_retry,
             _ => false,
         };
         if again {
+            self.read_retries.fetch_add(1, Ordering::Relaxed);
             self.described_cache().remove(collection);
             let backoff = Duration::from_millis(50 << (*attempt).min(4));
             tokio::time::sleep(backoff).await;

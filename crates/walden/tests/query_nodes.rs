@@ -1,15 +1,16 @@
 //! Query nodes in a real cluster (etcd, `walden coord`, `walden node`, `walden query-node`
 //! processes): flushed segments move from the delegator to query nodes placed by the
 //! coordinator with two replicas, deletes after the flush are forwarded to them, and searches
-//! stay exact (or fail with a retryable code, never partial) while a query node is killed with
-//! SIGKILL, another joins, and the last one goes.
+//! in flight while a query node or a read replica's node is killed with SIGKILL are answered
+//! exactly within 2 s by another copy (with the client's retries off, or counted); another
+//! query node joins, and the last one goes.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
     time::{Duration, Instant},
 };
 
@@ -154,25 +155,26 @@ async fn query_nodes_serve_flushed_segments_with_replicas_and_survive_a_killed_n
     }
     exact(&client, &model, &mut rng, "after deletes").await;
 
-    // kill -9 one query node while searching: every answer is exact or a retryable error.
-    let (mut ok, mut retryable) = (0, 0);
-    for i in 0..40 {
-        if i == 5 {
-            c.query_nodes[0].kill();
-        }
-        let q = vector(&mut rng);
-        match search(&client, &q).await {
-            Ok(got) => {
-                assert_eq!(got, nearest(&model, &q), "search {i} around the kill");
-                ok += 1;
-            }
-            Err(e) => {
-                assert!(e.code().is_retryable(), "search {i}: {e}");
-                retryable += 1;
-            }
-        }
-    }
-    assert!(ok >= 35, "{ok} exact, {retryable} retryable failures");
+    // kill -9 one query node while searches are in flight, with the client's read retries off:
+    // the delegators ask another copy, so every search is exact and answered within 2 s.
+    let strict = client.clone().with_read_retry(Duration::ZERO);
+    let run = searches_through(&strict, &model, &mut rng, Consistency::Strong, || {
+        stop_then_kill(&mut c.query_nodes[0])
+    })
+    .await;
+    run.check("a query node killed");
+    assert_eq!(strict.read_retries(), 0, "the client never asked again");
+    let node_log: String = c.nodes.iter().map(|n| n.log()).collect();
+    assert!(
+        node_log.contains("query node failed a read; asking another copy"),
+        "no read met the dead query node ({} reads): {}",
+        run.reads.len(),
+        node_log
+            .lines()
+            .filter(|l| l.contains("WARN"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     exact(&client, &model, &mut rng, "one replica lost").await;
 
     // A new query node takes the lost copies (with the deletes), then the other one goes.
@@ -242,7 +244,7 @@ async fn read_replicas_on_other_streaming_nodes_serve_reads_and_losing_one_fails
         .create("docs", &schema, 2)
         .await
         .unwrap();
-    client.collections().load("docs", 2).await.unwrap();
+    client.collections().load("docs", 3).await.unwrap();
     let mut rng = StdRng::seed_from_u64(147);
     let mut model: BTreeMap<i64, Vec<f32>> = BTreeMap::new();
     let mut insert = |lo: i64, hi: i64, model: &mut BTreeMap<i64, Vec<f32>>| {
@@ -273,12 +275,12 @@ async fn read_replicas_on_other_streaming_nodes_serve_reads_and_losing_one_fails
         .await
         .unwrap();
 
-    // Every vchannel gets one read replica, on a node other than its pchannel's owner, which
-    // holds every row.
+    // Every vchannel gets two read replicas (three copies), on the nodes other than its
+    // pchannel's owner, which hold every row.
     let deadline = Instant::now() + Duration::from_secs(60);
     let info = loop {
         let info = client.collections().describe("docs").await.unwrap();
-        if info.read_replicas.len() == 2 && info.read_replicas.iter().all(|r| r.nodes.len() == 1) {
+        if info.read_replicas.len() == 2 && info.read_replicas.iter().all(|r| r.nodes.len() == 2) {
             break info;
         }
         assert!(Instant::now() < deadline, "no read replicas: {info:?}");
@@ -383,16 +385,139 @@ async fn read_replicas_on_other_streaming_nodes_serve_reads_and_losing_one_fails
         assert_eq!(got, nearest(&model, &q), "the replicas alone");
     }
 
-    // kill -9 the node of a replica during reads: every read still answers, exactly.
-    let victim = info.read_replicas[0].nodes[0];
-    for i in 0..40 {
-        if i == 5 {
-            c.node_by_id(victim).kill();
+    // kill -9 the node of a replica during reads: each read in flight is asked of the next copy
+    // at once (every retry counted), and every read is exact within 2 s.
+    // The victim holds replicas and owns no pchannel (with 3 copies on 3 nodes, every node
+    // that owns none holds a replica of each vchannel).
+    let owners: HashSet<u64> = c
+        .status()
+        .await
+        .unwrap()
+        .pchannels
+        .iter()
+        .map(|p| p.node_id)
+        .collect();
+    let victim = *info
+        .read_replicas
+        .iter()
+        .flat_map(|r| r.nodes.iter())
+        .find(|n| !owners.contains(n))
+        .expect("a node holding replicas only");
+    let counted = client.clone().with_read_retry(Duration::from_secs(2));
+    let before = counted.read_retries();
+    let run = searches_through(&counted, &model, &mut rng, Consistency::Session, || {
+        stop_then_kill(c.node_by_id(victim))
+    })
+    .await;
+    run.check("a read replica's node killed");
+    let retries = counted.read_retries() - before;
+    assert!(retries >= 1, "no read met the dead replica");
+    assert!(
+        retries <= 8,
+        "{retries} retries: a dead copy is asked again, not passed over"
+    );
+    eprintln!(
+        "{} reads around a replica's death, {retries} asked again",
+        run.reads.len()
+    );
+}
+
+/// SIGSTOP, then kill -9 200 ms later: the reads sent to the process meanwhile are in flight
+/// when it dies (a kill alone races the other copies' sync, which may drop the node first).
+fn stop_then_kill(p: &mut common::cluster::Proc) {
+    p.signal("STOP");
+    std::thread::sleep(Duration::from_millis(200));
+    p.kill();
+}
+
+/// One search: its query, its answer, when it started and how long it took.
+type Read = (
+    Vec<f32>,
+    Result<Vec<i64>, walden_client::ClientError>,
+    Instant,
+    Duration,
+);
+
+/// Searches before, during and after a fault: each query, its answer, when it started and
+/// how long it took; and when the fault struck.
+struct FaultRun {
+    reads: Vec<Read>,
+    struck: Instant,
+    model: BTreeMap<i64, Vec<f32>>,
+}
+
+impl FaultRun {
+    /// Every read exact and answered within 2 s, one of them in flight when the fault struck,
+    /// and reads after it.
+    fn check(&self, what: &str) {
+        for (i, (q, r, _, took)) in self.reads.iter().enumerate() {
+            let got = r
+                .as_ref()
+                .unwrap_or_else(|e| panic!("{what}: read {i} failed after {took:?}: {e}"));
+            assert_eq!(*got, nearest(&self.model, q), "{what}: read {i}");
+            assert!(
+                *took <= Duration::from_secs(2),
+                "{what}: read {i} took {took:?}"
+            );
         }
-        let q = vector(&mut rng);
-        let got = search_at(&client, &q, Consistency::Session)
-            .await
-            .unwrap_or_else(|e| panic!("read {i} around the kill: {e}"));
-        assert_eq!(got, nearest(&model, &q), "read {i} around the kill");
+        let in_flight = self
+            .reads
+            .iter()
+            .filter(|(_, _, s, t)| *s <= self.struck && self.struck <= *s + *t)
+            .count();
+        assert!(
+            in_flight >= 1,
+            "{what}: no read was in flight when the fault struck"
+        );
+        let after = self
+            .reads
+            .iter()
+            .filter(|(_, _, s, _)| *s > self.struck)
+            .count();
+        assert!(after >= 10, "{what}: only {after} reads after the fault");
+    }
+}
+
+/// Runs searches back to back on 4 tasks from 300 ms before `fault` until 1.5 s after it, so
+/// that several are in flight when it strikes.
+async fn searches_through(
+    client: &Client,
+    model: &BTreeMap<i64, Vec<f32>>,
+    rng: &mut StdRng,
+    consistency: Consistency,
+    fault: impl FnOnce(),
+) -> FaultRun {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = (0..4)
+        .map(|_| {
+            let queries: Vec<Vec<f32>> = (0..5_000).map(|_| vector(rng)).collect();
+            let (client, stop) = (client.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut out = Vec::new();
+                for q in queries {
+                    if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        break;
+                    }
+                    let started = Instant::now();
+                    let r = search_at(&client, &q, consistency).await;
+                    out.push((q, r, started, started.elapsed()));
+                }
+                out
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let struck = Instant::now();
+    fault();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut reads = Vec::new();
+    for r in readers {
+        reads.extend(r.await.unwrap());
+    }
+    FaultRun {
+        reads,
+        struck,
+        model: model.clone(),
     }
 }
