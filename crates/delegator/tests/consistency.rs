@@ -163,7 +163,6 @@ async fn each_consistency_level_means_what_it_says_on_a_lagging_replica() {
         vchannels: vec![VChannelInfo {
             name: VCHANNEL.into(),
             pchannel: PCHANNEL.into(),
-            ..Default::default()
         }],
         partitions: vec![walden_message::DEFAULT_PARTITION.into()],
         ..Default::default()
