@@ -40,6 +40,9 @@ struct Load {
     stop: Arc<AtomicBool>,
     tasks: Vec<tokio::task::JoinHandle<u64>>,
     tails: Vec<tokio::task::JoinHandle<Vec<MessageId>>>,
+    /// Once the producers stopped: the last acknowledged id of each pchannel, which its tail
+    /// must deliver before it stops.
+    ends: Arc<std::sync::Mutex<Option<Vec<MessageId>>>>,
 }
 
 /// What a run left: the acknowledgements and what each pchannel's tail delivered, in order.
@@ -48,8 +51,14 @@ struct Outcome {
     tailed: Vec<Vec<MessageId>>,
 }
 
-/// Consumes one pchannel from the start, following it through every move, until told to stop.
-async fn tail(addrs: String, pc: usize, stop: Arc<AtomicBool>) -> Vec<MessageId> {
+/// Consumes one pchannel from the start, following it through every move, until it delivered
+/// the pchannel's last acknowledged message (`ends`, set once the producers stopped); fails
+/// the test if that takes over 60 s.
+async fn tail(
+    addrs: String,
+    pc: usize,
+    ends: Arc<std::sync::Mutex<Option<Vec<MessageId>>>>,
+) -> Vec<MessageId> {
     let client = Client::connect(&addrs).await.unwrap();
     let mut consumer = client.consumer(
         &pchannel(pc),
@@ -59,8 +68,23 @@ async fn tail(addrs: String, pc: usize, stop: Arc<AtomicBool>) -> Vec<MessageId>
             ..walden_client::ConsumerOptions::default()
         },
     );
-    let mut ids = Vec::new();
-    while !stop.load(Ordering::Relaxed) {
+    let mut ids: Vec<MessageId> = Vec::new();
+    let mut deadline = None;
+    loop {
+        let end = ends.lock().unwrap().as_ref().map(|e| e[pc]);
+        if let Some(end) = end {
+            if ids.last().is_some_and(|last| *last >= end) {
+                return ids;
+            }
+            let d = *deadline.get_or_insert_with(|| Instant::now() + Duration::from_secs(60));
+            assert!(
+                Instant::now() < d,
+                "the consumer of {} delivered {} messages, up to {:?}, not {end}",
+                pchannel(pc),
+                ids.len(),
+                ids.last()
+            );
+        }
         match tokio::time::timeout(Duration::from_millis(100), consumer.next()).await {
             Ok(Some(Ok(m))) => ids.push(m.id),
             Ok(Some(Err(e))) => panic!("the consumer of {} gave up: {e}", pchannel(pc)),
@@ -68,7 +92,6 @@ async fn tail(addrs: String, pc: usize, stop: Arc<AtomicBool>) -> Vec<MessageId>
             Err(_) => {}
         }
     }
-    ids
 }
 
 impl Load {
@@ -78,14 +101,16 @@ impl Load {
         let tasks = (0..PRODUCERS)
             .map(|i| tokio::spawn(produce(addrs.clone(), i, acked.clone(), stop.clone())))
             .collect();
+        let ends = Arc::new(std::sync::Mutex::new(None));
         let tails = (0..PCHANNELS)
-            .map(|pc| tokio::spawn(tail(addrs.clone(), pc, stop.clone())))
+            .map(|pc| tokio::spawn(tail(addrs.clone(), pc, ends.clone())))
             .collect();
         Self {
             acked,
             stop,
             tasks,
             tails,
+            ends,
         }
     }
 
@@ -93,14 +118,23 @@ impl Load {
         self.acked.lock().unwrap().len()
     }
 
-    /// Stops the producers and tails; every message sent must be acknowledged (the producers
-    /// panic if not), and no consumer may give up.
+    /// Stops the producers, then lets each tail deliver through its pchannel's last
+    /// acknowledged message; every message sent must be acknowledged (the producers panic if
+    /// not), and no consumer may give up or fall short.
     async fn finish(self) -> Outcome {
         self.stop.store(true, Ordering::Relaxed);
         let mut sent = 0;
         for t in self.tasks {
             sent += t.await.expect("a producer failed");
         }
+        let mut ends = vec![MessageId(0); PCHANNELS];
+        for (pchannel_name, id) in self.acked.lock().unwrap().values() {
+            let pc = (0..PCHANNELS)
+                .find(|pc| pchannel(*pc) == *pchannel_name)
+                .expect("a known pchannel");
+            ends[pc] = ends[pc].max(*id);
+        }
+        *self.ends.lock().unwrap() = Some(ends);
         let mut tailed = Vec::new();
         for t in self.tails {
             tailed.push(t.await.expect("a consumer failed"));
@@ -170,7 +204,8 @@ async fn verify(client: &Client, outcome: &Outcome) -> HashSet<String> {
         let mut last_seq: HashMap<usize, u64> = HashMap::new();
         let log = read_to_end(client, &name).await;
         // The tail that followed the pchannel through every move delivered exactly the log's
-        // beginning: nothing skipped, nothing twice, same order.
+        // beginning, through its last acknowledged message: nothing skipped, nothing twice,
+        // same order, nothing acknowledged missing.
         let delivered = &outcome.tailed[pc];
         let ids: Vec<MessageId> = log.iter().map(|m| m.id).collect();
         assert!(
