@@ -110,6 +110,7 @@ impl Flusher {
             return Ok(false);
         };
         let ctx = self.ctx.clone();
+        let _busy = crate::metrics::InProgress::new(&ctx.metrics.compactions_in_progress);
         let blobs = ctx.blobs.as_ref();
         let m = v.stored.manifest.clone();
         let mut deletes = files::Deletes::new();

@@ -1,7 +1,7 @@
 //! Prometheus metrics of the flusher, registered in the node's registry.
 
 use prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 #[derive(Clone, Debug)]
@@ -23,6 +23,26 @@ pub struct Metrics {
     pub wal_bytes: IntGaugeVec,
     /// Files deleted because no manifest named them (crash leftovers, compacted away).
     pub files_deleted: IntCounter,
+    /// Flushes (files being written, then the manifest commit) under way now.
+    pub flushes_in_progress: IntGauge,
+    /// Compactions under way now.
+    pub compactions_in_progress: IntGauge,
+}
+
+/// Counts one unit of work in `gauge` while it lives (however the work ends).
+pub(crate) struct InProgress(IntGauge);
+
+impl InProgress {
+    pub(crate) fn new(gauge: &IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 impl Metrics {
@@ -68,6 +88,14 @@ impl Metrics {
                 "flush_files_deleted_total",
                 "Files deleted because no manifest names them",
             )?,
+            flushes_in_progress: IntGauge::new(
+                "flushes_in_progress",
+                "Flushes under way: files being written or the manifest being committed",
+            )?,
+            compactions_in_progress: IntGauge::new(
+                "compactions_in_progress",
+                "Compactions under way",
+            )?,
         };
         registry.register(Box::new(m.flush_bytes.clone()))?;
         registry.register(Box::new(m.flush_rows.clone()))?;
@@ -79,6 +107,8 @@ impl Metrics {
         registry.register(Box::new(m.truncation_point.clone()))?;
         registry.register(Box::new(m.wal_bytes.clone()))?;
         registry.register(Box::new(m.files_deleted.clone()))?;
+        registry.register(Box::new(m.flushes_in_progress.clone()))?;
+        registry.register(Box::new(m.compactions_in_progress.clone()))?;
         Ok(m)
     }
 }

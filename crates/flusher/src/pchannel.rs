@@ -386,6 +386,7 @@ impl Flusher {
             return Ok(());
         };
         let ctx = self.ctx.clone();
+        let _busy = crate::metrics::InProgress::new(&ctx.metrics.flushes_in_progress);
         let blobs = ctx.blobs.as_ref();
         let prefix = vchannel_prefix(v.stored.manifest.collection_id, vchannel);
         let sealed: Vec<u64> = v

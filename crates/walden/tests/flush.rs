@@ -346,12 +346,12 @@ fn segment_files(data: &std::path::Path) -> BTreeSet<String> {
 async fn kill_9_while_flushing_and_compacting_leaves_every_row_in_the_files_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    // Seals every 20 rows, compacts every 200 ms: a kill lands in a flush or a compaction
-    // most of the time. Unreferenced files go at once (no grace) at the next sweep.
+    // Seals every 20 rows, compacts every 200 ms; each kill is aimed at a flush or a compaction
+    // under way. Unreferenced files go at once (no grace) at the next sweep.
     let config = "[node]\npchannels = 2\nsegment_max_rows = 20\n\
                   [flush]\ncheckpoint_interval_ms = 50\ngc_grace_ms = 0\ngc_interval_ms = 200\n\
                   [flush.compaction]\ninterval_ms = 200\nmin_segments = 2\nsmall_rows = 100000\n";
-    let mut server = Server::start(&data, Some(config)).await;
+    let mut server = Server::start_with(&data, Some(config), true).await;
     create_docs(dir.path(), &server.addr, 2);
     ok_json(&[
         "partition",
@@ -367,6 +367,7 @@ async fn kill_9_while_flushing_and_compacting_leaves_every_row_in_the_files_exac
     let mut next = 0i64;
     let mut rng = StdRng::seed_from_u64(13);
     const KILLS: usize = 12;
+    let (mut mid_flush, mut mid_compaction) = (0, 0);
     for round in 0..KILLS {
         let client = server.client().await;
         let (_, schema) = client.collections().schema("docs").await.unwrap();
@@ -375,10 +376,37 @@ async fn kill_9_while_flushing_and_compacting_leaves_every_row_in_the_files_exac
         if round % 3 == 0 {
             let _ = client.collections().flush("docs").await;
         }
-        tokio::time::sleep(Duration::from_millis(rng.random_range(0..300))).await;
+        // Aim the kill: alternately at a compaction and a flush under way (the flusher's own
+        // gauges, read a moment before it), or anywhere if none comes within 1.5 s.
+        let http = server.metrics_addr.clone().unwrap();
+        let aim = if round % 2 == 0 {
+            "walden_compactions_in_progress"
+        } else {
+            "walden_flushes_in_progress"
+        };
+        let aim_until = Instant::now() + Duration::from_millis(1500);
+        let body = loop {
+            let (_, body) = common::http_get(&http, "/metrics").await;
+            if common::metric(&body, aim) > 0.0 || Instant::now() > aim_until {
+                break body;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
         server.kill();
+        if common::metric(&body, "walden_flushes_in_progress") > 0.0 {
+            mid_flush += 1;
+        }
+        if common::metric(&body, "walden_compactions_in_progress") > 0.0 {
+            mid_compaction += 1;
+        }
         server.restart().await;
     }
+    // The kills landed where they are meant to, several times each.
+    eprintln!("{KILLS} kills: {mid_flush} mid-flush, {mid_compaction} mid-compaction");
+    assert!(
+        mid_flush >= 3 && mid_compaction >= 3,
+        "{KILLS} kills: {mid_flush} mid-flush, {mid_compaction} mid-compaction"
+    );
     let client = server.client().await;
     let addr = server.addr.clone();
     ok_json(&[
