@@ -97,6 +97,23 @@ impl SeaweedFs {
         }
     }
 
+    /// Freezes the server (SIGSTOP): every request hangs until [`SeaweedFs::resume`], as when
+    /// the store is away without refusing connections (the harder case for a client).
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    /// Lets a paused server answer again (SIGCONT), with all it had stored.
+    pub fn resume(&self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status();
+    }
+
     /// A config for `s3://BUCKET/prefix` on this server.
     pub fn config(&self, prefix: &str) -> ObjectStoreConfig {
         ObjectStoreConfig {
@@ -115,6 +132,7 @@ impl SeaweedFs {
 
 impl Drop for SeaweedFs {
     fn drop(&mut self) {
+        self.resume();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -319,3 +319,190 @@ async fn object_store_settings_that_cannot_work_are_named_at_start() {
         "wrong credentials: {err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_object_store_away_for_20_s_under_8_producers_and_a_flush_loses_and_doubles_nothing() {
+    let _one = ONE_SERVER.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("s3")).unwrap();
+    let s3 = SeaweedFs::start(&dir.path().join("s3"), "walden")
+        .await
+        .unwrap();
+    // The WAL and the flushed Parquet files both on the store; small segments flush often.
+    let config = object_config(&s3, "away").replacen(
+        "pchannels = 1\n",
+        "pchannels = 1\nsegment_max_rows = 200\n",
+        1,
+    );
+    let server = Server::start(&dir.path().join("data"), Some(&config)).await;
+    let addr = server.addr.clone();
+    let schema_file = dir.path().join("schema.json");
+    std::fs::write(
+        &schema_file,
+        r#"{"fields":[{"name":"id","type":"int64","primary_key":true},
+            {"name":"emb","type":"float_vector","dim":2}]}"#,
+    )
+    .unwrap();
+    let out = common::walden(&[
+        "collection",
+        "create",
+        "docs",
+        "--schema",
+        schema_file.to_str().unwrap(),
+        "--addr",
+        &addr,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let acked: Acked = Arc::default();
+    let mut producers = Vec::new();
+    for i in 0..PRODUCERS {
+        let (addr, acked, stop) = (addr.clone(), acked.clone(), stop.clone());
+        producers.push(tokio::spawn(async move {
+            let client = walden_client::Client::connect(&addr).await.unwrap();
+            let p = client.producer(
+                PCHANNEL,
+                ProducerOptions {
+                    max_in_flight: 8,
+                    retry_timeout: Duration::from_secs(90),
+                    ..ProducerOptions::default()
+                },
+            );
+            let mut seq = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let tag = format!("a{i}-{seq}");
+                seq += 1;
+                let msg = MutableMessage::new(MessageType::Data, "v0", Bytes::from(tag.clone()));
+                let r = p.append(msg).await.unwrap_or_else(|e| panic!("{tag}: {e}"));
+                acked.lock().unwrap().insert(tag, r.id);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }));
+    }
+    // Rows into the collection, each insert acknowledged or failed with a retryable code.
+    let inserted = Arc::new(Mutex::new(Vec::<i64>::new()));
+    let inserter = {
+        let (addr, inserted, stop) = (addr.clone(), inserted.clone(), stop.clone());
+        tokio::spawn(async move {
+            let client = walden_client::Client::connect(&addr).await.unwrap();
+            let (_, schema) = client.collections().schema("docs").await.unwrap();
+            let mut next = 0i64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let rows: Vec<serde_json::Value> = (next..next + 20)
+                    .map(|id| serde_json::json!({"id": id, "emb": [id as f32, 1.0]}))
+                    .collect();
+                let batch = schema.rows_from_json(&rows).unwrap();
+                match client.collections().insert("docs", None, &[batch]).await {
+                    Ok(_) => {
+                        inserted.lock().unwrap().extend(next..next + 20);
+                        next += 20;
+                    }
+                    Err(e) => {
+                        assert!(e.is_retryable(), "insert {next}: {e}");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // A flush, and the store away in the middle of it for 20 s.
+    let flushing = tokio::task::spawn_blocking({
+        let addr = addr.clone();
+        move || common::walden(&["flush", "--collection", "docs", "--wait", "--addr", &addr])
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let before = acked.lock().unwrap().len();
+    s3.pause();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let during = acked.lock().unwrap().len() - before;
+    s3.resume();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for p in producers {
+        p.await.unwrap();
+    }
+    inserter.await.unwrap();
+    let flushed = flushing.await.unwrap();
+    assert!(
+        flushed.status.success(),
+        "the flush across the outage: {}",
+        String::from_utf8_lossy(&flushed.stderr)
+    );
+    let acked = acked.lock().unwrap().clone();
+    let after = acked.len() - before - during;
+    assert!(
+        before > 100 && after > 100,
+        "{before} before the outage, {after} after it"
+    );
+    eprintln!("acknowledged: {before} before the outage, {during} during it, {after} after");
+
+    // The same process serves on: everything acknowledged is stored exactly once.
+    let client = server.client().await;
+    let status = client.status().await.unwrap();
+    assert!(
+        status.pchannels.iter().all(|p| p.state == "serving"),
+        "{status:?}"
+    );
+    let mut seen: HashMap<String, MessageId> = HashMap::new();
+    for m in common::read_to_end(&client, PCHANNEL).await {
+        if m.message_type() != MessageType::Data {
+            continue;
+        }
+        let tag = String::from_utf8(m.payload.to_vec()).unwrap();
+        if let Some(prev) = seen.insert(tag.clone(), m.id) {
+            panic!("{tag} stored twice: at {prev} and {}", m.id);
+        }
+    }
+    for (tag, id) in &acked {
+        assert_eq!(seen.get(tag), Some(id), "{tag} acknowledged at {id}");
+    }
+    // Every acknowledged row is in the Parquet files once the last flush is done.
+    let out = common::walden(&["flush", "--collection", "docs", "--wait", "--addr", &addr]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let inserted = inserted.lock().unwrap().clone();
+    let count = common::ok_json(&[
+        "count",
+        "--collection",
+        "docs",
+        "--consistency",
+        "strong",
+        "--addr",
+        &addr,
+        "--json",
+    ]);
+    assert_eq!(
+        count["count"],
+        serde_json::json!(inserted.len()),
+        "rows after the outage"
+    );
+    let segments = common::ok_json(&[
+        "segments",
+        "--collection",
+        "docs",
+        "--addr",
+        &addr,
+        "--json",
+    ]);
+    let flushed_rows: u64 = segments["segments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["state"] == "flushed" || s["state"] == "compacted")
+        .map(|s| s["rows"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        flushed_rows,
+        inserted.len() as u64,
+        "every row flushed once: {segments}"
+    );
+}
