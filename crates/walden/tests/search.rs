@@ -518,3 +518,86 @@ async fn search_and_query_are_exact_on_growing_rows_and_stay_so_after_a_flush() 
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn searches_while_compaction_swaps_segments_are_all_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    // Segments of 250 rows, compacted as soon as two are flushed: swaps happen all the time.
+    let config = "[node]\npchannels = 1\nsegment_max_rows = 250\n\
+                  [flush.compaction]\ninterval_ms = 100\nmin_segments = 2\nsmall_rows = 100000\n";
+    let server = Server::start_with(&dir.path().join("data"), Some(config), true).await;
+    let http = server.metrics_addr.clone().unwrap();
+    let client = server.client().await;
+    let schema = Schema::from_json(SCHEMA).unwrap();
+    client
+        .collections()
+        .create("docs", &schema, 1)
+        .await
+        .unwrap();
+    let mut rng = StdRng::seed_from_u64(251);
+    let mut model = Model::default();
+    let compactions = |body: &str| common::metric(body, "walden_compactions_total{result=\"ok\"}");
+    let (_, body) = common::http_get(&http, "/metrics").await;
+    let before = compactions(&body);
+    // Insert 4 000 rows in batches while searching after each batch: the flusher seals,
+    // flushes and compacts behind the searches.
+    let mut searches = 0;
+    for b in 0..40 {
+        let rows: Vec<Value> = (b * 100..b * 100 + 100)
+            .map(|id| row(id, &mut rng))
+            .collect();
+        for r in &rows {
+            model.rows.insert(r["id"].as_i64().unwrap(), r.clone());
+        }
+        client
+            .collections()
+            .insert("docs", None, &[schema.rows_from_json(&rows).unwrap()])
+            .await
+            .unwrap();
+        for _ in 0..5 {
+            let q = vector(&mut rng);
+            let got: Vec<i64> = search_ids(&client, &q, "")
+                .await
+                .iter()
+                .map(|g| g.0)
+                .collect();
+            assert_eq!(got, brute_force(&model, &q, None), "batch {b}");
+            searches += 1;
+        }
+        assert_eq!(
+            client.count("docs", "", Consistency::Strong).await.unwrap(),
+            model.rows.len() as u64,
+            "batch {b}: count"
+        );
+        // Room for the flusher: compactions interleave with the batches.
+        tokio::time::sleep(std::time::Duration::from_millis(60)).await;
+    }
+    // Then seal the last rows and search on until compaction settled, through the last swaps.
+    client.collections().flush("docs").await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let q = vector(&mut rng);
+        let got: Vec<i64> = search_ids(&client, &q, "")
+            .await
+            .iter()
+            .map(|g| g.0)
+            .collect();
+        assert_eq!(got, brute_force(&model, &q, None), "after the inserts");
+        searches += 1;
+        let shards = client.shards("docs").await.unwrap();
+        if shards
+            .iter()
+            .all(|s| s.growing_rows == 0 && s.sealed_segments <= 2)
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never settled: {shards:?}"
+        );
+    }
+    let (_, body) = common::http_get(&http, "/metrics").await;
+    let ran = compactions(&body) - before;
+    assert!(ran >= 3.0, "only {ran} compactions ran during the searches");
+    eprintln!("{searches} searches exact through {ran} compactions");
+}
