@@ -656,3 +656,71 @@ async fn rows_held_by_a_killed_nodes_flusher_are_flushed_by_the_new_owner_exactl
         assert_eq!(n.as_u64(), Some(1), "row {id} is in the files {n} times");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_member_etcd_losing_its_leader_then_its_quorum_loses_and_doubles_nothing() {
+    let etcd = walden_metastore_etcd::testing::EtcdServer::start_cluster(3)
+        .expect("3 etcd members (scripts/install-test-deps.sh installs etcd)");
+    let mut c = Cluster::start_on(etcd, 2, 3, PCHANNELS, "", Default::default()).await;
+    let load = Load::start(c.addrs()).await;
+    let wait_for_acks = |load: &Load, more: usize, what: &str| {
+        let target = load.acked() + more;
+        let acked = load.acked.clone();
+        let what = what.to_owned();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while acked.lock().unwrap().len() < target {
+                assert!(Instant::now() < deadline, "{what}: producers stalled");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    wait_for_acks(&load, 300, "at start").await;
+
+    // The etcd leader dies: a new one is elected, and the cluster writes on.
+    let leader = c.etcd.leader().expect("an etcd leader");
+    c.etcd.kill_member(leader);
+    let killed = Instant::now();
+    wait_for_acks(&load, 300, "after the etcd leader died").await;
+    eprintln!(
+        "etcd leader {leader} killed: 300 more acknowledged in {:?}",
+        killed.elapsed()
+    );
+    let status = c.status().await.expect("the cluster answers");
+    assert!(
+        status
+            .pchannels
+            .iter()
+            .all(|p| p.state() == AssignmentState::Assigned)
+    );
+
+    // A second member dies: no quorum. Nothing acknowledged is lost meanwhile, and the
+    // coordinators say why they cannot place.
+    let second = (0..3).find(|i| *i != leader).unwrap();
+    c.etcd.kill_member(second);
+    let lost = load.acked();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert!(!c.etcd.healthy(), "no quorum with one member of three");
+    eprintln!("quorum lost: {} acknowledged in 8 s", load.acked() - lost);
+    // The leader coordinator cannot keep its lease: it steps down (no placement without etcd)
+    // and says why; the standby's campaign fails for the same reason.
+    let logs: String = c.coords.iter().map(|p| p.log()).collect();
+    assert!(
+        logs.contains("metastore unavailable: etcd")
+            && (logs.contains("stepping down") || logs.contains("campaign failed")),
+        "the coordinators do not say why they stopped placing: {logs}"
+    );
+
+    // Both come back: the cluster writes on; every acknowledged message once, in order.
+    c.etcd.restart_member(leader).unwrap();
+    c.etcd.restart_member(second).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !c.etcd.healthy() {
+        assert!(Instant::now() < deadline, "etcd never healthy again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_for_acks(&load, 300, "after the quorum came back").await;
+    c.converged(PCHANNELS, Duration::from_secs(30)).await;
+    let outcome = load.finish().await;
+    verify(&c.client().await, &outcome).await;
+}

@@ -113,11 +113,23 @@ impl Cluster {
         extra: &str,
         connect: walden_client::ConnectOptions,
     ) -> Self {
+        let etcd = EtcdServer::start().expect("etcd (scripts/install-test-deps.sh installs it)");
+        Self::start_on(etcd, coords, nodes, pchannels, extra, connect).await
+    }
+
+    /// Like [`Cluster::start_with`], on `etcd` (a cluster of several members, say).
+    pub async fn start_on(
+        etcd: EtcdServer,
+        coords: usize,
+        nodes: usize,
+        pchannels: usize,
+        extra: &str,
+        connect: walden_client::ConnectOptions,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::create_dir(dir.path().join("store")).expect("store dir");
         let config = dir.path().join("cluster.toml");
         std::fs::write(&config, self::config(dir.path(), pchannels, extra)).expect("config");
-        let etcd = EtcdServer::start().expect("etcd (scripts/install-test-deps.sh installs it)");
         let mut c = Self {
             dir,
             etcd,
