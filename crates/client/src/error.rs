@@ -64,16 +64,7 @@ fn code_name(code: u32) -> String {
     ErrorCode::from_u32(code).map_or_else(|| format!("code {code}"), |c| c.to_string())
 }
 
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub(crate) use walden_common::error_chain as chain;
 
 impl From<tonic::Status> for ClientError {
     /// A status whose details hold a typed error (what unary Walden calls return) becomes

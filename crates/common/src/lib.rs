@@ -41,6 +41,22 @@ impl fmt::Display for Term {
     }
 }
 
+/// An error and its sources on one line (`a: b: c`), a source left out when the text before
+/// already holds it (many errors repeat their source's message).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}
+
 /// `s` quoted for an error message, cut to its first 64 characters (with its length) when
 /// longer: error texts travel in gRPC headers, and a 100 KB name there broke the HTTP/2 stream
 /// and reached the caller as a transport error.

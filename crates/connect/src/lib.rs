@@ -141,7 +141,7 @@ pub fn endpoint(addr: &str, options: &ConnectOptions) -> Result<Endpoint, Connec
         let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
         endpoint = endpoint
             .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)))
-            .map_err(|e| ConnectError::Tls(chain(&e)))?;
+            .map_err(|e| ConnectError::Tls(walden_common::error_chain(&e)))?;
     }
     Ok(endpoint)
 }
@@ -161,21 +161,6 @@ pub fn lazy(
         ep.connect_lazy(),
         options.bearer()?,
     ))
-}
-
-/// An error and its causes, on one line.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = c.source();
-    }
-    s
 }
 
 #[cfg(test)]

@@ -55,18 +55,11 @@ impl HasErrorCode for ObjectStoreError {
 
 /// The text of an error and its sources, on one line.
 pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = c.source();
-    }
     // Servers put XML bodies in their errors: one line, whitespace folded.
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
+    walden_common::error_chain(e)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 impl ObjectStoreError {

@@ -45,6 +45,40 @@ fn files(dir: &std::path::Path) -> (String, String) {
     )
 }
 
+/// With the CLI, as a user would: collection `c` in 2 shards, `ROWS` rows, a flush.
+fn create_insert_flush(addr: &str, dir: &std::path::Path) {
+    let (schema, rows) = files(dir);
+    ok_json(&[
+        "collection",
+        "create",
+        "c",
+        "--schema",
+        &schema,
+        "--shards",
+        "2",
+        "--addr",
+        addr,
+        "--json",
+    ]);
+    let inserted = ok_json(&[
+        "insert",
+        "--collection",
+        "c",
+        "--file",
+        &rows,
+        "--addr",
+        addr,
+        "--json",
+    ]);
+    assert_eq!(inserted["inserted"], json!(ROWS));
+    let out = walden(&["flush", "--collection", "c", "--wait", "--addr", addr]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Runs a read command, which must succeed within `within`; returns its JSON.
 fn timed(args: &[&str], within: Duration, what: &str) -> Value {
     let started = Instant::now();
@@ -142,36 +176,7 @@ async fn reads_on_flushed_data_left_idle_after_a_restart_answer_at_once_at_every
     let dir = tempfile::tempdir().unwrap();
     let mut server = Server::start(&dir.path().join("data"), None).await;
     let addr = server.addr.clone();
-    let (schema, rows) = files(dir.path());
-    ok_json(&[
-        "collection",
-        "create",
-        "c",
-        "--schema",
-        &schema,
-        "--shards",
-        "2",
-        "--addr",
-        &addr,
-        "--json",
-    ]);
-    let inserted = ok_json(&[
-        "insert",
-        "--collection",
-        "c",
-        "--file",
-        &rows,
-        "--addr",
-        &addr,
-        "--json",
-    ]);
-    assert_eq!(inserted["inserted"], json!(ROWS));
-    let out = walden(&["flush", "--collection", "c", "--wait", "--addr", &addr]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    create_insert_flush(&addr, dir.path());
     server.stop();
     server.restart().await;
     let addr = server.addr.clone();
@@ -207,36 +212,7 @@ async fn a_cluster_with_query_nodes_answers_idle_reads_at_every_level_after_flus
     c.add_query_node().await;
     let addr = c.addrs();
     let dir = tempfile::tempdir().unwrap();
-    let (schema, rows) = files(dir.path());
-    ok_json(&[
-        "collection",
-        "create",
-        "c",
-        "--schema",
-        &schema,
-        "--shards",
-        "2",
-        "--addr",
-        &addr,
-        "--json",
-    ]);
-    let inserted = ok_json(&[
-        "insert",
-        "--collection",
-        "c",
-        "--file",
-        &rows,
-        "--addr",
-        &addr,
-        "--json",
-    ]);
-    assert_eq!(inserted["inserted"], json!(ROWS));
-    let out = walden(&["flush", "--collection", "c", "--wait", "--addr", &addr]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    create_insert_flush(&addr, dir.path());
     let out = walden(&[
         "index",
         "create",

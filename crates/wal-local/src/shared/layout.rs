@@ -8,9 +8,20 @@ pub(super) fn segment_name(seq: u64) -> String {
 }
 
 pub(super) fn parse_segment_name(n: &str) -> Option<u64> {
-    n.strip_suffix(".log")
-        .filter(|s| s.len() == 20)
-        .and_then(|s| s.parse().ok())
+    sequence(n.strip_suffix(".log")?)
+}
+
+/// The sequence number of an index file's name.
+pub(super) fn parse_index_name(n: &str) -> Option<u64> {
+    sequence(n.strip_suffix(".idx")?)
+}
+
+/// Exactly 20 ASCII digits: `u64::from_str` alone also takes a sign (`+000…7` would name
+/// segment 7 a second time; found by the `shared_layout` fuzz target).
+fn sequence(digits: &str) -> Option<u64> {
+    (digits.len() == 20 && digits.bytes().all(|c| c.is_ascii_digit()))
+        .then(|| digits.parse().ok())
+        .flatten()
 }
 
 /// The segments in `dir`, by sequence number.
@@ -169,5 +180,21 @@ mod tests {
         assert_eq!(decode_index(seed, 7).map(|e| e.len()), Some(2));
         crate::shared::parse_untrusted(seed);
         crate::shared::parse_untrusted(b"00000000000000000007.log");
+    }
+
+    #[test]
+    fn a_segment_or_index_name_is_twenty_digits_and_nothing_else() {
+        assert_eq!(parse_segment_name("00000000000000000007.log"), Some(7));
+        assert_eq!(parse_index_name(&index_name(7)), Some(7));
+        for bad in [
+            "+0000000000000000007.log",
+            "-0000000000000000007.log",
+            " 0000000000000000007.log",
+            "0000000000000000007.log",
+            "000000000000000000007.log",
+        ] {
+            assert_eq!(parse_segment_name(bad), None, "{bad}");
+        }
+        assert_eq!(parse_index_name("+0000000000000000007.idx"), None);
     }
 }

@@ -199,9 +199,7 @@ impl Log {
         for name in fs.list(&dir).map_err(io_err(LOG, "listing segments"))? {
             if is_prepared_name(&name) {
                 let _ = fs.remove(&dir.join(&name));
-            } else if let Some(seq) = name
-                .strip_suffix(".idx")
-                .and_then(|s| s.parse::<u64>().ok())
+            } else if let Some(seq) = layout::parse_index_name(&name)
                 && seqs.binary_search(&seq).is_err()
             {
                 let _ = fs.remove(&dir.join(&name));
