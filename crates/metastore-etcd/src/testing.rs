@@ -19,6 +19,8 @@ struct Member {
     data: PathBuf,
     client_port: u16,
     peer_port: u16,
+    /// Another address the client port also listens on (a test network's).
+    also_on: Option<String>,
 }
 
 /// An etcd cluster of one or more members. Killed when dropped.
@@ -45,13 +47,17 @@ impl Member {
     fn spawn(&mut self, initial_cluster: &str) -> io::Result<()> {
         let client = self.client_url();
         let peer = self.peer_url();
+        let listen = match &self.also_on {
+            Some(ip) => format!("{client},http://{ip}:{}", self.client_port),
+            None => client.clone(),
+        };
         let log = std::fs::File::create(self.data.with_extension("log"))?;
         let child = Command::new("etcd")
             .arg("--name")
             .arg(&self.name)
             .arg("--data-dir")
             .arg(&self.data)
-            .args(["--listen-client-urls", &client])
+            .args(["--listen-client-urls", &listen])
             .args(["--advertise-client-urls", &client])
             .args(["--listen-peer-urls", &peer])
             .args(["--initial-advertise-peer-urls", &peer])
@@ -115,6 +121,12 @@ impl EtcdServer {
     /// Starts an etcd cluster of `n` members (one process each) and waits until every member
     /// is healthy.
     pub fn start_cluster(n: usize) -> io::Result<Self> {
+        Self::start_cluster_on(n, None)
+    }
+
+    /// Like [`EtcdServer::start_cluster`], each member's client port also listening on `ip`
+    /// (an address of a test network; see [`EtcdServer::endpoints_on`]).
+    pub fn start_cluster_on(n: usize, ip: Option<&str>) -> io::Result<Self> {
         let dir = tempfile::tempdir()?;
         let data = dir.path().join("etcd");
         let mut last = None;
@@ -129,6 +141,7 @@ impl EtcdServer {
                     data: data.with_extension(format!("m{i}")),
                     client_port: free_port()?,
                     peer_port: free_port()?,
+                    also_on: ip.map(str::to_owned),
                 });
             }
             let mut s = Self {
@@ -190,6 +203,16 @@ impl EtcdServer {
         self.members
             .iter()
             .map(Member::client_url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Every member's client URL on `ip` (the address given to
+    /// [`EtcdServer::start_cluster_on`]), comma-separated.
+    pub fn endpoints_on(&self, ip: &str) -> String {
+        self.members
+            .iter()
+            .map(|m| format!("http://{ip}:{}", m.client_port))
             .collect::<Vec<_>>()
             .join(",")
     }

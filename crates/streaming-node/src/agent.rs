@@ -298,28 +298,53 @@ async fn register(meta: &dyn MetaStore, config: &AgentConfig) -> Result<Registra
 /// Keeps the lease alive at a third of its TTL. A lost lease means the coordinator is moving
 /// every pchannel away: close them all and register again as a new node.
 async fn keep_registered(agent: Weak<NodeAgent>) {
+    // When the last renewal was sent: etcd counts the lease from about then.
     let mut last_ok = tokio::time::Instant::now();
+    let mut failing = false;
     loop {
         let Some(a) = agent.upgrade() else { return };
         let ttl = a.config.lease_ttl;
+        // Stop serving a tenth of the lease before it can end: the coordinator may hand the
+        // pchannels over once it ends, and a node that cannot renew must not acknowledge
+        // anything past that (docs/design.md §11, a partitioned node).
+        let fence = ttl - ttl / 10;
         let reg = *a.reg.borrow();
         drop(a);
-        tokio::time::sleep(ttl / 3).await;
+        // After a failed renewal, try again often, so that a partition that heals in time
+        // costs nothing and one that does not is noticed before the fence.
+        let pause = if failing {
+            Duration::from_millis(100).min(ttl / 3)
+        } else {
+            ttl / 3
+        };
+        tokio::time::sleep(pause).await;
         let Some(a) = agent.upgrade() else { return };
         if a.draining.load(std::sync::atomic::Ordering::SeqCst) {
             // Keep the lease until the drain revokes it.
             let _ = a.meta.keep_alive(reg.lease).await;
             continue;
         }
-        let lost = match a.meta.keep_alive(reg.lease).await {
-            Ok(()) => {
-                last_ok = tokio::time::Instant::now();
+        let sent = tokio::time::Instant::now();
+        let left = fence
+            .saturating_sub(last_ok.elapsed())
+            .max(Duration::from_millis(1));
+        let lost = match tokio::time::timeout(left, a.meta.keep_alive(reg.lease)).await {
+            Ok(Ok(())) => {
+                last_ok = sent;
+                failing = false;
                 false
             }
-            Err(MetaError::LeaseNotFound(_)) => true,
-            Err(e) => {
-                warn!(error = %e, "node keep-alive failed");
-                last_ok.elapsed() >= ttl
+            Ok(Err(MetaError::LeaseNotFound(_))) => true,
+            Ok(Err(e)) => {
+                if !failing {
+                    warn!(error = %e, "node keep-alive failed");
+                }
+                failing = true;
+                last_ok.elapsed() >= fence
+            }
+            Err(_) => {
+                warn!("node keep-alive got no answer before the lease could end");
+                true
             }
         };
         if !lost {
@@ -338,6 +363,7 @@ async fn keep_registered(agent: Weak<NodeAgent>) {
                     info!(node = r.id, "registered again");
                     a.reg.send_replace(r);
                     last_ok = tokio::time::Instant::now();
+                    failing = false;
                     break;
                 }
                 Err(e) => {

@@ -9,287 +9,24 @@
 mod common;
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
 };
 
 use bytes::Bytes;
-use common::{cluster::Cluster, read_to_end};
+use common::{
+    cluster::Cluster,
+    load::{Load, PCHANNELS, busiest, moved_off, pchannel, verify},
+    read_to_end,
+};
 use walden_client::{Client, ProducerOptions};
-use walden_common::{ErrorCode, HasErrorCode, MessageId};
+use walden_common::{ErrorCode, HasErrorCode};
 use walden_message::{MessageType, MutableMessage};
 use walden_proto::v1::AssignmentState;
-
-const PCHANNELS: usize = 4;
-const PRODUCERS: usize = 8;
-
-type Acked = Arc<Mutex<HashMap<(usize, u64), (String, MessageId)>>>;
-
-fn pchannel(i: usize) -> String {
-    format!("walden-dml-{}", i % PCHANNELS)
-}
-
-/// Idempotent producers over every pchannel, and a tailing consumer of each, through the
-/// coordinators.
-struct Load {
-    acked: Acked,
-    stop: Arc<AtomicBool>,
-    tasks: Vec<tokio::task::JoinHandle<u64>>,
-    tails: Vec<tokio::task::JoinHandle<Vec<MessageId>>>,
-    /// Once the producers stopped: the last acknowledged id of each pchannel, which its tail
-    /// must deliver before it stops.
-    ends: Arc<std::sync::Mutex<Option<Vec<MessageId>>>>,
-}
-
-/// What a run left: the acknowledgements and what each pchannel's tail delivered, in order.
-struct Outcome {
-    acked: HashMap<(usize, u64), (String, MessageId)>,
-    tailed: Vec<Vec<MessageId>>,
-}
-
-/// Consumes one pchannel from the start, following it through every move, until it delivered
-/// the pchannel's last acknowledged message (`ends`, set once the producers stopped); fails
-/// the test if that takes over 60 s.
-async fn tail(
-    addrs: String,
-    pc: usize,
-    ends: Arc<std::sync::Mutex<Option<Vec<MessageId>>>>,
-) -> Vec<MessageId> {
-    let client = Client::connect(&addrs).await.unwrap();
-    let mut consumer = client.consumer(
-        &pchannel(pc),
-        walden_client::ConsumerOptions {
-            from: walden_client::DeliverFrom::All,
-            retry_timeout: Duration::from_secs(60),
-            ..walden_client::ConsumerOptions::default()
-        },
-    );
-    let mut ids: Vec<MessageId> = Vec::new();
-    let mut deadline = None;
-    loop {
-        let end = ends.lock().unwrap().as_ref().map(|e| e[pc]);
-        if let Some(end) = end {
-            if ids.last().is_some_and(|last| *last >= end) {
-                return ids;
-            }
-            let d = *deadline.get_or_insert_with(|| Instant::now() + Duration::from_secs(60));
-            assert!(
-                Instant::now() < d,
-                "the consumer of {} delivered {} messages, up to {:?}, not {end}",
-                pchannel(pc),
-                ids.len(),
-                ids.last()
-            );
-        }
-        match tokio::time::timeout(Duration::from_millis(100), consumer.next()).await {
-            Ok(Some(Ok(m))) => ids.push(m.id),
-            Ok(Some(Err(e))) => panic!("the consumer of {} gave up: {e}", pchannel(pc)),
-            Ok(None) => panic!("the consumer of {} ended", pchannel(pc)),
-            Err(_) => {}
-        }
-    }
-}
-
-impl Load {
-    async fn start(addrs: String) -> Self {
-        let acked: Acked = Arc::default();
-        let stop = Arc::new(AtomicBool::new(false));
-        let tasks = (0..PRODUCERS)
-            .map(|i| tokio::spawn(produce(addrs.clone(), i, acked.clone(), stop.clone())))
-            .collect();
-        let ends = Arc::new(std::sync::Mutex::new(None));
-        let tails = (0..PCHANNELS)
-            .map(|pc| tokio::spawn(tail(addrs.clone(), pc, ends.clone())))
-            .collect();
-        Self {
-            acked,
-            stop,
-            tasks,
-            tails,
-            ends,
-        }
-    }
-
-    fn acked(&self) -> usize {
-        self.acked.lock().unwrap().len()
-    }
-
-    /// Stops the producers, then lets each tail deliver through its pchannel's last
-    /// acknowledged message; every message sent must be acknowledged (the producers panic if
-    /// not), and no consumer may give up or fall short.
-    async fn finish(self) -> Outcome {
-        self.stop.store(true, Ordering::Relaxed);
-        let mut sent = 0;
-        for t in self.tasks {
-            sent += t.await.expect("a producer failed");
-        }
-        let mut ends = vec![MessageId(0); PCHANNELS];
-        for (pchannel_name, id) in self.acked.lock().unwrap().values() {
-            let pc = (0..PCHANNELS)
-                .find(|pc| pchannel(*pc) == *pchannel_name)
-                .expect("a known pchannel");
-            ends[pc] = ends[pc].max(*id);
-        }
-        *self.ends.lock().unwrap() = Some(ends);
-        let mut tailed = Vec::new();
-        for t in self.tails {
-            tailed.push(t.await.expect("a consumer failed"));
-        }
-        let acked = self.acked.lock().unwrap().clone();
-        assert_eq!(
-            acked.len() as u64,
-            sent,
-            "every message sent is acknowledged"
-        );
-        Outcome { acked, tailed }
-    }
-}
-
-async fn produce(addrs: String, producer: usize, acked: Acked, stop: Arc<AtomicBool>) -> u64 {
-    let client = Client::connect(&addrs).await.unwrap();
-    let pchannel = pchannel(producer);
-    let p = client.producer(
-        &pchannel,
-        ProducerOptions {
-            max_in_flight: 8,
-            retry_timeout: Duration::from_secs(60),
-            ..ProducerOptions::default()
-        },
-    );
-    let mut window = std::collections::VecDeque::new();
-    let mut seq = 0u64;
-    let record = |s: u64, r: Result<walden_client::AppendResult, walden_client::ClientError>| {
-        let r = r.unwrap_or_else(|e| panic!("p{producer}-s{s} was never acknowledged: {e}"));
-        acked
-            .lock()
-            .unwrap()
-            .insert((producer, s), (pchannel.clone(), r.id));
-    };
-    while !stop.load(Ordering::Relaxed) {
-        let msg = MutableMessage::new(
-            MessageType::Data,
-            format!("v{producer}"),
-            Bytes::from(format!("p{producer}-s{seq}")),
-        );
-        window.push_back((seq, p.send(msg).await.unwrap()));
-        seq += 1;
-        if window.len() >= 8 {
-            let (s, f) = window.pop_front().unwrap();
-            record(s, f.await);
-        }
-        // A steady, modest rate: the point is correctness through the faults.
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    for (s, f) in window {
-        record(s, f.await);
-    }
-    seq
-}
-
-/// Reads every pchannel back: each acknowledged message exactly once, where it was
-/// acknowledged, in its producer's order; ticks strictly increase per pchannel and no tick
-/// appears twice anywhere (one clock for the cluster). Returns the payloads read.
-async fn verify(client: &Client, outcome: &Outcome) -> HashSet<String> {
-    let acked = &outcome.acked;
-    let mut seen: HashMap<(usize, u64), (String, MessageId)> = HashMap::new();
-    let mut ticks = HashSet::new();
-    let mut payloads = HashSet::new();
-    for pc in 0..PCHANNELS {
-        let name = pchannel(pc);
-        let mut last_tick = 0;
-        let mut last_seq: HashMap<usize, u64> = HashMap::new();
-        let log = read_to_end(client, &name).await;
-        // The tail that followed the pchannel through every move delivered exactly the log's
-        // beginning, through its last acknowledged message: nothing skipped, nothing twice,
-        // same order, nothing acknowledged missing.
-        let delivered = &outcome.tailed[pc];
-        let ids: Vec<MessageId> = log.iter().map(|m| m.id).collect();
-        assert!(
-            delivered.len() <= ids.len() && delivered[..] == ids[..delivered.len()],
-            "{name}: the tailing consumer diverged from the log (delivered {}, log {})",
-            delivered.len(),
-            ids.len()
-        );
-        assert!(!delivered.is_empty(), "{name}: the tail delivered nothing");
-        for m in log {
-            let tick = m.time_tick().0;
-            assert!(
-                tick > last_tick,
-                "{name}: tick {tick} after {last_tick} at id {}",
-                m.id
-            );
-            assert!(
-                ticks.insert(tick),
-                "tick {tick} handed out twice ({name} id {})",
-                m.id
-            );
-            last_tick = tick;
-            if m.message_type() != MessageType::Data {
-                continue;
-            }
-            let text = String::from_utf8(m.payload.to_vec()).unwrap();
-            payloads.insert(text.clone());
-            let Some((p, s)) = text.strip_prefix('p').and_then(|t| t.split_once("-s")) else {
-                continue;
-            };
-            let (p, s): (usize, u64) = (p.parse().unwrap(), s.parse().unwrap());
-            assert_eq!(pchannel(p), name, "message on the wrong pchannel");
-            if let Some(prev) = seen.insert((p, s), (name.clone(), m.id)) {
-                panic!("p{p}-s{s} read twice: at {} and {}", prev.1, m.id);
-            }
-            if let Some(prev) = last_seq.insert(p, s) {
-                assert!(s > prev, "producer {p}: s{s} after s{prev}");
-            }
-        }
-    }
-    let lost: Vec<_> = acked.keys().filter(|k| !seen.contains_key(k)).collect();
-    assert!(
-        lost.is_empty(),
-        "{} acknowledged messages lost, e.g. {:?}",
-        lost.len(),
-        &lost[..lost.len().min(5)]
-    );
-    for (k, at) in acked {
-        assert_eq!(
-            &seen[k], at,
-            "{k:?} acknowledged at one place, read at another"
-        );
-    }
-    payloads
-}
-
-/// Waits until none of `pchannels` is on node `from` and all are assigned again.
-async fn moved_off(c: &Cluster, from: u64, pchannels: &[String], within: Duration) {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(s) = c.status().await
-            && pchannels.iter().all(|p| {
-                s.pchannels.iter().any(|r| {
-                    &r.pchannel == p && r.node_id != from && r.state() == AssignmentState::Assigned
-                })
-            })
-        {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "pchannels of node {from} did not move: {:?}",
-            c.status().await
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// The node with the most pchannels, and them.
-async fn busiest(c: &Cluster) -> (u64, Vec<String>) {
-    let s = c.status().await.unwrap();
-    let n = s.nodes.iter().max_by_key(|n| n.pchannels.len()).unwrap();
-    (n.node.as_ref().unwrap().id, n.pchannels.clone())
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_killed_under_load_loses_nothing_and_its_pchannels_serve_again_within_the_lease() {
@@ -723,4 +460,188 @@ async fn a_three_member_etcd_losing_its_leader_then_its_quorum_loses_and_doubles
     c.converged(PCHANNELS, Duration::from_secs(30)).await;
     let outcome = load.finish().await;
     verify(&c.client().await, &outcome).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_partitioned_from_etcd_stops_acknowledging_within_its_lease_and_clients_move_on() {
+    let netns = match common::netns::Netns::create() {
+        Ok(n) => n,
+        Err(e) => {
+            let root = std::process::Command::new("id")
+                .arg("-u")
+                .output()
+                .is_ok_and(|o| o.stdout.starts_with(b"0"));
+            assert!(!root, "root could not make a network namespace: {e}");
+            eprintln!("skipped: network namespaces need root ({e})");
+            return;
+        }
+    };
+    let etcd = walden_metastore_etcd::testing::EtcdServer::start_cluster_on(1, Some(&netns.etcd))
+        .expect("etcd");
+    let mut c = Cluster::start_on(etcd, 0, 0, PCHANNELS, "", Default::default()).await;
+    c.host = netns.host.clone();
+    c.add_coord().await;
+    // The node inside the namespace first: it takes pchannels before the other joins.
+    c.add_node_in(&netns).await;
+    c.add_node().await;
+    let status = c.converged(PCHANNELS, Duration::from_secs(30)).await;
+    let inside = c.nodes[0].node_id.expect("node id");
+    let mut cut: Vec<String> = status
+        .pchannels
+        .iter()
+        .filter(|p| p.node_id == inside)
+        .map(|p| p.pchannel.clone())
+        .collect();
+    if cut.is_empty() {
+        let pc = pchannel(0);
+        c.client().await.move_pchannel(&pc, inside).await.unwrap();
+        cut.push(pc);
+        c.converged(PCHANNELS, Duration::from_secs(30)).await;
+    }
+    let load = Load::start(c.addrs()).await;
+    let target = load.acked() + 300;
+    while load.acked() < target {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A writer that keeps at the cut node itself (no routing): when does it last hear "ok"?
+    let acks = Arc::new(std::sync::Mutex::new(Vec::<Instant>::new()));
+    let stop_direct = Arc::new(AtomicBool::new(false));
+    let direct = {
+        let (addr, pc, acks, stop) = (
+            c.nodes[0].addr.clone(),
+            cut[0].clone(),
+            acks.clone(),
+            stop_direct.clone(),
+        );
+        tokio::spawn(async move {
+            let client = Client::connect(&addr).await.unwrap();
+            let p = client.producer(
+                &pc,
+                ProducerOptions {
+                    retry_timeout: Duration::ZERO,
+                    ..ProducerOptions::default()
+                },
+            );
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let msg = MutableMessage::new(
+                    MessageType::Data,
+                    "direct",
+                    Bytes::from(format!("direct-{i}")),
+                );
+                i += 1;
+                if p.append(msg).await.is_ok() {
+                    acks.lock().unwrap().push(Instant::now());
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!acks.lock().unwrap().is_empty(), "the direct writer wrote");
+
+    // Cut from etcd, still reachable by clients: it must stop acknowledging within its lease
+    // (2 s), its pchannels move, and the routed producers follow them.
+    let cut_at = Instant::now();
+    netns.cut_etcd();
+    moved_off(&c, inside, &cut, Duration::from_secs(30)).await;
+    let moved_after = cut_at.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop_direct.store(true, Ordering::Relaxed);
+    direct.await.unwrap();
+    let last = *acks.lock().unwrap().last().unwrap();
+    let quiet_after = last.saturating_duration_since(cut_at);
+    eprintln!(
+        "cut from etcd: last acknowledgement {quiet_after:?} after, moved after {moved_after:?}"
+    );
+    assert!(
+        quiet_after <= Duration::from_secs(2),
+        "the partitioned node acknowledged {quiet_after:?} after the cut (lease 2 s)"
+    );
+    let target = load.acked() + 300;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while load.acked() < target {
+        assert!(Instant::now() < deadline, "producers did not move on");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    netns.heal_etcd();
+
+    // The node comes back (a new registration); a pchannel moved onto it, then the whole
+    // namespace cut: clients cannot reach it, its lease ends, and they move on again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let back = loop {
+        if let Some(s) = c.status().await
+            && let Some(n) = s
+                .nodes
+                .iter()
+                .filter_map(|n| n.node.as_ref())
+                .find(|n| n.address.contains(&netns.inside) && n.id != inside)
+        {
+            break n.id;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the partitioned node never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // The balancer spreads pchannels onto it; if it does not soon, one is moved there.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut asked = Instant::now();
+    let pc = loop {
+        if let Some(s) = c.status().await
+            && let Some(p) = s
+                .pchannels
+                .iter()
+                .find(|p| p.node_id == back && p.state() == AssignmentState::Assigned)
+        {
+            break p.pchannel.clone();
+        }
+        if asked.elapsed() > Duration::from_secs(3) {
+            let _ = c.client().await.move_pchannel(&cut[0], back).await;
+            asked = Instant::now();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {back} never served a pchannel: {:?}",
+            c.status().await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let target = load.acked() + 200;
+    while load.acked() < target {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    netns.cut_all();
+    moved_off(&c, back, std::slice::from_ref(&pc), Duration::from_secs(30)).await;
+    let target = load.acked() + 300;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while load.acked() < target {
+        assert!(
+            Instant::now() < deadline,
+            "producers did not move on after the full cut"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    netns.heal_all();
+
+    // Every acknowledged message once, in order; and in every pchannel's log the terms never
+    // go back: the old owner's writes and the new one's do not interleave.
+    let outcome = load.finish().await;
+    let client = c.client().await;
+    verify(&client, &outcome).await;
+    for p in 0..PCHANNELS {
+        let mut term = 0;
+        for m in read_to_end(&client, &pchannel(p)).await {
+            assert!(
+                m.header.term >= term,
+                "{}: term {} after {term} at id {}",
+                pchannel(p),
+                m.header.term,
+                m.id
+            );
+            term = m.header.term;
+        }
+    }
 }

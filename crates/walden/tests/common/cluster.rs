@@ -84,6 +84,9 @@ pub struct Cluster {
     pub connect: walden_client::ConnectOptions,
     /// Processes started from now on serve /metrics and /healthz on a port of their own.
     pub metrics: bool,
+    /// The address processes started from now on listen on (127.0.0.1 by default; a test
+    /// network's host address for partition tests).
+    pub host: String,
     started: usize,
 }
 
@@ -139,6 +142,7 @@ impl Cluster {
             config,
             connect,
             metrics: false,
+            host: "127.0.0.1".into(),
             started: 0,
         };
         for _ in 0..coords {
@@ -154,15 +158,47 @@ impl Cluster {
     }
 
     async fn spawn(&mut self, role: &'static str) -> Proc {
+        self.spawn_in(role, None).await
+    }
+
+    /// Starts a `walden node` inside `netns`, listening on its address and reaching etcd on
+    /// the host address etcd listens on there.
+    pub async fn add_node_in(&mut self, netns: &super::netns::Netns) -> usize {
+        let p = self.spawn_in("node", Some(netns)).await;
+        self.nodes.push(p);
+        self.nodes.len() - 1
+    }
+
+    async fn spawn_in(&mut self, role: &'static str, netns: Option<&super::netns::Netns>) -> Proc {
         self.started += 1;
         let dir = self.dir.path().join(format!("{role}{}", self.started));
         let ready = dir.with_extension("ready");
         let log = std::fs::File::create(dir.with_extension("log")).expect("log");
-        let mut cmd = Command::new(WALDEN);
-        let metrics = if self.metrics { "127.0.0.1:0" } else { "" };
+        let (host, etcd) = match netns {
+            Some(n) => (n.inside.clone(), self.etcd.endpoints_on(&n.etcd)),
+            None => (self.host.clone(), self.etcd.endpoints()),
+        };
+        let mut cmd = match netns {
+            Some(n) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &n.name, WALDEN]);
+                c
+            }
+            None => Command::new(WALDEN),
+        };
+        let metrics = if self.metrics {
+            format!("{host}:0")
+        } else {
+            String::new()
+        };
         cmd.arg(role)
-            .args(["--listen", "127.0.0.1:0", "--metrics-listen", metrics])
-            .args(["--etcd", &self.etcd.endpoints()])
+            .args([
+                "--listen",
+                &format!("{host}:0"),
+                "--metrics-listen",
+                &metrics,
+            ])
+            .args(["--etcd", &etcd])
             .arg("--config")
             .arg(&self.config)
             .arg("--ready-file")

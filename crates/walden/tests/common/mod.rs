@@ -12,6 +12,8 @@ use std::{
 use walden_client::Client;
 
 pub mod cluster;
+pub mod load;
+pub mod netns;
 
 pub const WALDEN: &str = env!("CARGO_BIN_EXE_walden");
 
