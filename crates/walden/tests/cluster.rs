@@ -400,25 +400,13 @@ async fn a_three_member_etcd_losing_its_leader_then_its_quorum_loses_and_doubles
         .expect("3 etcd members (scripts/install-test-deps.sh installs etcd)");
     let mut c = Cluster::start_on(etcd, 2, 3, PCHANNELS, "", Default::default()).await;
     let load = Load::start(c.addrs()).await;
-    let wait_for_acks = |load: &Load, more: usize, what: &str| {
-        let target = load.acked() + more;
-        let acked = load.acked.clone();
-        let what = what.to_owned();
-        async move {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while acked.lock().unwrap().len() < target {
-                assert!(Instant::now() < deadline, "{what}: producers stalled");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    };
-    wait_for_acks(&load, 300, "at start").await;
+    load.more(300, "at start").await;
 
     // The etcd leader dies: a new one is elected, and the cluster writes on.
     let leader = c.etcd.leader().expect("an etcd leader");
     c.etcd.kill_member(leader);
     let killed = Instant::now();
-    wait_for_acks(&load, 300, "after the etcd leader died").await;
+    load.more(300, "after the etcd leader died").await;
     eprintln!(
         "etcd leader {leader} killed: 300 more acknowledged in {:?}",
         killed.elapsed()
@@ -456,7 +444,7 @@ async fn a_three_member_etcd_losing_its_leader_then_its_quorum_loses_and_doubles
         assert!(Instant::now() < deadline, "etcd never healthy again");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    wait_for_acks(&load, 300, "after the quorum came back").await;
+    load.more(300, "after the quorum came back").await;
     c.converged(PCHANNELS, Duration::from_secs(30)).await;
     let outcome = load.finish().await;
     verify(&c.client().await, &outcome).await;
@@ -499,10 +487,7 @@ async fn a_node_partitioned_from_etcd_stops_acknowledging_within_its_lease_and_c
         c.converged(PCHANNELS, Duration::from_secs(30)).await;
     }
     let load = Load::start(c.addrs()).await;
-    let target = load.acked() + 300;
-    while load.acked() < target {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    load.more(300, "at start").await;
 
     // A writer that keeps at the cut node itself (no routing): when does it last hear "ok"?
     let acks = Arc::new(std::sync::Mutex::new(Vec::<Instant>::new()));
@@ -559,12 +544,7 @@ async fn a_node_partitioned_from_etcd_stops_acknowledging_within_its_lease_and_c
         quiet_after <= Duration::from_secs(2),
         "the partitioned node acknowledged {quiet_after:?} after the cut (lease 2 s)"
     );
-    let target = load.acked() + 300;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while load.acked() < target {
-        assert!(Instant::now() < deadline, "producers did not move on");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    load.more(300, "after the cut from etcd").await;
     netns.heal_etcd();
 
     // The node comes back (a new registration); a pchannel moved onto it, then the whole
@@ -609,21 +589,10 @@ async fn a_node_partitioned_from_etcd_stops_acknowledging_within_its_lease_and_c
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let target = load.acked() + 200;
-    while load.acked() < target {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    load.more(200, "on the node back").await;
     netns.cut_all();
     moved_off(&c, back, std::slice::from_ref(&pc), Duration::from_secs(30)).await;
-    let target = load.acked() + 300;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while load.acked() < target {
-        assert!(
-            Instant::now() < deadline,
-            "producers did not move on after the full cut"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    load.more(300, "after the full cut").await;
     netns.heal_all();
 
     // Every acknowledged message once, in order; and in every pchannel's log the terms never

@@ -473,7 +473,12 @@ async fn a_cluster_with_tls_and_tokens_on_every_listener_writes_fails_over_flush
             }
         }));
     }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while acked.lock().unwrap().len() < 400 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the producers stalled"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let owner = status

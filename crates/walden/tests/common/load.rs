@@ -113,6 +113,17 @@ impl Load {
         self.acked.lock().unwrap().len()
     }
 
+    /// Waits until `more` messages past those acknowledged now are acknowledged; fails the
+    /// test, naming `what`, if that takes over 30 s.
+    pub async fn more(&self, more: usize, what: &str) {
+        let target = self.acked() + more;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.acked() < target {
+            assert!(Instant::now() < deadline, "{what}: producers stalled");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Stops the producers, then lets each tail deliver through its pchannel's last
     /// acknowledged message; every message sent must be acknowledged (the producers panic if
     /// not), and no consumer may give up or fall short.
