@@ -2,7 +2,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod faults;
+use crate::faults;
 
 use std::{path::Path, sync::Arc};
 
