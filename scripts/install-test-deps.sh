@@ -36,5 +36,12 @@ if ! python3 -c "import pyarrow" >/dev/null 2>&1; then
     || python3 -m pip install --quiet --disable-pip-version-check --only-binary=:all: --break-system-packages "pyarrow>=15"
 fi
 python3 -c "import pyarrow" || { echo "pyarrow is not importable after pip install" >&2; exit 1; }
+# PyPI: pymilvus (the Milvus client the tests/milvus suite drives Walden with, pinned: its
+# protos are the ones crates/milvus-proto vendors) and pytest to run that suite.
+if ! python3 -c "import pymilvus, pytest, sys; sys.exit(pymilvus.__version__ != '2.6.17')" >/dev/null 2>&1; then
+  python3 -m pip install --quiet --disable-pip-version-check "pymilvus==2.6.17" "pytest>=8" \
+    || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages "pymilvus==2.6.17" "pytest>=8"
+fi
+python3 -c "import pymilvus, pytest" || { echo "pymilvus or pytest is not importable after pip install" >&2; exit 1; }
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
 echo "test dependencies ready"

@@ -17,13 +17,18 @@ use tokio::{
         tcp::{OwnedReadHalf, OwnedWriteHalf},
     },
 };
+use walden_common::test_host::TestHost;
 
-/// A redis-server the bench started, on a private directory and port.
+/// A redis-server the bench started, on a private directory and a loopback address of its own
+/// (port 6379 there: no port is picked and released for it, and a restart binds the same one).
 pub struct RedisServer {
     child: Child,
     pub addr: String,
+    host: TestHost,
     _dir: tempfile::TempDir,
 }
+
+const PORT: &str = "6379";
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
@@ -38,12 +43,12 @@ impl RedisServer {
         let dir = tempfile::Builder::new()
             .prefix("walden-bench-redis-")
             .tempdir_in(parent)?;
-        let addr = super::free_addr()?;
-        let port = addr.rsplit(':').next().unwrap_or("6379").to_owned();
-        let child = spawn(dir.path(), &port)?;
+        let host = TestHost::claim()?;
+        let child = spawn(dir.path(), host.ip())?;
         let server = Self {
             child,
-            addr,
+            addr: format!("{}:{PORT}", host.ip()),
+            host,
             _dir: dir,
         };
         server.wait_ready(Duration::from_secs(60)).await?;
@@ -58,9 +63,8 @@ impl RedisServer {
     pub async fn kill_and_restart(&mut self) -> anyhow::Result<Duration> {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let port = self.addr.rsplit(':').next().unwrap_or("6379").to_owned();
         let started = Instant::now();
-        self.child = spawn(self._dir.path(), &port)?;
+        self.child = spawn(self._dir.path(), self.host.ip())?;
         self.wait_ready(Duration::from_secs(600)).await?;
         Ok(started.elapsed())
     }
@@ -83,13 +87,13 @@ impl RedisServer {
     }
 }
 
-fn spawn(dir: &Path, port: &str) -> anyhow::Result<Child> {
+fn spawn(dir: &Path, ip: &str) -> anyhow::Result<Child> {
     Command::new("redis-server")
         .args([
             "--port",
-            port,
+            PORT,
             "--bind",
-            "127.0.0.1",
+            ip,
             "--appendonly",
             "yes",
             "--appendfsync",

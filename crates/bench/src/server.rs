@@ -19,12 +19,6 @@ impl Drop for WaldenServer {
     }
 }
 
-pub(super) fn free_addr() -> anyhow::Result<String> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .to_string())
-}
-
 impl WaldenServer {
     pub(super) async fn start(config_text: &str, data: &Path) -> anyhow::Result<Self> {
         let config = data.with_extension("bench.toml");
@@ -50,6 +44,8 @@ impl WaldenServer {
                 &self.addr,
                 "--metrics-listen",
                 &self.metrics,
+                "--milvus-listen",
+                "",
             ])
             .arg("--data-dir")
             .arg(&self.data)

@@ -52,6 +52,9 @@ pub struct Collections {
     grpc: Mutex<CollectionsGrpc>,
     client: Client,
     producers: Mutex<HashMap<String, Producer>>,
+    /// How the producers of writes retry (an outage ends a write's retries for all its
+    /// messages at once: see [`ProducerOptions::retry_timeout`]).
+    producer_options: ProducerOptions,
     /// Collections described so far, by name: writes route by them without a describe call
     /// each. A write that finds the collection gone (dropped, or re-created under new shards)
     /// forgets it, and the next call describes again.
@@ -64,8 +67,16 @@ impl Collections {
             grpc: Mutex::new(collections_client(channel, auth)),
             client,
             producers: Mutex::new(HashMap::new()),
+            producer_options: ProducerOptions::default(),
             described: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Writes (insert, upsert, delete) go through producers with these options.
+    #[must_use]
+    pub fn with_producer_options(mut self, options: ProducerOptions) -> Self {
+        self.producer_options = options;
+        self
     }
 
     /// Runs one catalog call on the coordinator that leads; a standby's NOT_LEADER (or an
@@ -428,14 +439,25 @@ impl Collections {
         let Some((_, first)) = failed.first() else {
             return Ok(tick);
         };
-        let cause = Box::new(first.clone());
-        let not_written: Vec<String> = failed.into_iter().flat_map(|(k, _)| k).collect();
+        let cause = Box::new(match first {
+            ClientError::Unconfirmed(e) => (**e).clone(),
+            e => e.clone(),
+        });
+        let mut not_written = Vec::new();
+        let mut in_doubt = Vec::new();
+        for (keys, e) in failed {
+            match e {
+                ClientError::Unconfirmed(_) => in_doubt.extend(keys),
+                _ => not_written.extend(keys),
+            }
+        }
         if not_written.len() == total {
             return Err(*cause);
         }
         Err(ClientError::PartialWrite {
-            written: (total - not_written.len()) as u64,
+            written: (total - not_written.len() - in_doubt.len()) as u64,
             not_written,
+            in_doubt,
             cause,
         })
     }
@@ -445,7 +467,10 @@ impl Collections {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .entry(pchannel.to_owned())
-            .or_insert_with(|| self.client.producer(pchannel, ProducerOptions::default()))
+            .or_insert_with(|| {
+                self.client
+                    .producer(pchannel, self.producer_options.clone())
+            })
             .clone()
     }
 }

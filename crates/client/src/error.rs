@@ -24,15 +24,28 @@ pub enum ClientError {
     /// Refused before sending: the node would refuse it too, and sending it would buffer it.
     #[error("message of {size} bytes exceeds the limit of {limit} bytes")]
     TooLarge { size: usize, limit: usize },
-    /// A write cut into several messages was written in part: the rows (or keys) listed were
-    /// not written, every other one was.
-    #[error("{written} written, {} not written ({}): {cause}", not_written.len(), preview(not_written))]
+    /// A write cut into several messages was not all acknowledged: the rows (or keys) in
+    /// `not_written` were not written, those in `in_doubt` were sent but never acknowledged (they
+    /// may be in the log or not), every other one was written.
+    #[error(
+        "{written} written, {} not written{}, {} in doubt: {cause}",
+        not_written.len(),
+        preview(not_written),
+        in_doubt.len()
+    )]
     PartialWrite {
         written: u64,
         /// Primary keys of the rows (or the keys of a delete) that were not written.
         not_written: Vec<String>,
+        /// Primary keys sent in messages that were never acknowledged: they may be in the log.
+        in_doubt: Vec<String>,
         cause: Box<ClientError>,
     },
+    /// The message was sent, but the producer gave up before an answer came: it may be in the
+    /// log or not (an idempotent producer's resend of it would be answered with the original
+    /// result, not written twice).
+    #[error("sent but not acknowledged, it may be in the log: {0}")]
+    Unconfirmed(Box<ClientError>),
     #[error("the producer or consumer was closed")]
     Closed,
     /// The server's answer does not have the shape the protocol gives it.
@@ -45,9 +58,13 @@ pub enum ClientError {
     },
 }
 
-/// The first few keys, for the error text (the full list is in the error).
+/// The first few keys, for the error text (the full list is in the error): ` (keys …)`, or
+/// nothing for none.
 fn preview(keys: &[String]) -> String {
     const SHOW: usize = 10;
+    if keys.is_empty() {
+        return String::new();
+    }
     let mut s = keys
         .iter()
         .take(SHOW)
@@ -57,7 +74,7 @@ fn preview(keys: &[String]) -> String {
     if keys.len() > SHOW {
         s.push_str(&format!(", and {} more", keys.len() - SHOW));
     }
-    format!("keys {s}")
+    format!(" (keys {s})")
 }
 
 fn code_name(code: u32) -> String {
@@ -107,6 +124,7 @@ impl HasErrorCode for ClientError {
             Self::Protocol(_) => ErrorCode::Internal,
             Self::RetriesExhausted { last, .. } => last.code(),
             Self::PartialWrite { cause, .. } => cause.code(),
+            Self::Unconfirmed(cause) => cause.code(),
         }
     }
 
@@ -121,6 +139,7 @@ impl HasErrorCode for ClientError {
             | Self::Protocol(_)
             | Self::RetriesExhausted { .. }
             | Self::PartialWrite { .. } => false,
+            Self::Unconfirmed(cause) => cause.is_retryable(),
         }
     }
 }

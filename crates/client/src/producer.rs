@@ -62,8 +62,26 @@ pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 8 << 20;
 
 struct Queued {
     msg: pb::MutableMessage,
+    /// Its last send has had no answer yet (a stream that breaks leaves it in doubt).
+    in_flight: bool,
+    /// An earlier send went unanswered: a copy may be in the log whatever happens next (a
+    /// resend refused before the node's deduplication, by a full disk say, proves nothing).
+    doubt: bool,
     reply: oneshot::Sender<Result<AppendResult, ClientError>>,
     _permit: OwnedSemaphorePermit,
+}
+
+impl Queued {
+    /// Put on a stream (again).
+    fn sent(&mut self) {
+        self.doubt |= self.in_flight;
+        self.in_flight = true;
+    }
+
+    /// Whether a copy may be in the log: some send of it was never answered.
+    fn may_be_written(&self) -> bool {
+        self.doubt || self.in_flight
+    }
 }
 
 /// Appends to one pchannel. Messages are sent in the order of [`Producer::send`] calls.
@@ -144,6 +162,8 @@ impl Producer {
         self.tx
             .send(Queued {
                 msg,
+                in_flight: false,
+                doubt: false,
                 reply,
                 _permit: permit,
             })
@@ -231,11 +251,22 @@ fn fail_all(
     rx: &mut mpsc::UnboundedReceiver<Queued>,
     err: &ClientError,
 ) {
-    for (_, q) in std::mem::take(unacked) {
-        let _ = q.reply.send(Err(err.clone()));
-    }
+    fail_unacked(unacked, err);
     while let Ok(q) = rx.try_recv() {
         let _ = q.reply.send(Err(err.clone()));
+    }
+}
+
+/// Fails every unacknowledged message with `err`; one that was sent may have been written, and
+/// says so ([`ClientError::Unconfirmed`]).
+fn fail_unacked(unacked: &mut BTreeMap<u64, Queued>, err: &ClientError) {
+    for (_, q) in std::mem::take(unacked) {
+        let e = if q.may_be_written() {
+            ClientError::Unconfirmed(Box::new(err.clone()))
+        } else {
+            err.clone()
+        };
+        let _ = q.reply.send(Err(e));
     }
 }
 
@@ -261,10 +292,22 @@ fn settle(
         Some(produce_result::Outcome::Error(e)) => {
             let err = ClientError::from(e);
             if err.is_retryable() {
-                // Later messages on this stream fail too; resend all in order.
+                // The node reads nothing after a retryable refusal (docs/design.md §6.3): this
+                // message and every later one on the stream were not written. Resend all in
+                // order.
+                for (_, q) in unacked.range_mut(res.request_id..) {
+                    q.in_flight = false;
+                }
                 return Err(err);
             }
-            if let Some(q) = unacked.remove(&res.request_id) {
+            if let Some(mut q) = unacked.remove(&res.request_id) {
+                // Refused: this send wrote nothing; an earlier unanswered one may have.
+                q.in_flight = false;
+                let err = if q.may_be_written() {
+                    ClientError::Unconfirmed(Box::new(err))
+                } else {
+                    err
+                };
                 let _ = q.reply.send(Err(err));
             }
             Ok(())
@@ -328,9 +371,7 @@ async fn run(
         };
         debug!(pchannel = %pchannel, error = %err, "produce stream broke");
         if !err.is_retryable() {
-            for (_, q) in std::mem::take(&mut unacked) {
-                let _ = q.reply.send(Err(err.clone()));
-            }
+            fail_unacked(&mut unacked, &err);
             continue;
         }
         let since = *health.failing_since.get_or_insert_with(Instant::now);
@@ -384,7 +425,13 @@ async fn session(
         _ => return Err(ClientError::Transport("no answer to `open`".into())),
     }
     // Resend what the last stream left unanswered, in the original order.
-    let resend: Vec<_> = unacked.iter().map(|(id, q)| (*id, q.msg.clone())).collect();
+    let resend: Vec<_> = unacked
+        .iter_mut()
+        .map(|(id, q)| {
+            q.sent();
+            (*id, q.msg.clone())
+        })
+        .collect();
     for chunk in resend.chunks(MAX_BATCH) {
         let _ = req_tx.send(batch_request(chunk.to_vec()));
     }
@@ -402,7 +449,8 @@ async fn session(
                     let mut batch = Vec::new();
                     let mut bytes = 0;
                     let mut next = Some(q);
-                    while let Some(q) = next.take() {
+                    while let Some(mut q) = next.take() {
+                        q.sent();
                         bytes += q.msg.payload.len();
                         batch.push((*next_id, q.msg.clone()));
                         unacked.insert(*next_id, q);

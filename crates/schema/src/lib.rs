@@ -246,7 +246,10 @@ impl Schema {
                 })
             })
             .collect::<Result<_, SchemaError>>()?;
-        Self::new(CollectionSchema { fields })
+        Self::new(CollectionSchema {
+            fields,
+            ..CollectionSchema::default()
+        })
     }
 
     /// The JSON form that [`Schema::from_json`] reads.

@@ -296,6 +296,7 @@ mod tests {
                     ..Default::default()
                 },
             ],
+            ..Default::default()
         })
         .expect("schema")
     }

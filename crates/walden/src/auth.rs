@@ -120,6 +120,45 @@ impl Tokens {
         }
     }
 
+    /// Whether a Milvus client's `authorization` header is accepted: Milvus sends the base64
+    /// of `token` or of `user:password` (pymilvus's `token=` and `user=`/`password=`); either
+    /// the whole text or the password must be a listed token.
+    pub fn accepts_milvus(&self, authorization: Option<&[u8]>) -> bool {
+        use base64::Engine as _;
+        if self.inner.is_none() {
+            return true;
+        }
+        let Some(decoded) =
+            authorization.and_then(|h| base64::engine::general_purpose::STANDARD.decode(h).ok())
+        else {
+            return false;
+        };
+        let bearer = |t: &[u8]| self.accepts(Some(&[b"Bearer ".as_slice(), t].concat()));
+        let password = decoded
+            .iter()
+            .position(|b| *b == b':')
+            .map(|i| &decoded[i + 1..]);
+        bearer(&decoded) | password.is_some_and(bearer)
+    }
+
+    /// The Milvus API's check, as a tonic interceptor.
+    pub fn milvus_interceptor(
+        &self,
+    ) -> impl Fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone + use<>
+    {
+        let tokens = self.clone();
+        move |req: tonic::Request<()>| {
+            let header = req.metadata().get("authorization").map(|v| v.as_bytes());
+            if tokens.accepts_milvus(header) {
+                Ok(req)
+            } else {
+                Err(tonic::Status::unauthenticated(
+                    "a valid token is required (MilvusClient(token=...))",
+                ))
+            }
+        }
+    }
+
     /// Reloads on every SIGHUP, for as long as the process runs.
     pub fn reload_on_sighup(&self) {
         if !self.enabled() {
@@ -188,5 +227,21 @@ mod tests {
             "an empty token file locks everyone out"
         );
         assert!(Tokens::off().accepts(None));
+    }
+
+    #[test]
+    fn milvus_clients_are_let_in_with_a_listed_token_as_a_token_or_a_password_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens");
+        std::fs::write(&path, "alpha\n").unwrap();
+        let t = Tokens::load(&path).unwrap();
+        // base64 of "alpha", of "root:alpha", of "alpha:x", of "beta".
+        assert!(t.accepts_milvus(Some(b"YWxwaGE=")));
+        assert!(t.accepts_milvus(Some(b"cm9vdDphbHBoYQ==")));
+        assert!(!t.accepts_milvus(Some(b"YWxwaGE6eA==")));
+        assert!(!t.accepts_milvus(Some(b"YmV0YQ==")));
+        assert!(!t.accepts_milvus(Some(b"Bearer alpha")), "not base64");
+        assert!(!t.accepts_milvus(None));
+        assert!(Tokens::off().accepts_milvus(None));
     }
 }

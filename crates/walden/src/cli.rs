@@ -38,9 +38,10 @@ pub async fn connect(conn: &ConnArgs) -> anyhow::Result<Client> {
 }
 
 /// One message per stdin line. Every line gets exactly one output line, in input order: its
-/// acknowledgement, or why it was not written (with its line number). A refused line does not
-/// stop the lines after it, and the command fails at the end if any line was not written, so
-/// what the output shows as written is exactly what the WAL holds.
+/// acknowledgement, or why it was not written (with its line number), or that it is in doubt
+/// (sent, never acknowledged: it may be in the WAL). A refused line does not stop the lines
+/// after it, and the command fails at the end if any line was not acknowledged, so the WAL
+/// holds every line shown as written, no line shown as not written, and perhaps lines in doubt.
 pub async fn produce(
     conn: &ConnArgs,
     pchannel: &str,
@@ -81,7 +82,7 @@ pub async fn produce(
     let printer = tokio::spawn(async move {
         let mut out = tokio::io::stdout();
         let mut err = tokio::io::stderr();
-        let (mut failed, mut first_failure) = (0u64, None);
+        let (mut failed, mut in_doubt, mut first_failure) = (0u64, 0u64, None);
         while let Some((line_no, line, outcome)) = rx.recv().await {
             let result = match outcome {
                 Outcome::Pending(fut) => fut.await,
@@ -110,7 +111,14 @@ pub async fn produce(
                 Err(e) => {
                     failed += 1;
                     let code = e.code();
-                    let detail = format!("line {line_no}: not written: {e}");
+                    let unconfirmed = matches!(e, ClientError::Unconfirmed(_));
+                    in_doubt += u64::from(unconfirmed);
+                    let fate = if unconfirmed {
+                        "in doubt"
+                    } else {
+                        "not written"
+                    };
+                    let detail = format!("line {line_no}: {fate}: {e}");
                     let detail = if detail.contains(&code.to_string()) {
                         detail
                     } else {
@@ -119,6 +127,7 @@ pub async fn produce(
                     if json_out {
                         let doc = json!({
                             "line": line_no,
+                            "in_doubt": unconfirmed,
                             "error": {"code": code.as_u32(), "name": code.name(), "message": e.to_string()},
                         });
                         out.write_all(format!("{doc}\n").as_bytes()).await?;
@@ -129,7 +138,7 @@ pub async fn produce(
             }
         }
         out.flush().await?;
-        anyhow::Ok((failed, first_failure))
+        anyhow::Ok((failed, in_doubt, first_failure))
     });
     let mut input = LineReader::new(tokio::io::stdin(), limit);
     let mut line_no = 0u64;
@@ -159,13 +168,18 @@ pub async fn produce(
         }
     }
     drop(tx);
-    let (failed, first) = printer.await.context("printer task")??;
+    let (failed, in_doubt, first) = printer.await.context("printer task")??;
     if let Some((detail, code)) = first {
-        return Err(CliError {
-            code,
-            message: format!("{failed} of {sent} lines were not written (first: {detail})"),
-        }
-        .into());
+        let message = if in_doubt == 0 {
+            format!("{failed} of {sent} lines were not written (first: {detail})")
+        } else {
+            format!(
+                "{failed} of {sent} lines were not acknowledged: {} not written, {in_doubt} in \
+                 doubt (sent, they may be in the log) (first: {detail})",
+                failed - in_doubt
+            )
+        };
+        return Err(CliError { code, message }.into());
     }
     Ok(())
 }
@@ -407,6 +421,7 @@ pub async fn status(conn: &ConnArgs, json_out: bool) -> anyhow::Result<()> {
                     "recovery_ms": p.recovery_ms,
                     "replayed_messages": p.replayed_messages,
                     "checkpoint_next_id": p.checkpoint_next_id,
+                    "durable_checkpoint_id": p.durable_checkpoint_id,
                     "state": p.state,
                     "state_detail": p.state_detail,
                     "wal_storage": p.wal_storage,

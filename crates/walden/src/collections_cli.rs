@@ -6,7 +6,7 @@ use anyhow::{Context, bail};
 use arrow_array::RecordBatch;
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
-use walden_client::{ClientError, Collections, WriteResult};
+use walden_client::{ClientError, Collections, ProducerOptions, WriteResult};
 use walden_common::HasErrorCode;
 use walden_proto::v1::{CollectionInfo, CollectionState, FileKind, SegmentInfo, SegmentState};
 use walden_schema::Schema;
@@ -106,7 +106,27 @@ pub struct WriteArgs {
     #[arg(long)]
     pub partition: Option<String>,
     #[command(flatten)]
+    pub retry: RetryArgs,
+    #[command(flatten)]
     pub common: Common,
+}
+
+/// How long a write follows retryable errors.
+#[derive(Args, Debug)]
+pub struct RetryArgs {
+    /// Seconds to keep retrying through retryable errors (node restarting, channel moving).
+    /// An outage ends the whole write within this window: the rows not written are named.
+    #[arg(long, default_value_t = 30.0)]
+    pub retry_timeout: f64,
+}
+
+impl RetryArgs {
+    fn options(&self) -> anyhow::Result<ProducerOptions> {
+        Ok(ProducerOptions {
+            retry_timeout: crate::seconds("--retry-timeout", self.retry_timeout)?,
+            ..ProducerOptions::default()
+        })
+    }
 }
 
 fn state_name(s: CollectionState) -> &'static str {
@@ -280,7 +300,9 @@ pub async fn partition(cmd: PartitionCmd) -> anyhow::Result<()> {
 }
 
 pub async fn write(args: WriteArgs, upsert: bool) -> anyhow::Result<()> {
-    let api = api(&args.common.conn).await?;
+    let api = api(&args.common.conn)
+        .await?
+        .with_producer_options(args.retry.options()?);
     let (_, schema) = api.schema(&args.collection).await?;
     let batches = read_rows(&args.file, &schema)?;
     let r = if upsert {
@@ -309,9 +331,12 @@ pub async fn delete(
     collection: &str,
     ids: &str,
     partition: Option<&str>,
+    retry: &RetryArgs,
     common: &Common,
 ) -> anyhow::Result<()> {
-    let api = api(&common.conn).await?;
+    let api = api(&common.conn)
+        .await?
+        .with_producer_options(retry.options()?);
     let (_, schema) = api.schema(collection).await?;
     let ids = schema.parse_ids(ids).context("--ids")?;
     let r = report_partial(
@@ -427,9 +452,10 @@ pub async fn segments(collection: &str, common: &Common) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A write that was cut into several messages and written in part is printed like a whole one,
-/// with the keys that were not written, before the command fails: the output never hides rows
-/// that were written, nor claims rows that were not.
+/// A write that was cut into several messages and not all acknowledged is printed like a whole
+/// one, with the keys that were not written and those in doubt (sent, never acknowledged: they
+/// may be in the log), before the command fails: the output never hides rows that were
+/// written, nor claims rows that were not.
 fn report_partial(
     common: &Common,
     key: &str,
@@ -439,6 +465,7 @@ fn report_partial(
         Err(ClientError::PartialWrite {
             written,
             not_written,
+            in_doubt,
             cause,
         }) => {
             let code = cause.code();
@@ -447,18 +474,27 @@ fn report_partial(
                 json!({
                     key: written,
                     "not_written": not_written,
+                    "in_doubt": in_doubt,
                     "error": {"code": code.as_u32(), "name": code.name(), "message": cause.to_string()},
                 }),
                 || {
-                    format!(
+                    let mut s = format!(
                         "{key} {written} rows; not written: {}",
                         not_written.join(",")
-                    )
+                    );
+                    if !in_doubt.is_empty() {
+                        s.push_str(&format!(
+                            "; in doubt (sent, not acknowledged; they may be in the log): {}",
+                            in_doubt.join(",")
+                        ));
+                    }
+                    s
                 },
             );
             Err(ClientError::PartialWrite {
                 written,
                 not_written,
+                in_doubt,
                 cause,
             }
             .into())

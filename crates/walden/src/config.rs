@@ -24,11 +24,29 @@ pub struct Config {
     pub flush: FlushConfig,
     pub query: QueryConfig,
     pub cluster: ClusterConfig,
+    pub milvus: MilvusConfig,
     pub log: LogConfig,
 }
 
+/// `[milvus]`: Milvus's gRPC API (what pymilvus speaks), served by `walden standalone`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MilvusConfig {
+    /// Its address (also `--milvus-listen`); empty turns it off. Default `127.0.0.1:19530`,
+    /// Milvus's own port.
+    pub listen: String,
+}
+
+impl Default for MilvusConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:19530".into(),
+        }
+    }
+}
+
 /// `[cluster]`: how `walden coord` and `walden node` find each other and behave. Standalone
-/// ignores it.
+/// reads only `tls_ca_file` (its Milvus API calls the server over TLS).
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClusterConfig {

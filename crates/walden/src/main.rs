@@ -63,6 +63,14 @@ enum BalanceCmd {
     },
 }
 
+/// Where Milvus's API is served.
+#[derive(clap::Args, Debug)]
+struct MilvusArgs {
+    /// Milvus's gRPC API (pymilvus) address ("" disables) [default: 127.0.0.1:19530].
+    #[arg(long)]
+    milvus_listen: Option<String>,
+}
+
 /// Where a server listens and what it reads at start.
 #[derive(clap::Args, Debug)]
 struct ServeArgs {
@@ -121,6 +129,8 @@ enum Command {
         serve: ServeArgs,
         #[command(flatten)]
         wal: WalArgs,
+        #[command(flatten)]
+        milvus: MilvusArgs,
     },
     /// Run a streaming coordinator of a cluster (one leads, the others stand by).
     Coord {
@@ -231,6 +241,8 @@ enum Command {
         #[arg(long)]
         partition: Option<String>,
         #[command(flatten)]
+        retry: collections_cli::RetryArgs,
+        #[command(flatten)]
         common: collections_cli::Common,
     },
     /// Offline tools for the local WAL: check it, skip damaged records.
@@ -298,7 +310,7 @@ fn init_logging(level: &str, json: bool) {
 /// client commands.
 fn server_config(command: &Command) -> anyhow::Result<Option<config::Config>> {
     let (serve, wal, cluster) = match command {
-        Command::Standalone { serve, wal } => (serve, Some(wal), None),
+        Command::Standalone { serve, wal, .. } => (serve, Some(wal), None),
         Command::Coord { serve, cluster } => (serve, None, Some(cluster)),
         Command::Node {
             action: None,
@@ -342,6 +354,11 @@ fn server_config(command: &Command) -> anyhow::Result<Option<config::Config>> {
         if let Some(a) = &c.advertise {
             cfg.cluster.advertise = a.clone();
         }
+    }
+    if let Command::Standalone { milvus, .. } = command
+        && let Some(l) = &milvus.milvus_listen
+    {
+        cfg.milvus.listen = l.clone();
     }
     cfg.validate()?;
     Ok(Some(cfg))
@@ -454,8 +471,11 @@ async fn run(cli: Cli, server: Option<config::Config>) -> anyhow::Result<()> {
             collection,
             ids,
             partition,
+            retry,
             common,
-        } => collections_cli::delete(&collection, &ids, partition.as_deref(), &common).await,
+        } => {
+            collections_cli::delete(&collection, &ids, partition.as_deref(), &retry, &common).await
+        }
         Command::Flush {
             collection,
             wait,

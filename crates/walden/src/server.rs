@@ -63,6 +63,23 @@ pub async fn bind(config: &ServerConfig) -> anyhow::Result<Bound> {
     })
 }
 
+/// Binds `milvus.listen` (none when empty): a bad or busy address fails at once too.
+pub async fn bind_milvus(
+    config: &crate::config::MilvusConfig,
+) -> anyhow::Result<Option<TcpListener>> {
+    if config.listen.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(TcpListener::bind(&config.listen).await.with_context(
+        || {
+            format!(
+                "binding milvus.listen {} (--milvus-listen \"\" turns it off)",
+                config.listen
+            )
+        },
+    )?))
+}
+
 /// TLS and bearer tokens, read before anything else runs: a bad file is named at once.
 #[derive(Clone, Debug)]
 pub struct Security {
@@ -96,6 +113,27 @@ impl Security {
     /// `http` or `https`.
     pub fn scheme(&self) -> &'static str {
         if self.tls.is_some() { "https" } else { "http" }
+    }
+
+    /// How a process reaches its own gRPC server (the Milvus API of a standalone): its own
+    /// token, and with TLS the authority of `cluster.tls_ca_file`, or else its own certificate
+    /// (a self-signed one is its own authority).
+    pub fn own_client(
+        &self,
+        cluster: &crate::config::ClusterConfig,
+    ) -> anyhow::Result<ConnectOptions> {
+        let tls_ca_pem =
+            match (&cluster.tls_ca_file, &self.tls) {
+                (Some(path), _) => Some(std::fs::read(path).with_context(|| {
+                    format!("cluster.tls_ca_file: cannot read {}", path.display())
+                })?),
+                (None, Some(t)) => Some(t.cert_pem.clone()),
+                (None, None) => None,
+            };
+        Ok(ConnectOptions {
+            token: self.tokens.own(),
+            tls_ca_pem,
+        })
     }
 
     /// How this cluster process reaches the others (docs/design.md §11.1): its own token, and
@@ -203,7 +241,8 @@ pub struct GrpcServer {
 }
 
 impl GrpcServer {
-    /// Serves `routes` on the bound listener, behind the token interceptor and admission control.
+    /// Serves `routes` (and gRPC reflection of Walden's API) on the bound listener, behind the
+    /// token interceptor and admission control.
     pub fn start(
         bound_grpc: TcpListener,
         max_connections: usize,
@@ -211,15 +250,55 @@ impl GrpcServer {
         security: &Security,
         routes: tonic::service::Routes,
     ) -> anyhow::Result<Self> {
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(walden_proto::v1::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .context("building gRPC reflection")?;
+        Self::serve(
+            bound_grpc,
+            max_connections,
+            config,
+            security,
+            routes.add_service(reflection),
+            security.tokens.interceptor(),
+        )
+    }
+
+    /// Serves Milvus's API on its listener: the server's TLS and admission control, and its
+    /// tokens as Milvus clients send them.
+    pub fn start_milvus(
+        bound: TcpListener,
+        max_connections: usize,
+        config: &ServerConfig,
+        security: &Security,
+        routes: tonic::service::Routes,
+    ) -> anyhow::Result<Self> {
+        Self::serve(
+            bound,
+            max_connections,
+            config,
+            security,
+            routes,
+            security.tokens.milvus_interceptor(),
+        )
+    }
+
+    fn serve<I>(
+        bound_grpc: TcpListener,
+        max_connections: usize,
+        config: &ServerConfig,
+        security: &Security,
+        routes: tonic::service::Routes,
+        interceptor: I,
+    ) -> anyhow::Result<Self>
+    where
+        I: tonic::service::Interceptor + Clone + Send + Sync + 'static,
+    {
         let ms = Duration::from_millis;
         let admission = listener::Admission {
             max_connections,
             handshake_timeout: ms(config.handshake_timeout_ms),
         };
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(walden_proto::v1::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .context("building gRPC reflection")?;
         let mut builder = tonic::transport::Server::builder();
         if let Some(t) = &security.tls {
             builder = builder
@@ -230,17 +309,16 @@ impl GrpcServer {
         }
         let (drain_tx, drain_rx) = oneshot::channel::<()>();
         let mut builder = builder
-            .layer(tonic::service::InterceptorLayer::new(
-                security.tokens.interceptor(),
-            ))
+            .layer(tonic::service::InterceptorLayer::new(interceptor))
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(ms(config.keepalive_interval_ms)))
             .http2_keepalive_timeout(Some(ms(config.keepalive_timeout_ms)));
-        let server = builder
-            .add_routes(routes.add_service(reflection))
-            .serve_with_incoming_shutdown(listener::incoming(bound_grpc, admission), async {
+        let server = builder.add_routes(routes).serve_with_incoming_shutdown(
+            listener::incoming(bound_grpc, admission),
+            async {
                 let _ = drain_rx.await;
-            });
+            },
+        );
         Ok(Self {
             drain: Some(drain_tx),
             task: tokio::spawn(server),

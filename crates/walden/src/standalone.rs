@@ -69,6 +69,7 @@ pub async fn run(config: Config, ready_file: Option<std::path::PathBuf>) -> anyh
     // are raised; certificates and tokens are read before recovery too.
     let bound = server::bind(&config.server).await?;
     let addr = bound.addr;
+    let milvus_listener = server::bind_milvus(&config.milvus).await?;
     let security = server::Security::load(&config.server, addr)?;
 
     let data_dir = &config.server.data_dir;
@@ -126,10 +127,54 @@ pub async fn run(config: Config, ready_file: Option<std::path::PathBuf>) -> anyh
         &security,
         routes,
     )?;
+    // Milvus's API calls this server through Walden's client, as `walden proxy` calls a cluster.
+    let milvus = match milvus_listener {
+        Some(listener) => {
+            let milvus_addr = listener.local_addr()?;
+            let client = match walden_client::Client::connect_with(
+                &format!("{}://{addr}", security.scheme()),
+                &security.own_client(&config.cluster)?,
+            )
+            .await
+            {
+                Ok(c) => c,
+                // With TLS, the API calls this server as any client does: it needs the
+                // authority of the server's certificate.
+                Err(e) if security.tls.is_some() && config.cluster.tls_ca_file.is_none() => {
+                    anyhow::bail!(
+                        "the Milvus API cannot reach this server over TLS ({e}): set \
+                         cluster.tls_ca_file to the authority of server.tls_cert_file, or \
+                         turn the Milvus API off (milvus.listen = \"\")"
+                    );
+                }
+                Err(e) => {
+                    return Err(
+                        anyhow::Error::new(e).context("the Milvus API's client of this server")
+                    );
+                }
+            };
+            let routes =
+                tonic::service::Routes::new(walden_milvus::Milvus::new(client).into_service());
+            let server = GrpcServer::start_milvus(
+                listener,
+                bound.max_connections,
+                &config.server,
+                &security,
+                routes,
+            )?;
+            info!(%milvus_addr, "Milvus API ready");
+            Some((server, milvus_addr))
+        }
+        None => None,
+    };
     info!(%addr, data_dir = %data_dir.display(), "walden standalone ready");
     if let Some(path) = &ready_file {
-        server::write_ready_file(path, addr, http_addr, serde_json::json!({}))?;
+        let extra = serde_json::json!({
+            "milvus": milvus.as_ref().map(|(_, a)| a.to_string()),
+        });
+        server::write_ready_file(path, addr, http_addr, extra)?;
     }
+    let mut milvus = milvus.map(|(server, _)| server);
     let mut grpc = grpc;
     tokio::select! {
         r = &mut grpc.task => {
@@ -137,6 +182,9 @@ pub async fn run(config: Config, ready_file: Option<std::path::PathBuf>) -> anyh
         }
         () = server::shutdown_signal() => {
             info!("shutting down: draining connections");
+            if let Some(m) = milvus.take() {
+                m.stop().await;
+            }
             grpc.stop().await;
         }
     }

@@ -431,6 +431,7 @@ async fn bad_startup_settings_are_refused_at_once_before_recovery() {
         let data = dir.path().join("data");
         let out = Command::new(common::WALDEN)
             .arg("standalone")
+            .args(["--milvus-listen", ""])
             .args(&args)
             .arg("--data-dir")
             .arg(&data)

@@ -8,7 +8,8 @@ use std::{
     collections::HashMap,
     io::Write,
     process::{Command, Output, Stdio},
-    time::Duration,
+    sync::Arc,
+    time::{Duration, Instant},
 };
 
 use common::{Server, WALDEN};
@@ -436,4 +437,201 @@ async fn produce_into_a_server_killed_for_good_ends_within_its_retry_window_and_
         assert_eq!(stored.get(p), Some(&1), "acknowledged {p} stored once");
     }
     assert!(stored.values().all(|n| *n == 1), "nothing stored twice");
+    for p in run.not_written() {
+        assert!(
+            !stored.contains_key(&p),
+            "{p} reported not written is not stored"
+        );
+    }
+}
+
+/// `walden insert` of a file cut into many messages, the server killed for good while they are
+/// in flight: the command ends within its retry window, prints how many rows were written and
+/// which keys were not, and the log holds every key reported written exactly once and nothing
+/// twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_insert_cut_by_a_server_killed_for_good_ends_within_its_retry_window_and_names_the_rest()
+{
+    use arrow_array::{
+        ArrayRef, Int64Array, RecordBatch, StringArray,
+        builder::{FixedSizeListBuilder, Float32Builder},
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(&dir.path().join("data"), None).await;
+    let addr = server.addr.clone();
+    let schema_file = dir.path().join("schema.json");
+    std::fs::write(
+        &schema_file,
+        r#"{"fields":[{"name":"id","type":"int64","primary_key":true},
+            {"name":"emb","type":"float_vector","dim":4},
+            {"name":"title","type":"string"}]}"#,
+    )
+    .unwrap();
+    common::ok_json(&[
+        "collection",
+        "create",
+        "big",
+        "--schema",
+        schema_file.to_str().unwrap(),
+        "--shards",
+        "2",
+        "--json",
+        "--addr",
+        &addr,
+    ]);
+    // 24 000 rows of 4 KiB: about 48 messages of 2 MiB, many in flight at the kill.
+    const ROWS: i64 = 24_000;
+    let schema =
+        walden_schema::Schema::from_json(&std::fs::read_to_string(&schema_file).unwrap()).unwrap();
+    let mut emb = FixedSizeListBuilder::new(Float32Builder::new(), 4).with_field(Arc::new(
+        arrow_schema::Field::new("item", arrow_schema::DataType::Float32, false),
+    ));
+    for _ in 0..ROWS {
+        emb.values().append_slice(&[0.0, 0.1, 0.2, 0.3]);
+        emb.append(true);
+    }
+    let title = "t".repeat(4096);
+    let batch = RecordBatch::try_from_iter([
+        (
+            "id",
+            Arc::new(Int64Array::from_iter_values(0..ROWS)) as ArrayRef,
+        ),
+        ("emb", Arc::new(emb.finish()) as ArrayRef),
+        (
+            "title",
+            Arc::new(StringArray::from_iter_values((0..ROWS).map(|_| &title))) as ArrayRef,
+        ),
+    ])
+    .unwrap();
+    let batch = schema.conform(&batch).unwrap();
+    let file = dir.path().join("rows.arrow");
+    let mut w = arrow_ipc::writer::FileWriter::try_new(
+        std::fs::File::create(&file).unwrap(),
+        &batch.schema(),
+    )
+    .unwrap();
+    w.write(&batch).unwrap();
+    w.finish().unwrap();
+
+    let status = |client: walden_client::Client| async move {
+        let s = client.status().await.unwrap();
+        s.pchannels.iter().map(|p| p.last_message_id).sum::<u64>()
+    };
+    let before = status(server.client().await).await;
+    let started = Instant::now();
+    let insert = Command::new(WALDEN)
+        .args(["insert", "--collection", "big", "--file"])
+        .arg(&file)
+        .args(["--json", "--retry-timeout", "5", "--addr", &addr])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Kill once a few of its messages are in the log, so that the rest are in flight or queued.
+    let client = server.client().await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if status(client.clone()).await >= before + 4 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the insert wrote nothing in 120 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.kill();
+    let killed = Instant::now();
+    let out = tokio::task::spawn_blocking(move || insert.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let after_kill = killed.elapsed();
+    eprintln!(
+        "insert started {:?} before the kill, ended {after_kill:?} after",
+        killed - started
+    );
+    assert!(
+        after_kill < Duration::from_secs(5 + 5),
+        "ended {after_kill:?} after the kill (retry window 5 s)"
+    );
+    assert!(!out.status.success(), "an insert written in part fails");
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "one JSON document ({e}): {} / {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let written = doc["inserted"].as_u64().unwrap();
+    let keys = |field: &str| -> Vec<i64> {
+        doc[field]
+            .as_array()
+            .unwrap_or_else(|| panic!("{field} in {doc}"))
+            .iter()
+            .map(|k| k.as_str().unwrap().parse().unwrap())
+            .collect()
+    };
+    let (not_written, in_doubt) = (keys("not_written"), keys("in_doubt"));
+    assert!(written > 0, "some rows were written before the kill: {doc}");
+    assert!(
+        !not_written.is_empty() || !in_doubt.is_empty(),
+        "the kill cut the insert: {doc}"
+    );
+    assert_eq!(
+        written + (not_written.len() + in_doubt.len()) as u64,
+        ROWS as u64,
+        "every row is accounted for once"
+    );
+    assert!(
+        doc["error"]["name"].as_str().is_some(),
+        "the last error is named: {doc}"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not written"), "{err}");
+
+    // What the log holds: every key reported written once, no key reported not written, and
+    // nothing twice; keys in doubt may be there (once) or not.
+    server.restart().await;
+    let client = server.client().await;
+    let mut stored: HashMap<i64, usize> = HashMap::new();
+    for p in 0..2 {
+        for m in common::read_to_end(&client, &format!("walden-dml-{p}")).await {
+            if m.message_type() != walden_message::MessageType::Insert {
+                continue;
+            }
+            for b in walden_schema::decode_ipc(&m.payload).unwrap() {
+                let ids = b
+                    .column(0)
+                    .as_any()
+                    .downcast_ref::<Int64Array>()
+                    .unwrap()
+                    .clone();
+                for id in ids.values() {
+                    *stored.entry(*id).or_default() += 1;
+                }
+            }
+        }
+    }
+    assert!(stored.values().all(|n| *n == 1), "nothing stored twice");
+    let unacknowledged: std::collections::HashSet<i64> =
+        not_written.iter().chain(&in_doubt).copied().collect();
+    for k in (0..ROWS).filter(|k| !unacknowledged.contains(k)) {
+        assert_eq!(
+            stored.get(&k),
+            Some(&1),
+            "key {k} reported written is stored once"
+        );
+    }
+    let lied = not_written
+        .iter()
+        .filter(|k| stored.contains_key(k))
+        .count();
+    let doubt_stored = in_doubt.iter().filter(|k| stored.contains_key(k)).count();
+    eprintln!(
+        "{written} rows reported written, {} not written, {} in doubt ({doubt_stored} of them stored)",
+        not_written.len(),
+        in_doubt.len(),
+    );
+    assert_eq!(lied, 0, "keys reported not written are not in the log");
 }

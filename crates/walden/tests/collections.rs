@@ -10,7 +10,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     process::{Command, Stdio},
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use arrow_array::{
@@ -536,7 +536,7 @@ async fn ddl_across_sixteen_shards_killed_half_way_leaves_every_shard_agreeing()
     let schema_path = schema_path.to_str().unwrap().to_owned();
     let mut rng = rand::rng();
     // How long one create + drop takes here, so that kills land inside them, not after.
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     for args in [
         vec![
             "collection",
@@ -639,8 +639,26 @@ async fn after_kill_9_the_node_replays_only_what_followed_the_last_checkpoint() 
     for p in pending {
         p.await.unwrap();
     }
-    // Let the checkpoint that the last crossing asked for land, then a little more.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The durable checkpoint that the last crossing asked for lands (status reports it live),
+    // with a deadline.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = client.status().await.unwrap();
+        let p = status
+            .pchannels
+            .iter()
+            .find(|p| p.name == pchannel)
+            .unwrap();
+        if p.durable_checkpoint_id >= 28_000 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no durable checkpoint past 28 000 within 10 s: at {}",
+            p.durable_checkpoint_id
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     for i in 0..50 {
         let row = serde_json::json!({"id": i, "emb": [1, 2, 3, 4], "title": "after"});
         api.insert("c", Some("p"), &[schema.rows_from_json(&[row]).unwrap()])

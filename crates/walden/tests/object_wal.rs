@@ -242,6 +242,8 @@ fn start_fails(dir: &std::path::Path, config: &str) -> String {
             "127.0.0.1:0",
             "--metrics-listen",
             "",
+            "--milvus-listen",
+            "",
         ])
         .arg("--data-dir")
         .arg(dir.join("data"))
@@ -270,7 +272,9 @@ async fn object_store_settings_that_cannot_work_are_named_at_start() {
              allow_http = true\nmax_retries = 1\nretry_max_ms = 500\n{extra}"
         )
     };
-    let unreachable = format!("http://{}", common::free_addr());
+    // An address of its own: nothing listens there.
+    let nobody = walden_common::test_host::TestHost::claim().unwrap();
+    let unreachable = format!("http://{}:8333", nobody.ip());
     let cases = [
         (
             "unreachable endpoint",

@@ -130,6 +130,8 @@ async fn a_connection_flood_past_the_open_file_limit_leaves_status_and_health_an
             "127.0.0.1:0",
             "--metrics-listen",
             "127.0.0.1:0",
+            "--milvus-listen",
+            "",
             "--config",
         ])
         .arg(&config)

@@ -158,8 +158,8 @@ async fn query_nodes_serve_flushed_segments_with_replicas_and_survive_a_killed_n
     // kill -9 one query node while searches are in flight, with the client's read retries off:
     // the delegators ask another copy, so every search is exact and answered within 2 s.
     let strict = client.clone().with_read_retry(Duration::ZERO);
-    let run = searches_through(&strict, &model, &mut rng, Consistency::Strong, || {
-        stop_then_kill(&mut c.query_nodes[0])
+    let run = searches_through(&strict, &model, &mut rng, Consistency::Strong, |reads| {
+        stop_then_kill(&mut c.query_nodes[0], reads)
     })
     .await;
     run.check("a query node killed");
@@ -405,8 +405,8 @@ async fn read_replicas_on_other_streaming_nodes_serve_reads_and_losing_one_fails
         .expect("a node holding replicas only");
     let counted = client.clone().with_read_retry(Duration::from_secs(2));
     let before = counted.read_retries();
-    let run = searches_through(&counted, &model, &mut rng, Consistency::Session, || {
-        stop_then_kill(c.node_by_id(victim))
+    let run = searches_through(&counted, &model, &mut rng, Consistency::Session, |reads| {
+        stop_then_kill(c.node_by_id(victim), reads)
     })
     .await;
     run.check("a read replica's node killed");
@@ -424,10 +424,38 @@ async fn read_replicas_on_other_streaming_nodes_serve_reads_and_losing_one_fails
 
 /// SIGSTOP, then kill -9 200 ms later: the reads sent to the process meanwhile are in flight
 /// when it dies (a kill alone races the other copies' sync, which may drop the node first).
-fn stop_then_kill(p: &mut common::cluster::Proc) {
+fn stop_then_kill(p: &mut common::cluster::Proc, reads: &InFlight) {
     p.signal("STOP");
-    std::thread::sleep(Duration::from_millis(200));
+    // A read normally takes milliseconds: one waiting 300 ms is waiting on the frozen process.
+    // Killing then makes sure a read is in flight at the death (not only near it).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !reads.one_waiting_for(Duration::from_millis(300)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     p.kill();
+}
+
+/// When each reader's current search started (none between searches).
+#[derive(Clone, Default)]
+struct InFlight(std::sync::Arc<std::sync::Mutex<Vec<Option<Instant>>>>);
+
+impl InFlight {
+    fn set(&self, reader: usize, started: Option<Instant>) {
+        let mut v = self.0.lock().unwrap();
+        if v.len() <= reader {
+            v.resize(reader + 1, None);
+        }
+        v[reader] = started;
+    }
+
+    fn one_waiting_for(&self, d: Duration) -> bool {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .flatten()
+            .any(|t| t.elapsed() >= d)
+    }
 }
 
 /// One search: its query, its answer, when it started and how long it took.
@@ -485,13 +513,14 @@ async fn searches_through(
     model: &BTreeMap<i64, Vec<f32>>,
     rng: &mut StdRng,
     consistency: Consistency,
-    fault: impl FnOnce(),
+    fault: impl FnOnce(&InFlight),
 ) -> FaultRun {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let in_flight = InFlight::default();
     let readers: Vec<_> = (0..4)
-        .map(|_| {
+        .map(|reader| {
             let queries: Vec<Vec<f32>> = (0..5_000).map(|_| vector(rng)).collect();
-            let (client, stop) = (client.clone(), stop.clone());
+            let (client, stop, in_flight) = (client.clone(), stop.clone(), in_flight.clone());
             tokio::spawn(async move {
                 let mut out = Vec::new();
                 for q in queries {
@@ -499,7 +528,9 @@ async fn searches_through(
                         break;
                     }
                     let started = Instant::now();
+                    in_flight.set(reader, Some(started));
                     let r = search_at(&client, &q, consistency).await;
+                    in_flight.set(reader, None);
                     out.push((q, r, started, started.elapsed()));
                 }
                 out
@@ -508,7 +539,7 @@ async fn searches_through(
         .collect();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let struck = Instant::now();
-    fault();
+    fault(&in_flight);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let mut reads = Vec::new();

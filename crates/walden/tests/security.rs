@@ -218,10 +218,11 @@ async fn with_tls_and_tokens_every_call_needs_a_token_and_plaintext_is_refused()
     std::fs::write(&tokens, "# the test's\nsecret-one\n").unwrap();
     let config = format!(
         "[server]\ntls_cert_file = {:?}\ntls_key_file = {:?}\nauth_token_file = {:?}\n\
-         [node]\npchannels = 1\n",
+         [node]\npchannels = 1\n[cluster]\ntls_ca_file = {:?}\n",
         d.join("server.crt"),
         d.join("server.key"),
         tokens,
+        d.join("ca.crt"),
     );
     let with = |token: Option<&str>| ConnectOptions {
         token: token.map(str::to_owned),

@@ -1,0 +1,391 @@
+//! Milvus's gRPC API (`milvus.proto.milvus.MilvusService`, what pymilvus speaks) on top of
+//! Walden's client.
+//!
+//! Contract:
+//! - [`Milvus`] answers every RPC with Milvus's encodings and statuses ([`status`]): success has
+//!   `code` 0, a failure a Milvus code, the legacy `error_code` where clients test it, and a
+//!   reason naming what is wrong. Bad input is refused before anything is written.
+//! - It holds no state of its own: every call goes through a [`walden_client::Client`] (routing,
+//!   waiting for a moving pchannel, retries), so the same service runs inside `walden
+//!   standalone` and in any number of stateless `walden proxy` processes.
+//! - Schemas keep what Milvus users gave ([`schema`]): field ids, Milvus types, the dynamic
+//!   field; Walden stores the data in its own types.
+//! - Timestamps are the same on both sides: Walden's ticks are hybrid timestamps laid out as
+//!   Milvus's (`physical_ms << 18 | logical`), so a tick is a Milvus timestamp as is.
+//! - An RPC Walden does not serve answers `UNIMPLEMENTED` naming the RPC ([`NameUnimplemented`]).
+//! - Only the `default` database exists.
+
+pub mod schema;
+pub mod status;
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use tonic::{Request, Response, Status, server::NamedService};
+use walden_client::Client;
+use walden_milvus_proto::{
+    common::{self as mc, ServerInfo},
+    milvus::{
+        self as m,
+        milvus_service_server::{MilvusService, MilvusServiceServer},
+    },
+};
+use walden_proto::v1::CollectionState;
+
+/// The one database.
+pub const DEFAULT_DB: &str = "default";
+
+/// The Milvus version pymilvus is told (the API level Walden follows).
+pub const MILVUS_VERSION: &str = "v2.6.0";
+
+/// The Milvus API over a Walden client.
+#[derive(Clone, Debug)]
+pub struct Milvus {
+    client: Client,
+}
+
+impl Milvus {
+    pub fn new(client: Client) -> Self {
+        Self { client }
+    }
+
+    /// The gRPC service, ready for a router: unserved RPCs answer `UNIMPLEMENTED` naming the
+    /// RPC, and requests up to 256 MiB are taken (a pymilvus insert batch is sent whole).
+    pub fn into_service(self) -> NameUnimplemented<MilvusServiceServer<Self>> {
+        NameUnimplemented(
+            MilvusServiceServer::new(self)
+                .max_decoding_message_size(256 << 20)
+                .max_encoding_message_size(256 << 20),
+        )
+    }
+
+    /// Checks the database name: only `default` (or none) exists.
+    fn database(db: &str) -> Result<(), mc::Status> {
+        if db.is_empty() || db == DEFAULT_DB {
+            Ok(())
+        } else {
+            Err(status::fail(
+                status::Code::DatabaseNotFound,
+                format!("database not found[database={db}]: Walden has only the default database"),
+            ))
+        }
+    }
+}
+
+type Answer<T> = Result<Response<T>, Status>;
+
+fn answer<T>(t: T) -> Answer<T> {
+    Ok(Response::new(t))
+}
+
+#[tonic::async_trait]
+impl MilvusService for Milvus {
+    async fn connect(&self, _req: Request<m::ConnectRequest>) -> Answer<m::ConnectResponse> {
+        answer(m::ConnectResponse {
+            status: Some(status::ok()),
+            server_info: Some(ServerInfo {
+                build_tags: MILVUS_VERSION.into(),
+                deploy_mode: "walden".into(),
+                reserved: [("walden".to_owned(), env!("CARGO_PKG_VERSION").to_owned())].into(),
+                ..ServerInfo::default()
+            }),
+            identifier: i64::from(rand_id()),
+        })
+    }
+
+    async fn get_version(
+        &self,
+        _req: Request<m::GetVersionRequest>,
+    ) -> Answer<m::GetVersionResponse> {
+        answer(m::GetVersionResponse {
+            status: Some(status::ok()),
+            version: MILVUS_VERSION.into(),
+        })
+    }
+
+    async fn check_health(
+        &self,
+        _req: Request<m::CheckHealthRequest>,
+    ) -> Answer<m::CheckHealthResponse> {
+        let healthy = self.client.collections().list().await;
+        answer(m::CheckHealthResponse {
+            status: Some(status::ok()),
+            is_healthy: healthy.is_ok(),
+            reasons: healthy.err().map(|e| e.to_string()).into_iter().collect(),
+            quota_states: vec![],
+        })
+    }
+
+    async fn list_databases(
+        &self,
+        _req: Request<m::ListDatabasesRequest>,
+    ) -> Answer<m::ListDatabasesResponse> {
+        answer(m::ListDatabasesResponse {
+            status: Some(status::ok()),
+            db_names: vec![DEFAULT_DB.into()],
+            created_timestamp: vec![0],
+            db_ids: vec![1],
+        })
+    }
+
+    async fn describe_database(
+        &self,
+        req: Request<m::DescribeDatabaseRequest>,
+    ) -> Answer<m::DescribeDatabaseResponse> {
+        if let Err(s) = Self::database(&req.get_ref().db_name) {
+            return answer(m::DescribeDatabaseResponse {
+                status: Some(s),
+                ..Default::default()
+            });
+        }
+        answer(m::DescribeDatabaseResponse {
+            status: Some(status::ok()),
+            db_name: DEFAULT_DB.into(),
+            db_id: 1,
+            ..Default::default()
+        })
+    }
+
+    async fn create_collection(
+        &self,
+        req: Request<m::CreateCollectionRequest>,
+    ) -> Answer<mc::Status> {
+        let r = req.into_inner();
+        if let Err(s) = Self::database(&r.db_name) {
+            return answer(s);
+        }
+        let translated = match schema::from_milvus(&r.collection_name, &r.schema) {
+            Ok(t) => t,
+            Err(e) => return answer(status::fail(status::Code::IllegalSchema, e)),
+        };
+        let walden = match walden_schema::Schema::new(translated.walden) {
+            Ok(s) => s,
+            Err(e) => return answer(status::fail(status::Code::IllegalSchema, e.to_string())),
+        };
+        let shards = u32::try_from(r.shards_num.max(1)).unwrap_or(1);
+        let done = self
+            .client
+            .collections()
+            .create(&r.collection_name, &walden, shards)
+            .await;
+        answer(match done {
+            Ok(_) => status::ok(),
+            Err(e) => status::from_client(&e),
+        })
+    }
+
+    async fn drop_collection(&self, req: Request<m::DropCollectionRequest>) -> Answer<mc::Status> {
+        let r = req.into_inner();
+        if let Err(s) = Self::database(&r.db_name) {
+            return answer(s);
+        }
+        answer(
+            match self
+                .client
+                .collections()
+                .drop_collection(&r.collection_name)
+                .await
+            {
+                // Milvus answers success for a collection that is not there.
+                Ok(_) => status::ok(),
+                Err(e)
+                    if status::from_client(&e).code == status::Code::CollectionNotFound as i32 =>
+                {
+                    status::ok()
+                }
+                Err(e) => status::from_client(&e),
+            },
+        )
+    }
+
+    async fn has_collection(
+        &self,
+        req: Request<m::HasCollectionRequest>,
+    ) -> Answer<m::BoolResponse> {
+        let r = req.into_inner();
+        if let Err(s) = Self::database(&r.db_name) {
+            return answer(m::BoolResponse {
+                status: Some(s),
+                value: false,
+            });
+        }
+        answer(
+            match self.client.collections().describe(&r.collection_name).await {
+                Ok(info) => m::BoolResponse {
+                    status: Some(status::ok()),
+                    value: info.state == CollectionState::Created as i32,
+                },
+                Err(e) => {
+                    let s = status::from_client(&e);
+                    if s.code == status::Code::CollectionNotFound as i32 {
+                        m::BoolResponse {
+                            status: Some(status::ok()),
+                            value: false,
+                        }
+                    } else {
+                        m::BoolResponse {
+                            status: Some(s),
+                            value: false,
+                        }
+                    }
+                }
+            },
+        )
+    }
+
+    async fn describe_collection(
+        &self,
+        req: Request<m::DescribeCollectionRequest>,
+    ) -> Answer<m::DescribeCollectionResponse> {
+        let r = req.into_inner();
+        if let Err(s) = Self::database(&r.db_name) {
+            return answer(m::DescribeCollectionResponse {
+                status: Some(s),
+                ..Default::default()
+            });
+        }
+        let info = match self.client.collections().describe(&r.collection_name).await {
+            Ok(i) if i.state == CollectionState::Created as i32 => i,
+            Ok(_) => {
+                return answer(m::DescribeCollectionResponse {
+                    status: Some(status::no_collection(&r.collection_name)),
+                    ..Default::default()
+                });
+            }
+            Err(e) => {
+                let mut s = status::from_client(&e);
+                if s.code == status::Code::CollectionNotFound as i32 {
+                    s = status::no_collection(&r.collection_name);
+                }
+                return answer(m::DescribeCollectionResponse {
+                    status: Some(s),
+                    ..Default::default()
+                });
+            }
+        };
+        let schema = schema::to_milvus(&info.name, &info.schema.clone().unwrap_or_default());
+        let id = i64::try_from(info.collection_id).unwrap_or(i64::MAX);
+        answer(m::DescribeCollectionResponse {
+            status: Some(status::ok()),
+            schema: Some(schema),
+            collection_id: id,
+            virtual_channel_names: info.vchannels.iter().map(|v| v.name.clone()).collect(),
+            physical_channel_names: info.vchannels.iter().map(|v| v.pchannel.clone()).collect(),
+            shards_num: i32::try_from(info.vchannels.len()).unwrap_or(i32::MAX),
+            consistency_level: mc::ConsistencyLevel::Bounded as i32,
+            collection_name: info.name.clone(),
+            db_name: DEFAULT_DB.into(),
+            num_partitions: i64::try_from(info.partitions.len()).unwrap_or(0),
+            db_id: 1,
+            ..Default::default()
+        })
+    }
+
+    async fn show_collections(
+        &self,
+        req: Request<m::ShowCollectionsRequest>,
+    ) -> Answer<m::ShowCollectionsResponse> {
+        let r = req.into_inner();
+        if let Err(s) = Self::database(&r.db_name) {
+            return answer(m::ShowCollectionsResponse {
+                status: Some(s),
+                ..Default::default()
+            });
+        }
+        answer(match self.client.collections().list().await {
+            Ok(list) => {
+                let live: Vec<_> = list
+                    .into_iter()
+                    .filter(|c| c.state == CollectionState::Created as i32)
+                    .collect();
+                m::ShowCollectionsResponse {
+                    status: Some(status::ok()),
+                    collection_names: live.iter().map(|c| c.name.clone()).collect(),
+                    collection_ids: live
+                        .iter()
+                        .map(|c| i64::try_from(c.collection_id).unwrap_or(i64::MAX))
+                        .collect(),
+                    created_timestamps: vec![0; live.len()],
+                    created_utc_timestamps: vec![0; live.len()],
+                    query_service_available: live.iter().map(|c| !c.released).collect(),
+                    shards_num: live
+                        .iter()
+                        .map(|c| i32::try_from(c.vchannels.len()).unwrap_or(i32::MAX))
+                        .collect(),
+                    ..Default::default()
+                }
+            }
+            Err(e) => m::ShowCollectionsResponse {
+                status: Some(status::from_client(&e)),
+                ..Default::default()
+            },
+        })
+    }
+}
+
+/// A connection identifier for `Connect` (pymilvus sends it back; Walden keeps no session).
+fn rand_id() -> u32 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    t ^ std::process::id().rotate_left(16)
+}
+
+/// Wraps a gRPC service so that an `UNIMPLEMENTED` answer names the RPC (tonic's default stubs
+/// say only "Not yet implemented").
+#[derive(Clone, Debug)]
+pub struct NameUnimplemented<S>(pub S);
+
+impl<S: NamedService> NamedService for NameUnimplemented<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> tower::Service<http::Request<B>> for NameUnimplemented<S>
+where
+    S: tower::Service<
+            http::Request<B>,
+            Response = http::Response<tonic::body::Body>,
+            Error = Infallible,
+        >,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let rpc = req
+            .uri()
+            .path()
+            .rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        let fut = self.0.call(req);
+        Box::pin(async move {
+            let mut resp = fut.await?;
+            let unimplemented = resp
+                .headers()
+                .get("grpc-status")
+                .is_some_and(|v| v.as_bytes() == b"12");
+            if unimplemented {
+                // grpc-message is percent-encoded; the text is plain ASCII but for spaces.
+                let message =
+                    format!("{rpc} is not implemented by Walden's Milvus API").replace(' ', "%20");
+                if let Ok(v) = http::HeaderValue::from_str(&message) {
+                    resp.headers_mut().insert("grpc-message", v);
+                }
+            }
+            Ok(resp)
+        })
+    }
+}

@@ -1,0 +1,77 @@
+"""Starts a real `walden standalone` (the binary `cargo test` built) on ports the kernel picks
+and gives the tests the address of its Milvus API. Tests talk to it with pymilvus only."""
+
+import json
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+WALDEN = Path(os.environ.get("WALDEN_BIN", ROOT / "target" / "debug" / "walden"))
+
+
+class Standalone:
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.ready = workdir / "ready.json"
+        self.log = open(workdir / "walden.log", "wb")
+        self.proc = subprocess.Popen(
+            [
+                str(WALDEN),
+                "standalone",
+                "--data-dir",
+                str(workdir / "data"),
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "",
+                "--milvus-listen",
+                "127.0.0.1:0",
+                "--ready-file",
+                str(self.ready),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=self.log,
+        )
+        deadline = time.monotonic() + 60
+        while not self.ready.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"walden exited with {self.proc.returncode}: {self.logs()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"walden not ready in 60 s: {self.logs()}")
+            time.sleep(0.05)
+        self.addr = json.loads(self.ready.read_text())["milvus"]
+        self.uri = f"http://{self.addr}"
+
+    def logs(self) -> str:
+        return (self.workdir / "walden.log").read_text(errors="replace")[-4000:]
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def walden():
+    if not WALDEN.exists():
+        pytest.fail(f"{WALDEN} not built: run `cargo build -p walden` (scripts/test.sh does)")
+    with tempfile.TemporaryDirectory(prefix="walden-milvus-") as d:
+        server = Standalone(Path(d))
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+@pytest.fixture
+def client(walden):
+    from pymilvus import MilvusClient
+
+    c = MilvusClient(walden.uri)
+    yield c
+    c.close()
