@@ -335,7 +335,9 @@ impl Client {
         attempt: &mut u32,
     ) -> bool {
         let again = match e.code() {
-            ErrorCode::CollectionNotFound => *attempt == 0,
+            // The collection described earlier was dropped (and perhaps created again under
+            // the same name): describe it afresh, once.
+            ErrorCode::CollectionNotFound | ErrorCode::CollectionDropped => *attempt == 0,
             ErrorCode::ChannelNotFound => started.elapsed() < self.read_retry,
             _ => false,
         };

@@ -15,6 +15,8 @@
 //! - An RPC Walden does not serve answers `UNIMPLEMENTED` naming the RPC ([`NameUnimplemented`]).
 //! - Only the `default` database exists.
 
+mod data;
+pub mod rows;
 pub mod schema;
 pub mod status;
 
@@ -267,7 +269,9 @@ impl MilvusService for Milvus {
                 });
             }
         };
-        let schema = schema::to_milvus(&info.name, &info.schema.clone().unwrap_or_default());
+        let mut schema = schema::to_milvus(&info.name, &info.schema.clone().unwrap_or_default());
+        // Milvus does not list the dynamic field (pymilvus would take it for an input field).
+        schema.fields.retain(|f| !f.is_dynamic);
         let id = i64::try_from(info.collection_id).unwrap_or(i64::MAX);
         answer(m::DescribeCollectionResponse {
             status: Some(status::ok()),
@@ -283,6 +287,225 @@ impl MilvusService for Milvus {
             db_id: 1,
             ..Default::default()
         })
+    }
+
+    async fn insert(&self, req: Request<m::InsertRequest>) -> Answer<m::MutationResult> {
+        let r = req.into_inner();
+        if let Err(s) = Self::database(&r.db_name) {
+            return answer(m::MutationResult {
+                status: Some(s),
+                ..Default::default()
+            });
+        }
+        answer(
+            data::write(
+                &self.client,
+                &r.collection_name,
+                &r.partition_name,
+                &r.fields_data,
+                r.num_rows,
+                false,
+            )
+            .await,
+        )
+    }
+
+    async fn upsert(&self, req: Request<m::UpsertRequest>) -> Answer<m::MutationResult> {
+        let r = req.into_inner();
+        if let Err(s) = Self::database(&r.db_name) {
+            return answer(m::MutationResult {
+                status: Some(s),
+                ..Default::default()
+            });
+        }
+        answer(
+            data::write(
+                &self.client,
+                &r.collection_name,
+                &r.partition_name,
+                &r.fields_data,
+                r.num_rows,
+                true,
+            )
+            .await,
+        )
+    }
+
+    async fn delete(&self, req: Request<m::DeleteRequest>) -> Answer<m::MutationResult> {
+        let r = req.into_inner();
+        if let Err(s) = Self::database(&r.db_name) {
+            return answer(m::MutationResult {
+                status: Some(s),
+                ..Default::default()
+            });
+        }
+        answer(data::delete(&self.client, r).await)
+    }
+
+    async fn search(&self, req: Request<m::SearchRequest>) -> Answer<m::SearchResults> {
+        let r = req.into_inner();
+        if let Err(s) = Self::database(&r.db_name) {
+            return answer(m::SearchResults {
+                status: Some(s),
+                ..Default::default()
+            });
+        }
+        answer(data::search(&self.client, r).await)
+    }
+
+    async fn query(&self, req: Request<m::QueryRequest>) -> Answer<m::QueryResults> {
+        let r = req.into_inner();
+        if let Err(s) = Self::database(&r.db_name) {
+            return answer(m::QueryResults {
+                status: Some(s),
+                ..Default::default()
+            });
+        }
+        answer(data::query(&self.client, r).await)
+    }
+
+    async fn create_index(&self, req: Request<m::CreateIndexRequest>) -> Answer<mc::Status> {
+        answer(data::create_index(&self.client, req.into_inner()).await)
+    }
+
+    async fn describe_index(
+        &self,
+        req: Request<m::DescribeIndexRequest>,
+    ) -> Answer<m::DescribeIndexResponse> {
+        answer(data::describe_index(&self.client, req.into_inner()).await)
+    }
+
+    async fn drop_index(&self, req: Request<m::DropIndexRequest>) -> Answer<mc::Status> {
+        let r = req.into_inner();
+        answer(
+            match self
+                .client
+                .collections()
+                .drop_index(&r.collection_name, &r.field_name)
+                .await
+            {
+                Ok(_) => status::ok(),
+                Err(e) => status::from_client(&e),
+            },
+        )
+    }
+
+    async fn get_index_state(
+        &self,
+        req: Request<m::GetIndexStateRequest>,
+    ) -> Answer<m::GetIndexStateResponse> {
+        let r = req.into_inner();
+        let d = data::describe_index(
+            &self.client,
+            m::DescribeIndexRequest {
+                collection_name: r.collection_name,
+                field_name: r.field_name,
+                index_name: r.index_name,
+                ..Default::default()
+            },
+        )
+        .await;
+        let ok = d.status.as_ref().is_some_and(|s| s.code == 0);
+        answer(m::GetIndexStateResponse {
+            status: d.status,
+            state: if ok {
+                mc::IndexState::Finished as i32
+            } else {
+                mc::IndexState::None as i32
+            },
+            fail_reason: String::new(),
+        })
+    }
+
+    async fn load_collection(&self, req: Request<m::LoadCollectionRequest>) -> Answer<mc::Status> {
+        answer(data::load(&self.client, req.into_inner()).await)
+    }
+
+    async fn release_collection(
+        &self,
+        req: Request<m::ReleaseCollectionRequest>,
+    ) -> Answer<mc::Status> {
+        answer(data::release(&self.client, req.into_inner()).await)
+    }
+
+    async fn get_load_state(
+        &self,
+        req: Request<m::GetLoadStateRequest>,
+    ) -> Answer<m::GetLoadStateResponse> {
+        let r = req.into_inner();
+        answer(
+            match data::load_state(&self.client, &r.collection_name).await {
+                Ok(state) => m::GetLoadStateResponse {
+                    status: Some(status::ok()),
+                    state: state as i32,
+                },
+                Err(s) => m::GetLoadStateResponse {
+                    status: Some(s),
+                    state: 0,
+                },
+            },
+        )
+    }
+
+    async fn get_loading_progress(
+        &self,
+        req: Request<m::GetLoadingProgressRequest>,
+    ) -> Answer<m::GetLoadingProgressResponse> {
+        let r = req.into_inner();
+        answer(
+            match data::load_state(&self.client, &r.collection_name).await {
+                Ok(state) => m::GetLoadingProgressResponse {
+                    status: Some(status::ok()),
+                    progress: if state == mc::LoadState::Loaded {
+                        100
+                    } else {
+                        0
+                    },
+                    refresh_progress: 0,
+                },
+                Err(s) => m::GetLoadingProgressResponse {
+                    status: Some(s),
+                    ..Default::default()
+                },
+            },
+        )
+    }
+
+    async fn flush(&self, req: Request<m::FlushRequest>) -> Answer<m::FlushResponse> {
+        answer(data::flush(&self.client, req.into_inner()).await)
+    }
+
+    async fn get_flush_state(
+        &self,
+        _req: Request<m::GetFlushStateRequest>,
+    ) -> Answer<m::GetFlushStateResponse> {
+        // Flush answers once everything it sealed is flushed.
+        answer(m::GetFlushStateResponse {
+            status: Some(status::ok()),
+            flushed: true,
+        })
+    }
+
+    async fn get_collection_statistics(
+        &self,
+        req: Request<m::GetCollectionStatisticsRequest>,
+    ) -> Answer<m::GetCollectionStatisticsResponse> {
+        let r = req.into_inner();
+        answer(
+            match data::row_count(&self.client, &r.collection_name).await {
+                Ok(n) => m::GetCollectionStatisticsResponse {
+                    status: Some(status::ok()),
+                    stats: vec![mc::KeyValuePair {
+                        key: "row_count".into(),
+                        value: n.to_string(),
+                    }],
+                },
+                Err(s) => m::GetCollectionStatisticsResponse {
+                    status: Some(s),
+                    stats: vec![],
+                },
+            },
+        )
     }
 
     async fn show_collections(

@@ -21,6 +21,7 @@ pub enum Code {
     IllegalSchema = 105,
     PartitionNotFound = 200,
     IndexNotFound = 700,
+    IndexNotSupported = 701,
     DatabaseNotFound = 800,
     ParameterInvalid = 1100,
 }
