@@ -15,6 +15,7 @@ fn schema() -> Schema {
         primary_key: name == "id",
         dim: if t == DataType::FloatVector { 2 } else { 0 },
         nullable: name != "id" && name != "v",
+        dynamic: name == "j",
     };
     Schema::new(CollectionSchema {
         fields: vec![
@@ -24,7 +25,9 @@ fn schema() -> Schema {
             f("x", DataType::Float),
             f("d", DataType::Double),
             f("b", DataType::Bool),
+            f("j", DataType::Json),
         ],
+        ..Default::default()
     })
     .expect("schema")
 }
@@ -42,6 +45,14 @@ fuzz_target!(|data: &[u8]| {
             ("x", Arc::new(Float32Array::from(vec![Some(f32::NAN), Some(1.5), None]))),
             ("d", Arc::new(Float64Array::from(vec![None, Some(-0.0), Some(1e300)]))),
             ("b", Arc::new(BooleanArray::from(vec![Some(true), None, Some(false)]))),
+            (
+                "j",
+                Arc::new(StringArray::from(vec![
+                    Some(r#"{"a": [1, "x", {"b": null}], "s": "ab"}"#),
+                    None,
+                    Some("not json"),
+                ])),
+            ),
         ];
         let batch = arrow_array::RecordBatch::try_from_iter(cols).expect("batch");
         let rows = filter.evaluate(&batch).expect("a checked filter evaluates");

@@ -44,6 +44,12 @@ def test_the_quickstart_inserts_searches_queries_gets_deletes_and_drops(client):
     assert hits[0][0]["entity"] == {"text": "doc 3", "subject": "history"}
     assert hits[0][0]["distance"] >= hits[0][1]["distance"], "COSINE: larger is nearer"
 
+    # As Milvus's docs write it: a filter on a dynamic field.
+    hits = client.search(name, data=[data[3]["vector"]], filter="subject == 'history'", limit=3,
+                         output_fields=["text", "subject"], consistency_level="Strong")
+    assert [h["entity"]["subject"] for h in hits[0]] == ["history"] * 3
+    got = client.query(name, filter="subject == 'history'", output_fields=["text", "subject"])
+    assert sorted(r["id"] for r in got) == [1, 3, 5, 7, 9]
     got = client.query(name, filter="id in [1, 3, 5]", output_fields=["text", "subject"])
     assert sorted(r["id"] for r in got) == [1, 3, 5]
     assert {r["id"]: r["subject"] for r in got} == {1: "history", 3: "history", 5: "history"}
@@ -60,7 +66,9 @@ def test_the_quickstart_inserts_searches_queries_gets_deletes_and_drops(client):
     assert sorted(res) == [0, 2]
     res = client.delete(name, filter="id >= 8")
     assert sorted(res) == [8, 9]
-    assert count(client, name, consistency_level="Strong") == 6
+    res = client.delete(name, filter="subject == 'biology' and id < 5")
+    assert sorted(res) == [4], "0 and 2 are gone already"
+    assert count(client, name, consistency_level="Strong") == 5
     assert client.get(name, ids=[0, 8]) == []
     client.drop_collection(name)
     assert not client.has_collection(name)
@@ -157,4 +165,36 @@ def test_hnsw_keeps_recall_at_10_over_095_against_numpy_through_a_flush_and_a_re
     assert recall >= 0.95, f"{metric}: recall@10 {recall:.3f}"
     desc = client.describe_index(name, "v")
     assert desc["index_type"] == "HNSW" and desc["metric_type"] == metric
+    client.drop_collection(name)
+
+
+def test_filters_read_json_paths_and_dynamic_keys_as_milvus_does(client):
+    name = "json_paths"
+    s = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=True)
+    s.add_field("id", DataType.INT64, is_primary=True)
+    s.add_field("v", DataType.FLOAT_VECTOR, dim=2)
+    s.add_field("meta", DataType.JSON, nullable=True)
+    if client.has_collection(name):
+        client.drop_collection(name)
+    client.create_collection(name, schema=s)
+    client.insert(name, [
+        {"id": 1, "v": [0, 1], "meta": {"a": {"b": 1}, "tags": ["x", "y"]}, "color": "red"},
+        {"id": 2, "v": [1, 0], "meta": {"a": {"b": 2.5}, "tags": ["y"]}, "color": "blue", "n": 7},
+        {"id": 3, "v": [1, 1], "meta": None},
+    ])
+    def ids(f):
+        return sorted(r["id"] for r in client.query(name, filter=f, output_fields=["id"],
+                                                    consistency_level="Strong"))
+    assert ids('meta["a"]["b"] == 1') == [1]
+    assert ids('meta["a"]["b"] > 1') == [2]
+    assert ids('meta["tags"][0] == "x"') == [1]
+    assert ids('color in ["red", "blue"] and n >= 7') == [2]
+    assert ids('$meta["color"] == "red"') == [1]
+    assert ids('color like "r%" or meta["a"]["b"] == 2.5') == [1, 2]
+    [row] = client.query(name, filter="id == 2", output_fields=["*"], consistency_level="Strong")
+    assert row["meta"] == {"a": {"b": 2.5}, "tags": ["y"]}
+    assert row["color"] == "blue" and row["n"] == 7
+    with pytest.raises(MilvusException) as e:
+        client.query(name, filter="meta == 1", output_fields=["id"])
+    assert e.value.code == 1100 and "JSON" in e.value.message, e.value.message
     client.drop_collection(name)

@@ -4,7 +4,7 @@ use arrow_array::{
     Array, BooleanArray, Float32Array, Float64Array, Int64Array, RecordBatch, StringArray,
 };
 
-use crate::{CmpOp, ExprError, Filter, Kind, Node, Value, type_error};
+use crate::{CmpOp, ExprError, Filter, JsonTest, Kind, Literal, Node, Value, type_error};
 
 /// A row's truth value: false, true or unknown (a null was involved).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -242,6 +242,17 @@ fn eval(n: &Node, batch: &RecordBatch) -> Result<Vec<Tri>, ExprError> {
                 .map(|i| Tri::of(col.is_null(i) != *negated))
                 .collect()
         }
+        Node::Json { field, path, test } => {
+            let col = column::<StringArray>(batch, field)?;
+            (0..rows)
+                .map(|i| {
+                    let doc = (!col.is_null(i))
+                        .then(|| serde_json::from_str::<serde_json::Value>(col.value(i)).ok())
+                        .flatten();
+                    json_test(doc.as_ref().and_then(|d| at_path(d, path)), test)
+                })
+                .collect()
+        }
         Node::Not(n) => not(eval(n, batch)?),
         Node::And(terms) => {
             let mut acc = vec![Tri::T; rows];
@@ -272,6 +283,54 @@ fn eval(n: &Node, batch: &RecordBatch) -> Result<Vec<Tri>, ExprError> {
     })
 }
 
+/// The value at `path` in `doc` (object keys, or array indexes); a JSON null is none.
+fn at_path<'a>(doc: &'a serde_json::Value, path: &[String]) -> Option<&'a serde_json::Value> {
+    let mut v = doc;
+    for k in path {
+        v = match v {
+            serde_json::Value::Object(o) => o.get(k)?,
+            serde_json::Value::Array(a) => a.get(k.parse::<usize>().ok()?)?,
+            _ => return None,
+        };
+    }
+    (!v.is_null()).then_some(v)
+}
+
+/// Whether a JSON value equals or orders against a literal: numbers with numbers (as i64 when
+/// both are integers), strings with strings, bools with bools (== and != only); other pairs do
+/// not compare.
+fn json_cmp(v: &serde_json::Value, op: CmpOp, lit: &Literal) -> bool {
+    use serde_json::Value as J;
+    match (v, lit) {
+        (J::Number(n), Literal::Int(i)) => match n.as_i64() {
+            Some(x) => compare(x, op, i),
+            None => n.as_f64().is_some_and(|x| compare(x, op, &(*i as f64))),
+        },
+        (J::Number(n), Literal::Float(f)) => n.as_f64().is_some_and(|x| compare(x, op, f)),
+        (J::String(s), Literal::Str(l)) => compare(s.as_str(), op, &l.as_str()),
+        (J::Bool(b), Literal::Bool(l)) => matches!(op, CmpOp::Eq | CmpOp::Ne) && compare(*b, op, l),
+        _ => false,
+    }
+}
+
+fn json_test(v: Option<&serde_json::Value>, test: &JsonTest) -> Tri {
+    if let JsonTest::IsNull(negated) = test {
+        return Tri::of(v.is_none() != *negated);
+    }
+    let Some(v) = v else { return Tri::U };
+    match test {
+        JsonTest::Cmp(op, lit) => Tri::of(json_cmp(v, *op, lit)),
+        JsonTest::In(values, negated) => {
+            Tri::of(values.iter().any(|l| json_cmp(v, CmpOp::Eq, l)) != *negated)
+        }
+        JsonTest::Like(p, negated) => match v.as_str() {
+            Some(s) => Tri::of(p.matches(s) != *negated),
+            None => Tri::F,
+        },
+        JsonTest::IsNull(_) => Tri::U,
+    }
+}
+
 fn not(v: Vec<Tri>) -> Vec<Tri> {
     v.into_iter()
         .map(|t| match t {
@@ -299,6 +358,7 @@ mod tests {
             primary_key: name == "id",
             dim: if t == DataType::FloatVector { 2 } else { 0 },
             nullable,
+            dynamic: name == "extra",
         };
         Schema::new(CollectionSchema {
             fields: vec![
@@ -309,6 +369,7 @@ mod tests {
                 f("big", DataType::Double, false),
                 f("ok", DataType::Bool, false),
                 f("doc", DataType::Json, true),
+                f("extra", DataType::Json, true),
             ],
             ..Default::default()
         })
@@ -344,6 +405,24 @@ mod tests {
                 "ok",
                 Arc::new(BooleanArray::from(vec![true, false, true, false])),
             ),
+            (
+                "doc",
+                Arc::new(StringArray::from(vec![
+                    Some(r#"{"a": 1, "s": "abc", "tags": ["x", "y"], "in": {"b": true}}"#),
+                    Some(r#"{"a": 2.5, "s": "xyz", "tags": ["y"]}"#),
+                    None,
+                    Some(r#"{"a": "1", "in": {"b": false}}"#),
+                ])),
+            ),
+            (
+                "extra",
+                Arc::new(StringArray::from(vec![
+                    Some(r#"{"color": "red", "n": 3}"#),
+                    Some(r#"{"color": "blue"}"#),
+                    Some(r#"{}"#),
+                    None,
+                ])),
+            ),
         ];
         RecordBatch::try_from_iter(cols).expect("batch")
     }
@@ -358,6 +437,61 @@ mod tests {
             .filter(|(_, m)| **m)
             .map(|(i, _)| i as i64 + 1)
             .collect()
+    }
+
+    #[test]
+    fn json_paths_compare_by_the_value_found_and_a_missing_key_is_null() {
+        assert_eq!(
+            rows(r#"doc["a"] == 1"#),
+            vec![1],
+            "the string \"1\" is not 1"
+        );
+        assert_eq!(rows(r#"doc["a"] > 1"#), vec![2]);
+        assert_eq!(rows(r#"doc["a"] in [2.5, 7]"#), vec![2]);
+        assert_eq!(rows(r#"doc["a"] == "1""#), vec![4]);
+        assert_eq!(rows(r#"doc["tags"][0] == "x""#), vec![1]);
+        assert_eq!(rows(r#"doc["in"]["b"] == true"#), vec![1]);
+        assert_eq!(
+            rows(r#"doc["in"]["b"]"#),
+            vec![1],
+            "a bare path is a true bool"
+        );
+        assert_eq!(rows(r#"doc["s"] like "ab%""#), vec![1]);
+        assert_eq!(rows(r#"doc["s"] is null"#), vec![3, 4]);
+        assert_eq!(
+            rows(r#"not (doc["s"] == "abc")"#),
+            vec![2],
+            "null stays unknown under not"
+        );
+    }
+
+    #[test]
+    fn a_name_the_schema_lacks_is_a_key_of_the_dynamic_field() {
+        assert_eq!(rows(r#"color == "red""#), vec![1]);
+        assert_eq!(rows(r#"color in ["red", "blue"] and n >= 3"#), vec![1]);
+        assert_eq!(rows(r#"$meta["color"] == "blue""#), vec![2]);
+        assert_eq!(rows("color is null"), vec![3, 4]);
+    }
+
+    #[test]
+    fn a_json_field_without_a_path_or_a_path_on_a_scalar_is_refused() {
+        for bad in ["doc == 1", r#"name["x"] == 1"#] {
+            let e = Filter::new(bad, &schema()).unwrap_err();
+            assert!(matches!(e, ExprError::Type(_)), "{bad}: {e}");
+        }
+        let no_dynamic = Schema::new(CollectionSchema {
+            fields: schema()
+                .proto()
+                .fields
+                .iter()
+                .filter(|f| !f.dynamic)
+                .cloned()
+                .collect(),
+            ..Default::default()
+        })
+        .expect("schema");
+        let e = Filter::new(r#"color == "red""#, &no_dynamic).unwrap_err();
+        assert!(e.to_string().contains("no field"), "{e}");
     }
 
     #[test]
@@ -397,8 +531,9 @@ mod tests {
 
     #[test]
     fn type_errors_name_the_field() {
+        // (The test schema has a dynamic field, so an unknown name reads it: see
+        // a_json_field_without_a_path_or_a_path_on_a_scalar_is_refused for "no field".)
         for (f, needle) in [
-            ("nope == 1", "nope"),
             ("v == 1", "vector"),
             ("doc == 'x'", "JSON"),
             ("id == 'x'", "int64"),

@@ -3,7 +3,9 @@
 //! * **Predicates**: `field == != < <= > >= literal` (either side), `field [not] in [..]`,
 //!   `field [not] like 'pattern'` (`%` any run, `_` one character, `\` escapes), and
 //!   `field is [not] null`, on the primary key and on `bool`, `int64`, `float`, `double` and
-//!   `string` fields. Vectors and JSON fields cannot be filtered (JSON paths are not supported).
+//!   `string` fields, and on paths into JSON fields (`meta["a"]["b"]`, `tags[0]`). A name the
+//!   schema lacks is a key of its dynamic JSON field, if it has one. Vectors cannot be
+//!   filtered.
 //! * **Connectives**: `and` / `&&`, `or` / `||`, `not` / `!`, parentheses; `not` binds tightest,
 //!   then `and`, then `or`.
 //! * **Types**: an `int64` field compares with any number (with a fractional one as a double);
@@ -25,7 +27,7 @@ use thiserror::Error;
 use walden_common::{ErrorCode, HasErrorCode};
 use walden_schema::{DataType, Schema};
 
-pub use parse::{CmpOp, Expr, Literal, parse};
+pub use parse::{CmpOp, Expr, FieldRef, Literal, parse};
 
 /// Longest filter accepted, in bytes.
 pub const MAX_LEN: usize = 64 * 1024;
@@ -99,9 +101,69 @@ pub(crate) enum Node {
         field: Arc<str>,
         negated: bool,
     },
+    /// A test on the value at `path` inside a JSON field.
+    Json {
+        field: Arc<str>,
+        path: Arc<[String]>,
+        test: JsonTest,
+    },
     And(Vec<Node>),
     Or(Vec<Node>),
     Not(Box<Node>),
+}
+
+/// What a JSON path's value is tested for. A missing key or a JSON null is a null (unknown);
+/// a value of another type than the literal's does not match.
+#[derive(Clone, Debug)]
+pub(crate) enum JsonTest {
+    Cmp(CmpOp, Literal),
+    In(Vec<Literal>, bool),
+    Like(eval::Pattern, bool),
+    IsNull(bool),
+}
+
+/// Where a field reference reads.
+enum Target {
+    Plain,
+    Json(Arc<str>, Arc<[String]>),
+}
+
+/// Resolves `f` against `schema`: a scalar field, or a path into a JSON field. A name the
+/// schema lacks is a key of its dynamic field, if it has one (`color` reads `_meta["color"]`,
+/// as Milvus reads `$meta["color"]`; `$meta` names the dynamic field itself).
+fn target(schema: &Schema, f: &FieldRef) -> Result<Target, ExprError> {
+    let fields = &schema.proto().fields;
+    match fields.iter().find(|x| x.name == f.name) {
+        Some(x) if x.data_type() == DataType::Json => {
+            if f.path.is_empty() {
+                return Err(type_error(format!(
+                    "{:?} is a JSON field: filter on a path in it ({}[\"key\"])",
+                    f.name, f.name
+                )));
+            }
+            Ok(Target::Json(x.name.as_str().into(), f.path.clone().into()))
+        }
+        Some(_) if !f.path.is_empty() => Err(type_error(format!(
+            "{:?} is not a JSON field: it has no path",
+            f.name
+        ))),
+        Some(_) => Ok(Target::Plain),
+        None => {
+            let Some(d) = fields.iter().find(|x| x.dynamic) else {
+                return Err(type_error(format!("no field {:?}", f.name)));
+            };
+            let mut path = if f.name == "$meta" {
+                vec![]
+            } else {
+                vec![f.name.clone()]
+            };
+            path.extend(f.path.iter().cloned());
+            if path.is_empty() {
+                return Err(type_error("$meta needs a key ($meta[\"key\"])"));
+            }
+            Ok(Target::Json(d.name.as_str().into(), path.into()))
+        }
+    }
 }
 
 /// A parsed filter checked against a collection's schema.
@@ -141,7 +203,8 @@ fn collect_fields(n: &Node, out: &mut Vec<String>) {
         Node::Cmp { field, .. }
         | Node::In { field, .. }
         | Node::Like { field, .. }
-        | Node::IsNull { field, .. } => out.push(field.to_string()),
+        | Node::IsNull { field, .. }
+        | Node::Json { field, .. } => out.push(field.to_string()),
         Node::And(v) | Node::Or(v) => v.iter().for_each(|n| collect_fields(n, out)),
         Node::Not(n) => collect_fields(n, out),
     }
@@ -162,7 +225,7 @@ fn kind_of(schema: &Schema, field: &str) -> Result<Kind, ExprError> {
         DataType::String => Kind::Str,
         DataType::Json => {
             return Err(type_error(format!(
-                "{field:?} is a JSON field; JSON paths are not supported in filters"
+                "{field:?} is a JSON field: filter on a path in it ({field}[\"key\"])"
             )));
         }
         DataType::FloatVector | DataType::Unspecified => {
@@ -198,18 +261,28 @@ fn value_of(kind: Kind, field: &str, lit: &Literal) -> Result<Value, ExprError> 
 }
 
 fn check(e: &Expr, schema: &Schema) -> Result<Node, ExprError> {
+    let json = |field: &FieldRef, test: JsonTest| -> Result<Option<Node>, ExprError> {
+        Ok(match target(schema, field)? {
+            Target::Json(field, path) => Some(Node::Json { field, path, test }),
+            Target::Plain => None,
+        })
+    };
     Ok(match e {
         Expr::Cmp { field, op, value } => {
-            let kind = kind_of(schema, field)?;
+            if let Some(n) = json(field, JsonTest::Cmp(*op, value.clone()))? {
+                return Ok(n);
+            }
+            let name = field.name.as_str();
+            let kind = kind_of(schema, name)?;
             if kind == Kind::Bool && !matches!(op, CmpOp::Eq | CmpOp::Ne) {
                 return Err(type_error(format!(
-                    "{field:?} is bool: only == and != compare it"
+                    "{name:?} is bool: only == and != compare it"
                 )));
             }
             Node::Cmp {
-                field: field.as_str().into(),
+                field: name.into(),
                 op: *op,
-                value: value_of(kind, field, value)?,
+                value: value_of(kind, name, value)?,
             }
         }
         Expr::In {
@@ -217,13 +290,17 @@ fn check(e: &Expr, schema: &Schema) -> Result<Node, ExprError> {
             values,
             negated,
         } => {
-            let kind = kind_of(schema, field)?;
+            if let Some(n) = json(field, JsonTest::In(values.clone(), *negated))? {
+                return Ok(n);
+            }
+            let name = field.name.as_str();
+            let kind = kind_of(schema, name)?;
             Node::In {
-                field: field.as_str().into(),
+                field: name.into(),
                 kind,
                 values: values
                     .iter()
-                    .map(|v| value_of(kind, field, v))
+                    .map(|v| value_of(kind, name, v))
                     .collect::<Result<_, _>>()?,
                 negated: *negated,
             }
@@ -233,21 +310,29 @@ fn check(e: &Expr, schema: &Schema) -> Result<Node, ExprError> {
             pattern,
             negated,
         } => {
-            if kind_of(schema, field)? != Kind::Str {
+            if let Some(n) = json(field, JsonTest::Like(eval::Pattern::new(pattern), *negated))? {
+                return Ok(n);
+            }
+            let name = field.name.as_str();
+            if kind_of(schema, name)? != Kind::Str {
                 return Err(type_error(format!(
-                    "like applies to string fields; {field:?} is not one"
+                    "like applies to string fields; {name:?} is not one"
                 )));
             }
             Node::Like {
-                field: field.as_str().into(),
+                field: name.into(),
                 pattern: eval::Pattern::new(pattern),
                 negated: *negated,
             }
         }
         Expr::IsNull { field, negated } => {
-            kind_of(schema, field)?;
+            if let Some(n) = json(field, JsonTest::IsNull(*negated))? {
+                return Ok(n);
+            }
+            let name = field.name.as_str();
+            kind_of(schema, name)?;
             Node::IsNull {
-                field: field.as_str().into(),
+                field: name.into(),
                 negated: *negated,
             }
         }

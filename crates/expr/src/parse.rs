@@ -5,6 +5,7 @@
 //! and       := unary (("and" | "&&") unary)*
 //! unary     := ("not" | "!") unary | "(" expr ")" | predicate
 //! predicate := field cmp literal | literal cmp field
+//! field     := name ("[" (string | integer) "]")*     (a path into a JSON field)
 //!            | field ["not"] "in" "[" [literal ("," literal)*] "]"
 //!            | field ["not"] "like" string
 //!            | field "is" ["not"] "null"
@@ -51,26 +52,59 @@ pub enum Literal {
     Bool(bool),
 }
 
+/// A field, or a path into a JSON field (`meta["a"]["b"]`, `tags[0]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldRef {
+    pub name: String,
+    /// Object keys (or array indexes, as text) below the field; empty for a plain field.
+    pub path: Vec<String>,
+}
+
+impl From<&str> for FieldRef {
+    fn from(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            path: vec![],
+        }
+    }
+}
+
+impl From<String> for FieldRef {
+    fn from(name: String) -> Self {
+        Self { name, path: vec![] }
+    }
+}
+
+impl std::fmt::Display for FieldRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name)?;
+        for k in &self.path {
+            write!(f, "[{k:?}]")?;
+        }
+        Ok(())
+    }
+}
+
 /// A parsed filter, before it is checked against a schema.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Expr {
     Cmp {
-        field: String,
+        field: FieldRef,
         op: CmpOp,
         value: Literal,
     },
     In {
-        field: String,
+        field: FieldRef,
         values: Vec<Literal>,
         negated: bool,
     },
     Like {
-        field: String,
+        field: FieldRef,
         pattern: String,
         negated: bool,
     },
     IsNull {
-        field: String,
+        field: FieldRef,
         negated: bool,
     },
     /// Every operand holds (flat: a long chain never nests deeply).
@@ -180,7 +214,8 @@ fn lex(src: &str) -> Result<Vec<(usize, Tok)>, ExprError> {
                 out.push((start, Tok::Lit(lit)));
                 continue;
             }
-            c if c.is_ascii_alphabetic() || c == b'_' => {
+            c if c.is_ascii_alphabetic() || c == b'_' || c == b'$' => {
+                i += 1;
                 while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_') {
                     i += 1;
                 }
@@ -311,6 +346,22 @@ impl Parser {
         }
     }
 
+    /// A field name and the JSON path after it, if any.
+    fn path(&mut self, name: String) -> Result<FieldRef, ExprError> {
+        let mut path = Vec::new();
+        while self.peek() == Some(&Tok::LBracket) {
+            self.pos += 1;
+            let at = self.at();
+            match self.next() {
+                Some(Tok::Lit(Literal::Str(k))) => path.push(k),
+                Some(Tok::Lit(Literal::Int(i))) if i >= 0 => path.push(i.to_string()),
+                _ => return Err(syntax(at, "a JSON path takes a string key or an index")),
+            }
+            self.expect(&Tok::RBracket, "']' after a JSON key")?;
+        }
+        Ok(FieldRef { name, path })
+    }
+
     fn predicate(&mut self) -> Result<Expr, ExprError> {
         let at = self.at();
         match self.next() {
@@ -321,16 +372,18 @@ impl Parser {
                     return Err(syntax(at, "expected a comparison after a value"));
                 };
                 let at = self.at();
-                let Some(Tok::Ident(field)) = self.next() else {
+                let Some(Tok::Ident(name)) = self.next() else {
                     return Err(syntax(at, "expected a field name"));
                 };
+                let field = self.path(name)?;
                 Ok(Expr::Cmp {
                     field,
                     op: op.mirrored(),
                     value,
                 })
             }
-            Some(Tok::Ident(field)) => {
+            Some(Tok::Ident(name)) => {
+                let field = self.path(name)?;
                 let negated = self.keyword("not");
                 if negated {
                     self.pos += 1;
@@ -399,7 +452,7 @@ impl Parser {
                 let Some(Tok::Op(op)) = self.next() else {
                     return Err(syntax(
                         at,
-                        format!("expected a comparison, in, like or is after {field:?}"),
+                        format!("expected a comparison, in, like or is after {field}"),
                     ));
                 };
                 let value = self.literal()?;

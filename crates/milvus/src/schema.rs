@@ -131,6 +131,7 @@ pub fn from_milvus(name: &str, bytes: &[u8]) -> Result<Translated, String> {
             primary_key: f.is_primary_key,
             dim,
             nullable: f.nullable,
+            dynamic: false,
         });
     }
     if !milvus.functions.is_empty() {
@@ -152,6 +153,7 @@ pub fn from_milvus(name: &str, bytes: &[u8]) -> Result<Translated, String> {
             name: DYNAMIC_COLUMN.into(),
             data_type: WType::Json as i32,
             nullable: true,
+            dynamic: true,
             ..WField::default()
         });
     }

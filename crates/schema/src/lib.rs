@@ -186,6 +186,18 @@ impl Schema {
                 pk = Some(i);
             }
         }
+        let dynamic: Vec<_> = proto.fields.iter().filter(|f| f.dynamic).collect();
+        if dynamic.len() > 1 {
+            return Err(invalid("at most one field is the dynamic field".into()));
+        }
+        if let Some(d) = dynamic.first()
+            && (d.data_type() != DataType::Json || !d.nullable)
+        {
+            return Err(invalid(format!(
+                "the dynamic field {:?} must be a nullable json field",
+                d.name
+            )));
+        }
         let pk = pk.ok_or_else(|| invalid("no field is the primary key".into()))?;
         if vectors == 0 {
             return Err(invalid(
@@ -243,6 +255,7 @@ impl Schema {
                     primary_key: f.primary_key,
                     dim: f.dim,
                     nullable: f.nullable,
+                    ..FieldSchema::default()
                 })
             })
             .collect::<Result<_, SchemaError>>()?;
