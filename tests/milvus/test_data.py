@@ -198,3 +198,35 @@ def test_filters_read_json_paths_and_dynamic_keys_as_milvus_does(client):
         client.query(name, filter="meta == 1", output_fields=["id"])
     assert e.value.code == 1100 and "JSON" in e.value.message, e.value.message
     client.drop_collection(name)
+
+
+def test_partitions_hold_their_rows_and_reads_can_name_them(client):
+    name = "parts"
+    if client.has_collection(name):
+        client.drop_collection(name)
+    client.create_collection(name, dimension=2)
+    client.create_partition(name, "p2026")
+    assert client.has_partition(name, "p2026") and not client.has_partition(name, "nope")
+    assert sorted(client.list_partitions(name)) == ["_default", "p2026"]
+    client.insert(name, [{"id": 1, "vector": [0, 1]}], partition_name="p2026")
+    client.insert(name, [{"id": 2, "vector": [1, 0]}])
+
+    def ids(**kw):
+        return sorted(r["id"] for r in client.query(name, filter="id > 0", output_fields=["id"],
+                                                    consistency_level="Strong", **kw))
+    assert ids() == [1, 2]
+    assert ids(partition_names=["p2026"]) == [1]
+    assert ids(partition_names=["_default"]) == [2]
+    hits = client.search(name, data=[[1, 0]], limit=5, partition_names=["p2026"],
+                         consistency_level="Strong")
+    assert [h["id"] for h in hits[0]] == [1]
+    client.load_partitions(name, ["p2026"])
+    with pytest.raises(MilvusException) as e:
+        client.release_partitions(name, ["p2026"])
+    assert "whole collections" in e.value.message, e.value.message
+    with pytest.raises(MilvusException) as e:
+        client.insert(name, [{"id": 3, "vector": [1, 1]}], partition_name="nope")
+    assert count(client, name, consistency_level="Strong") == 2, "nothing written"
+    client.drop_partition(name, "p2026")
+    assert client.list_partitions(name) == ["_default"]
+    client.drop_collection(name)

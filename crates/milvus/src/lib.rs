@@ -16,6 +16,7 @@
 //! - Only the `default` database exists.
 
 mod data;
+mod partitions;
 pub mod rows;
 pub mod schema;
 pub mod status;
@@ -506,6 +507,59 @@ impl MilvusService for Milvus {
                 },
             },
         )
+    }
+
+    async fn create_partition(
+        &self,
+        req: Request<m::CreatePartitionRequest>,
+    ) -> Answer<mc::Status> {
+        let r = req.into_inner();
+        if let Err(s) = Self::database(&r.db_name) {
+            return answer(s);
+        }
+        answer(partitions::create(&self.client, &r.collection_name, &r.partition_name).await)
+    }
+
+    async fn drop_partition(&self, req: Request<m::DropPartitionRequest>) -> Answer<mc::Status> {
+        let r = req.into_inner();
+        if let Err(s) = Self::database(&r.db_name) {
+            return answer(s);
+        }
+        answer(partitions::drop(&self.client, &r.collection_name, &r.partition_name).await)
+    }
+
+    async fn has_partition(&self, req: Request<m::HasPartitionRequest>) -> Answer<m::BoolResponse> {
+        let r = req.into_inner();
+        answer(
+            match partitions::list(&self.client, &r.collection_name).await {
+                Ok(names) => m::BoolResponse {
+                    status: Some(status::ok()),
+                    value: names.contains(&r.partition_name),
+                },
+                Err(s) => m::BoolResponse {
+                    status: Some(s),
+                    value: false,
+                },
+            },
+        )
+    }
+
+    async fn show_partitions(
+        &self,
+        req: Request<m::ShowPartitionsRequest>,
+    ) -> Answer<m::ShowPartitionsResponse> {
+        answer(partitions::show(&self.client, &req.into_inner().collection_name).await)
+    }
+
+    async fn load_partitions(&self, req: Request<m::LoadPartitionsRequest>) -> Answer<mc::Status> {
+        answer(partitions::load(&self.client, req.into_inner()).await)
+    }
+
+    async fn release_partitions(
+        &self,
+        req: Request<m::ReleasePartitionsRequest>,
+    ) -> Answer<mc::Status> {
+        answer(partitions::release(&self.client, req.into_inner()).await)
     }
 
     async fn show_collections(
