@@ -85,6 +85,42 @@ fn answer<T>(t: T) -> Answer<T> {
     Ok(Response::new(t))
 }
 
+/// A response that can carry a failed status and nothing else.
+trait Refusal {
+    fn refusal(s: mc::Status) -> Self;
+}
+
+macro_rules! refusal {
+    ($($t:ty),* $(,)?) => {$(
+        impl Refusal for $t {
+            fn refusal(s: mc::Status) -> Self {
+                Self { status: Some(s), ..Default::default() }
+            }
+        }
+    )*};
+}
+
+refusal!(
+    m::MutationResult,
+    m::SearchResults,
+    m::QueryResults,
+    m::DescribeCollectionResponse,
+    m::ShowCollectionsResponse,
+    m::DescribeDatabaseResponse,
+    m::BoolResponse,
+);
+
+impl Refusal for mc::Status {
+    fn refusal(s: mc::Status) -> Self {
+        s
+    }
+}
+
+/// Only the `default` database exists: another one is refused with code 800, as `T`.
+fn in_default_db<T: Refusal>(db: &str) -> Result<(), T> {
+    Milvus::database(db).map_err(T::refusal)
+}
+
 #[tonic::async_trait]
 impl MilvusService for Milvus {
     async fn connect(&self, _req: Request<m::ConnectRequest>) -> Answer<m::ConnectResponse> {
@@ -139,11 +175,8 @@ impl MilvusService for Milvus {
         &self,
         req: Request<m::DescribeDatabaseRequest>,
     ) -> Answer<m::DescribeDatabaseResponse> {
-        if let Err(s) = Self::database(&req.get_ref().db_name) {
-            return answer(m::DescribeDatabaseResponse {
-                status: Some(s),
-                ..Default::default()
-            });
+        if let Err(refused) = in_default_db(&req.get_ref().db_name) {
+            return answer(refused);
         }
         answer(m::DescribeDatabaseResponse {
             status: Some(status::ok()),
@@ -158,8 +191,8 @@ impl MilvusService for Milvus {
         req: Request<m::CreateCollectionRequest>,
     ) -> Answer<mc::Status> {
         let r = req.into_inner();
-        if let Err(s) = Self::database(&r.db_name) {
-            return answer(s);
+        if let Err(refused) = in_default_db(&r.db_name) {
+            return answer(refused);
         }
         let translated = match schema::from_milvus(&r.collection_name, &r.schema) {
             Ok(t) => t,
@@ -183,8 +216,8 @@ impl MilvusService for Milvus {
 
     async fn drop_collection(&self, req: Request<m::DropCollectionRequest>) -> Answer<mc::Status> {
         let r = req.into_inner();
-        if let Err(s) = Self::database(&r.db_name) {
-            return answer(s);
+        if let Err(refused) = in_default_db(&r.db_name) {
+            return answer(refused);
         }
         answer(
             match self
@@ -210,11 +243,8 @@ impl MilvusService for Milvus {
         req: Request<m::HasCollectionRequest>,
     ) -> Answer<m::BoolResponse> {
         let r = req.into_inner();
-        if let Err(s) = Self::database(&r.db_name) {
-            return answer(m::BoolResponse {
-                status: Some(s),
-                value: false,
-            });
+        if let Err(refused) = in_default_db(&r.db_name) {
+            return answer(refused);
         }
         answer(
             match self.client.collections().describe(&r.collection_name).await {
@@ -245,11 +275,8 @@ impl MilvusService for Milvus {
         req: Request<m::DescribeCollectionRequest>,
     ) -> Answer<m::DescribeCollectionResponse> {
         let r = req.into_inner();
-        if let Err(s) = Self::database(&r.db_name) {
-            return answer(m::DescribeCollectionResponse {
-                status: Some(s),
-                ..Default::default()
-            });
+        if let Err(refused) = in_default_db(&r.db_name) {
+            return answer(refused);
         }
         let info = match self.client.collections().describe(&r.collection_name).await {
             Ok(i) if i.state == CollectionState::Created as i32 => i,
@@ -292,11 +319,8 @@ impl MilvusService for Milvus {
 
     async fn insert(&self, req: Request<m::InsertRequest>) -> Answer<m::MutationResult> {
         let r = req.into_inner();
-        if let Err(s) = Self::database(&r.db_name) {
-            return answer(m::MutationResult {
-                status: Some(s),
-                ..Default::default()
-            });
+        if let Err(refused) = in_default_db(&r.db_name) {
+            return answer(refused);
         }
         answer(
             data::write(
@@ -313,11 +337,8 @@ impl MilvusService for Milvus {
 
     async fn upsert(&self, req: Request<m::UpsertRequest>) -> Answer<m::MutationResult> {
         let r = req.into_inner();
-        if let Err(s) = Self::database(&r.db_name) {
-            return answer(m::MutationResult {
-                status: Some(s),
-                ..Default::default()
-            });
+        if let Err(refused) = in_default_db(&r.db_name) {
+            return answer(refused);
         }
         answer(
             data::write(
@@ -334,33 +355,24 @@ impl MilvusService for Milvus {
 
     async fn delete(&self, req: Request<m::DeleteRequest>) -> Answer<m::MutationResult> {
         let r = req.into_inner();
-        if let Err(s) = Self::database(&r.db_name) {
-            return answer(m::MutationResult {
-                status: Some(s),
-                ..Default::default()
-            });
+        if let Err(refused) = in_default_db(&r.db_name) {
+            return answer(refused);
         }
         answer(data::delete(&self.client, r).await)
     }
 
     async fn search(&self, req: Request<m::SearchRequest>) -> Answer<m::SearchResults> {
         let r = req.into_inner();
-        if let Err(s) = Self::database(&r.db_name) {
-            return answer(m::SearchResults {
-                status: Some(s),
-                ..Default::default()
-            });
+        if let Err(refused) = in_default_db(&r.db_name) {
+            return answer(refused);
         }
         answer(data::search(&self.client, r).await)
     }
 
     async fn query(&self, req: Request<m::QueryRequest>) -> Answer<m::QueryResults> {
         let r = req.into_inner();
-        if let Err(s) = Self::database(&r.db_name) {
-            return answer(m::QueryResults {
-                status: Some(s),
-                ..Default::default()
-            });
+        if let Err(refused) = in_default_db(&r.db_name) {
+            return answer(refused);
         }
         answer(data::query(&self.client, r).await)
     }
@@ -514,16 +526,16 @@ impl MilvusService for Milvus {
         req: Request<m::CreatePartitionRequest>,
     ) -> Answer<mc::Status> {
         let r = req.into_inner();
-        if let Err(s) = Self::database(&r.db_name) {
-            return answer(s);
+        if let Err(refused) = in_default_db(&r.db_name) {
+            return answer(refused);
         }
         answer(partitions::create(&self.client, &r.collection_name, &r.partition_name).await)
     }
 
     async fn drop_partition(&self, req: Request<m::DropPartitionRequest>) -> Answer<mc::Status> {
         let r = req.into_inner();
-        if let Err(s) = Self::database(&r.db_name) {
-            return answer(s);
+        if let Err(refused) = in_default_db(&r.db_name) {
+            return answer(refused);
         }
         answer(partitions::drop(&self.client, &r.collection_name, &r.partition_name).await)
     }
@@ -567,11 +579,8 @@ impl MilvusService for Milvus {
         req: Request<m::ShowCollectionsRequest>,
     ) -> Answer<m::ShowCollectionsResponse> {
         let r = req.into_inner();
-        if let Err(s) = Self::database(&r.db_name) {
-            return answer(m::ShowCollectionsResponse {
-                status: Some(s),
-                ..Default::default()
-            });
+        if let Err(refused) = in_default_db(&r.db_name) {
+            return answer(refused);
         }
         answer(match self.client.collections().list().await {
             Ok(list) => {
