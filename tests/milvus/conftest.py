@@ -15,10 +15,14 @@ WALDEN = Path(os.environ.get("WALDEN_BIN", ROOT / "target" / "debug" / "walden")
 
 
 class Standalone:
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, config: str = ""):
         self.workdir = workdir
         self.ready = workdir / "ready.json"
         self.log = open(workdir / "walden.log", "wb")
+        extra = []
+        if config:
+            (workdir / "walden.toml").write_text(config)
+            extra = ["--config", str(workdir / "walden.toml")]
         self.proc = subprocess.Popen(
             [
                 str(WALDEN),
@@ -33,7 +37,8 @@ class Standalone:
                 "127.0.0.1:0",
                 "--ready-file",
                 str(self.ready),
-            ],
+            ]
+            + extra,
             stdout=subprocess.DEVNULL,
             stderr=self.log,
         )
@@ -75,3 +80,16 @@ def client(walden):
     c = MilvusClient(walden.uri)
     yield c
     c.close()
+
+
+@pytest.fixture(scope="session")
+def walden_with_tokens():
+    """A standalone whose every listener needs one of the tokens in its token file."""
+    with tempfile.TemporaryDirectory(prefix="walden-milvus-auth-") as d:
+        tokens = Path(d) / "tokens"
+        tokens.write_text("s3cret-token\n")
+        server = Standalone(Path(d), f'[server]\nauth_token_file = "{tokens}"\n')
+        try:
+            yield server
+        finally:
+            server.stop()
