@@ -11,6 +11,7 @@
 //! Files are written whole with create-if-absent under a key no other write uses, and never
 //! changed; compaction writes new ones.
 
+mod footer;
 mod keyfilter;
 
 use std::{collections::HashMap, sync::Arc};
@@ -237,6 +238,8 @@ pub fn decode(bytes: Bytes) -> Result<Vec<RecordBatch>, FormatError> {
 }
 
 fn decode_unguarded(bytes: Bytes) -> Result<Vec<RecordBatch>, FormatError> {
+    footer::check(&bytes)
+        .map_err(|why| FormatError(format!("parquet file: damaged footer: {why}")))?;
     let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
         .map_err(|e| format("parquet file", e))?
         .build()

@@ -94,6 +94,8 @@ fn wait_for_log(p: &common::cluster::Proc, text: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn query_nodes_serve_flushed_segments_with_replicas_and_survive_a_killed_node() {
     let mut c = Cluster::start(1, 1, 2, "").await;
+    // Query nodes serve /metrics: the kill below waits until reads reach the victim.
+    c.metrics = true;
     c.add_query_node().await;
     c.add_query_node().await;
     let client = c.client().await;
@@ -425,6 +427,29 @@ async fn read_replicas_on_other_streaming_nodes_serve_reads_and_losing_one_fails
 /// SIGSTOP, then kill -9 200 ms later: the reads sent to the process meanwhile are in flight
 /// when it dies (a kill alone races the other copies' sync, which may drop the node first).
 fn stop_then_kill(p: &mut common::cluster::Proc, reads: &InFlight) {
+    // First, reads reach this copy now (its count of rows scored moves): a copy that is not
+    // (yet) synced would take no read, and its death would prove nothing.
+    let scored = |p: &common::cluster::Proc| {
+        use std::io::{Read, Write};
+        let addr = p.http.clone().unwrap_or_default();
+        let mut s = std::net::TcpStream::connect(&addr).expect("its /metrics");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut body = String::new();
+        let _ = s.read_to_string(&mut body);
+        common::metric(&body, "walden_search_rows_scored_total")
+    };
+    if p.http.is_some() {
+        let before = scored(p);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while scored(p) <= before {
+            assert!(
+                Instant::now() < deadline,
+                "no read reached the copy to be killed in 15 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
     p.signal("STOP");
     // A read normally takes milliseconds: one waiting 300 ms is waiting on the frozen process.
     // Killing then makes sure a read is in flight at the death (not only near it).
