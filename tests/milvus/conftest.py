@@ -93,3 +93,14 @@ def walden_with_tokens():
             yield server
         finally:
             server.stop()
+
+
+@pytest.fixture(scope="session")
+def walden_small_reads():
+    """A standalone whose reads return at most 5 rows (query.max_rows)."""
+    with tempfile.TemporaryDirectory(prefix="walden-milvus-small-") as d:
+        server = Standalone(Path(d), "[query]\nmax_rows = 5\n")
+        try:
+            yield server
+        finally:
+            server.stop()

@@ -230,3 +230,16 @@ def test_partitions_hold_their_rows_and_reads_can_name_them(client):
     client.drop_partition(name, "p2026")
     assert client.list_partitions(name) == ["_default"]
     client.drop_collection(name)
+
+
+def test_a_delete_by_filter_matching_more_than_one_read_returns_deletes_nothing(walden_small_reads):
+    c = MilvusClient(walden_small_reads.uri)
+    c.create_collection("many", dimension=2)
+    c.insert("many", [{"id": i, "vector": [1, i]} for i in range(8)])
+    with pytest.raises(MilvusException) as e:
+        c.delete("many", filter="id >= 0")
+    assert "nothing was deleted" in e.value.message, e.value.message
+    assert c.query("many", filter="", output_fields=["count(*)"],
+                   consistency_level="Strong")[0]["count(*)"] == 8
+    assert sorted(c.delete("many", filter="id < 3")) == [0, 1, 2]
+    c.close()

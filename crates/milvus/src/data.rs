@@ -123,7 +123,7 @@ pub async fn write(
 
 /// Delete by a filter: the keys it matches (read strongly) are deleted.
 pub async fn delete(client: &Client, r: m::DeleteRequest) -> m::MutationResult {
-    let (info, milvus) = match describe(client, &r.collection_name).await {
+    let (_, milvus) = match describe(client, &r.collection_name).await {
         Ok(x) => x,
         Err(s) => return failed_mutation(s),
     };
@@ -146,6 +146,15 @@ pub async fn delete(client: &Client, r: m::DeleteRequest) -> m::MutationResult {
         )
         .await;
     let rows = match found {
+        // More matches than one read returns: deleting only those would report a part as the
+        // whole, so nothing is deleted.
+        Ok(q) if q.truncated => {
+            return failed_mutation(status::invalid(format!(
+                "the filter matches more than the {} rows one read returns (query.max_rows): \
+                 nothing was deleted; delete with narrower filters",
+                q.rows.len()
+            )));
+        }
         Ok(q) => q.rows,
         Err(e) => return failed_mutation(status::from_client(&e)),
     };
@@ -170,7 +179,6 @@ pub async fn delete(client: &Client, r: m::DeleteRequest) -> m::MutationResult {
             ..Default::default()
         };
     }
-    let _ = info;
     let partition = (!r.partition_name.is_empty()).then_some(r.partition_name.as_str());
     match client
         .collections()
