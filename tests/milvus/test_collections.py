@@ -102,6 +102,6 @@ def test_an_rpc_walden_does_not_serve_is_unimplemented_naming_it(walden):
     with grpc.insecure_channel(walden.addr) as ch:
         stub = milvus_pb2_grpc.MilvusServiceStub(ch)
         with pytest.raises(grpc.RpcError) as e:
-            stub.ListAliases(milvus_pb2.ListAliasesRequest())
+            stub.ListImportTasks(milvus_pb2.ListImportTasksRequest())
     assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "ListAliases" in e.value.details(), e.value.details()
+    assert "ListImportTasks" in e.value.details(), e.value.details()

@@ -44,6 +44,14 @@ pub struct WriteResult {
     pub time_tick: u64,
 }
 
+/// What [`Collections::alias`] does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AliasOp {
+    Create,
+    Alter,
+    Drop,
+}
+
 /// The collections API of one node. Cheap to create; producers are opened per pchannel on
 /// first use and reused.
 #[derive(Debug)]
@@ -55,10 +63,11 @@ pub struct Collections {
     /// How the producers of writes retry (an outage ends a write's retries for all its
     /// messages at once: see [`ProducerOptions::retry_timeout`]).
     producer_options: ProducerOptions,
-    /// Collections described so far, by name: writes route by them without a describe call
-    /// each. A write that finds the collection gone (dropped, or re-created under new shards)
-    /// forgets it, and the next call describes again.
-    described: Mutex<HashMap<String, (CollectionInfo, Schema)>>,
+    /// Collections described lately, by name (or alias): writes route by them without a
+    /// describe call each. An entry is used for [`crate::search::DESCRIBED_FOR`] (a rename or
+    /// an alias moved elsewhere is seen within it); a write that finds the collection gone
+    /// (dropped, or re-created under new shards) forgets it at once.
+    described: Mutex<HashMap<String, (std::time::Instant, CollectionInfo, Schema)>>,
 }
 
 impl Collections {
@@ -264,20 +273,122 @@ impl Collections {
 
     /// The collection and its checked schema (cached; see [`Collections`]).
     pub async fn schema(&self, name: &str) -> Result<(CollectionInfo, Schema), ClientError> {
-        if let Some(known) = self.cache().get(name) {
-            return Ok(known.clone());
+        if let Some((at, info, schema)) = self.cache().get(name)
+            && at.elapsed() < crate::search::DESCRIBED_FOR
+        {
+            return Ok((info.clone(), schema.clone()));
         }
         let info = self.describe(name).await?;
         let schema = Schema::new(info.schema.clone().unwrap_or_default())
             .map_err(|e| ClientError::InvalidArgument(e.to_string()))?;
         if info.state() == walden_proto::v1::CollectionState::Created {
-            self.cache()
-                .insert(name.to_owned(), (info.clone(), schema.clone()));
+            self.cache().insert(
+                name.to_owned(),
+                (std::time::Instant::now(), info.clone(), schema.clone()),
+            );
         }
         Ok((info, schema))
     }
 
-    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, (CollectionInfo, Schema)>> {
+    /// Forgets what this handle and its client know of `name` (after a rename or an alias
+    /// change made here, so the next call describes it afresh).
+    pub fn forget(&self, name: &str) {
+        self.cache().remove(name);
+        self.client.forget_described(name);
+    }
+
+    /// Renames a collection (its shards, rows and aliases stay with it).
+    pub async fn rename(&self, name: &str, new_name: &str) -> Result<CollectionInfo, ClientError> {
+        check_name("collection", name)?;
+        check_name("collection", new_name)?;
+        let req = walden_proto::v1::RenameCollectionRequest {
+            name: name.into(),
+            new_name: new_name.into(),
+        };
+        let r = self
+            .ddl(|mut g| {
+                let r = req.clone();
+                async move { g.rename_collection(r).await }
+            })
+            .await;
+        self.forget(name);
+        r
+    }
+
+    /// Sets and removes keys of the schema's properties (opaque to Walden).
+    pub async fn alter_properties(
+        &self,
+        name: &str,
+        set: HashMap<String, Bytes>,
+        delete: Vec<String>,
+    ) -> Result<CollectionInfo, ClientError> {
+        let req = walden_proto::v1::AlterPropertiesRequest {
+            collection: name.into(),
+            set,
+            delete,
+        };
+        let r = self
+            .ddl(|mut g| {
+                let r = req.clone();
+                async move { g.alter_properties(r).await }
+            })
+            .await;
+        self.forget(name);
+        r
+    }
+
+    /// Creates (`Create`), re-points (`Alter`) or drops (`Drop`, `collection` unused) an alias.
+    pub async fn alias(
+        &self,
+        op: AliasOp,
+        alias: &str,
+        collection: &str,
+    ) -> Result<walden_proto::v1::Alias, ClientError> {
+        check_name("alias", alias)?;
+        if op != AliasOp::Drop {
+            check_name("collection", collection)?;
+        }
+        let req = walden_proto::v1::AliasRequest {
+            alias: alias.into(),
+            collection: collection.into(),
+        };
+        let r = self
+            .ddl(|mut g| {
+                let r = req.clone();
+                async move {
+                    match op {
+                        AliasOp::Create => g.create_alias(r).await,
+                        AliasOp::Alter => g.alter_alias(r).await,
+                        AliasOp::Drop => g.drop_alias(r).await,
+                    }
+                }
+            })
+            .await;
+        self.forget(alias);
+        r
+    }
+
+    /// The aliases of `collection` (every alias when empty).
+    pub async fn list_aliases(
+        &self,
+        collection: &str,
+    ) -> Result<Vec<walden_proto::v1::Alias>, ClientError> {
+        let req = walden_proto::v1::ListAliasesRequest {
+            collection: collection.into(),
+        };
+        Ok(self
+            .ddl(|mut g| {
+                let r = req.clone();
+                async move { g.list_aliases(r).await }
+            })
+            .await?
+            .aliases)
+    }
+
+    fn cache(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, (std::time::Instant, CollectionInfo, Schema)>>
+    {
         self.described.lock().unwrap_or_else(|e| e.into_inner())
     }
 

@@ -47,7 +47,7 @@ use walden_proto::v1::{
     streaming_node_client::StreamingNodeClient,
 };
 
-pub use collections::{Collections, WriteResult};
+pub use collections::{AliasOp, Collections, WriteResult};
 pub use consumer::{Consumer, ConsumerOptions, DeliverFrom};
 pub use error::ClientError;
 pub use walden_message::Delivery;
@@ -282,6 +282,37 @@ impl Client {
             }
         }
         None
+    }
+
+    /// `count` consecutive ticks from the cluster's timestamp oracle (the leader coordinator's,
+    /// or a standalone server's own): returns the first. Every tick is above every tick any
+    /// log holds now, and no other caller gets it: Milvus's AllocTimestamp, and ids for rows
+    /// that want the server to choose them.
+    pub async fn allocate_ticks(&self, count: u32) -> Result<u64, ClientError> {
+        let req = walden_proto::v1::AllocateTicksRequest { count, above: 0 };
+        let mut channel = self.channel.clone();
+        let mut last = None;
+        for _ in 0..3 {
+            match router::cluster_client(channel.clone(), self.auth.clone())
+                .allocate_ticks(req)
+                .await
+            {
+                Ok(r) => return Ok(r.into_inner().first),
+                Err(s) => {
+                    let e = ClientError::from(s);
+                    if walden_common::HasErrorCode::code(&e) != walden_common::ErrorCode::NotLeader
+                    {
+                        return Err(e);
+                    }
+                    last = Some(e);
+                    match self.leader_channel().await {
+                        Some((c, _)) => channel = c,
+                        None => tokio::time::sleep(Duration::from_millis(200)).await,
+                    }
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| ClientError::Transport("no coordinator leads".into())))
     }
 
     /// Moves `pchannel` to node `to` (an operator's move; the leader coordinator does it).

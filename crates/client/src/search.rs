@@ -124,7 +124,7 @@ pub(crate) type Described = HashMap<String, (Instant, Arc<CollectionInfo>, Arc<S
 
 /// How long a collection's description is reused by reads before it is asked for again (a
 /// read that finds it stale asks at once).
-const DESCRIBED_FOR: Duration = Duration::from_secs(2);
+pub(crate) const DESCRIBED_FOR: Duration = Duration::from_secs(2);
 
 /// How long reads pass over a read replica that failed a call (its node may be dead until the
 /// placement moves the replica away, a lease later).
@@ -319,6 +319,11 @@ impl Client {
         Ok((info, schema))
     }
 
+    /// Forgets the description of `collection` reads use (see [`crate::Collections::forget`]).
+    pub(crate) fn forget_described(&self, collection: &str) {
+        self.described_cache().remove(collection);
+    }
+
     fn described_cache(&self) -> std::sync::MutexGuard<'_, Described> {
         self.described.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -361,10 +366,7 @@ impl Client {
         let (started, mut attempt) = (Instant::now(), 0);
         loop {
             let (info, schema) = self.described(collection).await?;
-            match self
-                .search_in(&info, &schema, collection, vectors, options)
-                .await
-            {
+            match self.search_in(&info, &schema, vectors, options).await {
                 Err(e) if self.retry(collection, &e, started, &mut attempt).await => {}
                 r => return r,
             }
@@ -375,12 +377,12 @@ impl Client {
         &self,
         info: &CollectionInfo,
         schema: &Schema,
-        collection: &str,
         vectors: &[Vec<f32>],
         options: &SearchOptions,
     ) -> Result<Vec<Vec<SearchHit>>, ClientError> {
         let request = SearchRequest {
-            collection: collection.to_owned(),
+            collection: info.name.clone(),
+            collection_id: info.collection_id,
             vchannels: Vec::new(),
             field: options.field.clone(),
             vectors: vectors
@@ -461,7 +463,7 @@ impl Client {
         let (started, mut attempt) = (Instant::now(), 0);
         loop {
             let (info, schema) = self.described(collection).await?;
-            match self.query_in(&info, &schema, collection, options).await {
+            match self.query_in(&info, &schema, options).await {
                 Err(e) if self.retry(collection, &e, started, &mut attempt).await => {}
                 r => return r,
             }
@@ -472,11 +474,11 @@ impl Client {
         &self,
         info: &CollectionInfo,
         schema: &Schema,
-        collection: &str,
         options: &QueryOptions,
     ) -> Result<QueryRows, ClientError> {
         let request = QueryRequest {
-            collection: collection.to_owned(),
+            collection: info.name.clone(),
+            collection_id: info.collection_id,
             vchannels: Vec::new(),
             filter: options.filter.clone(),
             output_fields: options.output_fields.clone(),
@@ -638,10 +640,22 @@ impl Client {
         filter: &str,
         consistency: Consistency,
     ) -> Result<u64, ClientError> {
+        self.count_partitions(collection, filter, consistency, &[])
+            .await
+    }
+
+    /// How many live rows of `partitions` (all when empty) match `filter`.
+    pub async fn count_partitions(
+        &self,
+        collection: &str,
+        filter: &str,
+        consistency: Consistency,
+        partitions: &[String],
+    ) -> Result<u64, ClientError> {
         let (started, mut attempt) = (Instant::now(), 0);
         loop {
             let (info, _) = self.described(collection).await?;
-            match self.count_in(&info, collection, filter, consistency).await {
+            match self.count_in(&info, filter, consistency, partitions).await {
                 Err(e) if self.retry(collection, &e, started, &mut attempt).await => {}
                 r => return r,
             }
@@ -651,18 +665,19 @@ impl Client {
     async fn count_in(
         &self,
         info: &CollectionInfo,
-        collection: &str,
         filter: &str,
         consistency: Consistency,
+        partitions: &[String],
     ) -> Result<u64, ClientError> {
         let request = QueryRequest {
-            collection: collection.to_owned(),
+            collection: info.name.clone(),
+            collection_id: info.collection_id,
             vchannels: Vec::new(),
             filter: filter.to_owned(),
             output_fields: Vec::new(),
             limit: 0,
             count_only: true,
-            options: Some(self.read_options(consistency, &[])),
+            options: Some(self.read_options(consistency, partitions)),
         };
         let answers = self
             .per_owner(

@@ -59,6 +59,11 @@ pub enum ErrorCode {
     LagTooLarge = 23,
     /// The collection is released: reads need `walden collection load` first.
     NotLoaded = 24,
+    /// No collection has this alias.
+    AliasNotFound = 25,
+    /// The name is taken: an alias of another collection, or an alias where a collection name
+    /// is wanted (and the reverse).
+    AliasExists = 26,
 }
 
 impl ErrorCode {
@@ -94,6 +99,8 @@ impl ErrorCode {
             22 => Self::NotLeader,
             23 => Self::LagTooLarge,
             24 => Self::NotLoaded,
+            25 => Self::AliasNotFound,
+            26 => Self::AliasExists,
             _ => return None,
         })
     }
@@ -125,6 +132,8 @@ impl ErrorCode {
             Self::NotLeader => "NOT_LEADER",
             Self::LagTooLarge => "LAG_TOO_LARGE",
             Self::NotLoaded => "NOT_LOADED",
+            Self::AliasNotFound => "ALIAS_NOT_FOUND",
+            Self::AliasExists => "ALIAS_EXISTS",
         }
     }
 
@@ -145,7 +154,7 @@ impl ErrorCode {
     }
 
     /// Every code, for docs and tests.
-    pub const ALL: [ErrorCode; 24] = [
+    pub const ALL: [ErrorCode; 26] = [
         Self::ChannelNotFound,
         Self::ChannelFenced,
         Self::OnShutdown,
@@ -170,6 +179,8 @@ impl ErrorCode {
         Self::NotLeader,
         Self::LagTooLarge,
         Self::NotLoaded,
+        Self::AliasNotFound,
+        Self::AliasExists,
     ];
 }
 

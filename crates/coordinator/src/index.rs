@@ -7,13 +7,14 @@ use walden_schema::{Schema, check_index};
 use crate::{CoordError, Coordinator};
 
 impl Coordinator {
-    /// Changes the record of `name` with `change`, under the collection's lock, if it is
-    /// created (not being created or dropped).
-    async fn change(
+    /// Changes the record of `name` (or of the collection the alias `name` names) with
+    /// `change`, under the collection's lock, if it is created (not being created or dropped).
+    pub(crate) async fn change(
         &self,
         name: &str,
         change: impl FnOnce(&mut CollectionInfo) -> Result<bool, CoordError>,
     ) -> Result<CollectionInfo, CoordError> {
+        let name = &self.resolve(name).await?;
         let _guard = self.lock(name).await;
         let (kv, mut info) = self.load(name).await?;
         if info.state() != CollectionState::Created {

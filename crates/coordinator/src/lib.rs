@@ -11,6 +11,7 @@
 //! Shards are placed on the least loaded pchannels (fewest live vchannels), and named
 //! `{pchannel}_{collection_id}v{shard}`.
 
+mod names;
 pub mod placement;
 pub mod service;
 
@@ -63,6 +64,11 @@ pub enum CoordError {
     NotFound(String),
     #[error("collection {0:?} already exists")]
     Exists(String),
+    #[error("alias {0:?} not found")]
+    AliasNotFound(String),
+    /// A name held by an alias where a collection's is wanted, or the reverse.
+    #[error("{0}")]
+    NameTaken(String),
     #[error("collection {name:?} has no partition {partition:?}")]
     PartitionNotFound { name: String, partition: String },
     #[error("collection {name:?} already has partition {partition:?}")]
@@ -89,6 +95,8 @@ impl HasErrorCode for CoordError {
         match self {
             Self::NotFound(_) => ErrorCode::CollectionNotFound,
             Self::Exists(_) => ErrorCode::CollectionExists,
+            Self::AliasNotFound(_) => ErrorCode::AliasNotFound,
+            Self::NameTaken(_) => ErrorCode::AliasExists,
             Self::PartitionNotFound { .. } => ErrorCode::PartitionNotFound,
             Self::PartitionExists { .. } => ErrorCode::PartitionExists,
             Self::InvalidArgument(_) => ErrorCode::InvalidArgument,
@@ -222,6 +230,24 @@ impl Coordinator {
         })
     }
 
+    /// Deletes `kv`'s key if it is still at `kv`'s revision (else `Busy(name)`).
+    async fn delete_at(&self, kv: &KeyValue, name: &str) -> Result<(), CoordError> {
+        let resp = self
+            .meta
+            .txn(Txn {
+                compare: vec![Compare::mod_revision(&kv.key, kv.mod_revision)],
+                success: vec![Op::Delete {
+                    key: kv.key.clone(),
+                }],
+                failure: vec![],
+            })
+            .await?;
+        if !resp.succeeded {
+            return Err(CoordError::Busy(name.to_owned()));
+        }
+        Ok(())
+    }
+
     /// A fresh id for collections and broadcast tasks (one counter for both).
     async fn next_id(&self) -> Result<u64, CoordError> {
         Ok(walden_metastore_api::increment(&*self.meta, keys::COORD_NEXT_ID).await?)
@@ -246,6 +272,7 @@ impl Coordinator {
         if self.meta.get(&key).await?.is_some() {
             return Err(CoordError::Exists(name.to_owned()));
         }
+        self.check_not_alias(name).await?;
         let collection_id = self.next_id().await?;
         let broadcast_id = self.next_id().await?;
         let vchannels = self.place(collection_id, shards).await?;
@@ -263,7 +290,7 @@ impl Coordinator {
         let resp = self
             .meta
             .txn(Txn {
-                compare: vec![Compare::absent(&key)],
+                compare: vec![Compare::absent(&key), Compare::absent(keys::alias(name))],
                 success: vec![Op::Put {
                     key: key.clone(),
                     value: value.clone(),
@@ -364,19 +391,7 @@ impl Coordinator {
             .await;
         match t {
             MessageType::DropCollection => {
-                let resp = self
-                    .meta
-                    .txn(Txn {
-                        compare: vec![Compare::mod_revision(&kv.key, kv.mod_revision)],
-                        success: vec![Op::Delete {
-                            key: kv.key.clone(),
-                        }],
-                        failure: vec![],
-                    })
-                    .await?;
-                if !resp.succeeded {
-                    return Err(CoordError::Busy(info.name.clone()));
-                }
+                self.delete_at(&kv, &info.name).await?;
                 info!(collection = info.name, "collection dropped");
             }
             _ => {
@@ -435,11 +450,25 @@ impl Coordinator {
     }
 
     /// Drops a collection from every shard, then from the catalog.
+    /// Refused for an alias, and for a collection that still has aliases (as in Milvus).
     pub async fn drop_collection(&self, name: &str) -> Result<DdlResult, CoordError> {
         let guard = self.lock(name).await;
-        let (kv, mut info) = self.load(name).await?;
+        let (kv, mut info) = match self.load(name).await {
+            Err(CoordError::NotFound(_)) => {
+                self.check_not_alias(name).await?;
+                return Err(CoordError::NotFound(name.to_owned()));
+            }
+            r => r?,
+        };
         if info.state() != CollectionState::Created || !info.pending_partition.is_empty() {
             return Err(CoordError::Busy(name.to_owned()));
+        }
+        let aliases = self.list_aliases(name).await?;
+        if !aliases.is_empty() {
+            let names: Vec<_> = aliases.iter().map(|a| a.alias.as_str()).collect();
+            return Err(CoordError::InvalidArgument(format!(
+                "collection {name:?} still has aliases {names:?}; drop them first"
+            )));
         }
         info.state = CollectionState::Dropping as i32;
         info.broadcast_id = self.next_id().await?;
@@ -456,6 +485,7 @@ impl Coordinator {
         create: bool,
     ) -> Result<DdlResult, CoordError> {
         validate_name("partition", partition)?;
+        let name = &self.resolve(name).await?;
         let guard = self.lock(name).await;
         let (kv, mut info) = self.load(name).await?;
         if info.state() != CollectionState::Created || !info.pending_partition.is_empty() {
@@ -488,6 +518,7 @@ impl Coordinator {
 
     /// Seals every growing segment of the collection on every shard.
     pub async fn flush(&self, name: &str) -> Result<DdlResult, CoordError> {
+        let name = &self.resolve(name).await?;
         let _guard = self.lock(name).await;
         let (_, info) = self.load(name).await?;
         if info.state() != CollectionState::Created {
@@ -512,10 +543,22 @@ impl Coordinator {
         })
     }
 
-    /// The catalog record of a collection (also while it is being created or dropped).
-    /// The collection's record, with its read replicas (placement.rs) filled in.
+    /// The catalog record of a collection (also while it is being created or dropped), by
+    /// its name or an alias, with its aliases and read replicas (placement.rs) filled in.
     pub async fn describe(&self, name: &str) -> Result<CollectionInfo, CoordError> {
-        let mut info = self.load(name).await?.1;
+        let mut info = match self.load(name).await {
+            Err(CoordError::NotFound(_)) => match self.alias_target(name).await? {
+                Some((_, target)) => self.load(&target).await?.1,
+                None => return Err(CoordError::NotFound(name.to_owned())),
+            },
+            r => r?.1,
+        };
+        info.aliases = self
+            .list_aliases(&info.name)
+            .await?
+            .into_iter()
+            .map(|a| a.alias)
+            .collect();
         if info.replicas > 1
             && let Some(kv) = self.meta.get(&keys::replicas(info.collection_id)).await?
             && let Ok(r) = walden_proto::v1::ReadReplicas::decode(kv.value.as_ref())

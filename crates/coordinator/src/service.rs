@@ -5,9 +5,10 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 use walden_proto::v1::{
-    self as pb, CollectionInfo, CollectionName, CreateCollectionRequest, DdlResponse,
-    DropIndexRequest, IndexRequest, ListCollectionsRequest, ListCollectionsResponse, LoadRequest,
-    PartitionRequest, collections_server::Collections,
+    self as pb, Alias, AliasRequest, AlterPropertiesRequest, CollectionInfo, CollectionName,
+    CreateCollectionRequest, DdlResponse, DropIndexRequest, IndexRequest, ListAliasesRequest,
+    ListAliasesResponse, ListCollectionsRequest, ListCollectionsResponse, LoadRequest,
+    PartitionRequest, RenameCollectionRequest, collections_server::Collections,
 };
 
 use crate::{CoordError, Coordinator, DdlResult};
@@ -143,6 +144,56 @@ impl Collections for CollectionService {
     ) -> Result<Response<CollectionInfo>, Status> {
         info(self.coord.release_collection(&req.into_inner().name).await)
     }
+
+    async fn rename_collection(
+        &self,
+        req: Request<RenameCollectionRequest>,
+    ) -> Result<Response<CollectionInfo>, Status> {
+        let r = req.into_inner();
+        info(self.coord.rename_collection(&r.name, &r.new_name).await)
+    }
+
+    async fn alter_properties(
+        &self,
+        req: Request<AlterPropertiesRequest>,
+    ) -> Result<Response<CollectionInfo>, Status> {
+        let r = req.into_inner();
+        info(
+            self.coord
+                .alter_properties(&r.collection, r.set, r.delete)
+                .await,
+        )
+    }
+
+    async fn create_alias(&self, req: Request<AliasRequest>) -> Result<Response<Alias>, Status> {
+        let r = req.into_inner();
+        alias(self.coord.create_alias(&r.alias, &r.collection).await)
+    }
+
+    async fn alter_alias(&self, req: Request<AliasRequest>) -> Result<Response<Alias>, Status> {
+        let r = req.into_inner();
+        alias(self.coord.alter_alias(&r.alias, &r.collection).await)
+    }
+
+    async fn drop_alias(&self, req: Request<AliasRequest>) -> Result<Response<Alias>, Status> {
+        alias(self.coord.drop_alias(&req.into_inner().alias).await)
+    }
+
+    async fn list_aliases(
+        &self,
+        req: Request<ListAliasesRequest>,
+    ) -> Result<Response<ListAliasesResponse>, Status> {
+        let aliases = self
+            .coord
+            .list_aliases(&req.into_inner().collection)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(ListAliasesResponse { aliases }))
+    }
+}
+
+fn alias(r: Result<Alias, CoordError>) -> Result<Response<Alias>, Status> {
+    r.map(Response::new).map_err(|e| to_status(&e))
 }
 
 fn info(r: Result<CollectionInfo, CoordError>) -> Result<Response<CollectionInfo>, Status> {

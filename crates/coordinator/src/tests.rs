@@ -212,3 +212,95 @@ async fn a_create_interrupted_half_way_is_completed_on_every_shard_at_restart() 
             .all(|(dropped, _)| *dropped)
     );
 }
+
+#[tokio::test]
+async fn an_alias_stands_for_its_collection_except_where_the_real_name_is_wanted() {
+    let meta = MemoryMetaStore::new();
+    let node = Arc::new(FakeNode::default());
+    let c = coord(node.clone(), &meta).await;
+    let a = c.create_collection("a", schema(), 2).await.unwrap();
+    c.create_collection("b", schema(), 1).await.unwrap();
+    c.create_alias("cur", "a").await.unwrap();
+    let d = c.describe("cur").await.unwrap();
+    assert_eq!((d.name.as_str(), d.collection_id), ("a", a.collection_id));
+    assert_eq!(c.describe("a").await.unwrap().aliases, ["cur"]);
+    // Partition DDL and flush through the alias reach the collection.
+    c.alter_partition("cur", "p", true).await.unwrap();
+    assert_eq!(c.describe("a").await.unwrap().partitions, ["_default", "p"]);
+    // One namespace: no alias takes a collection's name, no collection an alias's.
+    assert_eq!(code(c.create_alias("b", "a").await), ErrorCode::AliasExists);
+    assert_eq!(
+        code(c.create_collection("cur", schema(), 1).await),
+        ErrorCode::AliasExists
+    );
+    assert_eq!(
+        code(c.create_alias("cur", "b").await),
+        ErrorCode::AliasExists
+    );
+    assert_eq!(
+        code(c.create_alias("x", "cur").await),
+        ErrorCode::InvalidArgument
+    );
+    assert_eq!(
+        code(c.create_alias("x", "nope").await),
+        ErrorCode::CollectionNotFound
+    );
+    assert_eq!(
+        code(c.alter_alias("nope", "a").await),
+        ErrorCode::AliasNotFound
+    );
+    // Neither the alias nor the collection it names is dropped while it stands.
+    assert_eq!(code(c.drop_collection("cur").await), ErrorCode::AliasExists);
+    assert_eq!(
+        code(c.drop_collection("a").await),
+        ErrorCode::InvalidArgument
+    );
+    assert_eq!(
+        code(c.rename_collection("cur", "z").await),
+        ErrorCode::InvalidArgument
+    );
+    c.alter_alias("cur", "b").await.unwrap();
+    assert_eq!(c.describe("cur").await.unwrap().name, "b");
+    assert!(c.describe("a").await.unwrap().aliases.is_empty());
+    assert_eq!(c.drop_alias("cur").await.unwrap().collection, "b");
+    assert_eq!(c.drop_alias("cur").await.unwrap().collection, "");
+    assert_eq!(code(c.describe("cur").await), ErrorCode::CollectionNotFound);
+    c.drop_collection("a").await.unwrap();
+}
+
+#[tokio::test]
+async fn a_rename_moves_the_record_and_its_aliases_and_frees_the_old_name() {
+    let meta = MemoryMetaStore::new();
+    let node = Arc::new(FakeNode::default());
+    let c = coord(node.clone(), &meta).await;
+    let a = c.create_collection("a", schema(), 2).await.unwrap();
+    c.create_collection("taken", schema(), 1).await.unwrap();
+    c.create_alias("al", "a").await.unwrap();
+    let appended = node.log.lock().unwrap().len();
+    assert_eq!(
+        code(c.rename_collection("a", "taken").await),
+        ErrorCode::CollectionExists
+    );
+    assert_eq!(
+        code(c.rename_collection("a", "al").await),
+        ErrorCode::AliasExists
+    );
+    let r = c.rename_collection("a", "b").await.unwrap();
+    // The same collection: id, shards and aliases; nothing was appended to any shard.
+    assert_eq!(r.collection_id, a.collection_id);
+    assert_eq!(r.vchannels, a.vchannels);
+    assert_eq!(r.aliases, ["al"]);
+    assert_eq!(c.describe("al").await.unwrap().name, "b");
+    assert_eq!(node.log.lock().unwrap().len(), appended);
+    assert_eq!(code(c.describe("a").await), ErrorCode::CollectionNotFound);
+    let again = c.create_collection("a", schema(), 1).await.unwrap();
+    assert_ne!(again.collection_id, a.collection_id);
+    let names: Vec<_> = c
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.name)
+        .collect();
+    assert_eq!(names, ["a", "b", "taken"]);
+}

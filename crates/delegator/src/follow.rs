@@ -68,7 +68,7 @@ pub(crate) enum Source {
     /// owner's stream, read like any consumer.
     Replica {
         pchannel: String,
-        vchannels: HashMap<String, String>,
+        vchannels: crate::VChannelsOf,
         reader: Arc<dyn crate::PChannelReader>,
     },
 }
@@ -488,14 +488,14 @@ impl Follower {
                 .into_iter()
                 .find(|c| c.vchannel == vchannel)),
             Source::Replica { vchannels, .. } => {
-                let Some(name) = vchannels.get(vchannel) else {
+                let Some((name, id)) = vchannels.get(vchannel) else {
                     return Ok(None);
                 };
-                let Some(kv) = self.ctx.meta.get(&keys::collection(name)).await? else {
+                let Some(info) =
+                    walden_querynode::load::catalog_record(&*self.ctx.meta, name, *id).await?
+                else {
                     return Ok(None);
                 };
-                let info = CollectionInfo::decode(kv.value.as_ref())
-                    .map_err(|e| format("catalog record", e))?;
                 if !info.vchannels.iter().any(|v| v.name == vchannel) {
                     return Ok(None);
                 }
@@ -523,14 +523,12 @@ impl Follower {
             return Ok(Start::Nothing);
         };
         // Load state and indexes come from the catalog (the WAL's copy is the creation's).
-        let record = match self.ctx.meta.get(&keys::collection(&c.info.name)).await? {
-            Some(kv) => Some(
-                CollectionInfo::decode(kv.value.as_ref())
-                    .map_err(|e| format("catalog record", e))?,
-            )
-            .filter(|r| r.collection_id == c.info.collection_id),
-            None => None,
-        };
+        let record = walden_querynode::load::catalog_record(
+            &*self.ctx.meta,
+            &c.info.name,
+            c.info.collection_id,
+        )
+        .await?;
         let (released, indexes) = record.map_or((false, Vec::new()), |r| (r.released, r.indexes));
         let placed = self
             .ctx

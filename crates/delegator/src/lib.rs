@@ -203,8 +203,8 @@ pub struct Delegators {
     replicas: Mutex<HashMap<String, (VChannelsOf, tokio::task::AbortHandle)>>,
 }
 
-/// A read replica's vchannels, each with its collection's name.
-type VChannelsOf = HashMap<String, String>;
+/// A read replica's vchannels, each with its collection's name and id.
+type VChannelsOf = HashMap<String, (String, u64)>;
 
 impl Delegators {
     /// Delegators reading with `meta` and `blobs`; `connect` is how calls to query nodes
@@ -267,7 +267,7 @@ impl Delegators {
         me: u64,
         reader: &Arc<dyn PChannelReader>,
     ) -> Result<(), DelegatorError> {
-        let mut wanted: HashMap<String, HashMap<String, String>> = HashMap::new();
+        let mut wanted: HashMap<String, VChannelsOf> = HashMap::new();
         for kv in self.ctx.meta.range(keys::REPLICAS_PREFIX).await? {
             let Ok(r) = walden_proto::v1::ReadReplicas::decode(kv.value.as_ref()) else {
                 continue;
@@ -280,7 +280,7 @@ impl Delegators {
                 wanted
                     .entry(v.pchannel.clone())
                     .or_default()
-                    .insert(v.vchannel.clone(), r.collection.clone());
+                    .insert(v.vchannel.clone(), (r.collection.clone(), r.collection_id));
             }
         }
         let mut running = self.replicas.lock().unwrap_or_else(|e| e.into_inner());

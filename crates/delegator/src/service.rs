@@ -33,11 +33,12 @@ impl QueryService {
             .max_encoding_message_size(64 << 20)
     }
 
-    /// The shards of the request, each checked to belong to `collection`, caught up to the
-    /// consistency level's tick.
+    /// The shards of the request, each checked to belong to `collection` (by id when the
+    /// request gives one: a renamed collection's shards know the name it was created with),
+    /// caught up to the consistency level's tick.
     async fn shards(
         &self,
-        collection: &str,
+        (collection, collection_id): (&str, u64),
         vchannels: &[String],
         options: &ReadOptions,
     ) -> Result<Vec<Arc<Shard>>, DelegatorError> {
@@ -47,7 +48,12 @@ impl QueryService {
         let mut out = Vec::with_capacity(vchannels.len());
         for v in vchannels {
             let s = self.delegators.shard(v)?;
-            if s.collection() != collection {
+            let other = if collection_id != 0 {
+                s.collection_id != collection_id
+            } else {
+                s.collection() != collection
+            };
+            if other {
                 return Err(DelegatorError::WrongCollection {
                     vchannel: v.clone(),
                     collection: collection.to_owned(),
@@ -79,7 +85,11 @@ impl QueryService {
         }
         let options = req.options.clone().unwrap_or_default();
         let shards = self
-            .shards(&req.collection, &req.vchannels, &options)
+            .shards(
+                (&req.collection, req.collection_id),
+                &req.vchannels,
+                &options,
+            )
             .await?;
         let first = &shards[0];
         let field = first.vector_field(&req.field)?;
@@ -177,7 +187,11 @@ impl QueryService {
         let config = self.delegators.config().clone();
         let options = req.options.clone().unwrap_or_default();
         let shards = self
-            .shards(&req.collection, &req.vchannels, &options)
+            .shards(
+                (&req.collection, req.collection_id),
+                &req.vchannels,
+                &options,
+            )
             .await?;
         let first = &shards[0];
         let filter = (!req.filter.trim().is_empty())

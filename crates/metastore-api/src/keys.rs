@@ -42,6 +42,14 @@ pub fn collection(name: &str) -> String {
     format!("{COLLECTION_PREFIX}{name}")
 }
 
+/// Prefix of the collection aliases.
+pub const ALIAS_PREFIX: &str = "walden/coord/alias/";
+
+/// An alias: its value is the name of the collection it stands for.
+pub fn alias(name: &str) -> String {
+    format!("{ALIAS_PREFIX}{name}")
+}
+
 /// Prefix of the streaming nodes' registrations (each under its lease).
 pub const NODE_PREFIX: &str = "walden/cluster/node/";
 

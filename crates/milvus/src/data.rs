@@ -11,7 +11,7 @@ use walden_milvus_proto::{
     milvus as m,
     schema::{self as ms, CollectionSchema as MSchema, DataType as MType},
 };
-use walden_proto::v1::{CollectionInfo, DeleteIds, IndexSpec, IndexType, MetricType};
+use walden_proto::v1::{CollectionInfo, DeleteIds};
 
 use crate::{
     rows::{self, Pk},
@@ -81,6 +81,7 @@ fn failed_mutation(s: mc::Status) -> m::MutationResult {
 /// Insert (or Upsert): the columns checked and written as one Walden write.
 pub async fn write(
     client: &Client,
+    api: &walden_client::Collections,
     collection: &str,
     partition: &str,
     fields: &[ms::FieldData],
@@ -96,12 +97,42 @@ pub async fn write(
         Err(e) => return failed_mutation(status::fail(Code::Internal, e.to_string())),
     };
     let n = num_rows as usize;
+    let mut with_ids;
+    let mut fields = fields;
+    if let Some(pk) = milvus.fields.iter().find(|f| f.is_primary_key && f.auto_id) {
+        let given = fields.iter().any(|f| f.field_name == pk.name);
+        if given && !upsert && !allows_given_ids(&info) {
+            return failed_mutation(status::invalid(format!(
+                "field {} is the autoID primary key: Walden chooses its values; leave it out \
+                 of the insert (or set the collection property allow_insert_auto_id)",
+                pk.name
+            )));
+        }
+        if !given && upsert {
+            return failed_mutation(status::invalid(format!(
+                "an upsert names the rows it replaces: give the primary key {}",
+                pk.name
+            )));
+        }
+        if !given {
+            let count = match u32::try_from(n) {
+                Ok(c) if c > 0 => c,
+                _ => return failed_mutation(status::invalid("an insert of 1 to 2^32 rows")),
+            };
+            let first = match client.allocate_ticks(count).await {
+                Ok(t) => t,
+                Err(e) => return failed_mutation(status::from_client(&e)),
+            };
+            with_ids = fields.to_vec();
+            with_ids.push(auto_ids(pk, first, n));
+            fields = &with_ids;
+        }
+    }
     let rows = match rows::to_batch(&milvus, walden.arrow(), fields, n) {
         Ok(r) => r,
         Err(e) => return failed_mutation(status::invalid(e)),
     };
     let partition = (!partition.is_empty()).then_some(partition);
-    let api = client.collections();
     let done = if upsert {
         api.upsert(collection, partition, &[rows.batch]).await
     } else {
@@ -121,8 +152,41 @@ pub async fn write(
     }
 }
 
+/// Whether the collection takes ids for its autoID key (Milvus's `allow_insert_auto_id`).
+fn allows_given_ids(info: &CollectionInfo) -> bool {
+    info.schema.as_ref().is_some_and(|s| {
+        s.properties
+            .get(&format!(
+                "{}allow_insert_auto_id",
+                crate::names::PROPERTY_PREFIX
+            ))
+            .is_some_and(|v| v.eq_ignore_ascii_case(b"true"))
+    })
+}
+
+/// The key column of `n` rows with server-chosen ids: `n` ticks from the cluster's oracle,
+/// which no other caller ever gets (so ids never repeat, across proxies and restarts).
+fn auto_ids(pk: &ms::FieldSchema, first: u64, n: usize) -> ms::FieldData {
+    let first = i64::try_from(first).unwrap_or(i64::MAX - n as i64);
+    ms::FieldData {
+        r#type: MType::Int64 as i32,
+        field_name: pk.name.clone(),
+        field_id: pk.field_id,
+        field: Some(ms::field_data::Field::Scalars(ms::ScalarField {
+            data: Some(ms::scalar_field::Data::LongData(ms::LongArray {
+                data: (0..n as i64).map(|i| first + i).collect(),
+            })),
+        })),
+        ..Default::default()
+    }
+}
+
 /// Delete by a filter: the keys it matches (read strongly) are deleted.
-pub async fn delete(client: &Client, r: m::DeleteRequest) -> m::MutationResult {
+pub async fn delete(
+    client: &Client,
+    api: &walden_client::Collections,
+    r: m::DeleteRequest,
+) -> m::MutationResult {
     let (_, milvus) = match describe(client, &r.collection_name).await {
         Ok(x) => x,
         Err(s) => return failed_mutation(s),
@@ -180,11 +244,7 @@ pub async fn delete(client: &Client, r: m::DeleteRequest) -> m::MutationResult {
         };
     }
     let partition = (!r.partition_name.is_empty()).then_some(r.partition_name.as_str());
-    match client
-        .collections()
-        .delete(&r.collection_name, partition, &ids)
-        .await
-    {
+    match api.delete(&r.collection_name, partition, &ids).await {
         Ok(w) => m::MutationResult {
             status: Some(status::ok()),
             i_ds: Some(ids_of(&pks)),
@@ -221,7 +281,7 @@ fn consistency(level: i32, guarantee: u64, use_default: bool) -> Consistency {
     }
 }
 
-fn param<'a>(kvs: &'a [KeyValuePair], key: &str) -> Option<&'a str> {
+pub(crate) fn param<'a>(kvs: &'a [KeyValuePair], key: &str) -> Option<&'a str> {
     kvs.iter().find(|p| p.key == key).map(|p| p.value.as_str())
 }
 
@@ -444,7 +504,10 @@ pub async fn query(client: &Client, r: m::QueryRequest) -> m::QueryResults {
         .iter()
         .any(|f| f.eq_ignore_ascii_case("count(*)"))
     {
-        return match client.count(&r.collection_name, &r.expr, level).await {
+        let counted = client
+            .count_partitions(&r.collection_name, &r.expr, level, &r.partition_names)
+            .await;
+        return match counted {
             Ok(n) => m::QueryResults {
                 status: Some(status::ok()),
                 fields_data: vec![ms::FieldData {
@@ -496,163 +559,6 @@ pub async fn query(client: &Client, r: m::QueryRequest) -> m::QueryResults {
         output_fields: names,
         primary_field_name: pk_name,
         ..Default::default()
-    }
-}
-
-/// Milvus's index types served by Walden: AUTOINDEX and HNSW (and the IVF, DiskANN and ScaNN
-/// families, served by HNSW) build graphs; FLAT is exact.
-fn index_type(name: &str) -> Option<IndexType> {
-    match name.to_ascii_uppercase().as_str() {
-        "FLAT" => Some(IndexType::Flat),
-        "" | "AUTOINDEX" | "HNSW" | "IVF_FLAT" | "IVF_SQ8" | "IVF_PQ" | "DISKANN" | "SCANN" => {
-            Some(IndexType::Hnsw)
-        }
-        _ => None,
-    }
-}
-
-fn metric_type(name: &str) -> Option<MetricType> {
-    match name.to_ascii_uppercase().as_str() {
-        "" => Some(MetricType::Unspecified),
-        "L2" => Some(MetricType::L2),
-        "IP" => Some(MetricType::Ip),
-        "COSINE" => Some(MetricType::Cosine),
-        _ => None,
-    }
-}
-
-pub async fn create_index(client: &Client, r: m::CreateIndexRequest) -> mc::Status {
-    let p = &r.extra_params;
-    let asked = param(p, "index_type").unwrap_or_default();
-    let Some(t) = index_type(asked) else {
-        return status::fail(
-            Code::IndexNotSupported,
-            format!(
-                "index type {asked} is not served by Walden (AUTOINDEX, HNSW, FLAT, IVF_*, DISKANN, SCANN are)"
-            ),
-        );
-    };
-    let metric_name = param(p, "metric_type").unwrap_or_default();
-    let Some(metric) = metric_type(metric_name) else {
-        return status::invalid(format!(
-            "metric type {metric_name} is not served by Walden (L2, IP, COSINE are)"
-        ));
-    };
-    let mut params = serde_json::Map::new();
-    if t == IndexType::Hnsw {
-        let given: Value = param(p, "params")
-            .and_then(|s| serde_json::from_str(s).ok())
-            .unwrap_or(Value::Null);
-        let get = |k: &str| {
-            given
-                .get(k)
-                .and_then(|v| {
-                    v.as_u64()
-                        .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
-                })
-                .or_else(|| param(p, k).and_then(|s| s.parse().ok()))
-        };
-        if let Some(m) = get("M") {
-            params.insert("m".into(), m.into());
-        }
-        if let Some(e) = get("efConstruction") {
-            params.insert("ef_construction".into(), e.into());
-        }
-    }
-    let spec = IndexSpec {
-        field: r.field_name.clone(),
-        index_type: t as i32,
-        metric: metric as i32,
-        params: Value::Object(params).to_string(),
-    };
-    match client
-        .collections()
-        .create_index(&r.collection_name, spec)
-        .await
-    {
-        Ok(_) => status::ok(),
-        Err(e) => status::from_client(&e),
-    }
-}
-
-fn index_name(asked: &str, field: &str) -> String {
-    if asked.is_empty() {
-        field.to_owned()
-    } else {
-        asked.to_owned()
-    }
-}
-
-pub async fn describe_index(
-    client: &Client,
-    r: m::DescribeIndexRequest,
-) -> m::DescribeIndexResponse {
-    let (info, _) = match describe(client, &r.collection_name).await {
-        Ok(x) => x,
-        Err(s) => {
-            return m::DescribeIndexResponse {
-                status: Some(s),
-                ..Default::default()
-            };
-        }
-    };
-    let found: Vec<_> = info
-        .indexes
-        .iter()
-        .filter(|i| {
-            (r.field_name.is_empty() || i.field == r.field_name)
-                && (r.index_name.is_empty() || i.field == r.index_name)
-        })
-        .collect();
-    if found.is_empty() {
-        return m::DescribeIndexResponse {
-            status: Some(status::fail(
-                Code::IndexNotFound,
-                format!("index not found[collection={}]", r.collection_name),
-            )),
-            ..Default::default()
-        };
-    }
-    let index_descriptions = found
-        .into_iter()
-        .enumerate()
-        .map(|(n, i)| {
-            let t = if i.index_type() == IndexType::Flat {
-                "FLAT"
-            } else {
-                "HNSW"
-            };
-            let metric = match i.metric() {
-                MetricType::Ip => "IP",
-                MetricType::Cosine => "COSINE",
-                _ => "L2",
-            };
-            m::IndexDescription {
-                index_name: index_name("", &i.field),
-                index_id: i64::try_from(n).unwrap_or(0) + 1,
-                params: vec![
-                    KeyValuePair {
-                        key: "index_type".into(),
-                        value: t.into(),
-                    },
-                    KeyValuePair {
-                        key: "metric_type".into(),
-                        value: metric.into(),
-                    },
-                    KeyValuePair {
-                        key: "params".into(),
-                        value: i.params.clone(),
-                    },
-                ],
-                field_name: i.field.clone(),
-                state: mc::IndexState::Finished as i32,
-                ..Default::default()
-            }
-        })
-        .collect();
-    m::DescribeIndexResponse {
-        status: Some(status::ok()),
-        index_descriptions,
     }
 }
 
@@ -713,10 +619,17 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-pub async fn row_count(client: &Client, name: &str) -> Result<u64, mc::Status> {
-    describe(client, name).await?;
+/// Live rows of the collection (or of `partition`), read strongly.
+pub async fn row_count(client: &Client, name: &str, partition: &str) -> Result<u64, mc::Status> {
+    let (info, _) = describe(client, name).await?;
+    if !partition.is_empty() && !info.partitions.iter().any(|p| p == partition) {
+        return Err(status::fail(
+            Code::PartitionNotFound,
+            format!("partition not found[partition={partition}]"),
+        ));
+    }
     client
-        .count(name, "", Consistency::Strong)
+        .count_partitions(name, "", Consistency::Strong, &partitions(partition))
         .await
         .map_err(|e| status::from_client(&e))
 }

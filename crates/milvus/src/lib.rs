@@ -16,6 +16,8 @@
 //! - Only the `default` database exists.
 
 mod data;
+mod index;
+pub mod names;
 mod partitions;
 pub mod rows;
 pub mod schema;
@@ -29,7 +31,7 @@ use std::{
 };
 
 use tonic::{Request, Response, Status, server::NamedService};
-use walden_client::Client;
+use walden_client::{AliasOp, Client, Collections};
 use walden_milvus_proto::{
     common::{self as mc, ServerInfo},
     milvus::{
@@ -48,12 +50,66 @@ pub const MILVUS_VERSION: &str = "v2.6.0";
 /// The Milvus API over a Walden client.
 #[derive(Clone, Debug)]
 pub struct Milvus {
-    client: Client,
+    client: ClientSlot,
+}
+
+/// The client the API calls Walden through, replaceable while it serves (a proxy connects
+/// again when the cluster's coordinator changes).
+///
+/// Writes go through one long-lived [`Collections`] per client: its producers (one per
+/// pchannel, idempotent) serve every insert, instead of a new producer per call, which would
+/// churn the nodes' table of remembered producers.
+#[derive(Clone, Debug)]
+pub struct ClientSlot(std::sync::Arc<std::sync::RwLock<(Client, std::sync::Arc<Collections>)>>);
+
+impl ClientSlot {
+    fn new(client: Client) -> Self {
+        let writes = std::sync::Arc::new(client.collections());
+        Self(std::sync::Arc::new(std::sync::RwLock::new((
+            client, writes,
+        ))))
+    }
+
+    pub fn get(&self) -> Client {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).0.clone()
+    }
+
+    /// The collections API that writes go through.
+    pub fn writes(&self) -> std::sync::Arc<Collections> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).1.clone()
+    }
+
+    /// Calls from now on go through `client`; calls under way finish with the old one.
+    pub fn replace(&self, client: Client) {
+        let writes = std::sync::Arc::new(client.collections());
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = (client, writes);
+    }
 }
 
 impl Milvus {
     pub fn new(client: Client) -> Self {
-        Self { client }
+        Self {
+            client: ClientSlot::new(client),
+        }
+    }
+
+    /// Where the service's client can be replaced.
+    pub fn slot(&self) -> ClientSlot {
+        self.client.clone()
+    }
+
+    fn client(&self) -> Client {
+        self.client.get()
+    }
+
+    async fn alias(
+        &self,
+        op: AliasOp,
+        db: &str,
+        alias: &str,
+        collection: &str,
+    ) -> Answer<mc::Status> {
+        answer(names::alias(&self.client.writes(), op, db, alias, collection).await)
     }
 
     /// The gRPC service, ready for a router: unserved RPCs answer `UNIMPLEMENTED` naming the
@@ -150,7 +206,7 @@ impl MilvusService for Milvus {
         &self,
         _req: Request<m::CheckHealthRequest>,
     ) -> Answer<m::CheckHealthResponse> {
-        let healthy = self.client.collections().list().await;
+        let healthy = self.client().collections().list().await;
         answer(m::CheckHealthResponse {
             status: Some(status::ok()),
             is_healthy: healthy.is_ok(),
@@ -198,13 +254,18 @@ impl MilvusService for Milvus {
             Ok(t) => t,
             Err(e) => return answer(status::fail(status::Code::IllegalSchema, e)),
         };
+        let mut translated = translated;
+        match names::check_properties(&r.properties) {
+            Ok(props) => translated.walden.properties.extend(props),
+            Err(refused) => return answer(refused),
+        }
         let walden = match walden_schema::Schema::new(translated.walden) {
             Ok(s) => s,
             Err(e) => return answer(status::fail(status::Code::IllegalSchema, e.to_string())),
         };
         let shards = u32::try_from(r.shards_num.max(1)).unwrap_or(1);
         let done = self
-            .client
+            .client()
             .collections()
             .create(&r.collection_name, &walden, shards)
             .await;
@@ -222,7 +283,7 @@ impl MilvusService for Milvus {
         answer(
             match self
                 .client
-                .collections()
+                .writes()
                 .drop_collection(&r.collection_name)
                 .await
             {
@@ -247,7 +308,12 @@ impl MilvusService for Milvus {
             return answer(refused);
         }
         answer(
-            match self.client.collections().describe(&r.collection_name).await {
+            match self
+                .client()
+                .collections()
+                .describe(&r.collection_name)
+                .await
+            {
                 Ok(info) => m::BoolResponse {
                     status: Some(status::ok()),
                     value: info.state == CollectionState::Created as i32,
@@ -278,7 +344,12 @@ impl MilvusService for Milvus {
         if let Err(refused) = in_default_db(&r.db_name) {
             return answer(refused);
         }
-        let info = match self.client.collections().describe(&r.collection_name).await {
+        let info = match self
+            .client()
+            .collections()
+            .describe(&r.collection_name)
+            .await
+        {
             Ok(i) if i.state == CollectionState::Created as i32 => i,
             Ok(_) => {
                 return answer(m::DescribeCollectionResponse {
@@ -297,7 +368,8 @@ impl MilvusService for Milvus {
                 });
             }
         };
-        let mut schema = schema::to_milvus(&info.name, &info.schema.clone().unwrap_or_default());
+        let walden = info.schema.clone().unwrap_or_default();
+        let mut schema = schema::to_milvus(&info.name, &walden);
         // Milvus does not list the dynamic field (pymilvus would take it for an input field).
         schema.fields.retain(|f| !f.is_dynamic);
         let id = i64::try_from(info.collection_id).unwrap_or(i64::MAX);
@@ -313,8 +385,62 @@ impl MilvusService for Milvus {
             db_name: DEFAULT_DB.into(),
             num_partitions: i64::try_from(info.partitions.len()).unwrap_or(0),
             db_id: 1,
+            aliases: info.aliases.clone(),
+            properties: names::properties(&walden),
             ..Default::default()
         })
+    }
+
+    async fn create_alias(&self, req: Request<m::CreateAliasRequest>) -> Answer<mc::Status> {
+        let r = req.into_inner();
+        self.alias(AliasOp::Create, &r.db_name, &r.alias, &r.collection_name)
+            .await
+    }
+
+    async fn alter_alias(&self, req: Request<m::AlterAliasRequest>) -> Answer<mc::Status> {
+        let r = req.into_inner();
+        self.alias(AliasOp::Alter, &r.db_name, &r.alias, &r.collection_name)
+            .await
+    }
+
+    async fn drop_alias(&self, req: Request<m::DropAliasRequest>) -> Answer<mc::Status> {
+        let r = req.into_inner();
+        self.alias(AliasOp::Drop, &r.db_name, &r.alias, "").await
+    }
+
+    async fn describe_alias(
+        &self,
+        req: Request<m::DescribeAliasRequest>,
+    ) -> Answer<m::DescribeAliasResponse> {
+        answer(names::describe_alias(&self.client(), req.into_inner()).await)
+    }
+
+    async fn list_aliases(
+        &self,
+        req: Request<m::ListAliasesRequest>,
+    ) -> Answer<m::ListAliasesResponse> {
+        answer(names::list_aliases(&self.client(), req.into_inner()).await)
+    }
+
+    async fn rename_collection(
+        &self,
+        req: Request<m::RenameCollectionRequest>,
+    ) -> Answer<mc::Status> {
+        answer(names::rename(&self.client.writes(), req.into_inner()).await)
+    }
+
+    async fn alter_collection(
+        &self,
+        req: Request<m::AlterCollectionRequest>,
+    ) -> Answer<mc::Status> {
+        answer(names::alter_collection(&self.client.writes(), req.into_inner()).await)
+    }
+
+    async fn alloc_timestamp(
+        &self,
+        _req: Request<m::AllocTimestampRequest>,
+    ) -> Answer<m::AllocTimestampResponse> {
+        answer(names::alloc_timestamp(&self.client()).await)
     }
 
     async fn insert(&self, req: Request<m::InsertRequest>) -> Answer<m::MutationResult> {
@@ -324,7 +450,8 @@ impl MilvusService for Milvus {
         }
         answer(
             data::write(
-                &self.client,
+                &self.client(),
+                &self.client.writes(),
                 &r.collection_name,
                 &r.partition_name,
                 &r.fields_data,
@@ -342,7 +469,8 @@ impl MilvusService for Milvus {
         }
         answer(
             data::write(
-                &self.client,
+                &self.client(),
+                &self.client.writes(),
                 &r.collection_name,
                 &r.partition_name,
                 &r.fields_data,
@@ -358,7 +486,7 @@ impl MilvusService for Milvus {
         if let Err(refused) = in_default_db(&r.db_name) {
             return answer(refused);
         }
-        answer(data::delete(&self.client, r).await)
+        answer(data::delete(&self.client(), &self.client.writes(), r).await)
     }
 
     async fn search(&self, req: Request<m::SearchRequest>) -> Answer<m::SearchResults> {
@@ -366,7 +494,7 @@ impl MilvusService for Milvus {
         if let Err(refused) = in_default_db(&r.db_name) {
             return answer(refused);
         }
-        answer(data::search(&self.client, r).await)
+        answer(data::search(&self.client(), r).await)
     }
 
     async fn query(&self, req: Request<m::QueryRequest>) -> Answer<m::QueryResults> {
@@ -374,71 +502,47 @@ impl MilvusService for Milvus {
         if let Err(refused) = in_default_db(&r.db_name) {
             return answer(refused);
         }
-        answer(data::query(&self.client, r).await)
+        answer(data::query(&self.client(), r).await)
     }
 
     async fn create_index(&self, req: Request<m::CreateIndexRequest>) -> Answer<mc::Status> {
-        answer(data::create_index(&self.client, req.into_inner()).await)
+        answer(index::create(&self.client(), req.into_inner()).await)
     }
 
     async fn describe_index(
         &self,
         req: Request<m::DescribeIndexRequest>,
     ) -> Answer<m::DescribeIndexResponse> {
-        answer(data::describe_index(&self.client, req.into_inner()).await)
+        answer(index::describe_index(&self.client(), req.into_inner()).await)
     }
 
     async fn drop_index(&self, req: Request<m::DropIndexRequest>) -> Answer<mc::Status> {
-        let r = req.into_inner();
-        answer(
-            match self
-                .client
-                .collections()
-                .drop_index(&r.collection_name, &r.field_name)
-                .await
-            {
-                Ok(_) => status::ok(),
-                Err(e) => status::from_client(&e),
-            },
-        )
+        answer(index::drop(&self.client(), req.into_inner()).await)
     }
 
     async fn get_index_state(
         &self,
         req: Request<m::GetIndexStateRequest>,
     ) -> Answer<m::GetIndexStateResponse> {
-        let r = req.into_inner();
-        let d = data::describe_index(
-            &self.client,
-            m::DescribeIndexRequest {
-                collection_name: r.collection_name,
-                field_name: r.field_name,
-                index_name: r.index_name,
-                ..Default::default()
-            },
-        )
-        .await;
-        let ok = d.status.as_ref().is_some_and(|s| s.code == 0);
-        answer(m::GetIndexStateResponse {
-            status: d.status,
-            state: if ok {
-                mc::IndexState::Finished as i32
-            } else {
-                mc::IndexState::None as i32
-            },
-            fail_reason: String::new(),
-        })
+        answer(index::state(&self.client(), req.into_inner()).await)
+    }
+
+    async fn get_index_build_progress(
+        &self,
+        req: Request<m::GetIndexBuildProgressRequest>,
+    ) -> Answer<m::GetIndexBuildProgressResponse> {
+        answer(index::build_progress(&self.client(), req.into_inner()).await)
     }
 
     async fn load_collection(&self, req: Request<m::LoadCollectionRequest>) -> Answer<mc::Status> {
-        answer(data::load(&self.client, req.into_inner()).await)
+        answer(data::load(&self.client(), req.into_inner()).await)
     }
 
     async fn release_collection(
         &self,
         req: Request<m::ReleaseCollectionRequest>,
     ) -> Answer<mc::Status> {
-        answer(data::release(&self.client, req.into_inner()).await)
+        answer(data::release(&self.client(), req.into_inner()).await)
     }
 
     async fn get_load_state(
@@ -447,7 +551,7 @@ impl MilvusService for Milvus {
     ) -> Answer<m::GetLoadStateResponse> {
         let r = req.into_inner();
         answer(
-            match data::load_state(&self.client, &r.collection_name).await {
+            match data::load_state(&self.client(), &r.collection_name).await {
                 Ok(state) => m::GetLoadStateResponse {
                     status: Some(status::ok()),
                     state: state as i32,
@@ -466,7 +570,7 @@ impl MilvusService for Milvus {
     ) -> Answer<m::GetLoadingProgressResponse> {
         let r = req.into_inner();
         answer(
-            match data::load_state(&self.client, &r.collection_name).await {
+            match data::load_state(&self.client(), &r.collection_name).await {
                 Ok(state) => m::GetLoadingProgressResponse {
                     status: Some(status::ok()),
                     progress: if state == mc::LoadState::Loaded {
@@ -485,7 +589,7 @@ impl MilvusService for Milvus {
     }
 
     async fn flush(&self, req: Request<m::FlushRequest>) -> Answer<m::FlushResponse> {
-        answer(data::flush(&self.client, req.into_inner()).await)
+        answer(data::flush(&self.client(), req.into_inner()).await)
     }
 
     async fn get_flush_state(
@@ -505,7 +609,7 @@ impl MilvusService for Milvus {
     ) -> Answer<m::GetCollectionStatisticsResponse> {
         let r = req.into_inner();
         answer(
-            match data::row_count(&self.client, &r.collection_name).await {
+            match data::row_count(&self.client(), &r.collection_name, "").await {
                 Ok(n) => m::GetCollectionStatisticsResponse {
                     status: Some(status::ok()),
                     stats: vec![mc::KeyValuePair {
@@ -521,6 +625,27 @@ impl MilvusService for Milvus {
         )
     }
 
+    async fn get_partition_statistics(
+        &self,
+        req: Request<m::GetPartitionStatisticsRequest>,
+    ) -> Answer<m::GetPartitionStatisticsResponse> {
+        let r = req.into_inner();
+        let n = data::row_count(&self.client(), &r.collection_name, &r.partition_name).await;
+        answer(match n {
+            Ok(n) => m::GetPartitionStatisticsResponse {
+                status: Some(status::ok()),
+                stats: vec![mc::KeyValuePair {
+                    key: "row_count".into(),
+                    value: n.to_string(),
+                }],
+            },
+            Err(s) => m::GetPartitionStatisticsResponse {
+                status: Some(s),
+                stats: vec![],
+            },
+        })
+    }
+
     async fn create_partition(
         &self,
         req: Request<m::CreatePartitionRequest>,
@@ -529,7 +654,7 @@ impl MilvusService for Milvus {
         if let Err(refused) = in_default_db(&r.db_name) {
             return answer(refused);
         }
-        answer(partitions::create(&self.client, &r.collection_name, &r.partition_name).await)
+        answer(partitions::create(&self.client(), &r.collection_name, &r.partition_name).await)
     }
 
     async fn drop_partition(&self, req: Request<m::DropPartitionRequest>) -> Answer<mc::Status> {
@@ -537,13 +662,13 @@ impl MilvusService for Milvus {
         if let Err(refused) = in_default_db(&r.db_name) {
             return answer(refused);
         }
-        answer(partitions::drop(&self.client, &r.collection_name, &r.partition_name).await)
+        answer(partitions::drop(&self.client(), &r.collection_name, &r.partition_name).await)
     }
 
     async fn has_partition(&self, req: Request<m::HasPartitionRequest>) -> Answer<m::BoolResponse> {
         let r = req.into_inner();
         answer(
-            match partitions::list(&self.client, &r.collection_name).await {
+            match partitions::list(&self.client(), &r.collection_name).await {
                 Ok(names) => m::BoolResponse {
                     status: Some(status::ok()),
                     value: names.contains(&r.partition_name),
@@ -560,18 +685,18 @@ impl MilvusService for Milvus {
         &self,
         req: Request<m::ShowPartitionsRequest>,
     ) -> Answer<m::ShowPartitionsResponse> {
-        answer(partitions::show(&self.client, &req.into_inner().collection_name).await)
+        answer(partitions::show(&self.client(), &req.into_inner().collection_name).await)
     }
 
     async fn load_partitions(&self, req: Request<m::LoadPartitionsRequest>) -> Answer<mc::Status> {
-        answer(partitions::load(&self.client, req.into_inner()).await)
+        answer(partitions::load(&self.client(), req.into_inner()).await)
     }
 
     async fn release_partitions(
         &self,
         req: Request<m::ReleasePartitionsRequest>,
     ) -> Answer<mc::Status> {
-        answer(partitions::release(&self.client, req.into_inner()).await)
+        answer(partitions::release(&self.client(), req.into_inner()).await)
     }
 
     async fn show_collections(
@@ -582,7 +707,7 @@ impl MilvusService for Milvus {
         if let Err(refused) = in_default_db(&r.db_name) {
             return answer(refused);
         }
-        answer(match self.client.collections().list().await {
+        answer(match self.client().collections().list().await {
             Ok(list) => {
                 let live: Vec<_> = list
                     .into_iter()

@@ -24,6 +24,8 @@ pub enum Code {
     IndexNotSupported = 701,
     DatabaseNotFound = 800,
     ParameterInvalid = 1100,
+    AliasNotFound = 1600,
+    AliasExists = 1602,
 }
 
 impl Code {
@@ -78,6 +80,8 @@ pub fn from_client(e: &ClientError) -> Status {
         ErrorCode::CollectionNotFound | ErrorCode::CollectionDropped => Code::CollectionNotFound,
         ErrorCode::PartitionNotFound => Code::PartitionNotFound,
         ErrorCode::NotLoaded => Code::CollectionNotLoaded,
+        ErrorCode::AliasNotFound => Code::AliasNotFound,
+        ErrorCode::AliasExists => Code::AliasExists,
         ErrorCode::InvalidArgument
         | ErrorCode::SchemaMismatch
         | ErrorCode::CollectionExists

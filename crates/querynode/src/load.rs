@@ -5,6 +5,7 @@
 use prost::Message as _;
 use walden_metastore_api::{MetaStore, keys};
 use walden_object_store::Blobs;
+use walden_proto::v1::CollectionInfo;
 use walden_proto::v1::{FlushedSegment, IndexSpec, IndexType, MetricType, VChannelManifest};
 use walden_query::{Metric, Segment};
 use walden_schema::{HnswParams, Index, Schema};
@@ -27,6 +28,33 @@ pub async fn read_manifest(
     let m = VChannelManifest::decode(kv.value.as_ref())
         .map_err(|e| QueryNodeError::Format(format!("manifest of {vchannel}: {e}")))?;
     Ok(Some((m, kv.mod_revision)))
+}
+
+/// The catalog record of collection `collection_id`: under `name` (the name it was last
+/// known by) when it is still there, else found among every record (it was renamed). None:
+/// no record has that id (dropped).
+pub async fn catalog_record(
+    meta: &dyn MetaStore,
+    name: &str,
+    collection_id: u64,
+) -> Result<Option<CollectionInfo>, QueryNodeError> {
+    let decode = |kv: &walden_metastore_api::KeyValue| {
+        CollectionInfo::decode(kv.value.as_ref())
+            .map_err(|e| QueryNodeError::Format(format!("catalog record {}: {e}", kv.key)))
+    };
+    if let Some(kv) = meta.get(&keys::collection(name)).await? {
+        let info = decode(&kv)?;
+        if info.collection_id == collection_id {
+            return Ok(Some(info));
+        }
+    }
+    for kv in meta.range(keys::COLLECTION_PREFIX).await? {
+        let info = decode(&kv)?;
+        if info.collection_id == collection_id {
+            return Ok(Some(info));
+        }
+    }
+    Ok(None)
 }
 
 /// The metric a search of `field` uses when it names none: its index's, else L2.

@@ -11,7 +11,7 @@ use prost::Message as _;
 use tracing::{info, warn};
 use walden_metastore_api::{MetaError, MetaStore, increment, keys};
 use walden_object_store::Blobs;
-use walden_proto::v1::{CollectionInfo, QueryNodeInfo, SegmentPlacement};
+use walden_proto::v1::{QueryNodeInfo, SegmentPlacement};
 use walden_query::Segment;
 use walden_schema::Schema;
 
@@ -372,19 +372,13 @@ impl QueryNode {
         collection_id: u64,
         name: &str,
     ) -> Result<Arc<Collection>, QueryNodeError> {
-        let kv = self
-            .meta
-            .get(&keys::collection(name))
+        let info = load::catalog_record(&*self.meta, name, collection_id)
             .await?
-            .ok_or_else(|| QueryNodeError::Format(format!("no catalog record for {name:?}")))?;
-        let info = CollectionInfo::decode(kv.value.as_ref())
-            .map_err(|e| QueryNodeError::Format(format!("catalog record of {name:?}: {e}")))?;
-        if info.collection_id != collection_id {
-            return Err(QueryNodeError::Format(format!(
-                "{name:?} is collection {} now, not {collection_id}",
-                info.collection_id
-            )));
-        }
+            .ok_or_else(|| {
+                QueryNodeError::Format(format!(
+                    "no catalog record for collection {collection_id} ({name:?})"
+                ))
+            })?;
         let schema = Arc::new(Schema::new(info.schema.unwrap_or_default())?);
         Ok(Arc::new(Collection {
             pk: schema.primary_key().name.clone(),

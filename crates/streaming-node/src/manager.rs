@@ -83,6 +83,12 @@ impl WalManager {
         Ok(manager)
     }
 
+    /// Where this node's ticks come from (standalone: its own oracle, which also hands out
+    /// tick batches to clients; see [`TickSource::server`]).
+    pub fn ticks(&self) -> &Arc<dyn TickSource> {
+        &self.ticks
+    }
+
     pub(crate) fn set_unopened(&self, pchannel: &str, why: Option<String>) {
         let mut u = self.unopened.write().unwrap_or_else(|e| e.into_inner());
         let changed = match why {

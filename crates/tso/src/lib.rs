@@ -66,4 +66,9 @@ pub trait TickSource: Send + Sync + std::fmt::Debug {
     async fn observe(&self, tick: TimeTick) -> Result<(), TsoError>;
     /// The last tick handed out.
     fn last(&self) -> TimeTick;
+    /// The oracle behind this source when it is in this process (standalone), to hand out
+    /// batches of ticks to others; `None` for a node that gets its ticks from a leader.
+    fn server(&self) -> Option<&dyn TickServer> {
+        None
+    }
 }

@@ -238,6 +238,10 @@ impl TickSource for LocalTicks {
     fn last(&self) -> TimeTick {
         self.0.last()
     }
+
+    fn server(&self) -> Option<&dyn crate::TickServer> {
+        Some(&*self.0)
+    }
 }
 
 #[cfg(test)]

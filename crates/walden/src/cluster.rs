@@ -230,6 +230,48 @@ impl Collections for LeaderCatalog {
     ) -> Result<Response<CollectionInfo>, Status> {
         self.inner().await?.release_collection(req).await
     }
+
+    async fn rename_collection(
+        &self,
+        req: Request<walden_proto::v1::RenameCollectionRequest>,
+    ) -> Result<Response<CollectionInfo>, Status> {
+        self.inner().await?.rename_collection(req).await
+    }
+
+    async fn alter_properties(
+        &self,
+        req: Request<walden_proto::v1::AlterPropertiesRequest>,
+    ) -> Result<Response<CollectionInfo>, Status> {
+        self.inner().await?.alter_properties(req).await
+    }
+
+    async fn create_alias(
+        &self,
+        req: Request<walden_proto::v1::AliasRequest>,
+    ) -> Result<Response<walden_proto::v1::Alias>, Status> {
+        self.inner().await?.create_alias(req).await
+    }
+
+    async fn alter_alias(
+        &self,
+        req: Request<walden_proto::v1::AliasRequest>,
+    ) -> Result<Response<walden_proto::v1::Alias>, Status> {
+        self.inner().await?.alter_alias(req).await
+    }
+
+    async fn drop_alias(
+        &self,
+        req: Request<walden_proto::v1::AliasRequest>,
+    ) -> Result<Response<walden_proto::v1::Alias>, Status> {
+        self.inner().await?.drop_alias(req).await
+    }
+
+    async fn list_aliases(
+        &self,
+        req: Request<walden_proto::v1::ListAliasesRequest>,
+    ) -> Result<Response<walden_proto::v1::ListAliasesResponse>, Status> {
+        self.inner().await?.list_aliases(req).await
+    }
 }
 
 /// Runs the catalog while this coordinator leads: started (finishing any DDL task the last

@@ -51,6 +51,9 @@ impl LocalCluster {
     }
 }
 
+/// The most ticks one AllocateTicks call hands out (as the cluster's coordinator).
+const MAX_TICK_BATCH: u32 = 1 << 20;
+
 fn standalone(what: &str) -> Status {
     Status::failed_precondition(format!(
         "{what} needs a cluster; this is a standalone server"
@@ -95,11 +98,32 @@ impl Cluster for LocalCluster {
         Ok(Response::new(Box::pin(stream)))
     }
 
+    /// Batches of ticks from this server's own oracle (the ticks its pchannels use), as the
+    /// leader coordinator hands them out in a cluster.
     async fn allocate_ticks(
         &self,
-        _req: Request<AllocateTicksRequest>,
+        req: Request<AllocateTicksRequest>,
     ) -> Result<Response<AllocateTicksResponse>, Status> {
-        Err(standalone("the cluster clock"))
+        let r = req.into_inner();
+        if r.count == 0 || r.count > MAX_TICK_BATCH {
+            return Err(walden_proto::status::of(
+                &walden_tso::TsoError::InvalidArgument(format!(
+                    "a tick batch holds 1 to {MAX_TICK_BATCH} ticks, not {}",
+                    r.count
+                )),
+            ));
+        }
+        let Some(server) = self.manager.ticks().server() else {
+            return Err(standalone("the cluster clock"));
+        };
+        let first = server
+            .allocate(r.count, walden_common::TimeTick(r.above))
+            .await
+            .map_err(|e| walden_proto::status::of(&e))?;
+        Ok(Response::new(AllocateTicksResponse {
+            first: first.0,
+            count: r.count,
+        }))
     }
 
     async fn move_p_channel(
