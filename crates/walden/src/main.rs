@@ -12,6 +12,7 @@ mod listener;
 mod local_cluster;
 mod node;
 mod node_http;
+mod proxy;
 mod query_node;
 mod search_cli;
 mod search_metrics;
@@ -134,6 +135,15 @@ enum Command {
     },
     /// Run a streaming coordinator of a cluster (one leads, the others stand by).
     Coord {
+        #[command(flatten)]
+        serve: ServeArgs,
+        #[command(flatten)]
+        cluster: ClusterArgs,
+    },
+    /// Run a proxy of a cluster: Milvus's gRPC API (pymilvus) on --listen [default:
+    /// 127.0.0.1:19530], calling the cluster through Walden's client. Stateless: run any
+    /// number of them.
+    Proxy {
         #[command(flatten)]
         serve: ServeArgs,
         #[command(flatten)]
@@ -311,7 +321,9 @@ fn init_logging(level: &str, json: bool) {
 fn server_config(command: &Command) -> anyhow::Result<Option<config::Config>> {
     let (serve, wal, cluster) = match command {
         Command::Standalone { serve, wal, .. } => (serve, Some(wal), None),
-        Command::Coord { serve, cluster } => (serve, None, Some(cluster)),
+        Command::Coord { serve, cluster } | Command::Proxy { serve, cluster } => {
+            (serve, None, Some(cluster))
+        }
         Command::Node {
             action: None,
             serve,
@@ -327,7 +339,12 @@ fn server_config(command: &Command) -> anyhow::Result<Option<config::Config>> {
     };
     let mut cfg = config::Config::load(serve.config.as_deref())?;
     if let Some(l) = &serve.listen {
-        cfg.server.listen = l.clone();
+        // A proxy's one listener is Milvus's API.
+        if matches!(command, Command::Proxy { .. }) {
+            cfg.milvus.listen = l.clone();
+        } else {
+            cfg.server.listen = l.clone();
+        }
     }
     if let Some(m) = &serve.metrics_listen {
         cfg.server.metrics_listen = m.clone();
@@ -406,6 +423,11 @@ async fn run(cli: Cli, server: Option<config::Config>) -> anyhow::Result<()> {
         } => cli::drain_node(&conn, id).await,
         Command::Balance(BalanceCmd::Move { pchannel, to, conn }) => {
             cli::move_pchannel(&conn, &pchannel, to).await
+        }
+        Command::Proxy { serve, .. } => {
+            let cfg = server.unwrap_or_default();
+            init_logging(&cfg.log.level, cfg.log.format == config::LogFormat::Json);
+            proxy::run(cfg, serve.ready_file).await
         }
         Command::QueryNode { serve, .. } => {
             let cfg = server.unwrap_or_default();
