@@ -1,8 +1,12 @@
 #!/usr/bin/env python3
-"""A peer for `walden bench search`: runs the same workload on Milvus Lite or LanceDB.
+"""A peer for `walden bench search` and `walden bench milvus`: runs the same workload on Milvus
+Lite or LanceDB, or through pymilvus on Walden's Milvus API (`--peer walden --uri URI`).
 
-    search_peer.py --peer milvus-lite|lancedb --data DATA.npy --queries Q.npy --truth T.npy \
-        --dir SCRATCH [--k 10] [--batch 1000] [--concurrency 2] [--seconds 10]
+    search_peer.py --peer milvus-lite|lancedb|walden --data DATA.npy --queries Q.npy \
+        --truth T.npy --dir SCRATCH [--k 10] [--batch 1000] [--concurrency 2] [--seconds 10] \
+        [--uri http://HOST:PORT] [--server-pid PID]
+
+With `--server-pid`, each phase also reports the server's CPU per operation (from /proc).
 
 DATA.npy holds the rows' vectors (float32, N x dim; row i has id i), Q.npy the query vectors,
 T.npy the exact top-k ids of each query (int64, computed by the bench). Prints one JSON object:
@@ -78,25 +82,51 @@ def sweep(make_search, settings, queries, truth, k, concurrency, seconds):
     raise AssertionError("no settings")
 
 
+def cpu_seconds(pid):
+    """User + system CPU seconds of process `pid` (0 when not given)."""
+    if not pid:
+        return 0.0
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def milvus_lite(a, data, queries, truth):
     from pymilvus import MilvusClient
+
+    return milvus_api(a, MilvusClient(os.path.join(a.dir, "milvus.db")), data, queries, truth,
+                      "milvus-lite", "HNSW requested (Milvus Lite searches FLAT)")
+
+
+def walden(a, data, queries, truth):
+    from pymilvus import MilvusClient
+
+    return milvus_api(a, MilvusClient(a.uri), data, queries, truth, "pymilvus", "HNSW")
+
+
+def milvus_api(a, client, data, queries, truth, package, index_note):
+    """The workload through pymilvus's MilvusClient; reads are Strong (fresh rows included)."""
     import importlib.metadata as md
 
-    client = MilvusClient(os.path.join(a.dir, "milvus.db"))
+    cpu = {}
     dim = data.shape[1]
     client.create_collection("bench", dimension=dim, metric_type="L2", auto_id=False,
                              primary_field_name="id", vector_field_name="emb")
-    start = time.perf_counter()
+    start, c0 = time.perf_counter(), cpu_seconds(a.server_pid)
     for lo in range(0, len(data), a.batch):
         rows = [{"id": int(i), "emb": data[i].tolist()} for i in range(lo, min(lo + a.batch, len(data)))]
         client.insert("bench", rows)
     insert_s = time.perf_counter() - start
+    cpu["insert_us_per_row"] = (cpu_seconds(a.server_pid) - c0) * 1e6 / len(data)
 
     def search(q, params=None):
-        r = client.search("bench", data=[q.tolist()], limit=a.k, search_params=params or {})
+        r = client.search("bench", data=[q.tolist()], limit=a.k, search_params=params or {},
+                          consistency_level="Strong")
         return [h["id"] for h in r[0]]
 
+    c0 = cpu_seconds(a.server_pid)
     found, lat = timed_searches(search, queries)
+    cpu["growing_us_per_search"] = (cpu_seconds(a.server_pid) - c0) * 1e6 / len(queries)
     growing = percentiles(lat)
     growing["recall"] = recall(found, truth, a.k)
     # Milvus Lite builds FLAT whatever index is asked for; ask for HNSW anyway. Flushing first
@@ -111,11 +141,17 @@ def milvus_lite(a, data, queries, truth):
     client.create_index("bench", params)
     client.load_collection("bench")
     build_s = time.perf_counter() - start
-    indexed = sweep(lambda ef: (lambda q: search(q, {"params": {"ef": ef}})), [64, 128, 256],
+    indexed = sweep(lambda ef: (lambda q: search(q, {"params": {"ef": ef}})), [32, 64, 128, 256, 512],
                     queries, truth, a.k, a.concurrency, a.seconds)
-    return {"version": md.version("milvus-lite"), "insert_s": insert_s, "growing": growing,
-            "index": "HNSW requested (Milvus Lite searches FLAT)", "index_build_s": build_s,
-            "indexed": indexed}
+    ef = indexed["setting"]
+    c0 = cpu_seconds(a.server_pid)
+    timed_searches(lambda q: search(q, {"params": {"ef": ef}}), queries)
+    cpu["indexed_us_per_search"] = (cpu_seconds(a.server_pid) - c0) * 1e6 / len(queries)
+    out = {"version": md.version(package), "insert_s": insert_s, "growing": growing,
+           "index": index_note, "index_build_s": build_s, "indexed": indexed}
+    if a.server_pid:
+        out["server_cpu"] = cpu
+    return out
 
 
 def lancedb_peer(a, data, queries, truth):
@@ -160,7 +196,9 @@ def lancedb_peer(a, data, queries, truth):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--peer", required=True, choices=["milvus-lite", "lancedb"])
+    p.add_argument("--peer", required=True, choices=["milvus-lite", "lancedb", "walden"])
+    p.add_argument("--uri", help="walden: the Milvus API's address, http://HOST:PORT")
+    p.add_argument("--server-pid", type=int, default=0, help="report this process's CPU per operation")
     p.add_argument("--data", required=True)
     p.add_argument("--queries", required=True)
     p.add_argument("--truth", required=True)
@@ -173,7 +211,7 @@ def main():
     data = np.load(a.data).astype(np.float32)
     queries = np.load(a.queries).astype(np.float32)
     truth = np.load(a.truth)
-    run = milvus_lite if a.peer == "milvus-lite" else lancedb_peer
+    run = {"milvus-lite": milvus_lite, "lancedb": lancedb_peer, "walden": walden}[a.peer]
     out = run(a, data, queries, truth)
     out["peer"] = a.peer
     out["insert_rows_per_s"] = len(data) / out["insert_s"]

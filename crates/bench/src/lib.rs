@@ -24,6 +24,7 @@
 mod disk;
 mod failover;
 mod flush;
+mod milvus;
 mod objstore;
 mod redis;
 mod report;
@@ -85,6 +86,9 @@ enum Workload {
     /// Insert, search right after it (growing rows) and once indexed, beside milvus-lite and
     /// lancedb (--peer) on the same data.
     Search(search::SearchArgs),
+    /// The search workload through pymilvus: Walden's Milvus API beside milvus-lite, and the
+    /// server CPU the Milvus API adds per search over the native API.
+    Milvus(search::SearchArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -224,6 +228,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Workload::Failover(f) => failover::run(f).await,
         Workload::Flush(f) => flush::run(f).await,
         Workload::Search(s) => search::run(s).await,
+        Workload::Milvus(s) => milvus::run(s).await,
         Workload::Disk(d) => {
             let dir = d.dir.clone().unwrap_or_else(|| PathBuf::from("."));
             let r = disk_probe(&dir, d.size, d.duration)?;

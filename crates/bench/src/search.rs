@@ -54,58 +54,58 @@ pub enum ConsistencyArg {
 pub struct SearchArgs {
     /// Rows inserted.
     #[arg(long, default_value_t = 50_000)]
-    rows: usize,
+    pub(super) rows: usize,
     #[arg(long, default_value_t = 128)]
-    dim: usize,
+    pub(super) dim: usize,
     /// Clusters the rows are drawn around.
     #[arg(long, default_value_t = 100)]
-    clusters: usize,
+    pub(super) clusters: usize,
     /// Query vectors (each near a random cluster's centre).
     #[arg(long, default_value_t = 200)]
-    queries: usize,
+    pub(super) queries: usize,
     #[arg(long, default_value_t = 10)]
-    k: usize,
+    pub(super) k: usize,
     /// Rows per insert call.
     #[arg(long, default_value_t = 1000)]
-    batch: usize,
+    pub(super) batch: usize,
     /// Insert calls in flight.
     #[arg(long, default_value_t = 4)]
     inserters: usize,
     /// Collection shards.
     #[arg(long, default_value_t = 2)]
-    shards: u32,
+    pub(super) shards: u32,
     /// Searches in flight while QPS is measured (every system).
     #[arg(long, default_value_t = 2)]
-    concurrency: usize,
+    pub(super) concurrency: usize,
     /// Consistency of every Walden search (strong: each waits for every acknowledged write).
     #[arg(long, value_enum, default_value = "strong")]
-    consistency: ConsistencyArg,
+    pub(super) consistency: ConsistencyArg,
     /// How long QPS is measured.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    qps_duration: Duration,
+    pub(super) qps_duration: Duration,
     /// Peers run on the same data after Walden (comma-separated).
     #[arg(long, value_enum, value_delimiter = ',')]
-    peer: Vec<Peer>,
+    pub(super) peer: Vec<Peer>,
     /// The Python that runs the peers [default: .venv-peers/bin/python if present, else
     /// python3]; `scripts/install-bench-peers.sh` makes that venv.
     #[arg(long)]
     python: Option<PathBuf>,
     /// Where the server and the peers keep their data (default: a temp dir under `.`).
     #[arg(long)]
-    data_dir: Option<PathBuf>,
+    pub(super) data_dir: Option<PathBuf>,
     #[arg(long)]
-    json: Option<PathBuf>,
+    pub(super) json: Option<PathBuf>,
 }
 
 /// The data set: rows (row i has id i), queries, and each query's exact top-k ids.
-struct Data {
-    dim: usize,
-    rows: Vec<f32>,
-    queries: Vec<Vec<f32>>,
-    truth: Vec<Vec<i64>>,
+pub(super) struct Data {
+    pub(super) dim: usize,
+    pub(super) rows: Vec<f32>,
+    pub(super) queries: Vec<Vec<f32>>,
+    pub(super) truth: Vec<Vec<i64>>,
 }
 
-fn data(a: &SearchArgs) -> Data {
+pub(super) fn data(a: &SearchArgs) -> Data {
     let mut rng = StdRng::seed_from_u64(2026);
     let dim = a.dim;
     let centres: Vec<Vec<f32>> = (0..a.clusters.max(1))
@@ -162,7 +162,7 @@ fn batch(schema: &Schema, d: &Data, lo: usize, hi: usize) -> anyhow::Result<Reco
     )?)
 }
 
-fn recall(found: &[Vec<i64>], truth: &[Vec<i64>], k: usize) -> f64 {
+pub(super) fn recall(found: &[Vec<i64>], truth: &[Vec<i64>], k: usize) -> f64 {
     let hits: usize = found
         .iter()
         .zip(truth)
@@ -191,7 +191,7 @@ fn options(k: usize, ef: u32, c: ConsistencyArg) -> SearchOptions {
 }
 
 /// Searches each query in turn: ids found and latency percentiles.
-async fn sequential(
+pub(super) async fn sequential(
     client: &Client,
     d: &Data,
     k: usize,
@@ -249,6 +249,19 @@ async fn qps(
         t.await??;
     }
     Ok(done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// The data set as the peers read it: data.npy, queries.npy, truth.npy in `dir`.
+pub(super) fn write_data(a: &SearchArgs, d: &Data, dir: &Path) -> anyhow::Result<()> {
+    write_npy_f32(&dir.join("data.npy"), &d.rows, a.rows, a.dim)?;
+    let q: Vec<f32> = d.queries.iter().flatten().copied().collect();
+    write_npy_f32(&dir.join("queries.npy"), &q, d.queries.len(), a.dim)?;
+    let t: Vec<u8> = d
+        .truth
+        .iter()
+        .flat_map(|t| t.iter().flat_map(|v| v.to_le_bytes()))
+        .collect();
+    write_npy(&dir.join("truth.npy"), "<i8", d.truth.len(), a.k, &t)
 }
 
 fn write_npy_f32(path: &Path, values: &[f32], rows: usize, cols: usize) -> anyhow::Result<()> {
@@ -310,12 +323,18 @@ fn python(a: &SearchArgs) -> PathBuf {
     })
 }
 
-async fn run_peer(a: &SearchArgs, peer: Peer, dir: &Path) -> anyhow::Result<Value> {
-    let work = dir.join(peer.name());
+pub(super) async fn run_peer(
+    a: &SearchArgs,
+    peer: &str,
+    extra: &[String],
+    dir: &Path,
+) -> anyhow::Result<Value> {
+    let work = dir.join(peer);
     std::fs::create_dir_all(&work)?;
     let out = tokio::process::Command::new(python(a))
         .arg(peer_script()?)
-        .args(["--peer", peer.name()])
+        .args(["--peer", peer])
+        .args(extra)
         .arg("--data")
         .arg(dir.join("data.npy"))
         .arg("--queries")
@@ -331,12 +350,11 @@ async fn run_peer(a: &SearchArgs, peer: Peer, dir: &Path) -> anyhow::Result<Valu
         .stdin(Stdio::null())
         .output()
         .await
-        .with_context(|| format!("running the {} peer", peer.name()))?;
+        .with_context(|| format!("running the {peer} peer"))?;
     if !out.status.success() {
         bail!(
-            "the {} peer failed (pip install pymilvus milvus-lite lancedb, or \
+            "the {peer} peer failed (pip install pymilvus milvus-lite lancedb, or \
              scripts/install-bench-peers.sh): {}",
-            peer.name(),
             String::from_utf8_lossy(&out.stderr)
                 .lines()
                 .rev()
@@ -491,18 +509,10 @@ pub async fn run(a: SearchArgs) -> anyhow::Result<()> {
     let mut peers = Vec::new();
     if !a.peer.is_empty() {
         let dir = scratch.path();
-        write_npy_f32(&dir.join("data.npy"), &d.rows, a.rows, a.dim)?;
-        let q: Vec<f32> = d.queries.iter().flatten().copied().collect();
-        write_npy_f32(&dir.join("queries.npy"), &q, d.queries.len(), a.dim)?;
-        let t: Vec<u8> = d
-            .truth
-            .iter()
-            .flat_map(|t| t.iter().flat_map(|v| v.to_le_bytes()))
-            .collect();
-        write_npy(&dir.join("truth.npy"), "<i8", d.truth.len(), a.k, &t)?;
+        write_data(&a, &d, dir)?;
         for p in &a.peer {
             eprintln!("running peer {}", p.name());
-            peers.push(run_peer(&a, *p, dir).await?);
+            peers.push(run_peer(&a, p.name(), &[], dir).await?);
         }
     }
 

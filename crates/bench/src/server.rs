@@ -8,6 +8,8 @@ pub(super) struct WaldenServer {
     pub(super) metrics: String,
     pub(super) data: PathBuf,
     pub(super) config: PathBuf,
+    /// Milvus's API: `None` off; `Some("")` on a port the server picks, then its address.
+    pub(super) milvus: Option<String>,
 }
 
 impl Drop for WaldenServer {
@@ -21,6 +23,15 @@ impl Drop for WaldenServer {
 
 impl WaldenServer {
     pub(super) async fn start(config_text: &str, data: &Path) -> anyhow::Result<Self> {
+        Self::start_as(config_text, data, false).await
+    }
+
+    /// A server that also serves Milvus's API (its address in `milvus`).
+    pub(super) async fn start_with_milvus(config_text: &str, data: &Path) -> anyhow::Result<Self> {
+        Self::start_as(config_text, data, true).await
+    }
+
+    async fn start_as(config_text: &str, data: &Path, milvus: bool) -> anyhow::Result<Self> {
         let config = data.with_extension("bench.toml");
         std::fs::write(&config, config_text)?;
         // Port 0 at first: the server's ready file says what it bound; restarts reuse it.
@@ -30,6 +41,7 @@ impl WaldenServer {
             metrics: "127.0.0.1:0".into(),
             data: data.to_owned(),
             config,
+            milvus: milvus.then(String::new),
         };
         s.spawn_and_wait().await?;
         Ok(s)
@@ -45,7 +57,11 @@ impl WaldenServer {
                 "--metrics-listen",
                 &self.metrics,
                 "--milvus-listen",
-                "",
+                if self.milvus.is_some() {
+                    "127.0.0.1:0"
+                } else {
+                    ""
+                },
             ])
             .arg("--data-dir")
             .arg(&self.data)
@@ -65,6 +81,9 @@ impl WaldenServer {
             {
                 self.addr = doc["grpc"].as_str().unwrap_or_default().to_owned();
                 self.metrics = doc["http"].as_str().unwrap_or_default().to_owned();
+                if self.milvus.is_some() {
+                    self.milvus = doc["milvus"].as_str().map(str::to_owned);
+                }
             }
             anyhow::ensure!(Instant::now() < deadline, "walden did not become ready");
             tokio::time::sleep(Duration::from_millis(5)).await;

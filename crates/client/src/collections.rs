@@ -137,6 +137,8 @@ impl Collections {
             schema: Some(schema.proto().clone()),
             shards,
         };
+        // A collection of this name described before (since dropped) is not this one.
+        self.forget(name);
         self.ddl(|mut g| {
             let r = req.clone();
             async move { g.create_collection(r).await }
@@ -164,7 +166,7 @@ impl Collections {
 
     pub async fn drop_collection(&self, name: &str) -> Result<DdlResponse, ClientError> {
         check_name("collection", name)?;
-        self.cache().remove(name);
+        self.forget(name);
         let req = CollectionName { name: name.into() };
         self.ddl(|mut g| {
             let r = req.clone();

@@ -319,6 +319,17 @@ impl Client {
         Ok((info, schema))
     }
 
+    /// The collection's record and checked schema as reads use them: described at most
+    /// [`DESCRIBED_FOR`] (2 s) ago, so a front end that checks each request against the schema
+    /// does not ask the coordinator every time. A read that finds the collection changed
+    /// describes it afresh.
+    pub async fn describe_recent(
+        &self,
+        collection: &str,
+    ) -> Result<(Arc<CollectionInfo>, Arc<Schema>), ClientError> {
+        self.described(collection).await
+    }
+
     /// Forgets the description of `collection` reads use (see [`crate::Collections::forget`]).
     pub(crate) fn forget_described(&self, collection: &str) {
         self.described_cache().remove(collection);

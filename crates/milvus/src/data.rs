@@ -27,7 +27,29 @@ pub async fn describe(
     client: &Client,
     name: &str,
 ) -> Result<(CollectionInfo, MSchema), mc::Status> {
-    match client.collections().describe(name).await {
+    checked(name, client.collections().describe(name).await)
+}
+
+/// As [`describe`], from a description at most 2 s old (the client's, which reads share): the
+/// data path checks every request against the schema without a catalog call each time. A
+/// write or read that finds the collection gone or changed is refused by its shards, and the
+/// client describes it again.
+pub async fn describe_recent(
+    client: &Client,
+    name: &str,
+) -> Result<(CollectionInfo, MSchema), mc::Status> {
+    let r = client
+        .describe_recent(name)
+        .await
+        .map(|(info, _)| CollectionInfo::clone(&info));
+    checked(name, r)
+}
+
+fn checked(
+    name: &str,
+    described: Result<CollectionInfo, walden_client::ClientError>,
+) -> Result<(CollectionInfo, MSchema), mc::Status> {
+    match described {
         Ok(info) if info.state == walden_proto::v1::CollectionState::Created as i32 => {
             let s = schema::to_milvus(&info.name, &info.schema.clone().unwrap_or_default());
             Ok((info, s))
@@ -88,7 +110,7 @@ pub async fn write(
     num_rows: u32,
     upsert: bool,
 ) -> m::MutationResult {
-    let (info, milvus) = match describe(client, collection).await {
+    let (info, milvus) = match describe_recent(client, collection).await {
         Ok(x) => x,
         Err(s) => return failed_mutation(s),
     };
@@ -187,7 +209,7 @@ pub async fn delete(
     api: &walden_client::Collections,
     r: m::DeleteRequest,
 ) -> m::MutationResult {
-    let (_, milvus) = match describe(client, &r.collection_name).await {
+    let (_, milvus) = match describe_recent(client, &r.collection_name).await {
         Ok(x) => x,
         Err(s) => return failed_mutation(s),
     };
@@ -334,7 +356,7 @@ pub async fn search(client: &Client, r: m::SearchRequest) -> m::SearchResults {
         status: Some(s),
         ..Default::default()
     };
-    let (_, milvus) = match describe(client, &r.collection_name).await {
+    let (_, milvus) = match describe_recent(client, &r.collection_name).await {
         Ok(x) => x,
         Err(s) => return fail(s),
     };
@@ -480,7 +502,7 @@ pub async fn query(client: &Client, r: m::QueryRequest) -> m::QueryResults {
         status: Some(s),
         ..Default::default()
     };
-    let (_, milvus) = match describe(client, &r.collection_name).await {
+    let (_, milvus) = match describe_recent(client, &r.collection_name).await {
         Ok(x) => x,
         Err(s) => return fail(s),
     };

@@ -265,8 +265,8 @@ impl MilvusService for Milvus {
         };
         let shards = u32::try_from(r.shards_num.max(1)).unwrap_or(1);
         let done = self
-            .client()
-            .collections()
+            .client
+            .writes()
             .create(&r.collection_name, &walden, shards)
             .await;
         answer(match done {
