@@ -328,6 +328,17 @@ fn json_test(v: Option<&serde_json::Value>, test: &JsonTest) -> Tri {
             None => Tri::F,
         },
         JsonTest::IsNull(_) => Tri::U,
+        JsonTest::Contains(values, all) => match v.as_array() {
+            Some(items) => {
+                let has = |l: &Literal| items.iter().any(|i| json_cmp(i, CmpOp::Eq, l));
+                Tri::of(if *all {
+                    values.iter().all(has)
+                } else {
+                    values.iter().any(has)
+                })
+            }
+            None => Tri::F,
+        },
     }
 }
 
@@ -463,6 +474,41 @@ mod tests {
             vec![2],
             "null stays unknown under not"
         );
+    }
+
+    #[test]
+    fn json_contains_reads_an_array_and_its_all_and_any_forms_take_lists() {
+        assert_eq!(rows(r#"json_contains(doc["tags"], "y")"#), vec![1, 2]);
+        assert_eq!(rows(r#"json_contains(doc["tags"], "x")"#), vec![1]);
+        assert_eq!(
+            rows(r#"json_contains_all(doc["tags"], ["x", "y"])"#),
+            vec![1]
+        );
+        assert_eq!(
+            rows(r#"JSON_CONTAINS_ANY(doc["tags"], ["x", "z"])"#),
+            vec![1]
+        );
+        assert_eq!(
+            rows(r#"array_contains(doc["tags"], "y") and doc["a"] > 1"#),
+            vec![2]
+        );
+        assert_eq!(
+            rows(r#"json_contains(doc["s"], "abc")"#),
+            Vec::<i64>::new(),
+            "a string is not an array"
+        );
+        assert_eq!(
+            rows(r#"not json_contains(doc["tags"], "x")"#),
+            vec![2],
+            "row 3 has no doc and row 4 no tags: unknown, never true, as a missing key is"
+        );
+        for bad in [
+            r#"json_contains(name, "x")"#,
+            r#"json_contain(doc["tags"], "x")"#,
+            r#"json_contains(doc["tags"] "x")"#,
+        ] {
+            assert!(Filter::new(bad, &schema()).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -120,6 +120,8 @@ pub(crate) enum JsonTest {
     In(Vec<Literal>, bool),
     Like(eval::Pattern, bool),
     IsNull(bool),
+    /// The value is an array holding all (`true`) or any of the literals.
+    Contains(Vec<Literal>, bool),
 }
 
 /// Where a field reference reads.
@@ -131,11 +133,13 @@ enum Target {
 /// Resolves `f` against `schema`: a scalar field, or a path into a JSON field. A name the
 /// schema lacks is a key of its dynamic field, if it has one (`color` reads `_meta["color"]`,
 /// as Milvus reads `$meta["color"]`; `$meta` names the dynamic field itself).
-fn target(schema: &Schema, f: &FieldRef) -> Result<Target, ExprError> {
+/// Where a field reference points. `whole`: a JSON field may be named without a path (its
+/// whole value is tested: `json_contains(tags, "x")` on a field holding an array).
+fn target(schema: &Schema, f: &FieldRef, whole: bool) -> Result<Target, ExprError> {
     let fields = &schema.proto().fields;
     match fields.iter().find(|x| x.name == f.name) {
         Some(x) if x.data_type() == DataType::Json => {
-            if f.path.is_empty() {
+            if f.path.is_empty() && !whole {
                 return Err(type_error(format!(
                     "{:?} is a JSON field: filter on a path in it ({}[\"key\"])",
                     f.name, f.name
@@ -262,7 +266,8 @@ fn value_of(kind: Kind, field: &str, lit: &Literal) -> Result<Value, ExprError> 
 
 fn check(e: &Expr, schema: &Schema) -> Result<Node, ExprError> {
     let json = |field: &FieldRef, test: JsonTest| -> Result<Option<Node>, ExprError> {
-        Ok(match target(schema, field)? {
+        let whole = matches!(test, JsonTest::Contains(..));
+        Ok(match target(schema, field, whole)? {
             Target::Json(field, path) => Some(Node::Json { field, path, test }),
             Target::Plain => None,
         })
@@ -334,6 +339,17 @@ fn check(e: &Expr, schema: &Schema) -> Result<Node, ExprError> {
             Node::IsNull {
                 field: name.into(),
                 negated: *negated,
+            }
+        }
+        Expr::Contains { field, values, all } => {
+            match json(field, JsonTest::Contains(values.clone(), *all))? {
+                Some(n) => n,
+                None => {
+                    return Err(type_error(format!(
+                        "{field} is not a JSON field: json_contains reads an array in a JSON \
+                         field (Walden has no Array type)"
+                    )));
+                }
             }
         }
         Expr::And(v) => Node::And(

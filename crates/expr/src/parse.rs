@@ -107,6 +107,14 @@ pub enum Expr {
         field: FieldRef,
         negated: bool,
     },
+    /// `json_contains(f, v)` (`values` one value, `all` false), `json_contains_all(f, [..])`
+    /// (`all`) or `json_contains_any(f, [..])`: the JSON array at `field` holds the value, all
+    /// of the values, or any of them (`array_contains*` are the same on a JSON array).
+    Contains {
+        field: FieldRef,
+        values: Vec<Literal>,
+        all: bool,
+    },
     /// Every operand holds (flat: a long chain never nests deeply).
     And(Vec<Expr>),
     /// Some operand holds.
@@ -362,6 +370,61 @@ impl Parser {
         Ok(FieldRef { name, path })
     }
 
+    /// A list of values: `[v, ...]`.
+    fn list(&mut self) -> Result<Vec<Literal>, ExprError> {
+        self.expect(&Tok::LBracket, "'['")?;
+        let mut values = Vec::new();
+        if self.peek() != Some(&Tok::RBracket) {
+            loop {
+                values.push(self.literal()?);
+                if self.peek() == Some(&Tok::Comma) {
+                    self.pos += 1;
+                    continue;
+                }
+                break;
+            }
+        }
+        self.expect(&Tok::RBracket, "']' or ','")?;
+        Ok(values)
+    }
+
+    /// `json_contains(field, value)`, `json_contains_all(field, [..])`,
+    /// `json_contains_any(field, [..])` and the `array_contains*` spellings; the name and its
+    /// `(` are read.
+    fn contains(&mut self, at: usize, name: &str) -> Result<Expr, ExprError> {
+        let form = name
+            .to_ascii_lowercase()
+            .replace("array_contains", "json_contains");
+        let (many, all) = match form.as_str() {
+            "json_contains" => (false, false),
+            "json_contains_all" => (true, true),
+            "json_contains_any" => (true, false),
+            _ => {
+                return Err(syntax(
+                    at,
+                    format!(
+                        "unknown function {name} (json_contains, json_contains_all, \
+                         json_contains_any and their array_ spellings are served)"
+                    ),
+                ));
+            }
+        };
+        self.pos += 1;
+        let at = self.at();
+        let Some(Tok::Ident(field)) = self.next() else {
+            return Err(syntax(at, format!("{name} takes a field first")));
+        };
+        let field = self.path(field)?;
+        self.expect(&Tok::Comma, "',' after the field")?;
+        let values = if many {
+            self.list()?
+        } else {
+            vec![self.literal()?]
+        };
+        self.expect(&Tok::RParen, &format!("')' closing {name}"))?;
+        Ok(Expr::Contains { field, values, all })
+    }
+
     fn predicate(&mut self) -> Result<Expr, ExprError> {
         let at = self.at();
         match self.next() {
@@ -382,6 +445,7 @@ impl Parser {
                     value,
                 })
             }
+            Some(Tok::Ident(name)) if self.peek() == Some(&Tok::LParen) => self.contains(at, &name),
             Some(Tok::Ident(name)) => {
                 let field = self.path(name)?;
                 let negated = self.keyword("not");

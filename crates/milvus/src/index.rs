@@ -26,10 +26,11 @@ fn property(field: &str) -> String {
 }
 
 /// Milvus's index types served by Walden: AUTOINDEX and HNSW (and the IVF, DiskANN and ScaNN
-/// families, served by HNSW) build graphs; FLAT is exact.
+/// families, served by HNSW) build graphs; FLAT (and BRUTE_FORCE, milvus-lite's name for it)
+/// is exact.
 fn index_type(name: &str) -> Option<IndexType> {
     match name.to_ascii_uppercase().as_str() {
-        "FLAT" => Some(IndexType::Flat),
+        "FLAT" | "BRUTE_FORCE" => Some(IndexType::Flat),
         "" | "AUTOINDEX" | "HNSW" | "IVF_FLAT" | "IVF_SQ8" | "IVF_PQ" | "DISKANN" | "SCANN" => {
             Some(IndexType::Hnsw)
         }
