@@ -243,3 +243,29 @@ def test_a_delete_by_filter_matching_more_than_one_read_returns_deletes_nothing(
                    consistency_level="Strong")[0]["count(*)"] == 8
     assert sorted(c.delete("many", filter="id < 3")) == [0, 1, 2]
     c.close()
+
+
+def test_reads_at_the_default_level_see_what_was_just_written_and_the_collection_level_is_kept(client):
+    """Milvus's default level is Bounded; Walden's bounded reads also see the writer's own
+    writes, and a collection created Strong reads Strong when a request names no level."""
+    import numpy as np
+    from pymilvus import DataType, MilvusClient
+
+    for name, level in [("rw_bounded", "Bounded"), ("rw_strong", "Strong")]:
+        s = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        s.add_field("id", DataType.INT64, is_primary=True)
+        s.add_field("v", DataType.FLOAT_VECTOR, dim=4)
+        client.create_collection(name, schema=s, consistency_level=level)
+        try:
+            assert client.describe_collection(name)["consistency_level"] == {"Bounded": 2, "Strong": 0}[level]
+            for round_ in range(20):
+                ids = list(range(round_ * 10, round_ * 10 + 10))
+                vecs = np.random.default_rng(round_).random((10, 4)).tolist()
+                client.insert(name, [{"id": i, "v": v} for i, v in zip(ids, vecs)])
+                # No level named: the collection's, and each read right after the write.
+                got = client.query(name, filter=f"id >= {ids[0]}", output_fields=["id"])
+                assert sorted(r["id"] for r in got) == ids, (level, round_, got)
+                hits = client.search(name, data=[vecs[3]], limit=1)
+                assert hits[0][0]["id"] == ids[3], (level, round_, hits)
+        finally:
+            client.drop_collection(name)

@@ -194,13 +194,14 @@ impl Shard {
             },
             ConsistencyLevel::Session => options.guarantee_tick,
             ConsistencyLevel::Eventually => 0,
-            ConsistencyLevel::Bounded | ConsistencyLevel::Unspecified => {
-                TimeTick::compose(
-                    walden_tso::now_ms().saturating_sub(config.bounded_staleness_ms),
-                    0,
-                )
-                .0
-            }
+            // Within the staleness bound, and never older than the caller's own last write
+            // (clients send it with every read): the default level reads your writes.
+            ConsistencyLevel::Bounded | ConsistencyLevel::Unspecified => TimeTick::compose(
+                walden_tso::now_ms().saturating_sub(config.bounded_staleness_ms),
+                0,
+            )
+            .0
+            .max(options.guarantee_tick),
         })
     }
 

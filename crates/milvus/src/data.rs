@@ -286,12 +286,24 @@ fn partitions(one: &str) -> Vec<String> {
     }
 }
 
+/// Where the consistency level a collection was created with is kept (its number).
+pub const CONSISTENCY_PROPERTY: &str = "milvus.consistency_level";
+
+/// The level reads of the collection use when they name none (Milvus's collection default).
+pub fn default_level(info: &CollectionInfo) -> i32 {
+    info.schema
+        .as_ref()
+        .and_then(|s| s.properties.get(CONSISTENCY_PROPERTY))
+        .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
+        .unwrap_or(mc::ConsistencyLevel::Bounded as i32)
+}
+
 /// Milvus's consistency as Walden's: a Session or Customized read with a guarantee timestamp
-/// waits as a strong one does (the timestamp may come from another proxy's write).
-fn consistency(level: i32, guarantee: u64, use_default: bool) -> Consistency {
-    if use_default {
-        return Consistency::Bounded;
-    }
+/// waits as a strong one does (the timestamp may come from another proxy's write). A request
+/// that asks for the collection's default level (`collection_default`) gets the level the
+/// collection was created with. Walden's bounded level also reads this process's own writes.
+fn consistency(level: i32, guarantee: u64, collection_default: Option<i32>) -> Consistency {
+    let level = collection_default.unwrap_or(level);
     match mc::ConsistencyLevel::try_from(level) {
         Ok(mc::ConsistencyLevel::Strong) => Consistency::Strong,
         Ok(mc::ConsistencyLevel::Eventually) => Consistency::Eventually,
@@ -356,7 +368,7 @@ pub async fn search(client: &Client, r: m::SearchRequest) -> m::SearchResults {
         status: Some(s),
         ..Default::default()
     };
-    let (_, milvus) = match describe_recent(client, &r.collection_name).await {
+    let (info, milvus) = match describe_recent(client, &r.collection_name).await {
         Ok(x) => x,
         Err(s) => return fail(s),
     };
@@ -440,7 +452,7 @@ pub async fn search(client: &Client, r: m::SearchRequest) -> m::SearchResults {
         consistency: consistency(
             r.consistency_level,
             r.guarantee_timestamp,
-            r.use_default_consistency,
+            r.use_default_consistency.then(|| default_level(&info)),
         ),
         metric,
         partitions: r.partition_names.clone(),
@@ -502,7 +514,7 @@ pub async fn query(client: &Client, r: m::QueryRequest) -> m::QueryResults {
         status: Some(s),
         ..Default::default()
     };
-    let (_, milvus) = match describe_recent(client, &r.collection_name).await {
+    let (info, milvus) = match describe_recent(client, &r.collection_name).await {
         Ok(x) => x,
         Err(s) => return fail(s),
     };
@@ -514,7 +526,7 @@ pub async fn query(client: &Client, r: m::QueryRequest) -> m::QueryResults {
     let level = consistency(
         r.consistency_level,
         r.guarantee_timestamp,
-        r.use_default_consistency,
+        r.use_default_consistency.then(|| default_level(&info)),
     );
     let pk_name = milvus
         .fields

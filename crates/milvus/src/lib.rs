@@ -259,6 +259,10 @@ impl MilvusService for Milvus {
             Ok(props) => translated.walden.properties.extend(props),
             Err(refused) => return answer(refused),
         }
+        translated.walden.properties.insert(
+            data::CONSISTENCY_PROPERTY.into(),
+            bytes::Bytes::from(r.consistency_level.to_string().into_bytes()),
+        );
         let walden = match walden_schema::Schema::new(translated.walden) {
             Ok(s) => s,
             Err(e) => return answer(status::fail(status::Code::IllegalSchema, e.to_string())),
@@ -380,7 +384,7 @@ impl MilvusService for Milvus {
             virtual_channel_names: info.vchannels.iter().map(|v| v.name.clone()).collect(),
             physical_channel_names: info.vchannels.iter().map(|v| v.pchannel.clone()).collect(),
             shards_num: i32::try_from(info.vchannels.len()).unwrap_or(i32::MAX),
-            consistency_level: mc::ConsistencyLevel::Bounded as i32,
+            consistency_level: data::default_level(&info),
             collection_name: info.name.clone(),
             db_name: DEFAULT_DB.into(),
             num_partitions: i64::try_from(info.partitions.len()).unwrap_or(0),
