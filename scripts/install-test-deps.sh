@@ -43,5 +43,15 @@ if ! python3 -c "import pymilvus, pytest, sys; sys.exit(pymilvus.__version__ != 
     || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages "pymilvus==2.6.17" "pytest>=8"
 fi
 python3 -c "import pymilvus, pytest" || { echo "pymilvus or pytest is not importable after pip install" >&2; exit 1; }
+# PyPI, in a venv of its own (cached per machine): pymilvus 3.x, the current release, under
+# which tests/milvus runs again, and which milvus-lite's own suite (tests/milvus_lite/run.py)
+# needs; pytest-timeout ends a test of that suite that would wait forever.
+VENV3="${WALDEN_TEST_CACHE:-$HOME/.cache/walden}/venv-pymilvus3"
+if ! "$VENV3/bin/python" -c "import pymilvus, pytest, pytest_timeout, numpy, pyarrow, sys; sys.exit(pymilvus.__version__ != '3.0.2')" >/dev/null 2>&1; then
+  python3 -m venv "$VENV3"
+  "$VENV3/bin/pip" install --quiet --disable-pip-version-check "pymilvus==3.0.2" "pytest>=8" \
+    pytest-timeout numpy pyarrow
+fi
+"$VENV3/bin/python" -c "import pymilvus, pytest_timeout" || { echo "the pymilvus 3 venv ($VENV3) is not usable" >&2; exit 1; }
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
 echo "test dependencies ready"
