@@ -370,9 +370,9 @@ impl Parser {
         Ok(FieldRef { name, path })
     }
 
-    /// A list of values: `[v, ...]`.
-    fn list(&mut self) -> Result<Vec<Literal>, ExprError> {
-        self.expect(&Tok::LBracket, "'['")?;
+    /// A list of values, `[v, ...]`, after `what`.
+    fn list(&mut self, what: &str) -> Result<Vec<Literal>, ExprError> {
+        self.expect(&Tok::LBracket, &format!("'[' after {what}"))?;
         let mut values = Vec::new();
         if self.peek() != Some(&Tok::RBracket) {
             loop {
@@ -417,7 +417,7 @@ impl Parser {
         let field = self.path(field)?;
         self.expect(&Tok::Comma, "',' after the field")?;
         let values = if many {
-            self.list()?
+            self.list(name)?
         } else {
             vec![self.literal()?]
         };
@@ -455,19 +455,7 @@ impl Parser {
                 let at = self.at();
                 if self.keyword("in") {
                     self.pos += 1;
-                    self.expect(&Tok::LBracket, "'[' after in")?;
-                    let mut values = Vec::new();
-                    if self.peek() != Some(&Tok::RBracket) {
-                        loop {
-                            values.push(self.literal()?);
-                            if self.peek() == Some(&Tok::Comma) {
-                                self.pos += 1;
-                                continue;
-                            }
-                            break;
-                        }
-                    }
-                    self.expect(&Tok::RBracket, "']' or ','")?;
+                    let values = self.list("in")?;
                     return Ok(Expr::In {
                         field,
                         values,
