@@ -122,6 +122,8 @@ def main() -> int:
         finally:
             server.stop()
             shutil.copy(Path(d) / "walden.log", CACHE / "milvus-lite-suite-walden.log")
+            if junit.exists():
+                shutil.copy(junit, CACHE / "milvus-lite-suite-junit.xml")
         results = parse(junit)
     counts = collections.Counter(r for r in results.values())
     by_file = collections.defaultdict(collections.Counter)

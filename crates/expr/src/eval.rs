@@ -127,7 +127,7 @@ fn map<A: Array>(arr: &A, f: impl Fn(&A, usize) -> bool) -> Vec<Tri> {
         .collect()
 }
 
-fn compare<T: PartialOrd>(a: T, op: CmpOp, b: &T) -> bool {
+pub(crate) fn compare<T: PartialOrd>(a: T, op: CmpOp, b: &T) -> bool {
     match op {
         CmpOp::Eq => a == *b,
         CmpOp::Ne => a != *b,
@@ -253,6 +253,11 @@ fn eval(n: &Node, batch: &RecordBatch) -> Result<Vec<Tri>, ExprError> {
                 })
                 .collect()
         }
+        Node::Compare { left, op, right } => crate::arith::values(left, batch)?
+            .into_iter()
+            .zip(crate::arith::values(right, batch)?)
+            .map(|(a, b)| crate::arith::compare(a, *op, b).map_or(Tri::U, Tri::of))
+            .collect(),
         Node::Not(n) => not(eval(n, batch)?),
         Node::And(terms) => {
             let mut acc = vec![Tri::T; rows];
@@ -284,7 +289,7 @@ fn eval(n: &Node, batch: &RecordBatch) -> Result<Vec<Tri>, ExprError> {
 }
 
 /// The value at `path` in `doc` (object keys, or array indexes); a JSON null is none.
-fn at_path<'a>(doc: &'a serde_json::Value, path: &[String]) -> Option<&'a serde_json::Value> {
+pub(crate) fn at_path<'a>(doc: &'a serde_json::Value, path: &[String]) -> Option<&'a serde_json::Value> {
     let mut v = doc;
     for k in path {
         v = match v {
@@ -353,7 +358,7 @@ fn not(v: Vec<Tri>) -> Vec<Tri> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::Arc;
 
     use arrow_array::ArrayRef;
@@ -362,7 +367,7 @@ mod tests {
     use super::*;
     use crate::Filter;
 
-    fn schema() -> Schema {
+    pub(crate) fn schema() -> Schema {
         let f = |name: &str, t: DataType, nullable: bool| FieldSchema {
             name: name.into(),
             data_type: t as i32,
@@ -438,7 +443,8 @@ mod tests {
         RecordBatch::try_from_iter(cols).expect("batch")
     }
 
-    fn rows(filter: &str) -> Vec<i64> {
+    /// The ids (1-based) of the fixture's rows that `filter` matches.
+    pub(crate) fn rows(filter: &str) -> Vec<i64> {
         let f = Filter::new(filter, &schema()).expect(filter);
         let b = batch();
         f.evaluate(&b)

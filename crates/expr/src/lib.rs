@@ -6,6 +6,9 @@
 //!   `string` fields, and on paths into JSON fields (`meta["a"]["b"]`, `tags[0]`). A name the
 //!   schema lacks is a key of its dynamic JSON field, if it has one. Vectors cannot be
 //!   filtered.
+//! * **Arithmetic** (`+ - * / %`, parentheses, unary minus) on numeric fields, numbers in JSON
+//!   fields and constants, compared on either side (`score * 100 > 50`, `a + b <= c`): see
+//!   the `arith` module for its types and nulls.
 //! * **Connectives**: `and` / `&&`, `or` / `||`, `not` / `!`, parentheses; `not` binds tightest,
 //!   then `and`, then `or`.
 //! * **Types**: an `int64` field compares with any number (with a fractional one as a double);
@@ -18,6 +21,7 @@
 //! data is read; [`Filter::evaluate`] gives the matching rows of an Arrow batch whose columns
 //! carry the schema's names and types.
 
+mod arith;
 mod eval;
 mod parse;
 
@@ -27,7 +31,7 @@ use thiserror::Error;
 use walden_common::{ErrorCode, HasErrorCode};
 use walden_schema::{DataType, Schema};
 
-pub use parse::{CmpOp, Expr, FieldRef, Literal, parse};
+pub use parse::{Arith, ArithOp, CmpOp, Expr, FieldRef, Literal, parse};
 
 /// Longest filter accepted, in bytes.
 pub const MAX_LEN: usize = 64 * 1024;
@@ -106,6 +110,12 @@ pub(crate) enum Node {
         field: Arc<str>,
         path: Arc<[String]>,
         test: JsonTest,
+    },
+    /// Two computed values compared.
+    Compare {
+        left: arith::Value,
+        op: CmpOp,
+        right: arith::Value,
     },
     And(Vec<Node>),
     Or(Vec<Node>),
@@ -209,6 +219,10 @@ fn collect_fields(n: &Node, out: &mut Vec<String>) {
         | Node::Like { field, .. }
         | Node::IsNull { field, .. }
         | Node::Json { field, .. } => out.push(field.to_string()),
+        Node::Compare { left, right, .. } => {
+            left.fields(out);
+            right.fields(out);
+        }
         Node::And(v) | Node::Or(v) => v.iter().for_each(|n| collect_fields(n, out)),
         Node::Not(n) => collect_fields(n, out),
     }
@@ -351,6 +365,33 @@ fn check(e: &Expr, schema: &Schema) -> Result<Node, ExprError> {
                     )));
                 }
             }
+        }
+        Expr::Compare { left, op, right } => {
+            let (left, right) = (arith::check(left, schema)?, arith::check(right, schema)?);
+            let mut named = Vec::new();
+            left.fields(&mut named);
+            right.fields(&mut named);
+            if named.is_empty() {
+                return Err(type_error("a comparison of two constants: name a field"));
+            }
+            Node::Compare {
+                left,
+                op: *op,
+                right,
+            }
+        }
+        Expr::Value(Arith::Field(field)) => check(
+            &Expr::Cmp {
+                field: field.clone(),
+                op: CmpOp::Eq,
+                value: Literal::Bool(true),
+            },
+            schema,
+        )?,
+        Expr::Value(_) => {
+            return Err(type_error(
+                "a computed value is not a condition: compare it (`a + 1 > 2`)",
+            ));
         }
         Expr::And(v) => Node::And(
             v.iter()

@@ -3,19 +3,24 @@
 //! ```text
 //! expr      := and (("or" | "||") and)*
 //! and       := unary (("and" | "&&") unary)*
-//! unary     := ("not" | "!") unary | "(" expr ")" | predicate
-//! predicate := field cmp literal | literal cmp field
-//! field     := name ("[" (string | integer) "]")*     (a path into a JSON field)
+//! unary     := ("not" | "!") unary | "(" expr ")" | "(" sum ")" more cmp sum | predicate
+//! predicate := sum cmp sum
 //!            | field ["not"] "in" "[" [literal ("," literal)*] "]"
 //!            | field ["not"] "like" string
 //!            | field "is" ["not"] "null"
+//!            | function "(" field "," (literal | "[" literals "]") ")"
 //!            | field                       (a bool field that is true)
+//! sum       := product (("+" | "-") product)*
+//! product   := atom (("*" | "/" | "%") atom)*
+//! atom      := field | literal | "(" sum ")" | "-" atom
+//! field     := name ("[" (string | integer) "]")*     (a path into a JSON field)
 //! cmp       := "==" | "!=" | "<" | "<=" | ">" | ">="
 //! literal   := ["-"] integer | ["-"] float | string | "true" | "false"
 //! ```
 //!
 //! Keywords are case-insensitive. Strings are quoted with `'` or `"`; `\` escapes the next
-//! character.
+//! character. A `-` right after a value (a name, a number, `)` or `]`) subtracts; anywhere else
+//! it starts a negative number (`a-1` is `a - 1`; `a == -1` compares with minus one).
 
 use crate::{ExprError, MAX_DEPTH, MAX_LEN};
 
@@ -41,6 +46,26 @@ impl CmpOp {
             o => o,
         }
     }
+}
+
+/// An arithmetic operator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ArithOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Rem,
+}
+
+/// A value computed per row: a field (or a path into a JSON field), a constant, or arithmetic
+/// on them.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Arith {
+    Field(FieldRef),
+    Lit(Literal),
+    Neg(Box<Arith>),
+    Op(Box<Arith>, ArithOp, Box<Arith>),
 }
 
 /// A constant in an expression.
@@ -115,6 +140,16 @@ pub enum Expr {
         values: Vec<Literal>,
         all: bool,
     },
+    /// Two computed values compared (`score * 100 > 50`, `a + b <= c`): what is not one field
+    /// against one constant.
+    Compare {
+        left: Arith,
+        op: CmpOp,
+        right: Arith,
+    },
+    /// A value standing alone: a bool field (true when the field is), or, inside parentheses
+    /// that a comparison follows, the left side of it (`(a + 1) * 2 > 3`).
+    Value(Arith),
     /// Every operand holds (flat: a long chain never nests deeply).
     And(Vec<Expr>),
     /// Some operand holds.
@@ -135,6 +170,7 @@ enum Tok {
     AndOp,
     OrOp,
     Bang,
+    Arith(ArithOp),
 }
 
 fn syntax(at: usize, msg: impl Into<String>) -> ExprError {
@@ -171,6 +207,18 @@ fn lex(src: &str) -> Result<Vec<(usize, Tok)>, ExprError> {
             b'<' => Tok::Op(CmpOp::Lt),
             b'>' => Tok::Op(CmpOp::Gt),
             b'!' => Tok::Bang,
+            b'+' => Tok::Arith(ArithOp::Add),
+            b'*' => Tok::Arith(ArithOp::Mul),
+            b'/' => Tok::Arith(ArithOp::Div),
+            b'%' => Tok::Arith(ArithOp::Rem),
+            // After a value, `-` subtracts; elsewhere a `-` before a digit starts a number.
+            b'-' if matches!(
+                out.last(),
+                Some((_, Tok::Ident(_) | Tok::Lit(_) | Tok::RParen | Tok::RBracket))
+            ) || !b.get(i + 1).is_some_and(|n| n.is_ascii_digit() || *n == b'.') =>
+            {
+                Tok::Arith(ArithOp::Sub)
+            }
             b'\'' | b'"' => {
                 let mut s = String::new();
                 i += 1;
@@ -335,12 +383,79 @@ impl Parser {
             return Ok(e);
         }
         if self.peek() == Some(&Tok::LParen) {
+            let open = self.at();
             self.pos += 1;
             let e = self.or()?;
             self.expect(&Tok::RParen, "')'")?;
-            return Ok(e);
+            if !matches!(self.peek(), Some(Tok::Arith(_) | Tok::Op(_))) {
+                return Ok(e);
+            }
+            // `(a + 1) * 2 > 3`: the parentheses held the start of a computed value.
+            let Expr::Value(first) = e else {
+                return Err(syntax(open, "a condition in parentheses cannot be computed with"));
+            };
+            let left = self.sum_from(first)?;
+            return self.after_operand(left);
         }
         self.predicate()
+    }
+
+    /// `atom ((* | / | %) atom)*`, `first` being its first atom, already read.
+    fn product_from(&mut self, first: Arith) -> Result<Arith, ExprError> {
+        let mut acc = first;
+        while let Some(Tok::Arith(op @ (ArithOp::Mul | ArithOp::Div | ArithOp::Rem))) = self.peek() {
+            let op = *op;
+            self.pos += 1;
+            let rhs = self.atom()?;
+            acc = Arith::Op(Box::new(acc), op, Box::new(rhs));
+        }
+        Ok(acc)
+    }
+
+    /// `product ((+ | -) product)*`, `first` being the first atom of its first product.
+    fn sum_from(&mut self, first: Arith) -> Result<Arith, ExprError> {
+        let mut acc = self.product_from(first)?;
+        while let Some(Tok::Arith(op @ (ArithOp::Add | ArithOp::Sub))) = self.peek() {
+            let op = *op;
+            self.pos += 1;
+            let first = self.atom()?;
+            let rhs = self.product_from(first)?;
+            acc = Arith::Op(Box::new(acc), op, Box::new(rhs));
+        }
+        Ok(acc)
+    }
+
+    fn sum(&mut self) -> Result<Arith, ExprError> {
+        let first = self.atom()?;
+        self.sum_from(first)
+    }
+
+    /// A field, a constant, a parenthesised sum or a negated atom.
+    fn atom(&mut self) -> Result<Arith, ExprError> {
+        let at = self.at();
+        match self.next() {
+            Some(Tok::Lit(l)) => Ok(Arith::Lit(l)),
+            Some(Tok::Ident(name)) if self.peek() == Some(&Tok::LParen) => Err(syntax(
+                at,
+                format!("{name}(..) is a condition: it cannot be computed with"),
+            )),
+            Some(Tok::Ident(name)) => Ok(Arith::Field(self.path(name)?)),
+            Some(Tok::LParen) => {
+                self.descend()?;
+                let inner = self.sum()?;
+                self.expect(&Tok::RParen, "')'")?;
+                self.depth -= 1;
+                Ok(inner)
+            }
+            Some(Tok::Arith(ArithOp::Sub)) => {
+                self.descend()?;
+                let inner = self.atom()?;
+                self.depth -= 1;
+                Ok(Arith::Neg(Box::new(inner)))
+            }
+            None => Err(syntax(at, "unexpected end of expression")),
+            Some(_) => Err(syntax(at, "expected a field, a value, not or '('")),
+        }
     }
 
     fn literal(&mut self) -> Result<Literal, ExprError> {
@@ -427,91 +542,91 @@ impl Parser {
 
     fn predicate(&mut self) -> Result<Expr, ExprError> {
         let at = self.at();
-        match self.next() {
-            Some(Tok::Lit(value)) => {
-                // `literal cmp field`
-                let at = self.at();
-                let Some(Tok::Op(op)) = self.next() else {
-                    return Err(syntax(at, "expected a comparison after a value"));
-                };
-                let at = self.at();
-                let Some(Tok::Ident(name)) = self.next() else {
-                    return Err(syntax(at, "expected a field name"));
-                };
-                let field = self.path(name)?;
-                Ok(Expr::Cmp {
-                    field,
-                    op: op.mirrored(),
-                    value,
-                })
+        if let Some(Tok::Ident(name)) = self.peek()
+            && self.toks.get(self.pos + 1).map(|t| &t.1) == Some(&Tok::LParen)
+        {
+            let name = name.clone();
+            self.pos += 1;
+            return self.contains(at, &name);
+        }
+        let left = self.sum()?;
+        self.after_operand(left)
+    }
+
+    /// What follows a predicate's first operand: a comparison, or (after a field) `in`, `like`
+    /// or `is`; or nothing, for a bool field standing alone.
+    fn after_operand(&mut self, left: Arith) -> Result<Expr, ExprError> {
+        let at = self.at();
+        if let Arith::Field(field) = &left {
+            let negated = self.keyword("not");
+            if negated {
+                self.pos += 1;
             }
-            Some(Tok::Ident(name)) if self.peek() == Some(&Tok::LParen) => self.contains(at, &name),
-            Some(Tok::Ident(name)) => {
-                let field = self.path(name)?;
+            let at = self.at();
+            if self.keyword("in") {
+                self.pos += 1;
+                let values = self.list("in")?;
+                return Ok(Expr::In {
+                    field: field.clone(),
+                    values,
+                    negated,
+                });
+            }
+            if self.keyword("like") {
+                self.pos += 1;
+                let at = self.at();
+                let Literal::Str(pattern) = self.literal()? else {
+                    return Err(syntax(at, "like takes a string pattern"));
+                };
+                return Ok(Expr::Like {
+                    field: field.clone(),
+                    pattern,
+                    negated,
+                });
+            }
+            if negated {
+                return Err(syntax(at, "expected in or like after not"));
+            }
+            if self.keyword("is") {
+                self.pos += 1;
                 let negated = self.keyword("not");
                 if negated {
                     self.pos += 1;
                 }
                 let at = self.at();
-                if self.keyword("in") {
-                    self.pos += 1;
-                    let values = self.list("in")?;
-                    return Ok(Expr::In {
-                        field,
-                        values,
-                        negated,
-                    });
+                if !self.keyword("null") {
+                    return Err(syntax(at, "expected null"));
                 }
-                if self.keyword("like") {
-                    self.pos += 1;
-                    let at = self.at();
-                    let Literal::Str(pattern) = self.literal()? else {
-                        return Err(syntax(at, "like takes a string pattern"));
-                    };
-                    return Ok(Expr::Like {
-                        field,
-                        pattern,
-                        negated,
-                    });
-                }
-                if negated {
-                    return Err(syntax(at, "expected in or like after not"));
-                }
-                if self.keyword("is") {
-                    self.pos += 1;
-                    let negated = self.keyword("not");
-                    if negated {
-                        self.pos += 1;
-                    }
-                    let at = self.at();
-                    if !self.keyword("null") {
-                        return Err(syntax(at, "expected null"));
-                    }
-                    self.pos += 1;
-                    return Ok(Expr::IsNull { field, negated });
-                }
-                if matches!(
-                    self.peek(),
-                    None | Some(Tok::AndOp | Tok::OrOp | Tok::RParen)
-                ) {
-                    // A bare field is a bool field that is true.
-                    return Ok(Expr::Cmp {
-                        field,
-                        op: CmpOp::Eq,
-                        value: Literal::Bool(true),
-                    });
-                }
-                let Some(Tok::Op(op)) = self.next() else {
-                    return Err(syntax(
-                        at,
-                        format!("expected a comparison, in, like or is after {field}"),
-                    ));
-                };
-                let value = self.literal()?;
-                Ok(Expr::Cmp { field, op, value })
+                self.pos += 1;
+                return Ok(Expr::IsNull {
+                    field: field.clone(),
+                    negated,
+                });
             }
-            None => Err(syntax(at, "unexpected end of expression")),
-            Some(_) => Err(syntax(at, "expected a field, a value, not or '('")),
+        }
+        match self.peek() {
+            None | Some(Tok::AndOp | Tok::OrOp | Tok::RParen) => Ok(Expr::Value(left)),
+            Some(Tok::Op(op)) => {
+                let op = *op;
+                self.pos += 1;
+                let right = self.sum()?;
+                Ok(match (left, right) {
+                    (Arith::Field(field), Arith::Lit(value)) => Expr::Cmp { field, op, value },
+                    (Arith::Lit(value), Arith::Field(field)) => Expr::Cmp {
+                        field,
+                        op: op.mirrored(),
+                        value,
+                    },
+                    (left, right) => Expr::Compare { left, op, right },
+                })
+            }
+            _ => Err(syntax(
+                at,
+                match &left {
+                    Arith::Field(f) => format!("expected a comparison, in, like or is after {f}"),
+                    _ => "expected a comparison after a value".to_owned(),
+                },
+            )),
         }
     }
 }

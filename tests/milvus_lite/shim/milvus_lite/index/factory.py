@@ -1,3 +1,4 @@
 def is_faiss_available():
-    """Walden is not milvus-lite: its FAISS-specific tests do not apply."""
-    return False
+    """milvus-lite gates its search tests on FAISS, its own search engine. Walden searches with
+    its own engine, so the gate's question ("can the server search?") is answered yes."""
+    return True
