@@ -86,6 +86,10 @@ pub struct QueryOptions {
     pub limit: u64,
     pub consistency: Consistency,
     pub partitions: Vec<String>,
+    /// The `limit` rows of smallest primary key, in key order (cursor paging); otherwise the
+    /// first found. Either way, of rows sharing a primary key only the one written last is
+    /// returned, as Milvus does.
+    pub order_by_key: bool,
 }
 
 /// One row found by a search.
@@ -106,6 +110,18 @@ pub struct QueryRows {
     pub rows: Vec<Map<String, Value>>,
     /// More rows matched than the limit.
     pub truncated: bool,
+}
+
+/// Primary keys in the order the server sorts them: integers by value, strings by bytes.
+fn key_order(a: Option<&Value>, b: Option<&Value>) -> std::cmp::Ordering {
+    match (a, b) {
+        (Some(Value::Number(x)), Some(Value::Number(y))) => x
+            .as_i64()
+            .cmp(&y.as_i64())
+            .then_with(|| x.as_u64().cmp(&y.as_u64())),
+        (Some(Value::String(x)), Some(Value::String(y))) => x.cmp(y),
+        _ => std::cmp::Ordering::Equal,
+    }
 }
 
 fn protocol(e: impl std::fmt::Display) -> ClientError {
@@ -496,6 +512,7 @@ impl Client {
             limit: options.limit,
             count_only: false,
             options: Some(self.read_options(options.consistency, &options.partitions)),
+            order_by_key: options.order_by_key,
         };
         let answers = self
             .per_owner(
@@ -519,6 +536,11 @@ impl Client {
                 out.rows.extend(schema.rows_to_json(&b).map_err(protocol)?);
             }
         }
+        if options.order_by_key {
+            // Each shard's rows are in key order; a key lives in one shard.
+            let pk = &schema.primary_key().name;
+            out.rows.sort_by(|a, b| key_order(a.get(pk), b.get(pk)));
+        }
         if options.limit > 0 && out.rows.len() as u64 > options.limit {
             out.rows.truncate(options.limit as usize);
             out.truncated = true;
@@ -540,6 +562,7 @@ impl Client {
         self.query(
             collection,
             &QueryOptions {
+                order_by_key: false,
                 filter: format!("{pk} in [{}]", list.join(", ")),
                 output_fields: output_fields.to_vec(),
                 limit: 0,
@@ -689,6 +712,7 @@ impl Client {
             limit: 0,
             count_only: true,
             options: Some(self.read_options(consistency, partitions)),
+            order_by_key: false,
         };
         let answers = self
             .per_owner(

@@ -13,7 +13,8 @@ use walden_proto::{
         SearchResponse, query_server::Query,
     },
 };
-use walden_query::{Hits, Metric, merge};
+use walden_query::{Hits, Metric, QueryShape, merge};
+use walden_segment_format::TICK_COLUMN;
 
 use crate::{DelegatorError, Delegators, Shard, shard::SearchSpec};
 
@@ -197,12 +198,17 @@ impl QueryService {
         let filter = (!req.filter.trim().is_empty())
             .then(|| Filter::new(&req.filter, first.schema()))
             .transpose()?;
-        let outputs = first.output_fields(&req.output_fields)?;
+        let pk = first.pk().to_owned();
+        // Every part carries its rows' ticks, so that of rows sharing a key only the one
+        // written last is returned (`walden_query::latest`), as Milvus reduces query results.
+        let mut outputs = first.output_fields(&req.output_fields)?;
+        outputs.push(TICK_COLUMN.to_owned());
         let limit = if req.limit == 0 {
             config.max_rows
         } else {
             req.limit.min(config.max_rows)
         } as usize;
+        let by_key = req.order_by_key;
         let count_only = req.count_only;
         let partitions = options.partitions;
         let sealed_req = QueryRequest {
@@ -216,6 +222,9 @@ impl QueryService {
         let (mut count, mut truncated) = (0u64, false);
         let mut batches: Vec<RecordBatch> = Vec::new();
         let mut rows = 0usize;
+        // In key order every part is asked for the whole limit: its smallest keys may all
+        // come before every other part's.
+        let left = |rows: usize| if by_key { limit } else { limit - rows };
         for s in shards {
             let local = {
                 let (s, filter, outputs, partitions) = (
@@ -224,14 +233,17 @@ impl QueryService {
                     outputs.clone(),
                     partitions.clone(),
                 );
-                let left = limit - rows;
+                let shape = QueryShape {
+                    limit: left(rows),
+                    by_key,
+                };
                 tokio::task::spawn_blocking(move || {
                     if count_only {
                         let (n, remote) = s.count(filter.as_ref(), &partitions)?;
                         return Ok::<_, DelegatorError>((n, None, false, remote));
                     }
                     let (batch, more, remote) =
-                        s.query(filter.as_ref(), &outputs, &partitions, left)?;
+                        s.query(filter.as_ref(), &outputs, &partitions, shape)?;
                     Ok((0, batch, more, remote))
                 })
                 .await
@@ -247,13 +259,12 @@ impl QueryService {
             let Some(r) = s.remote.as_ref().filter(|_| !remote.is_empty()) else {
                 continue;
             };
-            let left = limit - rows;
-            if !count_only && left == 0 {
+            if !count_only && left(rows) == 0 {
                 truncated = true;
                 continue;
             }
             let sub = QueryRequest {
-                limit: left as u64,
+                limit: left(rows) as u64,
                 ..sealed_req.clone()
             };
             for answer in r.query(&s, ctx, &remote, &sub).await? {
@@ -263,7 +274,7 @@ impl QueryService {
                     continue;
                 }
                 for b in walden_schema::decode_ipc(&answer.rows)? {
-                    let take = b.num_rows().min(limit - rows);
+                    let take = b.num_rows().min(left(rows));
                     truncated |= take < b.num_rows();
                     rows += take;
                     batches.push(b.slice(0, take));
@@ -276,13 +287,12 @@ impl QueryService {
                 ..Default::default()
             });
         }
-        let rows_bytes = match batches.first() {
+        let (all, more) = walden_query::latest(&batches, &pk, QueryShape { limit, by_key })?;
+        truncated |= more;
+        let rows = all.as_ref().map_or(0, RecordBatch::num_rows);
+        let rows_bytes = match all {
             None => bytes::Bytes::new(),
-            Some(first) => {
-                let all = arrow_select::concat::concat_batches(&first.schema(), &batches)
-                    .map_err(|e| DelegatorError::Format(format!("query rows: {e}")))?;
-                walden_schema::batch_to_ipc(&all)?
-            }
+            Some(all) => walden_schema::batch_to_ipc(&all)?,
         };
         Ok(QueryResponse {
             rows: rows_bytes,

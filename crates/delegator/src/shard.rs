@@ -276,6 +276,11 @@ impl Shard {
     }
 
     /// The vector field `name` names (or the only one, when empty).
+    /// The primary key's name.
+    pub fn pk(&self) -> &str {
+        &self.pk
+    }
+
     pub fn vector_field(&self, name: &str) -> Result<String, DelegatorError> {
         let vectors: Vec<&str> = self
             .schema
@@ -352,22 +357,27 @@ impl Shard {
         Ok((hits, self.visible_remote(&st, spec.partitions)))
     }
 
-    /// The live rows matching `filter` (the output fields, primary key first), at most `limit`,
-    /// and whether more matched, over the segments held here; and the visible segments query
-    /// nodes hold.
+    /// The live rows matching `filter` (the output fields, primary key first), chosen as
+    /// `shape` says, and whether more matched, over the segments held here; and the visible
+    /// segments query nodes hold.
     pub fn query(
         &self,
         filter: Option<&Filter>,
         output_fields: &[String],
         partitions: &[String],
-        limit: usize,
+        shape: walden_query::QueryShape,
     ) -> Result<(Option<RecordBatch>, bool, Vec<u64>), DelegatorError> {
         let st = self.read();
         if st.dropped {
             return Err(DelegatorError::Dropped(self.collection.clone()));
         }
-        let (rows, more) =
-            walden_query::query(&self.visible(&st, partitions), filter, output_fields, limit)?;
+        let (rows, more) = walden_query::query(
+            &self.visible(&st, partitions),
+            filter,
+            output_fields,
+            &self.pk,
+            shape,
+        )?;
         Ok((rows, more, self.visible_remote(&st, partitions)))
     }
 

@@ -204,7 +204,11 @@ mod tests {
         assert_eq!(rows("id % 2 == 0"), vec![2, 4]);
         assert_eq!(rows("-id < -3"), vec![4]);
         assert_eq!(rows("id * 2 + 1 == 7"), vec![3], "* binds tighter than +");
-        assert_eq!(rows("(id + 1) * 2 == 6"), vec![2], "parentheses group a sum");
+        assert_eq!(
+            rows("(id + 1) * 2 == 6"),
+            vec![2],
+            "parentheses group a sum"
+        );
         assert_eq!(rows("((id + 1)) * 2 == 6 or id == 4"), vec![2, 4]);
     }
 
@@ -225,11 +229,23 @@ mod tests {
 
     #[test]
     fn a_null_operand_or_a_zero_divisor_in_a_row_never_matches_even_under_not() {
-        assert_eq!(rows("score * 0 == 0"), vec![1, 2, 3], "row 4's score is null");
+        assert_eq!(
+            rows("score * 0 == 0"),
+            vec![1, 2, 3],
+            "row 4's score is null"
+        );
         assert_eq!(rows("not (score * 0 == 0)"), Vec::<i64>::new());
-        assert_eq!(rows("id / big > 0"), vec![1, 2], "row 4 divides by 0.0: null");
+        assert_eq!(
+            rows("id / big > 0"),
+            vec![1, 2],
+            "row 4 divides by 0.0: null"
+        );
         assert_eq!(rows("not (id / big > 0)"), vec![3]);
-        assert_eq!(rows("id * 9223372036854775807 > 0"), vec![1], "overflow is null");
+        assert_eq!(
+            rows("id * 9223372036854775807 > 0"),
+            vec![1],
+            "overflow is null"
+        );
     }
 
     #[test]
@@ -248,7 +264,12 @@ mod tests {
             assert!(refused(f), "{f}");
         }
         let syntax = |f: &str| matches!(Filter::new(f, &schema()), Err(ExprError::Syntax { .. }));
-        for f in ["id + > 1", "(id == 1) + 1 > 2", "json_contains(doc, 1) + 1 > 2", "id * * 2 > 1"] {
+        for f in [
+            "id + > 1",
+            "(id == 1) + 1 > 2",
+            "json_contains(doc, 1) + 1 > 2",
+            "id * * 2 > 1",
+        ] {
             assert!(syntax(f), "{f}");
         }
     }

@@ -289,7 +289,10 @@ fn eval(n: &Node, batch: &RecordBatch) -> Result<Vec<Tri>, ExprError> {
 }
 
 /// The value at `path` in `doc` (object keys, or array indexes); a JSON null is none.
-pub(crate) fn at_path<'a>(doc: &'a serde_json::Value, path: &[String]) -> Option<&'a serde_json::Value> {
+pub(crate) fn at_path<'a>(
+    doc: &'a serde_json::Value,
+    path: &[String],
+) -> Option<&'a serde_json::Value> {
     let mut v = doc;
     for k in path {
         v = match v {

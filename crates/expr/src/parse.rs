@@ -215,7 +215,9 @@ fn lex(src: &str) -> Result<Vec<(usize, Tok)>, ExprError> {
             b'-' if matches!(
                 out.last(),
                 Some((_, Tok::Ident(_) | Tok::Lit(_) | Tok::RParen | Tok::RBracket))
-            ) || !b.get(i + 1).is_some_and(|n| n.is_ascii_digit() || *n == b'.') =>
+            ) || !b
+                .get(i + 1)
+                .is_some_and(|n| n.is_ascii_digit() || *n == b'.') =>
             {
                 Tok::Arith(ArithOp::Sub)
             }
@@ -392,7 +394,10 @@ impl Parser {
             }
             // `(a + 1) * 2 > 3`: the parentheses held the start of a computed value.
             let Expr::Value(first) = e else {
-                return Err(syntax(open, "a condition in parentheses cannot be computed with"));
+                return Err(syntax(
+                    open,
+                    "a condition in parentheses cannot be computed with",
+                ));
             };
             let left = self.sum_from(first)?;
             return self.after_operand(left);
@@ -403,7 +408,8 @@ impl Parser {
     /// `atom ((* | / | %) atom)*`, `first` being its first atom, already read.
     fn product_from(&mut self, first: Arith) -> Result<Arith, ExprError> {
         let mut acc = first;
-        while let Some(Tok::Arith(op @ (ArithOp::Mul | ArithOp::Div | ArithOp::Rem))) = self.peek() {
+        while let Some(Tok::Arith(op @ (ArithOp::Mul | ArithOp::Div | ArithOp::Rem))) = self.peek()
+        {
             let op = *op;
             self.pos += 1;
             let rhs = self.atom()?;

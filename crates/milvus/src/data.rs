@@ -223,6 +223,7 @@ pub async fn delete(
         .query(
             &r.collection_name,
             &QueryOptions {
+                order_by_key: false,
                 filter: r.expr.clone(),
                 output_fields: vec![pk.name.clone()],
                 limit: 0,
@@ -577,6 +578,10 @@ pub async fn query(client: &Client, r: m::QueryRequest) -> m::QueryResults {
         limit: if limit == 0 { 0 } else { limit + offset },
         consistency: level,
         partitions: r.partition_names.clone(),
+        // Milvus merges a query's segments in key order, and clients page on it: pymilvus's
+        // query iterator asks for `pk > last` (and seeks an offset without its `iterator`
+        // flag), so the smallest keys must come first whatever the request says.
+        order_by_key: true,
     };
     let rows = match client.query(&r.collection_name, &options).await {
         Ok(q) => q.rows,

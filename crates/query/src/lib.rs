@@ -28,7 +28,7 @@ pub mod stats;
 pub use ann::Ann;
 pub use merge::{Hits, merge};
 pub use metric::Metric;
-pub use reads::{count, query, search};
+pub use reads::{QueryShape, count, latest, query, search};
 pub use segment::{GraphJob, Hit, IndexJob, SearchParams, Segment, TopK};
 pub use walden_segment_format::KeyFilter;
 

@@ -163,6 +163,105 @@ fn query_count_and_gather_output_fields() {
     ));
 }
 
+/// The ids and tags of a query's rows, in order.
+fn ids_and_tags(b: &RecordBatch) -> Vec<(i64, Option<String>)> {
+    let ids = b.column_by_name("id").expect("id");
+    let ids = ids.as_any().downcast_ref::<Int64Array>().expect("ids");
+    let tags = b.column_by_name("tag").expect("tag");
+    let tags = tags.as_any().downcast_ref::<StringArray>().expect("tags");
+    ids.values()
+        .iter()
+        .zip(tags.iter())
+        .map(|(i, t)| (*i, t.map(str::to_owned)))
+        .collect()
+}
+
+#[test]
+fn a_query_in_key_order_returns_the_smallest_keys_across_segments() {
+    let s = schema();
+    let mut rng = StdRng::seed_from_u64(5);
+    let (mut a, mut b) = (Segment::new(1, "p", "id"), Segment::new(2, "p", "id"));
+    a.append(batch(&s, &[9, 4, 7, 1], 10, &mut rng).0, &Deletes::new())
+        .expect("append");
+    b.append(batch(&s, &[8, 2, 6, 3], 20, &mut rng).0, &Deletes::new())
+        .expect("append");
+    let fields = ["id".to_owned(), "tag".to_owned()];
+    let shape = QueryShape {
+        limit: 4,
+        by_key: true,
+    };
+    let (rows, more) = query(&[&a, &b], None, &fields, "id", shape).expect("query");
+    let got: Vec<i64> = ids_and_tags(&rows.expect("rows"))
+        .iter()
+        .map(|r| r.0)
+        .collect();
+    assert_eq!(got, vec![1, 2, 3, 4]);
+    assert!(more, "four more rows matched");
+    // Unordered, the first found are returned and the search stops early.
+    let shape = QueryShape {
+        limit: 2,
+        by_key: false,
+    };
+    let (rows, _) = query(&[&a, &b], None, &fields, "id", shape).expect("query");
+    let got: Vec<i64> = ids_and_tags(&rows.expect("rows"))
+        .iter()
+        .map(|r| r.0)
+        .collect();
+    assert_eq!(got, vec![9, 4]);
+}
+
+#[test]
+fn of_rows_sharing_a_key_only_the_last_written_is_returned_and_the_tick_column_is_not() {
+    let s = schema();
+    let mut rng = StdRng::seed_from_u64(6);
+    let (mut old, mut new) = (Segment::new(1, "p", "id"), Segment::new(2, "p", "id"));
+    old.append(batch(&s, &[5, 3, 1], 10, &mut rng).0, &Deletes::new())
+        .expect("append");
+    // Key 3 written again later, key 1 twice in one batch (same tick: the later row wins).
+    let (mut again, _) = batch(&s, &[3, 1, 1], 20, &mut rng);
+    let tag = arrow_array::StringArray::from(vec![Some("new3"), Some("first1"), Some("last1")]);
+    let at = again.schema().index_of("tag").expect("tag");
+    let mut cols = again.columns().to_vec();
+    cols[at] = std::sync::Arc::new(tag);
+    again = RecordBatch::try_new(again.schema(), cols).expect("batch");
+    new.append(again, &Deletes::new()).expect("append");
+    let fields = [
+        "id".to_owned(),
+        "tag".to_owned(),
+        walden_segment_format::TICK_COLUMN.to_owned(),
+    ];
+    let all = QueryShape {
+        limit: 100,
+        by_key: true,
+    };
+    // The newer segment's part first: order of parts does not decide, ticks do.
+    let (n, _) = query(&[&new], None, &fields, "id", all).expect("query");
+    let (o, _) = query(&[&old], None, &fields, "id", all).expect("query");
+    let parts = [n.expect("new"), o.expect("old")];
+    let (rows, more) = latest(&parts, "id", all).expect("latest");
+    let rows = rows.expect("rows");
+    assert!(
+        rows.column_by_name(walden_segment_format::TICK_COLUMN)
+            .is_none()
+    );
+    assert_eq!(
+        ids_and_tags(&rows),
+        vec![
+            (1, Some("last1".to_owned())),
+            (3, Some("new3".to_owned())),
+            (5, Some("odd".to_owned())),
+        ]
+    );
+    assert!(!more);
+    let two = QueryShape {
+        limit: 2,
+        by_key: true,
+    };
+    let (rows, more) = latest(&parts, "id", two).expect("latest");
+    assert_eq!(rows.expect("rows").num_rows(), 2);
+    assert!(more, "a third key was dropped by the limit");
+}
+
 #[test]
 fn a_query_of_the_wrong_dimension_is_refused() {
     let s = schema();

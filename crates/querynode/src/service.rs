@@ -126,7 +126,11 @@ impl QueryNodeService {
                 &segments,
                 filter.as_ref(),
                 &q.output_fields,
-                q.limit as usize,
+                &coll.pk,
+                walden_query::QueryShape {
+                    limit: q.limit as usize,
+                    by_key: q.order_by_key,
+                },
             )?;
             Ok(QueryResponse {
                 count: rows.as_ref().map_or(0, |r| r.num_rows() as u64),

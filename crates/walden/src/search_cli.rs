@@ -292,6 +292,7 @@ pub async fn query(a: QueryArgs) -> anyhow::Result<()> {
         .query(
             &a.collection,
             &QueryOptions {
+                order_by_key: false,
                 filter: a.filter,
                 output_fields: a.output_fields,
                 limit: a.limit,

@@ -228,6 +228,7 @@ async fn check_all(client: &Client, model: &Model, rng: &mut StdRng, what: &str)
             .query(
                 "docs",
                 &QueryOptions {
+                    order_by_key: false,
                     filter: f.text(),
                     output_fields: vec!["n".into()],
                     consistency: Consistency::Strong,
