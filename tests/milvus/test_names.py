@@ -195,6 +195,35 @@ def test_index_progress_counts_flushed_rows_in_graphs(client):
         client.drop_collection("progress")
 
 
+def test_a_scalar_index_is_accepted_described_and_dropped_and_filters_answer_the_same(client):
+    make(client, "scalar_idx")
+    try:
+        client.insert("scalar_idx", rows(range(20)))
+        before = strong_ids(client, "scalar_idx")
+        idx = client.prepare_index_params()
+        # As Milvus's docs have users index scalar fields beside the vector field.
+        idx.add_index("n", index_type="STL_SORT", index_name="n_sorted")
+        idx.add_index("id", index_type="INVERTED")
+        client.create_index("scalar_idx", idx)
+        assert sorted(client.list_indexes("scalar_idx")) == ["id", "n_sorted"]
+        d = client.describe_index("scalar_idx", "n_sorted")
+        assert d["index_type"] == "STL_SORT" and d["field_name"] == "n" and d["state"] == "Finished", d
+        got = client.query("scalar_idx", filter="n >= 150", output_fields=["n"],
+                           consistency_level="Strong")
+        assert sorted(r["id"] for r in got) == [15, 16, 17, 18, 19]
+        assert strong_ids(client, "scalar_idx") == before
+        # A vector index type on a scalar field, or an unknown field, is refused.
+        bad = client.prepare_index_params()
+        bad.add_index("n", index_type="HNSW", metric_type="L2")
+        with pytest.raises(MilvusException) as e:
+            client.create_index("scalar_idx", bad)
+        assert "scalar field n" in str(e.value)
+        client.drop_index("scalar_idx", "n_sorted")
+        assert client.list_indexes("scalar_idx") == ["id"]
+    finally:
+        client.drop_collection("scalar_idx")
+
+
 def test_alloc_timestamp_is_a_hybrid_timestamp_after_the_last_write(client):
     make(client, "ts")
     try:

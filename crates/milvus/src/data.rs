@@ -489,7 +489,8 @@ pub async fn search(client: &Client, r: m::SearchRequest) -> m::SearchResults {
     }
     let out_names: Vec<String> = names
         .into_iter()
-        .filter(|n| *n != pk_name || r.output_fields.contains(n))
+        // The key is an output field when asked, by name or by `*` (which names every field).
+        .filter(|n| *n != pk_name || r.output_fields.iter().any(|a| a == n || a == "*"))
         .collect();
     let fields_data = rows::to_field_data(&milvus, &out_names, &rows_out);
     m::SearchResults {

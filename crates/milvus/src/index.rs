@@ -5,6 +5,11 @@
 //! under `milvus.index.{field}` (JSON), so DescribeIndex answers with the user's name and
 //! parameters and says which type serves them. Progress is the delegators': rows of flushed
 //! segments in a graph against all flushed rows.
+//!
+//! A scalar field's index (INVERTED, STL_SORT, TRIE, BITMAP, AUTOINDEX: what Milvus's docs
+//! have users add beside the vector index) is accepted and described as asked, and changes
+//! nothing: Walden's filters scan their columns, so every answer is the same with or without
+//! it. Only its Milvus view is kept (with `"scalar": true`).
 
 use serde_json::{Map, Value, json};
 use walden_client::Client;
@@ -12,6 +17,7 @@ use walden_common::{ErrorCode, HasErrorCode};
 use walden_milvus_proto::{
     common::{self as mc, KeyValuePair},
     milvus as m,
+    schema::DataType as MType,
 };
 use walden_proto::v1::{CollectionInfo, IndexSpec, IndexType, MetricType};
 
@@ -53,6 +59,7 @@ struct Asked {
     name: String,
     index_type: String,
     params: Map<String, Value>,
+    scalar: bool,
 }
 
 fn asked(info: &CollectionInfo, field: &str) -> Asked {
@@ -66,24 +73,108 @@ fn asked(info: &CollectionInfo, field: &str) -> Asked {
         name: kept["name"].as_str().unwrap_or(field).to_owned(),
         index_type: kept["index_type"].as_str().unwrap_or_default().to_owned(),
         params: kept["params"].as_object().cloned().unwrap_or_default(),
+        scalar: kept["scalar"].as_bool().unwrap_or(false),
     }
 }
 
-/// The index specs of the collection a request names, by index name or field (all when both
-/// are empty).
-fn matching<'a>(info: &'a CollectionInfo, field: &str, name: &str) -> Vec<&'a IndexSpec> {
-    info.indexes
+/// An index as Milvus lists it: a vector field's (a Walden spec) or a scalar field's.
+struct Listed<'a> {
+    field: String,
+    spec: Option<&'a IndexSpec>,
+}
+
+/// Scalar index types Milvus offers; accepted on scalar fields, served by scans.
+const SCALAR_TYPES: [&str; 6] = ["", "AUTOINDEX", "INVERTED", "STL_SORT", "TRIE", "BITMAP"];
+
+/// The indexes of the collection a request names, by index name or field (all when both are
+/// empty): vector fields' specs, then scalar fields' views.
+fn matching<'a>(info: &'a CollectionInfo, field: &str, name: &str) -> Vec<Listed<'a>> {
+    let vector = info.indexes.iter().map(|i| Listed {
+        field: i.field.clone(),
+        spec: Some(i),
+    });
+    let mut scalar: Vec<Listed<'a>> = info
+        .schema
         .iter()
-        .filter(|i| {
-            (field.is_empty() || i.field == field)
-                && (name.is_empty() || asked(info, &i.field).name == name)
+        .flat_map(|s| s.properties.keys())
+        .filter_map(|k| k.strip_prefix("milvus.index."))
+        .filter(|f| asked(info, f).scalar)
+        .map(|f| Listed {
+            field: f.to_owned(),
+            spec: None,
+        })
+        .collect();
+    scalar.sort_by(|a, b| a.field.cmp(&b.field));
+    vector
+        .chain(scalar)
+        .filter(|l| {
+            (field.is_empty() || l.field == field)
+                && (name.is_empty() || asked(info, &l.field).name == name)
         })
         .collect()
+}
+
+/// Keeps the Milvus view of the index on `field`.
+async fn keep(
+    client: &Client,
+    r: &m::CreateIndexRequest,
+    asked_type: &str,
+    given: &Map<String, Value>,
+    scalar: bool,
+) -> mc::Status {
+    let name = if r.index_name.is_empty() {
+        r.field_name.clone()
+    } else {
+        r.index_name.clone()
+    };
+    let mut kept = json!({"name": name, "index_type": asked_type, "params": given});
+    if scalar {
+        kept["scalar"] = true.into();
+    }
+    let set = [(
+        property(&r.field_name),
+        bytes::Bytes::from(kept.to_string().into_bytes()),
+    )]
+    .into();
+    match client
+        .collections()
+        .alter_properties(&r.collection_name, set, vec![])
+        .await
+    {
+        Ok(_) => status::ok(),
+        Err(e) => status::from_client(&e),
+    }
 }
 
 pub async fn create(client: &Client, r: m::CreateIndexRequest) -> mc::Status {
     let p = &r.extra_params;
     let asked_type = param(p, "index_type").unwrap_or_default();
+    let given: Map<String, Value> = param(p, "params")
+        .and_then(|s| serde_json::from_str(s).ok())
+        .unwrap_or_default();
+    let (_, milvus) = match describe(client, &r.collection_name).await {
+        Ok(x) => x,
+        Err(s) => return s,
+    };
+    let Some(field) = milvus.fields.iter().find(|f| f.name == r.field_name) else {
+        return status::invalid(format!(
+            "cannot create index on non-existed field: {}",
+            r.field_name
+        ));
+    };
+    if field.data_type != MType::FloatVector as i32 {
+        if !SCALAR_TYPES.contains(&asked_type.to_ascii_uppercase().as_str()) {
+            return status::fail(
+                Code::IndexNotSupported,
+                format!(
+                    "index type {asked_type} does not apply to scalar field {} (INVERTED, \
+                     STL_SORT, TRIE, BITMAP and AUTOINDEX do)",
+                    r.field_name
+                ),
+            );
+        }
+        return keep(client, &r, asked_type, &given, true).await;
+    }
     let Some(t) = index_type(asked_type) else {
         return status::fail(
             Code::IndexNotSupported,
@@ -98,9 +189,6 @@ pub async fn create(client: &Client, r: m::CreateIndexRequest) -> mc::Status {
             "metric type {metric_name} is not served by Walden (L2, IP, COSINE are)"
         ));
     };
-    let given: Map<String, Value> = param(p, "params")
-        .and_then(|s| serde_json::from_str(s).ok())
-        .unwrap_or_default();
     let mut params = Map::new();
     if t == IndexType::Hnsw {
         let get = |k: &str| {
@@ -125,25 +213,14 @@ pub async fn create(client: &Client, r: m::CreateIndexRequest) -> mc::Status {
         metric: metric as i32,
         params: Value::Object(params).to_string(),
     };
-    let api = client.collections();
-    if let Err(e) = api.create_index(&r.collection_name, spec).await {
+    if let Err(e) = client
+        .collections()
+        .create_index(&r.collection_name, spec)
+        .await
+    {
         return status::from_client(&e);
     }
-    let name = if r.index_name.is_empty() {
-        r.field_name.clone()
-    } else {
-        r.index_name.clone()
-    };
-    let kept = json!({"name": name, "index_type": asked_type, "params": given});
-    let set = [(
-        property(&r.field_name),
-        bytes::Bytes::from(kept.to_string().into_bytes()),
-    )]
-    .into();
-    match api.alter_properties(&r.collection_name, set, vec![]).await {
-        Ok(_) => status::ok(),
-        Err(e) => status::from_client(&e),
-    }
+    keep(client, &r, asked_type, &given, false).await
 }
 
 pub async fn drop(client: &Client, r: m::DropIndexRequest) -> mc::Status {
@@ -152,15 +229,17 @@ pub async fn drop(client: &Client, r: m::DropIndexRequest) -> mc::Status {
         Err(s) => return s,
     };
     let found = matching(&info, &r.field_name, &r.index_name);
-    let Some(spec) = found.first() else {
+    let Some(listed) = found.first() else {
         // Milvus answers success for an index that is not there.
         return status::ok();
     };
     let api = client.collections();
-    if let Err(e) = api.drop_index(&r.collection_name, &spec.field).await {
+    if listed.spec.is_some()
+        && let Err(e) = api.drop_index(&r.collection_name, &listed.field).await
+    {
         return status::from_client(&e);
     }
-    let gone = vec![property(&spec.field)];
+    let gone = vec![property(&listed.field)];
     match api
         .alter_properties(&r.collection_name, Default::default(), gone)
         .await
@@ -177,20 +256,39 @@ async fn progress(
     collection: &str,
     spec: &IndexSpec,
 ) -> Result<(u64, u64), mc::Status> {
+    sharded(client, collection, |shards| {
+        let total: u64 = shards.iter().map(|s| s.sealed_rows).sum();
+        let indexed = if spec.index_type() == IndexType::Flat {
+            total
+        } else {
+            shards
+                .iter()
+                .filter(|s| s.indexes.iter().any(|i| i == spec))
+                .map(|s| s.indexed_rows)
+                .sum()
+        };
+        (indexed, total)
+    })
+    .await
+}
+
+/// All flushed rows of the collection's shards, twice (a scan covers every one of them).
+async fn flushed(client: &Client, collection: &str) -> Result<(u64, u64), mc::Status> {
+    sharded(client, collection, |shards| {
+        let total: u64 = shards.iter().map(|s| s.sealed_rows).sum();
+        (total, total)
+    })
+    .await
+}
+
+/// `f` of the delegators' shard states; (0, 0) for a released collection.
+async fn sharded(
+    client: &Client,
+    collection: &str,
+    f: impl FnOnce(&[walden_proto::v1::ShardState]) -> (u64, u64),
+) -> Result<(u64, u64), mc::Status> {
     match client.shards(collection).await {
-        Ok(shards) => {
-            let total: u64 = shards.iter().map(|s| s.sealed_rows).sum();
-            let indexed = if spec.index_type() == IndexType::Flat {
-                total
-            } else {
-                shards
-                    .iter()
-                    .filter(|s| s.indexes.iter().any(|i| i == spec))
-                    .map(|s| s.indexed_rows)
-                    .sum()
-            };
-            Ok((indexed, total))
-        }
+        Ok(shards) => Ok(f(&shards)),
         Err(e) if e.code() == ErrorCode::NotLoaded => Ok((0, 0)),
         Err(e) => Err(status::from_client(&e)),
     }
@@ -220,22 +318,55 @@ pub async fn describe_index(
         return refuse(not_found(&r.collection_name));
     }
     let mut index_descriptions = Vec::new();
-    for (n, i) in found.into_iter().enumerate() {
+    for (n, listed) in found.into_iter().enumerate() {
+        let a = asked(&info, &listed.field);
+        let Some(i) = listed.spec else {
+            // A scalar index: as asked; its field is scanned, so it is always complete.
+            let (_, total) = match flushed(client, &r.collection_name).await {
+                Ok(p) => p,
+                Err(s) => return refuse(s),
+            };
+            let shown = if a.index_type.is_empty() {
+                "AUTOINDEX".to_owned()
+            } else {
+                a.index_type.clone()
+            };
+            index_descriptions.push(m::IndexDescription {
+                index_name: a.name,
+                index_id: i64::try_from(n).unwrap_or(0) + 1,
+                params: vec![
+                    KeyValuePair {
+                        key: "index_type".into(),
+                        value: shown,
+                    },
+                    KeyValuePair {
+                        key: "params".into(),
+                        value: Value::Object(a.params).to_string(),
+                    },
+                ],
+                field_name: listed.field.clone(),
+                indexed_rows: i64::try_from(total).unwrap_or(i64::MAX),
+                total_rows: i64::try_from(total).unwrap_or(i64::MAX),
+                state: mc::IndexState::Finished as i32,
+                ..Default::default()
+            });
+            continue;
+        };
         let (indexed, total) = match progress(client, &r.collection_name, i).await {
             Ok(p) => p,
             Err(s) => return refuse(s),
         };
-        let served = if i.index_type() == IndexType::Flat {
-            "FLAT"
-        } else {
-            "HNSW"
+        let served = match i.index_type() {
+            // Exact either way: the name asked is the truth.
+            IndexType::Flat if a.index_type.eq_ignore_ascii_case("BRUTE_FORCE") => "BRUTE_FORCE",
+            IndexType::Flat => "FLAT",
+            _ => "HNSW",
         };
         let metric = match i.metric() {
             MetricType::Ip => "IP",
             MetricType::Cosine => "COSINE",
             _ => "L2",
         };
-        let a = asked(&info, &i.field);
         let kv = |k: &str, v: String| KeyValuePair {
             key: k.into(),
             value: v,

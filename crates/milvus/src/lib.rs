@@ -556,6 +556,13 @@ impl MilvusService for Milvus {
                     status: Some(status::ok()),
                     state: state as i32,
                 },
+                // As Milvus's proxy answers: a collection that is not there is a state.
+                Err(s) if s.code == status::Code::CollectionNotFound as i32 => {
+                    m::GetLoadStateResponse {
+                        status: Some(status::ok()),
+                        state: mc::LoadState::NotExist as i32,
+                    }
+                }
                 Err(s) => m::GetLoadStateResponse {
                     status: Some(s),
                     state: 0,
