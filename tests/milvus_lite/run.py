@@ -49,8 +49,12 @@ NOT_THE_API = {
     "adapter/test_milvus_lite_compat.py",
 }
 
-# Single tests left out because they cannot end against Walden.
-DESELECT: list[str] = []
+# Single tests left out because they cannot pin anything against Walden: this one compares
+# an HNSW search after a flush with the exact one before it down to rank 10 (milvus-lite
+# searches FLAT whatever is asked); a graph may differ at the last rank (once in five runs).
+DESELECT: list[str] = [
+    "compatibility/test_milvus_advanced.py::TestFlushSearchConsistency::test_search_before_and_after_flush",
+]
 
 sys.path.insert(0, str(ROOT / "tests" / "milvus"))
 from conftest import Standalone  # noqa: E402
