@@ -93,7 +93,7 @@ fn ids_of(pks: &[Pk]) -> ms::IDs {
     }
 }
 
-fn failed_mutation(s: mc::Status) -> m::MutationResult {
+pub(crate) fn failed_mutation(s: mc::Status) -> m::MutationResult {
     m::MutationResult {
         status: Some(s),
         ..Default::default()

@@ -18,6 +18,7 @@
 mod data;
 mod index;
 pub mod names;
+mod partial;
 mod partitions;
 pub mod rows;
 pub mod schema;
@@ -467,13 +468,31 @@ impl MilvusService for Milvus {
         if let Err(refused) = in_default_db(&r.db_name) {
             return answer(refused);
         }
+        let client = self.client();
+        let fields = match partial::asked(&r) {
+            Err(refused) => return answer(data::failed_mutation(refused)),
+            Ok(false) => r.fields_data,
+            Ok(true) => {
+                let (_, milvus) = match data::describe(&client, &r.collection_name).await {
+                    Ok(x) => x,
+                    Err(s) => return answer(data::failed_mutation(s)),
+                };
+                let n = r.num_rows as usize;
+                match partial::complete(&client, &r.collection_name, &milvus, &r.fields_data, n)
+                    .await
+                {
+                    Ok(f) => f,
+                    Err(s) => return answer(data::failed_mutation(s)),
+                }
+            }
+        };
         answer(
             data::write(
-                &self.client(),
+                &client,
                 &self.client.writes(),
                 &r.collection_name,
                 &r.partition_name,
-                &r.fields_data,
+                &fields,
                 r.num_rows,
                 true,
             )
