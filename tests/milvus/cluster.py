@@ -106,6 +106,13 @@ class Cluster:
         self.coord = self._spawn("coord")
         self.nodes = [self._spawn("node", "--data-dir", str(self.dir / f"node{i}")) for i in range(nodes)]
         self.proxies = [self._spawn("proxy") for _ in range(proxies)]
+        self.standbys: list[Proc] = []
+
+    def add_coordinator(self) -> Proc:
+        """Another coordinator: a standby while the first leads (stopped with the cluster)."""
+        p = self._spawn("coord")
+        self.standbys.append(p)
+        return p
 
     def _wait_etcd(self):
         deadline = time.monotonic() + 30
@@ -132,10 +139,11 @@ class Cluster:
         return f"http://{self.proxies[proxy].doc['milvus']}"
 
     def logs(self) -> str:
-        return "\n".join(f"--- {p.role}: {p.log()}" for p in [self.coord, *self.nodes, *self.proxies])
+        every = [self.coord, *self.standbys, *self.nodes, *self.proxies]
+        return "\n".join(f"--- {p.role}: {p.log()}" for p in every)
 
     def stop(self):
-        for p in [*self.proxies, *self.nodes, self.coord]:
+        for p in [*self.proxies, *self.nodes, self.coord, *self.standbys]:
             p.kill()
         self.etcd.kill()
         self.etcd.wait()

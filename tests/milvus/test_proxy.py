@@ -152,3 +152,46 @@ def test_a_proxy_killed_during_inserts_loses_nothing_acknowledged(cluster):
     assert sorted(r["id"] for r in got) == list(range(hi - 99, hi + 1))
     assert set(acked) == set(range(lo, hi + 1))
     setup.drop_collection("proxy_kill")
+
+
+def test_a_proxy_follows_a_new_coordinator_leader_after_the_old_is_killed():
+    """DDL goes to the leading coordinator; a proxy finds the new one when the old dies."""
+    c = Cluster(nodes=1, proxies=1, pchannels=2)
+    try:
+        standby = c.add_coordinator()
+        client = MilvusClient(c.uri(0))
+        client.create_collection("before_failover", schema=schema())
+        client.insert("before_failover", batch(range(10)))
+        c.coord.kill()  # the leader (the first coordinator took the leadership)
+        # The standby takes over once the dead leader's lease (2 s) runs out; DDL through the
+        # same proxy, with no client change, must then reach it. A call already under way
+        # stays on the proxy's old connection (it fails once the client's retries run out),
+        # so each try is cut after 5 s and the next goes through the connection to the new
+        # leader.
+        deadline, attempts, last = time.monotonic() + 30, 0, None
+        while time.monotonic() < deadline:
+            attempts += 1
+            try:
+                client.create_collection("after_failover", schema=schema(), timeout=5)
+                break
+            except Exception as e:  # noqa: BLE001 - the leader is missing until the takeover
+                last = e
+                time.sleep(0.5)
+        else:
+            pytest.fail(f"no DDL reached the new leader in 30 s ({attempts} tries): {last}")
+        # The fault landed: the first DDL after the kill failed (no leader was there yet).
+        assert attempts > 1, "the kill changed nothing: was the killed coordinator the leader?"
+        assert c.coord.proc.poll() is not None and standby.proc.poll() is None
+        client.insert("after_failover", batch(range(5)))
+        got = client.query("after_failover", filter="", output_fields=["count(*)"],
+                           consistency_level="Strong")[0]["count(*)"]
+        assert got == 5
+        got = client.query("before_failover", filter="", output_fields=["count(*)"],
+                           consistency_level="Strong")[0]["count(*)"]
+        assert got == 10, "what was written before the failover is read after it"
+        assert sorted(client.list_collections()) == ["after_failover", "before_failover"]
+    except BaseException:
+        print(c.logs())
+        raise
+    finally:
+        c.stop()
