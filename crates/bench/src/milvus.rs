@@ -98,9 +98,18 @@ pub async fn run(a: SearchArgs) -> anyhow::Result<()> {
          native API {native_us:.0} µs ({:+.0}%)",
         (api_us / native_us.max(1e-9) - 1.0) * 100.0
     );
+    // The machine's limit for inserts through one pymilvus client: the client alone, its
+    // Insert answered in process (scripts/search_peer.py `client_alone`).
+    let alone = num(&walden, &["insert_client_alone_rows_per_s"]);
+    println!(
+        "one pymilvus client alone (no server) makes {alone:.0} rows/s of these inserts: Walden \
+         takes {:.0}% of that",
+        num(&walden, &["insert_rows_per_s"]) / alone.max(1e-9) * 100.0
+    );
     let vs = peers.first().map(|lite| {
         json!({
             "insert": round(num(&walden, &["insert_rows_per_s"]) / num(lite, &["insert_rows_per_s"]).max(1e-9)),
+            "insert_limit_of_one_client": round(alone / num(lite, &["insert_rows_per_s"]).max(1e-9)),
             "indexed_qps": round(num(&walden, &["indexed", "qps"]) / num(lite, &["indexed", "qps"]).max(1e-9)),
             "fresh_p50_speedup": round(num(lite, &["growing", "p50_ms"]) / num(&walden, &["growing", "p50_ms"]).max(1e-9)),
         })
