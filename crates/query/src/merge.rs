@@ -25,7 +25,9 @@ impl Hits {
 }
 
 /// The `k` nearest of `parts` (each one query vector's hits from one source), nearest first.
-/// Ties keep the order of `parts`, so merging is deterministic.
+/// Ties keep the order of `parts`, so merging is deterministic. A primary key found more than
+/// once (rows sharing a key: an insert that repeated it) is kept once, at its nearest, as
+/// Milvus's reduce keeps it.
 pub fn merge(parts: Vec<Hits>, k: usize, metric: Metric) -> Result<Hits, QueryError> {
     let mut all: Vec<(f32, usize, usize)> = parts
         .iter()
@@ -38,7 +40,8 @@ pub fn merge(parts: Vec<Hits>, k: usize, metric: Metric) -> Result<Hits, QueryEr
         })
         .collect();
     all.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
-    all.truncate(k);
+    let mut seen = std::collections::HashSet::with_capacity(k);
+    all.retain(|(_, p, i)| seen.len() < k && seen.insert(&parts[*p].keys[*i]));
     let mut out = Hits {
         keys: all
             .iter()

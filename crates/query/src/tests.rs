@@ -263,6 +263,23 @@ fn of_rows_sharing_a_key_only_the_last_written_is_returned_and_the_tick_column_i
 }
 
 #[test]
+fn a_key_found_in_several_parts_is_merged_once_at_its_nearest() {
+    let hits = |keys: &[i64], d: &[f32]| Hits {
+        keys: keys.iter().map(|k| Pk::Int(*k)).collect(),
+        distances: d.to_vec(),
+        fields: None,
+    };
+    // Key 7 in both parts (and twice in the second): it counts once, at 0.1.
+    let parts = vec![
+        hits(&[7, 1, 2], &[0.1, 0.3, 0.5]),
+        hits(&[3, 7, 7], &[0.2, 0.25, 0.4]),
+    ];
+    let m = merge(parts, 3, Metric::L2).expect("merge");
+    assert_eq!(m.keys, vec![Pk::Int(7), Pk::Int(3), Pk::Int(1)]);
+    assert_eq!(m.distances, vec![0.1, 0.2, 0.3]);
+}
+
+#[test]
 fn a_query_of_the_wrong_dimension_is_refused() {
     let s = schema();
     let mut rng = StdRng::seed_from_u64(5);
