@@ -148,7 +148,17 @@ async fn keep_leading(
             let _ = meta.revoke_lease(lease).await;
             return;
         }
-        match meta.keep_alive(lease).await {
+        // A keep-alive may hang on an etcd that lost its quorum: it gets only what is left of
+        // the lease, so a leader never outlives its lease waiting for an answer.
+        let left = ttl.saturating_sub(last_ok.elapsed());
+        let answer = match tokio::time::timeout(left, meta.keep_alive(lease)).await {
+            Ok(a) => a,
+            Err(_) => Err(MetaError::Unavailable {
+                context: "keeping a lease alive".into(),
+                detail: format!("no answer in the {} ms left of the lease", left.as_millis()),
+            }),
+        };
+        match answer {
             Ok(()) => last_ok = tokio::time::Instant::now(),
             Err(MetaError::LeaseNotFound(_)) => {
                 warn!(lease, "leader lease gone: stepping down");

@@ -189,3 +189,93 @@ async fn a_deposed_leader_cannot_write_an_assignment() {
         "nothing written by the deposed leader"
     );
 }
+
+/// The in-memory metastore whose keep-alives hang once `hang` is set, as on an etcd that lost
+/// its quorum (the call neither answers nor fails).
+#[derive(Debug)]
+struct Hanging {
+    inner: MemoryMetaStore,
+    hang: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl MetaStore for Hanging {
+    async fn get(
+        &self,
+        key: &str,
+    ) -> walden_metastore_api::MetaResult<Option<walden_metastore_api::KeyValue>> {
+        self.inner.get(key).await
+    }
+    async fn range(
+        &self,
+        prefix: &str,
+    ) -> walden_metastore_api::MetaResult<Vec<walden_metastore_api::KeyValue>> {
+        self.inner.range(prefix).await
+    }
+    async fn put(
+        &self,
+        key: &str,
+        value: Bytes,
+        lease: Option<i64>,
+    ) -> walden_metastore_api::MetaResult<i64> {
+        self.inner.put(key, value, lease).await
+    }
+    async fn delete(&self, key: &str) -> walden_metastore_api::MetaResult<bool> {
+        self.inner.delete(key).await
+    }
+    async fn txn(
+        &self,
+        txn: Txn,
+    ) -> walden_metastore_api::MetaResult<walden_metastore_api::TxnResponse> {
+        self.inner.txn(txn).await
+    }
+    async fn watch(
+        &self,
+        prefix: &str,
+    ) -> walden_metastore_api::MetaResult<walden_metastore_api::WatchReceiver> {
+        self.inner.watch(prefix).await
+    }
+    async fn grant_lease(&self, ttl: Duration) -> walden_metastore_api::MetaResult<i64> {
+        self.inner.grant_lease(ttl).await
+    }
+    async fn keep_alive(&self, lease: i64) -> walden_metastore_api::MetaResult<()> {
+        if self.hang.load(std::sync::atomic::Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        self.inner.keep_alive(lease).await
+    }
+    async fn revoke_lease(&self, lease: i64) -> walden_metastore_api::MetaResult<()> {
+        self.inner.revoke_lease(lease).await
+    }
+}
+
+#[tokio::test]
+async fn a_leader_whose_keep_alives_hang_steps_down_within_its_lease() {
+    let store = Arc::new(Hanging {
+        inner: MemoryMetaStore::new(),
+        hang: false.into(),
+    });
+    let ttl = Duration::from_millis(600);
+    let meta: Arc<dyn MetaStore> = store.clone();
+    let me = CoordinatorInfo {
+        address: "http://coord-a".into(),
+        ..Default::default()
+    };
+    let mut won = election::campaign(meta, me, ttl).await.unwrap();
+    // A keep-alive or two succeed, then every one hangs.
+    tokio::time::sleep(ttl / 2).await;
+    assert!(!won.is_lost());
+    store.hang.store(true, std::sync::atomic::Ordering::SeqCst);
+    let hung = tokio::time::Instant::now();
+    let stepped = tokio::time::timeout(ttl * 4, won.lost.wait_for(|lost| *lost)).await;
+    assert!(
+        stepped.is_ok(),
+        "still leading {:?} after its keep-alives began to hang (TTL {ttl:?})",
+        hung.elapsed()
+    );
+    assert!(
+        hung.elapsed() <= ttl + Duration::from_millis(300),
+        "{:?}",
+        hung.elapsed()
+    );
+}
