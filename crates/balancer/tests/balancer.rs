@@ -11,7 +11,10 @@ use walden_balancer::{
     Balancer, BalancerConfig, Metrics, Topology,
     election::{self, Leadership},
 };
-use walden_metastore_api::{Compare, MemoryMetaStore, MetaStore, Op, Txn, keys};
+use walden_metastore_api::{
+    Compare, KeyValue, MemoryMetaStore, MetaResult, MetaStore, Op, Txn, TxnResponse, WatchReceiver,
+    keys,
+};
 use walden_proto::v1::{AssignmentState, CoordinatorInfo, NodeInfo, PChannelAssignment};
 
 fn names(n: usize) -> Vec<String> {
@@ -200,51 +203,34 @@ struct Hanging {
 
 #[async_trait::async_trait]
 impl MetaStore for Hanging {
-    async fn get(
-        &self,
-        key: &str,
-    ) -> walden_metastore_api::MetaResult<Option<walden_metastore_api::KeyValue>> {
+    async fn get(&self, key: &str) -> MetaResult<Option<KeyValue>> {
         self.inner.get(key).await
     }
-    async fn range(
-        &self,
-        prefix: &str,
-    ) -> walden_metastore_api::MetaResult<Vec<walden_metastore_api::KeyValue>> {
+    async fn range(&self, prefix: &str) -> MetaResult<Vec<KeyValue>> {
         self.inner.range(prefix).await
     }
-    async fn put(
-        &self,
-        key: &str,
-        value: Bytes,
-        lease: Option<i64>,
-    ) -> walden_metastore_api::MetaResult<i64> {
+    async fn put(&self, key: &str, value: Bytes, lease: Option<i64>) -> MetaResult<i64> {
         self.inner.put(key, value, lease).await
     }
-    async fn delete(&self, key: &str) -> walden_metastore_api::MetaResult<bool> {
+    async fn delete(&self, key: &str) -> MetaResult<bool> {
         self.inner.delete(key).await
     }
-    async fn txn(
-        &self,
-        txn: Txn,
-    ) -> walden_metastore_api::MetaResult<walden_metastore_api::TxnResponse> {
+    async fn txn(&self, txn: Txn) -> MetaResult<TxnResponse> {
         self.inner.txn(txn).await
     }
-    async fn watch(
-        &self,
-        prefix: &str,
-    ) -> walden_metastore_api::MetaResult<walden_metastore_api::WatchReceiver> {
+    async fn watch(&self, prefix: &str) -> MetaResult<WatchReceiver> {
         self.inner.watch(prefix).await
     }
-    async fn grant_lease(&self, ttl: Duration) -> walden_metastore_api::MetaResult<i64> {
+    async fn grant_lease(&self, ttl: Duration) -> MetaResult<i64> {
         self.inner.grant_lease(ttl).await
     }
-    async fn keep_alive(&self, lease: i64) -> walden_metastore_api::MetaResult<()> {
+    async fn keep_alive(&self, lease: i64) -> MetaResult<()> {
         if self.hang.load(std::sync::atomic::Ordering::SeqCst) {
             std::future::pending::<()>().await;
         }
         self.inner.keep_alive(lease).await
     }
-    async fn revoke_lease(&self, lease: i64) -> walden_metastore_api::MetaResult<()> {
+    async fn revoke_lease(&self, lease: i64) -> MetaResult<()> {
         self.inner.revoke_lease(lease).await
     }
 }

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use arrow_array::{Array, Float32Array, Float64Array, Int64Array, RecordBatch, StringArray};
 use walden_schema::Schema;
 
+use crate::eval::{at_path, column};
 use crate::parse::{Arith, ArithOp};
 use crate::{CmpOp, ExprError, Kind, Literal, Target, kind_of, target, type_error};
 
@@ -103,13 +104,6 @@ pub(crate) fn check(a: &Arith, schema: &Schema) -> Result<Value, ExprError> {
     })
 }
 
-fn column<'a, A: 'static>(batch: &'a RecordBatch, field: &str) -> Result<&'a A, ExprError> {
-    batch
-        .column_by_name(field)
-        .and_then(|c| c.as_any().downcast_ref::<A>())
-        .ok_or_else(|| type_error(format!("the data has no readable column {field:?}")))
-}
-
 fn each<A: Array>(a: &A, f: impl Fn(&A, usize) -> Num) -> Vec<Option<Num>> {
     (0..a.len())
         .map(|i| (!a.is_null(i)).then(|| f(a, i)))
@@ -133,7 +127,7 @@ pub(crate) fn values(v: &Value, batch: &RecordBatch) -> Result<Vec<Option<Num>>,
                         return None;
                     }
                     let doc = serde_json::from_str::<serde_json::Value>(col.value(i)).ok()?;
-                    let n = crate::eval::at_path(&doc, path)?.as_number()?;
+                    let n = at_path(&doc, path)?.as_number()?;
                     n.as_i64().map(Num::I).or_else(|| n.as_f64().map(Num::F))
                 })
                 .collect()

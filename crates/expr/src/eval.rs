@@ -107,7 +107,11 @@ impl Filter {
     }
 }
 
-fn column<'a, A: 'static>(batch: &'a RecordBatch, field: &str) -> Result<&'a A, ExprError> {
+/// The column `field` of `batch` as an `A` array.
+pub(crate) fn column<'a, A: 'static>(
+    batch: &'a RecordBatch,
+    field: &str,
+) -> Result<&'a A, ExprError> {
     batch
         .column_by_name(field)
         .and_then(|c| c.as_any().downcast_ref::<A>())

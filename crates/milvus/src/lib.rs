@@ -473,7 +473,8 @@ impl MilvusService for Milvus {
             Err(refused) => return answer(data::failed_mutation(refused)),
             Ok(false) => r.fields_data,
             Ok(true) => {
-                let (_, milvus) = match data::describe(&client, &r.collection_name).await {
+                // The description the write below uses too (cached for reads and writes).
+                let (_, milvus) = match data::describe_recent(&client, &r.collection_name).await {
                     Ok(x) => x,
                     Err(s) => return answer(data::failed_mutation(s)),
                 };
